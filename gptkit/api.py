@@ -1,0 +1,156 @@
+"""The public, text-level API: `load` a model from anywhere, `LM.generate`, and `pipeline`.
+
+    lm = gptkit.load("runs/demo/checkpoint")      # a gptkit checkpoint
+    lm = gptkit.load("path/to/hf-model")          # a Hugging Face directory
+    lm = gptkit.load("gpt2")                      # a hub name (downloads when a network is there)
+    lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, top_p=0.95)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, convert
+from .config import ConfigError, GPTConfig, SampleConfig
+from .generate import generate, stream
+from .model import GPT
+from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+_SAMPLE_KEYS = {f.name for f in fields(SampleConfig)}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sample_config(**sampling: Any) -> SampleConfig:
+    """SampleConfig from keyword arguments; an unknown keyword is a clear error."""
+    unknown = sorted(set(sampling) - _SAMPLE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown sampling option(s) {unknown}; known: {sorted(_SAMPLE_KEYS)}")
+    return SampleConfig(**sampling)
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@dataclass
+class LM:
+    """A model with its tokenizer: what `gptkit.load` returns."""
+
+    model: GPT
+    tokenizer: Tokenizer
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:  # an empty prompt starts from the start-of-text token, as transformers does
+            start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+            if start is None:
+                raise ValueError("the prompt is empty and the tokenizer has no BOS/EOS token")
+            ids = [start]
+        return ids
+
+    def _text(self, ids: list[int], sample: SampleConfig) -> str:
+        ids = ids[:-1] if ids and ids[-1] == self.tokenizer.eos_id else ids
+        return truncate_at_stop(self.tokenizer.decode(ids), sample.stop)[0]
+
+    def generate(self, prompts: str | list[str], **sampling: Any) -> list[str]:
+        """Completions (without the prompt): num_return_sequences per prompt, prompt-major."""
+        sample = sample_config(**sampling)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [self._prompt_ids(p) for p in prompts]
+        out = generate(self.model, ids, sample, self.tokenizer.eos_id, self.tokenizer.decode)
+        return [self._text(row, sample) for row in out]
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are generated.
+
+        A piece is released only once it is final: never half a UTF-8 character (byte-level
+        tokens can split one), and never text that might be the start of a stop string.
+        """
+        sample = sample_config(**sampling)
+        ids: list[int] = []
+        sent = 0
+        hold = max((len(s) for s in sample.stop), default=1) - 1
+        tokens = stream(
+            self.model, self._prompt_ids(prompt), sample, self.tokenizer.eos_id, self.tokenizer.decode
+        )
+        for token in tokens:
+            if token == self.tokenizer.eos_id:
+                break
+            ids.append(token)
+            text, stopped = truncate_at_stop(self.tokenizer.decode(ids), sample.stop)
+            if stopped:
+                yield text[sent:]
+                return
+            ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+            if ready > sent:
+                yield text[sent:ready]
+                sent = ready
+        text = truncate_at_stop(self.tokenizer.decode(ids), sample.stop)[0]
+        if len(text) > sent:
+            yield text[sent:]
+
+
+def load(
+    path_or_name: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LM:
+    """Load a gptkit checkpoint, a Hugging Face directory, or a Hugging Face hub name."""
+    device = torch.device(device) if device is not None else default_device()
+    path = Path(path_or_name)
+    if checkpoint.is_checkpoint(path):
+        model, tokenizer, _ = checkpoint.load_checkpoint(path, device, dtype)
+        if tokenizer is None:
+            raise checkpoint.CheckpointError(f"{path} has no tokenizer/ directory; cannot make text")
+        return LM(model, tokenizer)
+    if path.suffix == ".gguf":
+        raise convert.ConversionError(f"{path}: GGUF import is not available in this version")
+    if path.exists() and not convert.is_hf_dir(path):
+        raise checkpoint.CheckpointError(
+            f"{path} is neither a gptkit checkpoint nor a Hugging Face model directory "
+            "(no config.json describing a model)"
+        )
+    directory = convert.resolve_hf(path_or_name)
+    model = convert.load_hf(directory, device=device, dtype=dtype)
+    try:
+        tokenizer = load_tokenizer(directory)
+    except TokenizerError as e:
+        raise checkpoint.CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
+    checkpoint.check_tokenizer_fits(tokenizer, model.config)
+    return LM(model.eval(), tokenizer)
+
+
+class TextGenerationPipeline:
+    """transformers-style `pipeline("text-generation")`: returns [{"generated_text": ...}]."""
+
+    def __init__(self, lm: LM):
+        self.lm = lm
+
+    def __call__(self, text: str | list[str], max_length: int | None = None, return_full_text: bool = True, **sampling):
+        if isinstance(text, list):
+            return [self(t, max_length, return_full_text, **sampling) for t in text]
+        if max_length is not None:  # transformers counts the prompt in max_length
+            sampling["max_new_tokens"] = max(0, max_length - len(self.lm._prompt_ids(text)))
+        completions = self.lm.generate(text, **sampling)
+        prefix = text if return_full_text else ""
+        return [{"generated_text": prefix + c} for c in completions]
+
+
+def pipeline(task: str, model: str | Path | LM, device: str | None = None) -> TextGenerationPipeline:
+    if task != "text-generation":
+        raise ValueError(f"unsupported pipeline task {task!r}; gptkit offers 'text-generation'")
+    return TextGenerationPipeline(model if isinstance(model, LM) else load(model, device=device))

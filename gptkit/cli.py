@@ -1,0 +1,175 @@
+"""`gptkit <subcommand>`: each subcommand parses its flags and calls one library function.
+
+User errors (bad flag values, missing or damaged files, prompts that do not fit) print one line,
+`gptkit: error: ...`, and exit with status 2; a traceback means a bug in gptkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .convert import ConversionError
+    from .model import ContextLengthError
+    from .tokenizer import TokenizerError
+
+    return (ConfigError, CheckpointError, ConversionError, ContextLengthError, TokenizerError, ValueError, OSError)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    import torch
+
+    from .config import PRESETS, preset
+    from .model import GPT
+
+    print(f"{'preset':<14} {'params':>16} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} {'context':>7}  style")
+    for name in PRESETS:
+        config = preset(name)
+        with torch.device("meta"):  # counts shapes without allocating any weight
+            n = GPT(config).num_params()
+        style = f"{config.positions}/{config.norm}/{config.activation}" + ("/post-norm" if not config.prenorm else "")
+        if config.attention == "alternating":
+            style += "/sparse-alternating"
+        print(
+            f"{name:<14} {n:>16,} {config.n_layer:>6} {config.n_embd:>7} {config.n_head:>5} "
+            f"{config.n_kv_head:>3} {config.block_size:>7}  {style}"
+        )
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .tokenizer import train_bpe
+
+    for path in args.input:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+    tokenizer = train_bpe([str(p) for p in args.input], vocab_size=args.vocab_size, special_tokens=args.special)
+    tokenizer.save(args.out)
+    print(f"trained a byte-level BPE with {tokenizer.vocab_size} tokens; saved to {args.out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .api import load, sample_config
+
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+    sample_config(**sampling)  # validate flags before spending time on loading the model
+    lm = load(args.model, device=args.device)
+    if args.stream:
+        if args.num_return_sequences > 1 or args.num_beams > 1:
+            raise ConfigError("--stream prints one sequence: drop --num-beams/--num-return-sequences")
+        print(args.prompt, end="", flush=True)
+        for piece in lm.stream(args.prompt, **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return
+    for i, text in enumerate(lm.generate(args.prompt, **sampling)):
+        if args.num_return_sequences > 1:
+            print(f"--- sequence {i + 1} ---")
+        print(args.prompt + text)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .api import load
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .convert import export_hf
+
+    if args.to == "hf":
+        model, tokenizer, _ = load_checkpoint(args.source)
+        out = export_hf(model, args.out)
+        if tokenizer is not None:
+            tokenizer.save(out)
+        print(f"wrote a Hugging Face model directory to {out}")
+        return
+    lm = load(args.source, device="cpu")
+    save_checkpoint(args.out, lm.model, lm.tokenizer, extra={"source": str(args.source)})
+    print(f"wrote a gptkit checkpoint ({lm.model.num_params():,} params) to {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .api import load
+    from .demo import run_demo
+
+    path = run_demo(args.out, steps=args.steps, seed=args.seed)
+    lm = load(path, device="cpu")
+    for prompt in ("Ada went to the", "Finn said:"):
+        text = lm.generate(prompt, max_new_tokens=40, temperature=0.8, top_k=50, seed=args.seed)[0]
+        print(f"> {prompt}{text}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptkit", description="A complete, readable GPT toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list the named model shapes with parameter counts")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    t.add_argument("--input", nargs="+", required=True, type=Path, help="text files")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens")
+    t.add_argument("--out", required=True, type=Path, help="output directory")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("generate", help="generate text from a model")
+    p.add_argument("--model", required=True, help="gptkit checkpoint, HF directory or hub name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="Hugging Face model -> gptkit checkpoint, or back (--to hf)")
+    p.add_argument("source", help="HF directory or hub name; a gptkit checkpoint with --to hf")
+    p.add_argument("out", type=Path)
+    p.add_argument("--to", choices=["gptkit", "hf"], default="gptkit")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="train a small GPT on a generated corpus, then sample it")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _user_errors() as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"gptkit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The GPT nn.Module: embeddings, attention, MLP, norms, blocks, LM head, and a KV cache.
+
+Shapes use B = batch, T = new tokens in this call, S = all key positions (cache + new),
+C = n_embd, H = query heads, Hkv = key/value heads, D = head_dim, V = vocab.
+
+Parameter names (what checkpoints store):
+  tok_emb.weight                      [V, C]
+  pos_emb.weight                      [block_size, C]   (positions="learned" only)
+  blocks.{i}.norm1 / norm2            LayerNorm or RMSNorm over C
+  blocks.{i}.attn.qkv.weight          [(H + 2*Hkv) * D, C]   q, k, v stacked in that order
+  blocks.{i}.attn.proj.weight         [C, H * D]
+  blocks.{i}.mlp.fc.weight            [I, C], or [2 * I, C] for SwiGLU (gate rows, then up rows)
+  blocks.{i}.mlp.proj.weight          [C, I]
+  norm_f                              final norm (pre-norm models only)
+  lm_head.weight                      [V, C]   (shares tok_emb.weight when tied; not stored then)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class ContextLengthError(ValueError):
+    """More tokens than the model's context (block_size) can hold."""
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Writing the new step's keys into a fixed buffer (instead of concatenating) keeps decoding
+    free of per-token reallocation. `length` is how many positions are filled.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, Hkv, T, D] after the filled part; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search keeps the caches of the surviving beams)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [block_size, D] in the half-split layout Llama checkpoints use."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [block_size, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by position; cos/sin are [B, 1, T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
+    """The fixed sin/cos position encodings of "Attention Is All You Need", [block_size, C]."""
+    pos = torch.arange(block_size, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))
+    table = torch.zeros(block_size, n_embd)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : n_embd // 2]
+    return table
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, D]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=Hkv != H,
+        )  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.activation = config.activation
+        hidden = config.intermediate_size
+        fc_out = 2 * hidden if config.activation == "swiglu" else hidden
+        self.fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.prenorm = config.prenorm
+        # GPT-3 alternates dense and locally banded attention: odd layers are the banded ones.
+        self.local = config.attention == "alternating" and layer % 2 == 1
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, masks, cache):
+        mask, is_causal = masks[self.local]
+        if self.prenorm:
+            x = x + self.attn(self.norm1(x), rope, mask, is_causal, cache)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope, mask, is_causal, cache))
+        return self.norm2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self._make_buffers()
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config) if config.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink with depth so the residual stream's
+        # variance does not grow with the number of layers.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def empty(cls, config: GPTConfig, device="cpu", dtype=torch.float32) -> GPT:
+        """A GPT with uninitialised weights, to load a checkpoint into without paying for a
+        random init (or holding two copies of the weights)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.to(dtype)
+        model._make_buffers()  # buffers are not in checkpoints: recompute them
+        if config.tie_embeddings:  # to_empty gives each module its own copy: tie again
+            model.lm_head.weight = model.tok_emb.weight
+        return model
+
+    def _make_buffers(self) -> None:
+        """Position tables derived from the config (never stored in checkpoints)."""
+        config, device = self.config, self.tok_emb.weight.device
+        if config.positions == "sinusoidal":
+            table = sinusoidal_table(config.block_size, config.n_embd).to(device)
+            self.register_buffer("pos_table", table, persistent=False)
+        elif config.positions == "rope":
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, tied weights counted once (works on the meta device)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.config.positions == "learned":
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
+
+    def _masks(self, B: int, T: int, start: int, key_mask: torch.Tensor | None, device):
+        """(mask, is_causal) for dense layers and for banded layers, shared by all blocks.
+
+        The common cases need no mask tensor: a prefill from position 0 is plain causal, and a
+        single decode step may attend to every cached key. Otherwise we build a boolean
+        [B or 1, 1, T, S] mask (True = may attend).
+        """
+        S = start + T
+        banded = self.config.attention == "alternating" and S > self.config.local_window
+        if key_mask is None and not banded and (start == 0 or T == 1):
+            plain = (None, start == 0 and T > 1)
+            return {False: plain, True: plain}
+        q_pos = torch.arange(start, S, device=device)[:, None]  # [T, 1]
+        k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+        allowed = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+        if key_mask is not None:
+            # Padding keys are hidden; a query always sees itself so that the rows of padding
+            # queries are never empty (an all-masked softmax row would be NaN).
+            allowed = (allowed & key_mask[:, None, None, :S]) | (k_pos == q_pos)
+        local = allowed & (q_pos - k_pos < self.config.local_window)
+        return {False: (allowed, False), True: (local, False)}
+
+    def features(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [B, T, C] for token ids idx [B, T].
+
+        cache: continue after the cache's filled positions (and fill it with this call).
+        positions: [B, T] position ids (left-padded batches); default start..start+T-1.
+        key_mask: [B, S] bool, False for padding slots that no query may attend to.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        limit = min(self.config.block_size, cache.max_len if cache is not None else math.inf)
+        if start + T > limit:
+            raise ContextLengthError(
+                f"{start + T} tokens do not fit the context of {limit} positions; "
+                "shorten the prompt or max_new_tokens"
+            )
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        x = self.tok_emb(idx)  # [B, T, C]
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.pos_emb(positions)
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[positions]
+        else:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        x = self.drop(x)
+        masks = self._masks(B, T, start, key_mask, idx.device)
+        for block in self.blocks:
+            x = block(x, rope, masks, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ):
+        """Logits [B, T, V]; with targets [B, T] (-100 = ignore), returns (logits, loss).
+
+        last_only computes logits for the last position only ([B, 1, V]), which is all a
+        generation step needs and saves a [T, V] matmul on long prompts.
+        """
+        x = self.features(idx, cache=cache, positions=positions, key_mask=key_mask)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+        )
+        return logits, loss
