@@ -1,8 +1,8 @@
 """gptkit: a complete, readable GPT toolkit.
 
-    import gptkit
-    lm = gptkit.load("path/to/checkpoint")        # or a Hugging Face directory / hub name
-    print(lm.generate("Hello", max_new_tokens=20))
+import gptkit
+lm = gptkit.load("path/to/checkpoint")        # or a Hugging Face directory / hub name
+print(lm.generate("Hello", max_new_tokens=20))
 """
 
 __version__ = "0.1.0"

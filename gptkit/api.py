@@ -1,9 +1,9 @@
 """The public, text-level API: `load` a model from anywhere, `LM.generate`, and `pipeline`.
 
-    lm = gptkit.load("runs/demo/checkpoint")      # a gptkit checkpoint
-    lm = gptkit.load("path/to/hf-model")          # a Hugging Face directory
-    lm = gptkit.load("gpt2")                      # a hub name (downloads when a network is there)
-    lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, top_p=0.95)
+lm = gptkit.load("runs/demo/checkpoint")      # a gptkit checkpoint
+lm = gptkit.load("path/to/hf-model")          # a Hugging Face directory
+lm = gptkit.load("gpt2")                      # a hub name (downloads when a network is there)
+lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, top_p=0.95)
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ class LM:
     def _prompt_ids(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt)
         if not ids:  # an empty prompt starts from the start-of-text token, as transformers does
-            start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+            start = (
+                self.tokenizer.bos_id
+                if self.tokenizer.bos_id is not None
+                else self.tokenizer.eos_id
+            )
             if start is None:
                 raise ValueError("the prompt is empty and the tokenizer has no BOS/EOS token")
             ids = [start]
@@ -85,7 +89,11 @@ class LM:
         sent = 0
         hold = max((len(s) for s in sample.stop), default=1) - 1
         tokens = stream(
-            self.model, self._prompt_ids(prompt), sample, self.tokenizer.eos_id, self.tokenizer.decode
+            self.model,
+            self._prompt_ids(prompt),
+            sample,
+            self.tokenizer.eos_id,
+            self.tokenizer.decode,
         )
         for token in tokens:
             if token == self.tokenizer.eos_id:
@@ -115,7 +123,9 @@ def load(
     if checkpoint.is_checkpoint(path):
         model, tokenizer, _ = checkpoint.load_checkpoint(path, device, dtype)
         if tokenizer is None:
-            raise checkpoint.CheckpointError(f"{path} has no tokenizer/ directory; cannot make text")
+            raise checkpoint.CheckpointError(
+                f"{path} has no tokenizer/ directory; cannot make text"
+            )
         return LM(model, tokenizer)
     if path.suffix == ".gguf":
         raise convert.ConversionError(f"{path}: GGUF import is not available in this version")
@@ -140,7 +150,13 @@ class TextGenerationPipeline:
     def __init__(self, lm: LM):
         self.lm = lm
 
-    def __call__(self, text: str | list[str], max_length: int | None = None, return_full_text: bool = True, **sampling):
+    def __call__(
+        self,
+        text: str | list[str],
+        max_length: int | None = None,
+        return_full_text: bool = True,
+        **sampling,
+    ):
         if isinstance(text, list):
             return [self(t, max_length, return_full_text, **sampling) for t in text]
         if max_length is not None:  # transformers counts the prompt in max_length
@@ -150,7 +166,9 @@ class TextGenerationPipeline:
         return [{"generated_text": prefix + c} for c in completions]
 
 
-def pipeline(task: str, model: str | Path | LM, device: str | None = None) -> TextGenerationPipeline:
+def pipeline(
+    task: str, model: str | Path | LM, device: str | None = None
+) -> TextGenerationPipeline:
     if task != "text-generation":
         raise ValueError(f"unsupported pipeline task {task!r}; gptkit offers 'text-generation'")
     return TextGenerationPipeline(model if isinstance(model, LM) else load(model, device=device))

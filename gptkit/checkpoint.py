@@ -118,9 +118,13 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; is this a gptkit checkpoint directory?") from None
+        raise CheckpointError(
+            f"{path} is missing; is this a gptkit checkpoint directory?"
+        ) from None
     except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}); the checkpoint is damaged"
+        ) from None
     if meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{path} is not a gptkit checkpoint (format {meta.get('format')!r})")
     return meta
@@ -139,7 +143,9 @@ def check_state_dict(model: GPT, state: dict[str, torch.Tensor], source: str) ->
         if k in state and state[k].shape != shape
     ]
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
         raise CheckpointError(f"{source} does not match its config: {shown}")
 
 

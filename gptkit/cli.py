@@ -19,21 +19,38 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .model import ContextLengthError
     from .tokenizer import TokenizerError
 
-    return (ConfigError, CheckpointError, ConversionError, ContextLengthError, TokenizerError, ValueError, OSError)
+    return (
+        ConfigError,
+        CheckpointError,
+        ConversionError,
+        ContextLengthError,
+        TokenizerError,
+        ValueError,
+        OSError,
+    )
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
+    import json
+
     import torch
 
     from .config import PRESETS, preset
     from .model import GPT
 
-    print(f"{'preset':<14} {'params':>16} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} {'context':>7}  style")
+    if args.name:
+        print(json.dumps(preset(args.name).to_dict(), indent=2))
+        return
+
+    header = ("preset", "params", "layers", "d_model", "heads", "kv", "context")
+    print("{:<14} {:>16} {:>6} {:>7} {:>5} {:>3} {:>7}  style".format(*header))
     for name in PRESETS:
         config = preset(name)
         with torch.device("meta"):  # counts shapes without allocating any weight
             n = GPT(config).num_params()
-        style = f"{config.positions}/{config.norm}/{config.activation}" + ("/post-norm" if not config.prenorm else "")
+        style = f"{config.positions}/{config.norm}/{config.activation}" + (
+            "/post-norm" if not config.prenorm else ""
+        )
         if config.attention == "alternating":
             style += "/sparse-alternating"
         print(
@@ -45,10 +62,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .tokenizer import train_bpe
 
-    for path in args.input:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"input file not found: {path}")
-    tokenizer = train_bpe([str(p) for p in args.input], vocab_size=args.vocab_size, special_tokens=args.special)
+    tokenizer = train_bpe(args.input, vocab_size=args.vocab_size, special_tokens=args.special)
     tokenizer.save(args.out)
     print(f"trained a byte-level BPE with {tokenizer.vocab_size} tokens; saved to {args.out}")
 
@@ -71,7 +85,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lm = load(args.model, device=args.device)
     if args.stream:
         if args.num_return_sequences > 1 or args.num_beams > 1:
-            raise ConfigError("--stream prints one sequence: drop --num-beams/--num-return-sequences")
+            raise ConfigError(
+                "--stream prints one sequence: drop --num-beams/--num-return-sequences"
+            )
         print(args.prompt, end="", flush=True)
         for piece in lm.stream(args.prompt, **sampling):
             print(piece, end="", flush=True)
@@ -116,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list the named model shapes with parameter counts")
+    p.add_argument("name", nargs="?", help="print this preset's full config as JSON")
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")

@@ -51,7 +51,9 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 300, seed: int = 0)
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     config = preset("small", vocab_size=tokenizer.vocab_size, block_size=128)
     model = GPT(config)
-    print(f"corpus: {len(text):,} chars -> {len(data):,} tokens; model: {model.num_params():,} params")
+    print(
+        f"corpus: {len(text):,} chars -> {len(data):,} tokens; model: {model.num_params():,} params"
+    )
 
     batch, lr = 16, 3e-3
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -60,7 +62,11 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 300, seed: int = 0)
     for step in (bar := tqdm(range(steps), desc="train", unit="step")):
         # linear warmup for 10% of the steps, then cosine decay to 10% of the peak
         warm = max(1, steps // 10)
-        scale = (step + 1) / warm if step < warm else 0.55 + 0.45 * math.cos(math.pi * (step - warm) / (steps - warm))
+        scale = (
+            (step + 1) / warm
+            if step < warm
+            else 0.55 + 0.45 * math.cos(math.pi * (step - warm) / (steps - warm))
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         starts = torch.randint(len(data) - config.block_size - 1, (batch,))

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .config import SampleConfig
 from .model import GPT, ContextLengthError
@@ -80,7 +79,9 @@ def _seen_mask(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_steps(model: GPT, prompts: list[list[int]], sample: SampleConfig) -> Iterator[torch.Tensor]:
+def decode_steps(
+    model: GPT, prompts: list[list[int]], sample: SampleConfig
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, [N], once per step (no EOS handling here).
 
     Prompts of different lengths are left-padded: a key mask hides the padding and position ids
@@ -210,7 +211,9 @@ def beam_search(
         total = (logprobs + scores[:, None]).view(-1)  # [nb * V]
         top_scores, top_idx = torch.topk(total, 2 * nb)
         next_beams, next_scores, parents = [], [], []
-        for rank, (score, flat) in enumerate(zip(top_scores.tolist(), top_idx.tolist())):
+        for rank, (score, flat) in enumerate(
+            zip(top_scores.tolist(), top_idx.tolist(), strict=True)
+        ):
             parent, token = divmod(flat, V)
             seq = beams[parent] + [token]
             ends = token == eos_id or gen_len == max_new or _hits_stop(seq, sample.stop, decode)

@@ -96,7 +96,11 @@ class Attention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.n_head,
+            config.n_kv_head,
+            config.head_dim,
+        )
         qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
@@ -231,7 +235,9 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
+        return KVCache(
+            self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype
+        )
 
     def _masks(self, B: int, T: int, start: int, key_mask: torch.Tensor | None, device):
         """(mask, is_causal) for dense layers and for banded layers, shared by all blocks.
@@ -241,7 +247,7 @@ class GPT(nn.Module):
         [B or 1, 1, T, S] mask (True = may attend).
         """
         S = start + T
-        banded = self.config.attention == "alternating" and S > self.config.local_window
+        banded = self.config.attention == "alternating" and self.config.local_window < S
         if key_mask is None and not banded and (start == 0 or T == 1):
             plain = (None, start == 0 and T > 1)
             return {False: plain, True: plain}

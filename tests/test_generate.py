@@ -20,7 +20,9 @@ def pair(request, tmp_path_factory):
     """(transformers model, the gptkit model loaded from its saved directory)."""
     torch.manual_seed(1)
     if request.param == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        cfg = transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4
+        )
         ref = transformers.GPT2LMHeadModel(cfg)
     else:
         cfg = transformers.LlamaConfig(
@@ -105,7 +107,10 @@ def test_eos_ends_beam_hypotheses_early(pair):
     sample = SampleConfig(temperature=0, max_new_tokens=12, num_beams=3, num_return_sequences=3)
     ours = generate(model, [prompt], sample, eos_id=eos)
     theirs = strip_pad(
-        hf_generate(ref, prompt, eos_id=eos, max_new_tokens=12, num_beams=3, num_return_sequences=3), eos
+        hf_generate(
+            ref, prompt, eos_id=eos, max_new_tokens=12, num_beams=3, num_return_sequences=3
+        ),
+        eos,
     )
     assert ours == theirs
     assert any(len(row) < 12 and row[-1] == eos for row in ours)
@@ -146,7 +151,9 @@ def test_sampling_follows_the_temperature_scaled_distribution(pair):
     prompt = [3, 1, 4]
     probs = (model(torch.tensor([prompt]))[0, -1] / 0.7).softmax(-1)
     sample = SampleConfig(temperature=0.7, max_new_tokens=1, num_return_sequences=4000, seed=0)
-    counts = torch.bincount(torch.tensor(generate(model, [prompt], sample)).flatten(), minlength=VOCAB)
+    counts = torch.bincount(
+        torch.tensor(generate(model, [prompt], sample)).flatten(), minlength=VOCAB
+    )
     expected = probs * 4000
     assert (counts - expected).abs().max() < 5 * expected.max().sqrt() + 5
 
@@ -164,7 +171,9 @@ def test_seed_makes_sampling_reproducible(pair):
     sample = SampleConfig(max_new_tokens=20, seed=123, num_return_sequences=2)
     a = generate(model, [[1, 2]], sample)
     assert a == generate(model, [[1, 2]], sample)
-    assert a != generate(model, [[1, 2]], SampleConfig(max_new_tokens=20, seed=124, num_return_sequences=2))
+    assert a != generate(
+        model, [[1, 2]], SampleConfig(max_new_tokens=20, seed=124, num_return_sequences=2)
+    )
     assert len(a) == 2 and all(len(row) == 20 for row in a)
 
 
@@ -178,7 +187,9 @@ def test_eos_stops_sampling_and_is_kept(pair):
     _, model = pair
     greedy = generate(model, [[4, 5, 6]], SampleConfig(temperature=0, max_new_tokens=10))[0]
     eos = greedy[4]
-    out = generate(model, [[4, 5, 6]], SampleConfig(temperature=0, max_new_tokens=10), eos_id=eos)[0]
+    out = generate(model, [[4, 5, 6]], SampleConfig(temperature=0, max_new_tokens=10), eos_id=eos)[
+        0
+    ]
     assert out == greedy[: greedy.index(eos) + 1]
 
 
@@ -186,7 +197,9 @@ def test_generation_stops_at_the_context_and_rejects_longer_prompts(pair):
     _, model = pair
     out = generate(model, [[1] * 60], SampleConfig(temperature=0, max_new_tokens=50))[0]
     assert len(out) == 5  # 64-token context: 60 prompt tokens leave room for 5 new ones
-    with pytest.raises(ContextLengthError, match="prompt has 65 tokens but the model's context is 64"):
+    with pytest.raises(
+        ContextLengthError, match="prompt has 65 tokens but the model's context is 64"
+    ):
         generate(model, [[1] * 65], SampleConfig(max_new_tokens=1))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit.config import PRESETS, PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
+from gptkit.config import PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
 from gptkit.model import GPT, ContextLengthError
 
 # The GPT-3 paper's size column names models to two significant figures ("350M"), and its
@@ -20,7 +20,9 @@ def test_preset_parameter_counts_match_published(name):
     with torch.device("meta"):
         n = GPT(preset(name)).num_params()
     published = PUBLISHED_PARAMS[name]
-    assert abs(n / published - 1) <= ROUNDED_NAMES.get(name, 0.01), f"{name}: {n:,} vs {published:,.0f}"
+    assert abs(n / published - 1) <= ROUNDED_NAMES.get(name, 0.01), (
+        f"{name}: {n:,} vs {published:,.0f}"
+    )
 
 
 def test_exact_reference_counts():
@@ -118,14 +120,16 @@ def test_alternating_sparse_layers_attend_only_within_the_band():
     # A token more than the window away has no direct influence on a banded layer's output.
     x2 = x.clone()
     x2[0, 0] += 1.0
-    assert torch.equal(attn(x2, None, *masks[True], None)[0, 4:], attn(x, None, *masks[True], None)[0, 4:])
+    assert torch.equal(
+        attn(x2, None, *masks[True], None)[0, 4:], attn(x, None, *masks[True], None)[0, 4:]
+    )
 
 
 def test_grouped_query_attention_equals_mha_with_shared_heads():
     gqa = tiny(n_kv_head=2, positions="rope")
     mha = tiny(n_kv_head=4, positions="rope")
     state = gqa.state_dict()
-    H, Hkv, D, C = 4, 2, 8, 32
+    H, Hkv, D = 4, 2, 8
     for i in range(3):
         w = state[f"blocks.{i}.attn.qkv.weight"]
         b = state[f"blocks.{i}.attn.qkv.bias"]
@@ -133,7 +137,11 @@ def test_grouped_query_attention_equals_mha_with_shared_heads():
         qb, kb, vb = b.split([H * D, Hkv * D, Hkv * D])
 
         def repeat(t):  # each kv head serves H // Hkv consecutive query heads
-            return t.view(Hkv, D, *t.shape[1:]).repeat_interleave(H // Hkv, 0).reshape(H * D, *t.shape[1:])
+            return (
+                t.view(Hkv, D, *t.shape[1:])
+                .repeat_interleave(H // Hkv, 0)
+                .reshape(H * D, *t.shape[1:])
+            )
 
         state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, repeat(k), repeat(v)])
         state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([qb, repeat(kb), repeat(vb)])

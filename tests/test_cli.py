@@ -1,0 +1,159 @@
+"""The `gptkit` command: each subcommand works, and each user error is one line + exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptkit.checkpoint import save_checkpoint
+from gptkit.cli import main
+from gptkit.config import preset
+from gptkit.model import GPT
+from gptkit.tokenizer import char_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog.\n"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=32))
+    return save_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", model, tok)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("gptkit: error: "), err
+    assert message in err
+
+
+def test_presets_lists_every_preset_with_counts(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0
+    assert "124,439,808" in out and "smollm2-135m" in out and "gpt3-175b" in out
+    code, out, _ = run(capsys, "presets", "gpt1")
+    assert json.loads(out)["prenorm"] is False
+
+
+def test_tokenizer_train(capsys, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 200)
+    code, out, _ = run(
+        capsys,
+        "tokenizer",
+        "train",
+        "--input",
+        corpus,
+        "--vocab-size",
+        300,
+        "--out",
+        tmp_path / "tok",
+    )
+    assert code == 0 and "saved to" in out
+    from gptkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    assert_one_line_error(
+        capsys,
+        ["tokenizer", "train", "--input", tmp_path / "missing.txt", "--out", tmp_path / "t2"],
+        "missing.txt",
+    )
+
+
+def test_generate_greedy_stream_and_sequences(capsys, ckpt):
+    base = [
+        "generate",
+        "--model",
+        ckpt,
+        "--prompt",
+        "the ",
+        "--max-new-tokens",
+        12,
+        "--device",
+        "cpu",
+    ]
+    code, greedy, _ = run(capsys, *base, "--temperature", 0)
+    assert code == 0 and greedy.startswith("the ")
+    code, streamed, _ = run(capsys, *base, "--temperature", 0, "--stream")
+    assert code == 0 and streamed == greedy
+    code, out, _ = run(capsys, *base, "--num-return-sequences", 2, "--seed", 1)
+    assert code == 0 and out.count("--- sequence") == 2
+    code, out, _ = run(capsys, *base, "--num-beams", 3, "--temperature", 0)
+    assert code == 0 and out.startswith("the ")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--prompt", "x" * 40], "the prompt has 40 tokens but the model's context is 32"),
+    ],
+)
+def test_generate_bad_values_are_one_line(capsys, ckpt, flags, message):
+    argv = ["generate", "--model", ckpt, "--prompt", "the ", "--device", "cpu", *flags]
+    assert_one_line_error(capsys, argv, message)
+
+
+def test_bad_models_are_one_line(capsys, ckpt, tmp_path):
+    assert_one_line_error(capsys, ["presets", "gpt5"], "unknown preset 'gpt5'")
+    assert_one_line_error(
+        capsys, ["generate", "--model", tmp_path / "nope", "--prompt", "a"], "no such directory"
+    )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ckpt.iterdir():
+        if f.is_file():
+            data = f.read_bytes()
+            (broken / f.name).write_bytes(
+                data[: len(data) // 2] if f.suffix == ".safetensors" else data
+            )
+    (broken / "tokenizer").symlink_to(ckpt / "tokenizer")
+    assert_one_line_error(
+        capsys, ["generate", "--model", broken, "--prompt", "a"], "model.safetensors cannot be read"
+    )
+    wide = tmp_path / "wide"
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=10, block_size=32))
+    save_checkpoint(wide, model, char_tokenizer(TEXT))
+    assert_one_line_error(
+        capsys, ["generate", "--model", wide, "--prompt", "a"], "the model's vocabulary has only 10"
+    )
+
+
+def test_convert_hf_round_trip(capsys, ckpt, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    code, _, _ = run(capsys, "convert", ckpt, tmp_path / "hf", "--to", "hf")
+    assert code == 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    code, _, _ = run(capsys, "convert", tmp_path / "hf", tmp_path / "back")
+    assert code == 0
+    from gptkit.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(tmp_path / "back")
+    idx = torch.tensor([tok.encode("the lazy dog")])
+    torch.testing.assert_close(model(idx), ref(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_console_entry_point_runs_as_a_process(ckpt):
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit", "generate", "--model", str(ckpt), "--prompt", "x" * 40],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("gptkit: error: the prompt has 40 tokens")
