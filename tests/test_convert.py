@@ -176,6 +176,25 @@ def test_gpt2_124m_logits(gpt2_124m):
     compare(reference, ours, torch.randint(0, 50257, (2, 32)), "gpt2 124M")
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_gpt2_124m_greedy_and_beam_generation(gpt2_124m, num_beams):
+    reference, ours = gpt2_124m
+    prompt = [464, 2068, 7586, 21831, 18045]  # "The quick brown fox jumps"
+    with torch.no_grad():
+        want = reference.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            num_beams=num_beams,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+    sample = SampleConfig(temperature=0, max_new_tokens=16, num_beams=num_beams)
+    assert generate(ours, [prompt], sample) == [want]
+
+
 GREEDY_CASES = ["gpt2", "llama-gqa-untied", "qwen2"]
 
 
