@@ -20,12 +20,12 @@ test: $(BIN)/gptkit lint
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/gptkit
-	$(BIN)/ruff format --check gptkit tests
-	$(BIN)/ruff check gptkit tests
+	$(BIN)/ruff format --check gptkit tests bench
+	$(BIN)/ruff check gptkit tests bench
 
 format: $(BIN)/gptkit
-	$(BIN)/ruff format gptkit tests
-	$(BIN)/ruff check --fix gptkit tests
+	$(BIN)/ruff format gptkit tests bench
+	$(BIN)/ruff check --fix gptkit tests bench
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

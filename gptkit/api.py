@@ -103,7 +103,7 @@ class LM:
             if stopped:
                 yield text[sent:]
                 return
-            ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd"))
+            ready = len(text.rstrip("\ufffd")) - hold
             if ready > sent:
                 yield text[sent:ready]
                 sent = ready

@@ -14,6 +14,7 @@ greedy and beam results are token-identical to `transformers.generate` on the sa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -55,6 +56,17 @@ def pick_next(logits, seen, sample: SampleConfig, generator) -> torch.Tensor:
     logits = filter_logits(logits / sample.temperature, sample.top_k, sample.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@contextmanager
+def _eval_mode(model: GPT):
+    """Run in eval mode (no dropout), then give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _budget(model: GPT, prompts: list[list[int]], max_new_tokens: int) -> int:
@@ -109,19 +121,19 @@ def decode_steps(
     if sample.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sample.seed)
 
-    model.eval()
-    logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
-    for step in range(max_new):
-        token = pick_next(logits[:, -1].float(), seen, sample, generator)  # [N]
-        yield token
-        if step == max_new - 1:
-            return
-        if seen is not None:
-            seen[torch.arange(N, device=device), token] = True
-        positions = (lengths + step)[:, None]  # [N, 1]
-        logits = model(
-            token[:, None], cache=cache, positions=positions, key_mask=key_mask, last_only=True
-        )
+    with _eval_mode(model):
+        logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
+        for step in range(max_new):
+            token = pick_next(logits[:, -1].float(), seen, sample, generator)  # [N]
+            yield token
+            if step == max_new - 1:
+                return
+            if seen is not None:
+                seen[torch.arange(N, device=device), token] = True
+            positions = (lengths + step)[:, None]  # [N, 1]
+            logits = model(
+                token[:, None], cache=cache, positions=positions, key_mask=key_mask, last_only=True
+            )
 
 
 def _hits_stop(new_ids: list[int], stop: list[str], decode: Decode | None) -> bool:
@@ -186,11 +198,22 @@ def beam_search(
     decode: Decode | None = None,
 ) -> list[list[int]]:
     """The `num_return_sequences` best beams for one prompt, best first (HF's scoring)."""
-    nb, device = sample.num_beams, model.tok_emb.weight.device
     max_new = _budget(model, [prompt], sample.max_new_tokens)
     if max_new <= 0:
         return [[] for _ in range(sample.num_return_sequences)]
-    model.eval()
+    with _eval_mode(model):
+        return _beam_search(model, prompt, sample, max_new, eos_id, decode)
+
+
+def _beam_search(
+    model: GPT,
+    prompt: list[int],
+    sample: SampleConfig,
+    max_new: int,
+    eos_id: int | None,
+    decode: Decode | None,
+) -> list[list[int]]:
+    nb, device = sample.num_beams, model.tok_emb.weight.device
     cache = model.new_cache(1, len(prompt) + max_new - 1)
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
     cache.reorder(torch.zeros(nb, dtype=torch.long, device=device))  # nb copies of the prefill

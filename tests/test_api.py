@@ -2,24 +2,19 @@
 
 import pytest
 import torch
+from conftest import TEXT
 
 import gptkit
 from gptkit.checkpoint import CheckpointError, save_checkpoint
 from gptkit.config import ConfigError, preset
 from gptkit.convert import ConversionError
 from gptkit.model import GPT
-from gptkit.tokenizer import char_tokenizer, load_tokenizer, train_bpe
-
-TEXT = "the quick brown fox jumps over the lazy dog.\n"
+from gptkit.tokenizer import load_tokenizer, train_bpe
 
 
 @pytest.fixture(scope="module")
-def char_lm(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
-    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=64))
-    path = save_checkpoint(tmp_path_factory.mktemp("api") / "ckpt", model, tok)
-    return gptkit.load(path, device="cpu")
+def char_lm(char_checkpoint):
+    return gptkit.load(char_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TEXT
 
 from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
@@ -13,15 +14,10 @@ from gptkit.config import preset
 from gptkit.model import GPT
 from gptkit.tokenizer import char_tokenizer
 
-TEXT = "the quick brown fox jumps over the lazy dog.\n"
-
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
-    model = GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=32))
-    return save_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", model, tok)
+def ckpt(char_checkpoint):
+    return char_checkpoint
 
 
 def run(capsys, *argv):

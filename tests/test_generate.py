@@ -216,3 +216,15 @@ def test_generation_stops_at_the_context_and_rejects_longer_prompts(pair):
 def test_bad_sampling_parameters_are_rejected(bad, message):
     with pytest.raises(ConfigError, match=message):
         SampleConfig(**bad)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generation_gives_a_training_model_back_in_training_mode(pair, num_beams):
+    _, model = pair
+    model.train()
+    sample = SampleConfig(temperature=0, max_new_tokens=4, num_beams=num_beams)
+    try:
+        generate(model, [[1, 2, 3]], sample)
+        assert model.training and all(m.training for m in model.modules())
+    finally:
+        model.eval()
