@@ -14,12 +14,14 @@ from .config import ConfigError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .chat import ChatTemplateError
     from .checkpoint import CheckpointError
     from .convert import ConversionError
     from .model import ContextLengthError
     from .tokenizer import TokenizerError
 
     return (
+        ChatTemplateError,
         ConfigError,
         CheckpointError,
         ConversionError,
@@ -71,14 +73,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load, sample_config
 
     sampling = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
+        _sampling(args),
         num_beams=args.num_beams,
         num_return_sequences=args.num_return_sequences,
-        seed=args.seed,
         stop=args.stop or [],
     )
     sample_config(**sampling)  # validate flags before spending time on loading the model
@@ -97,6 +94,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.num_return_sequences > 1:
             print(f"--- sequence {i + 1} ---")
         print(args.prompt + text)
+
+
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .api import load, sample_config
+    from .chat import ChatSession, chat_loop
+
+    sampling = _sampling(args)
+    sample_config(**sampling)  # validate flags before spending time on loading the model
+    lm = load(args.model, device=args.device)
+    chat_loop(ChatSession(lm, system=args.system, **sampling))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -145,20 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("generate", help="generate text from a model")
-    p.add_argument("--model", required=True, help="gptkit checkpoint, HF directory or hub name")
+    p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or model name")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    _sampling_flags(p, temperature=0.8, max_new=64)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)")
+    p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
+    p.add_argument("--system", help="system prompt")
+    _sampling_flags(p, temperature=0.7, max_new=256)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="Hugging Face model -> gptkit checkpoint, or back (--to hf)")
     p.add_argument("source", help="HF directory or hub name; a gptkit checkpoint with --to hf")
