@@ -1,0 +1,298 @@
+"""GGUF (llama.cpp's file format) -> gptkit: config, float32 weights and tokenizer from one file.
+
+The `gguf` package (gguf-py, maintained with llama.cpp) parses the file and dequantizes its
+tensors, so no quantization kernel is written here. What this module adds is the mapping:
+
+- metadata keys (`llama.block_count`, ...) become a Hugging Face Llama config dict, which
+  `convert.hf_config_to_gptkit` turns into a GPTConfig with the same checks as HF imports;
+- tensor names (`blk.0.attn_q.weight`, ...) become Hugging Face Llama names, and
+  `convert.hf_to_gptkit_state_dict` fuses q/k/v and gate/up exactly as for HF checkpoints;
+- the vocabulary, merges, token types and pre-tokenizer name become an HF `tokenizers`
+  byte-level BPE that splits text with llama.cpp's own regexes for that pre-tokenizer.
+
+Only the `llama` architecture with a byte-level BPE vocabulary is read (SmolLM/SmolLM2,
+Llama 3.0, and other dense Llama-style models converted by llama.cpp); SentencePiece
+vocabularies (Llama 1/2, Mistral v0.1), RoPE scaling and mixture-of-experts are refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizerObject
+
+from .config import GPTConfig
+from .convert import ConversionError, _listing, hf_config_to_gptkit, hf_to_gptkit_state_dict
+from .model import GPT
+from .tokenizer import HFTokenizer, Tokenizer
+
+
+class GGUFError(ConversionError):
+    """A GGUF file gptkit cannot read; the one-line message names the file and the problem."""
+
+
+# Tensor types gguf-py dequantizes that llama.cpp's common presets produce.
+SUPPORTED_TYPES = (
+    *("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"),
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+)
+
+_MODEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# Pre-tokenizer regexes, copied from llama.cpp's llama-vocab.cpp (llm_tokenizer_bpe). llama.cpp
+# applies them in turn, each splitting the pieces the previous one made and keeping unmatched
+# text as pieces of its own: HF's Split(behavior="isolated") in a Sequence does the same.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]")
+# name -> (regexes, ignore_merges, add_bos default), as llama.cpp's llama_vocab::load sets them.
+_SMOLLM = ((r"\p{N}", _GPT2), False, False)
+_GPT2_PRE = ((_GPT2,), False, False)
+_LLAMA3_PRE = ((_LLAMA3,), True, True)
+_QWEN2_PRE = ((_QWEN2,), False, False)
+PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
+    "default": (_DEFAULT, False, False),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais"), _GPT2_PRE),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell"), _SMOLLM),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "falcon3"), _LLAMA3_PRE),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _QWEN2_PRE),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's LLAMA_TOKEN_TYPE_* values in tokenizer.ggml.token_type
+_MISSING = object()
+
+
+class _File:
+    """An open GGUF file: metadata lookup with errors that name the file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GGUFError(f"{self.path}: no such file")
+        try:
+            import gguf
+        except ImportError:
+            msg = "reading GGUF needs the gguf package: pip install gguf"
+            raise GGUFError(f"{self.path}: {msg}") from None
+        self.gguf = gguf
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # gguf-py raises ValueError, IndexError, struct and numpy errors
+            raise GGUFError(f"{self.path}: not a readable GGUF file (truncated? {e})") from None
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
+            return default
+        return field.contents()
+
+    def fail(self, problem: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {problem}")
+
+
+def _config(f: _File, tensor_names: set[str]) -> GPTConfig:
+    """GGUF llama metadata as a GPTConfig (via the HF Llama config it describes)."""
+    arch = f.get("general.architecture")
+    if arch != "llama":
+        raise f.fail(f"architecture {arch!r} is not supported; gptkit reads 'llama' GGUF files")
+    p = "llama."
+    if f.get(p + "expert_count", 0):
+        n = f.get(p + "expert_count")
+        raise f.fail(f"mixture-of-experts models ({p}expert_count={n}) are not supported")
+    scaling = f.get(p + "rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensor_names:
+        kind = scaling if scaling != "none" else "llama3 rope_freqs"
+        raise f.fail(f"RoPE scaling {kind!r} is not supported; gptkit implements plain RoPE")
+    n_embd, n_head = f.get(p + "embedding_length"), f.get(p + "attention.head_count")
+    head_dim = f.get(p + "attention.key_length", n_embd // n_head)
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if f.get(p + key, head_dim) != head_dim:
+            raise f.fail(f"{p}{key}={f.get(p + key)} differs from head_dim={head_dim}")
+    hf = dict(
+        model_type="llama",
+        vocab_size=len(f.get("tokenizer.ggml.tokens")),  # llama.cpp's n_vocab, too
+        hidden_size=n_embd,
+        intermediate_size=f.get(p + "feed_forward_length"),
+        num_hidden_layers=f.get(p + "block_count"),
+        num_attention_heads=n_head,
+        num_key_value_heads=f.get(p + "attention.head_count_kv", n_head),
+        head_dim=head_dim,
+        rms_norm_eps=f.get(p + "attention.layer_norm_rms_epsilon"),
+        rope_theta=f.get(p + "rope.freq_base", 10000.0),
+        max_position_embeddings=f.get(p + "context_length"),
+        tie_word_embeddings="output.weight" not in tensor_names,
+    )
+    try:
+        return hf_config_to_gptkit(hf)
+    except ConversionError as e:
+        raise f.fail(str(e)) from None
+
+
+def _expected_names(config: GPTConfig) -> set[str]:
+    names = {"token_embd.weight", "output_norm.weight"}
+    names |= set() if config.tie_embeddings else {"output.weight"}
+    return names | {f"blk.{i}.{n}.weight" for i in range(config.n_layer) for n in _LAYER_NAMES}
+
+
+def _hf_name(name: str) -> str:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight (names were checked)."""
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return f"{_MODEL_NAMES[parts[0]]}.{parts[1]}"
+
+
+def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo the row order llama.cpp's converter (`permute` in convert_hf_to_gguf.py) gives q/k.
+
+    ggml's Llama RoPE rotates adjacent pairs (x0, x1), (x2, x3)...; HF (and gptkit) rotate
+    the two halves of each head. The converter interleaves each head's halves so that the same
+    weights work with pair rotation; reading them back we de-interleave (as transformers does).
+    """
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tensors(f: _File, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to float32, under HF Llama names, q/k back in HF row order."""
+    present = {t.name for t in f.reader.tensors}
+    expected = _expected_names(config)
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        listed = [
+            _listing(k, v) for k, v in (("missing", missing), ("unexpected", unexpected)) if v
+        ]
+        raise f.fail("tensors do not match a llama model: " + "; ".join(listed))
+    bad = [t for t in f.reader.tensors if t.tensor_type.name not in SUPPORTED_TYPES]
+    if bad:
+        raise f.fail(
+            f"tensor {bad[0].name} has type {bad[0].tensor_type.name}, which gptkit cannot "
+            f"dequantize (supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head}
+    out: dict[str, torch.Tensor] = {}
+    for t in f.reader.tensors:
+        try:
+            values = f.gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise f.fail(f"cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+        if not values.flags.writeable:  # F32 tensors are views of the read-only memory map
+            values = values.copy()
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+        w = torch.from_numpy(values).reshape(shape)
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        out[_hf_name(t.name)] = unpermute_rope(w, heads[kind]) if kind in heads else w
+    return out
+
+
+def _tokenizer(f: _File) -> HFTokenizer:
+    """The file's byte-level BPE vocabulary as an HF tokenizer that tokenizes like llama.cpp."""
+    model = f.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise f.fail(
+            f"tokenizer model {model!r} is not supported; gptkit builds byte-level BPE "
+            "('gpt2') tokenizers from GGUF vocabularies"
+        )
+    pre = f.get("tokenizer.ggml.pre", "default")  # llama.cpp's fallback for old files, too
+    if pre not in PRE_TOKENIZERS:
+        raise f.fail(
+            f"pre-tokenizer {pre!r} is not supported; gptkit knows {', '.join(PRE_TOKENIZERS)}"
+        )
+    splits, ignore_merges, add_bos = PRE_TOKENIZERS[pre]
+    tokens: list[str] = f.get("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]
+    try:
+        bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=ignore_merges)
+    except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocab
+        raise f.fail(f"vocabulary and merges do not fit together: {e}") from None
+    tok = HFTokenizerObject(bpe)
+    isolated = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*isolated, byte_level])
+    tok.decoder = decoders.ByteLevel()
+
+    def named(key: str) -> str | None:
+        i = f.get(f"tokenizer.ggml.{key}_token_id", None)
+        if i is not None and not 0 <= i < len(tokens):
+            raise f.fail(f"tokenizer.ggml.{key}_token_id={i} is outside the vocabulary")
+        return None if i is None else tokens[i]
+
+    names = {"eos_token": named("eos"), "bos_token": named("bos"), "pad_token": named("padding")}
+    types = f.get("tokenizer.ggml.token_type", [])
+    # llama.cpp matches control tokens whole when parsing specials, and user-defined ones always.
+    special = [t for t, kind in zip(tokens, types, strict=False) if kind == _CONTROL]
+    special += [t for t in (*names.values(), named("unknown")) if t is not None]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    user = [t for t, kind in zip(tokens, types, strict=False) if kind == _USER_DEFINED]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    # gptkit's encode never adds BOS/EOS (callers add them by id); a post-processor keeps the
+    # file's add_bos/add_eos flags in tokenizer.json for transformers and other HF users.
+    single = ["$A"]
+    if names["bos_token"] and f.get("tokenizer.ggml.add_bos_token", add_bos):
+        single.insert(0, names["bos_token"])
+    if names["eos_token"] and f.get("tokenizer.ggml.add_eos_token", False):
+        single.append(names["eos_token"])
+    if len(single) > 1:
+        ends = [(t, tokens.index(t)) for t in single if t != "$A"]
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=ends)
+    wrapped = HFTokenizer(tok, **names)
+    wrapped.chat_template = f.get("tokenizer.chat_template", None)
+    return wrapped
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer of a GGUF file (any architecture; no tensor is read)."""
+    return _tokenizer(_File(path))
+
+
+def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
+    """(config, float32 tensors under gptkit names, tokenizer) of a llama GGUF file.
+
+    A tied model has no lm_head.weight, as in gptkit checkpoints. Raises GGUFError.
+    """
+    f = _File(path)
+    config = _config(f, {t.name for t in f.reader.tensors})
+    tokenizer = _tokenizer(f)
+    try:
+        tensors = hf_to_gptkit_state_dict(_tensors(f, config), config, "llama")
+    except GGUFError:
+        raise
+    except ConversionError as e:
+        raise f.fail(str(e)) from None
+    return config, tensors, tokenizer
+
+
+def load_gguf(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[GPT, Tokenizer]:
+    """A gptkit GPT (eval mode) with the dequantized weights of a GGUF file, and its tokenizer."""
+    config, tensors, tokenizer = read_gguf(path)
+    model = GPT.empty(config, device=device, dtype=dtype)
+    result = model.load_state_dict(tensors, strict=False)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise GGUFError(f"{path}: state dict mismatch after conversion: {result}")
+    return model.eval(), tokenizer
