@@ -187,12 +187,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        if self.tok_emb.weight.device.type != "meta":  # a shape-only model has nothing to init
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and residual projections
+        scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with
+        depth."""
         self.apply(self._init_weights)
-        # GPT-2's scaled init: residual projections shrink with depth so the residual stream's
-        # variance does not grow with the number of layers.
+        std = self.config.init_std / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=std)
 
     @classmethod
     def empty(cls, config: GPTConfig, device="cpu", dtype=torch.float32) -> GPT:
