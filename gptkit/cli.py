@@ -69,6 +69,31 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"trained a byte-level BPE with {tokenizer.vocab_size} tokens; saved to {args.out}")
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .prepare import prepare
+    from .tokenizer import load_tokenizer
+
+    meta = prepare(
+        args.sources,
+        args.out,
+        load_tokenizer(args.tokenizer),
+        text_column=args.text_column,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        dataset=args.dataset,
+        dataset_split=args.dataset_split,
+    )
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(
+        f"prepared {train['tokens']:,} train tokens ({train['documents']:,} documents, "
+        f"{len(train['shards'])} shards) and {val['tokens']:,} val tokens "
+        f"({val['documents']:,} documents) from {meta['bytes'] / 1e6:.1f} MB in "
+        f"{meta['seconds']:.1f} s ({meta['mb_per_s']:.2f} MB/s); wrote {args.out}"
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load, sample_config
 
@@ -165,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens")
     t.add_argument("--out", required=True, type=Path, help="output directory")
     t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into token shards + meta.json")
+    p.add_argument("sources", nargs="*", type=Path, help=".txt/.md/.jsonl/.csv/.parquet or folders")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument(
+        "--tokenizer", default="gpt2", help="tokenizer directory, tokenizer.json or name"
+    )
+    p.add_argument("--text-column", default="text", help="column of jsonl/csv/parquet rows")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for val")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--dataset", help="a Hugging Face datasets name, streamed (needs `datasets`)")
+    p.add_argument("--dataset-split", default="train")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="generate text from a model")
     p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or model name")

@@ -153,3 +153,22 @@ def test_console_entry_point_runs_as_a_process(ckpt):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("gptkit: error: the prompt has 40 tokens")
+
+
+def test_prepare_writes_shards_and_reports(capsys, tmp_path):
+    from gptkit.prepare import read_shard
+    from gptkit.tokenizer import char_tokenizer
+
+    char_tokenizer(TEXT, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"{i}.txt").write_text(TEXT * (i + 1))
+    argv = ["prepare", docs, "--out", tmp_path / "data", "--tokenizer", tmp_path / "tok"]
+    code, out, _ = run(capsys, *argv, "--val-fraction", 0.3, "--workers", 1)
+    assert code == 0 and "train tokens" in out and "MB/s" in out
+    total = sum(len(read_shard(p)) for p in (tmp_path / "data").glob("*.bin"))
+    assert total == len(TEXT) * (1 + 2 + 3 + 4) + 4  # every character plus one EOT per document
+    assert_one_line_error(
+        capsys, ["prepare", tmp_path / "nope.txt", "--out", tmp_path / "d2"], "nope.txt"
+    )

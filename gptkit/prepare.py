@@ -1,0 +1,519 @@
+"""Corpus -> token shards + meta.json: the input of pretraining.
+
+Sources are plain-text files (.txt, .md or any explicitly named file: one file is one document),
+JSONL / CSV / Parquet files (one row is one document, its `text_column`), folders (their files
+of those kinds, recursively, in sorted order) or a Hugging Face `datasets` name (streamed).
+Each document's tokens are followed by the tokenizer's end-of-text id. A document goes to the
+validation split when a hash of (seed, document index) falls below `val_fraction`, so the split
+is deterministic and needs no second pass; if no document lands there, the last one does (when
+it is small enough to have been held back). Bytes that are not UTF-8 are replaced with U+FFFD
+and reported (file, offset of the first, count), never fatal.
+
+Everything streams: long text files are read in pieces cut after a newline (decoding is exact;
+a token may differ from whole-file encoding at a rare piece boundary), pieces are tokenized in
+worker processes in order, so the output is byte-identical for any number of workers.
+
+Output directory: `train_000000.bin`, `train_000001.bin`, ..., `val_000000.bin`, `meta.json`
+(written last: a directory without it is an unfinished run) and `tokenizer/`.
+
+Shard format, version 1: a 32-byte header, then the tokens, little-endian.
+
+    offset 0   8 bytes  magic b"GPTKTOK\\0"
+    offset 8   uint32   format version (1)
+    offset 12  uint32   bytes per token: 2 (uint16, when vocab_size <= 65536) or 4 (uint32)
+    offset 16  uint64   token count
+    offset 24  8 bytes  reserved (zero)
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .tokenizer import Tokenizer, load_tokenizer
+
+MAGIC = b"GPTKTOK\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQ8x")  # magic, version, bytes per token, token count, reserved
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+TEXT_SUFFIXES = (".txt", ".md")
+ROW_SUFFIXES = (".jsonl", ".csv", ".parquet")
+PIECE_BYTES = 1 << 18  # text is tokenized in pieces (and batches) of about 256 KB
+HOLD_BACK_TOKENS = 1 << 24  # the last train document is held back for val only if smaller
+
+
+class PrepareError(ValueError):
+    """A user-facing corpus problem (no documents, missing column, unreadable source)."""
+
+
+class ShardError(ValueError):
+    """A token shard that is not what its header promises; the message names file and fix."""
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    return DTYPES[2] if vocab_size <= 1 << 16 else DTYPES[4]
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """The tokens of one shard as a read-only memmap, after checking its header."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise ShardError(f"{path} is not a gptkit token shard (no {MAGIC!r} header)")
+    _, version, width, count = HEADER.unpack(head)
+    if version > VERSION:
+        raise ShardError(
+            f"{path} has format version {version}, written by a newer gptkit; "
+            "upgrade gptkit or prepare the corpus again"
+        )
+    if version != VERSION:
+        raise ShardError(f"{path} has unknown format version {version}; prepare it again")
+    if width not in DTYPES:
+        raise ShardError(f"{path} has unknown token width {width} (expected 2 or 4); damaged?")
+    body = size - HEADER.size
+    if body != count * width:
+        what = "truncated" if body < count * width else "has trailing bytes"
+        raise ShardError(
+            f"{path} is {what}: header says {count} tokens, file holds {body / width:g}; "
+            "prepare the corpus again"
+        )
+    if count == 0:
+        return np.zeros(0, DTYPES[width])
+    return np.memmap(path, dtype=DTYPES[width], mode="r", offset=HEADER.size, shape=(count,))
+
+
+class _ShardWriter:
+    """Writes one split's tokens into `{split}_NNNNNN.bin`, rolling over every `limit` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, limit: int) -> None:
+        self.out_dir, self.split, self.dtype, self.limit = out_dir, split, dtype, limit
+        self.shards: list[str] = []
+        self.tokens = self.documents = self._in_shard = 0
+        self._file: Any = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None:
+                name = f"{self.split}_{len(self.shards):06d}.bin"
+                self._file = (self.out_dir / f"{name}.tmp").open("wb")
+                self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, 0))
+                self.shards.append(name)
+            part = tokens[: self.limit - self._in_shard]
+            self._file.write(part.astype(self.dtype, copy=False).tobytes())
+            self._in_shard += len(part)
+            self.tokens += len(part)
+            tokens = tokens[len(part) :]
+            if self._in_shard == self.limit:
+                self.close()
+
+    def close(self) -> None:
+        """Fill in the count and move the shard into place (a crash leaves only a .tmp)."""
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self._in_shard))
+        self._file.close()
+        name = self.shards[-1]
+        os.replace(self.out_dir / f"{name}.tmp", self.out_dir / name)
+        self._file, self._in_shard = None, 0
+
+
+class _Reader:
+    """Yields (text piece, ends a document, raw bytes consumed) from every source, in order."""
+
+    def __init__(self, text_column: str) -> None:
+        self.text_column = text_column
+        self.decode_errors: list[dict[str, Any]] = []
+
+    def pieces(self, files: list[Path]) -> Iterator[tuple[str, bool, int]]:
+        for path in files:
+            suffix = path.suffix.lower()
+            if suffix == ".parquet":
+                yield from _row_pieces(_parquet_rows(path, self.text_column))
+            elif suffix in (".jsonl", ".csv"):
+                yield from _row_pieces(self._table_rows(path, suffix))
+            else:
+                yield from self._text(path)
+
+    def dataset(self, name: str, split: str) -> Iterator[tuple[str, bool, int]]:
+        try:
+            import datasets
+        except ImportError as e:
+            raise PrepareError(
+                f"--dataset {name} needs the `datasets` package; pip install datasets"
+            ) from e
+        try:
+            rows = datasets.load_dataset(name, split=split, streaming=True)
+            where = f"dataset {name} row"
+            yield from _row_pieces(
+                _column(r, self.text_column, f"{where} {n}") for n, r in enumerate(rows)
+            )
+        except (ConnectionError, OSError) as e:
+            raise PrepareError(f"cannot stream dataset {name!r} ({e}); is the network up?") from e
+
+    def _text(self, path: Path) -> Iterator[tuple[str, bool, int]]:
+        """One document, in pieces cut after a newline (in a huge line: before a character)."""
+        pending: tuple[str, int] | None = None
+        offset, carry = 0, b""
+        with path.open("rb") as f:
+            while data := carry + f.read(PIECE_BYTES):
+                data += b"" if data.endswith(b"\n") else f.readline(PIECE_BYTES)
+                carry = b""
+                if not data.endswith(b"\n") and f.peek(1):
+                    starts = range(len(data) - 1, max(len(data) - 5, 0), -1)
+                    cut = next((i for i in starts if data[i] & 0xC0 != 0x80), len(data))
+                    data, carry = data[:cut], data[cut:]
+                if pending is not None:
+                    yield pending[0], False, pending[1]
+                pending = self._decode(data, path, offset), len(data)
+                offset += len(data)
+        if pending is not None:
+            yield pending[0], True, pending[1]
+
+    def _table_rows(self, path: Path, suffix: str) -> Iterator[str]:
+        lines = self._lines(path)
+        if suffix == ".csv":
+            csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # default: 128 KB
+            reader = csv.DictReader(lines)
+            try:
+                for row in reader:
+                    yield _column(row, self.text_column, f"{path} line {reader.line_num}")
+            except csv.Error as e:
+                raise PrepareError(f"{path} line {reader.line_num} is not CSV: {e}") from e
+            return
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{path} line {n} is not JSON: {e}") from e
+                yield _column(row, self.text_column, f"{path} line {n}")
+
+    def _lines(self, path: Path) -> Iterator[str]:
+        offset = 0
+        with path.open("rb") as f:
+            for line in f:
+                yield self._decode(line, path, offset)
+                offset += len(line)
+
+    def _decode(self, data: bytes, path: Path, offset: int) -> str:
+        """UTF-8 with replacement; the first bad byte of each file and a count are recorded."""
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            first = offset + e.start
+        _BAD_BYTES[0] = 0
+        text = data.decode("utf-8", errors=_count_errors_handler())
+        errors = self.decode_errors
+        if not errors or errors[-1]["file"] != str(path):
+            errors.append({"file": str(path), "offset": first, "bad_bytes": 0})
+            tqdm.write(
+                f"gptkit prepare: warning: {path}: bytes that are not UTF-8 at offset "
+                f"{first}; replaced with U+FFFD",
+                file=sys.stderr,
+            )
+        errors[-1]["bad_bytes"] += _BAD_BYTES[0]
+        return text
+
+
+_BAD_BYTES = [0]
+
+
+def _count_errors_handler() -> str:
+    """The name of a codecs error handler that replaces like "replace" and counts bad bytes."""
+
+    def handler(e: UnicodeError) -> tuple[str, int]:
+        assert isinstance(e, UnicodeDecodeError)
+        _BAD_BYTES[0] += e.end - e.start
+        return "\ufffd", e.end
+
+    name = "gptkit-prepare-count"
+    try:
+        codecs.lookup_error(name)
+    except LookupError:
+        codecs.register_error(name, handler)
+    return name
+
+
+def _row_pieces(rows: Iterator[str | None]) -> Iterator[tuple[str, bool, int]]:
+    """Each non-empty row is a whole document."""
+    for text in rows:
+        if text:
+            yield text, True, len(text.encode("utf-8"))
+
+
+def _column(row: Any, column: str, where: str) -> str | None:
+    if not isinstance(row, dict) or column not in row:
+        keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+        raise PrepareError(
+            f"{where} has no {column!r} column (it has: {keys}); choose one with --text-column"
+        )
+    text = row[column]
+    if text is not None and not isinstance(text, str):
+        raise PrepareError(f"{where}: column {column!r} holds {type(text).__name__}, not text")
+    return text
+
+
+def _parquet_rows(path: Path, column: str) -> Iterator[str | None]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise PrepareError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from e
+    parquet = pq.ParquetFile(path)
+    if column not in parquet.schema_arrow.names:
+        names = ", ".join(parquet.schema_arrow.names)
+        raise PrepareError(
+            f"{path} has no {column!r} column (it has: {names}); choose one with --text-column"
+        )
+    kind = parquet.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PrepareError(f"{path}: column {column!r} holds {kind}, not text")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
+        yield from batch.column(0).to_pylist()
+
+
+def _source_files(sources: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found = sorted(
+                p
+                for p in source.rglob("*")
+                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + ROW_SUFFIXES
+            )
+            if not found:
+                raise PrepareError(f"folder {source} holds no .txt/.md/.jsonl/.csv/.parquet files")
+            files += found
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise PrepareError(f"no such file or folder: {source}")
+    return files
+
+
+def _is_val(seed: int, index: int, fraction: float) -> bool:
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+Batch = list[tuple[str, bool]]  # (text piece, ends a document)
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+
+
+def _encode(batch: Batch, tokenizer: Tokenizer | None = None) -> list[tuple[np.ndarray, bool]]:
+    """Token arrays for a batch of pieces; a piece that ends a document gets eos appended."""
+    tok = tokenizer or _WORKER_TOKENIZER
+    assert tok is not None and tok.eos_id is not None
+    rows = tok.encode_batch([text for text, _ in batch])["input_ids"]
+    dtype = shard_dtype(tok.vocab_size)
+    return [
+        (np.array(row + [tok.eos_id] if end else row, dtype), end)
+        for row, (_, end) in zip(rows, batch, strict=True)
+    ]
+
+
+def _batches(
+    pieces: Iterator[tuple[str, bool, int]], meter: tqdm, read: list[int]
+) -> Iterator[Batch]:
+    """Pieces grouped into batches of about PIECE_BYTES; `read[0]` counts the bytes read."""
+    batch: Batch = []
+    size = 0
+    for text, end, nbytes in pieces:
+        batch.append((text, end))
+        size += nbytes
+        read[0] += nbytes
+        meter.update(nbytes)
+        if size >= PIECE_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _Splitter:
+    """Routes each document's tokens to train or val. The latest train document is held back
+    (while under HOLD_BACK_TOKENS) so that it can become the val split if no other did."""
+
+    def __init__(self, writers: dict[str, _ShardWriter], seed: int, fraction: float) -> None:
+        self.writers, self.seed, self.fraction = writers, seed, fraction
+        self.index, self.split, self.starting = 0, "train", True
+        self.held: list[np.ndarray] | None = None  # None: the current document is not held
+
+    def add(self, tokens: np.ndarray, end: bool) -> None:
+        if self.starting:
+            self.starting = False
+            self.split = "val" if _is_val(self.seed, self.index, self.fraction) else "train"
+            if self.split == "train":
+                self._flush_held("train")
+                self.held = []
+        if self.held is not None and self.split == "train":
+            self.held.append(tokens)
+            if sum(map(len, self.held)) > HOLD_BACK_TOKENS:  # too big to hold: write it now
+                for part in self.held:
+                    self.writers["train"].write(part)
+                self.held = None
+        else:
+            self.writers[self.split].write(tokens)
+        if end:
+            self.index, self.starting = self.index + 1, True
+            if self.split == "val" or self.held is None:  # a held one counts when flushed
+                self.writers[self.split].documents += 1
+
+    def finish(self) -> None:
+        val = self.writers["val"].documents == 0 and self.index >= 2 and self.fraction > 0
+        self._flush_held("val" if val else "train")
+        for writer in self.writers.values():
+            writer.close()
+
+    def _flush_held(self, split: str) -> None:
+        if self.held:
+            for part in self.held:
+                self.writers[split].write(part)
+            self.writers[split].documents += 1
+        self.held = None
+
+
+def prepare(
+    sources: Sequence[str | Path],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    text_column: str = "text",
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    workers: int | None = None,
+    shard_tokens: int = 100_000_000,
+    dataset: str | None = None,
+    dataset_split: str = "train",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `sources` (and/or the HF `dataset`) into shards in `out_dir`; returns meta."""
+    if tokenizer.eos_id is None:
+        raise PrepareError(f"{tokenizer!r} has no end-of-text token to separate documents with")
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if shard_tokens < 1:
+        raise PrepareError(f"shard_tokens={shard_tokens} must be positive")
+    if not sources and dataset is None:
+        raise PrepareError("nothing to prepare: give text files, folders or a dataset")
+    files = _source_files(sources)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("train_*.bin*"), *out.glob("val_*.bin*"), out / "meta.json"]:
+        stale.unlink(missing_ok=True)
+    tokenizer.save(out / "tokenizer")
+    workers = max(1, workers or os.cpu_count() or 1)
+    dtype = shard_dtype(tokenizer.vocab_size)
+    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    splitter = _Splitter(writers, seed, val_fraction)
+    reader = _Reader(text_column)
+    start, read = time.perf_counter(), [0]
+    total = sum(f.stat().st_size for f in files) if dataset is None else None
+    meter = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+
+    def pieces() -> Iterator[tuple[str, bool, int]]:
+        yield from reader.pieces(files)
+        if dataset is not None:
+            yield from reader.dataset(dataset, dataset_split)
+
+    pool = None
+    if workers > 1:
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        initargs = (str(out / "tokenizer"),)
+        pool = multiprocessing.get_context(context).Pool(workers, _init_worker, initargs)
+    try:
+        for encoded in _in_order(_batches(pieces(), meter, read), tokenizer, pool, 2 * workers):
+            for tokens, end in encoded:
+                splitter.add(tokens, end)
+        splitter.finish()
+    finally:
+        meter.close()
+        if pool is not None:
+            pool.terminate()
+    seconds = time.perf_counter() - start
+    if splitter.index == 0:
+        where = ", ".join(map(str, [*sources, *([dataset] if dataset else [])]))
+        raise PrepareError(f"empty corpus: no text in {where}")
+    if writers["val"].documents == 0 and val_fraction > 0:
+        tqdm.write(
+            f"gptkit prepare: warning: no validation documents among "
+            f"{splitter.index}; give more documents (one per file or row)",
+            file=sys.stderr,
+        )
+    meta = {
+        "format": "gptkit-tokens",
+        "version": VERSION,
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "path": "tokenizer",
+            "sha256": _fingerprint(out / "tokenizer"),
+        },
+        "dtype": dtype.name,
+        "splits": {
+            name: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards}
+            for name, w in writers.items()
+        },
+        "sources": [str(s) for s in sources]
+        + ([f"hf:{dataset}:{dataset_split}"] if dataset else []),
+        "text_column": text_column,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+        "bytes": read[0],
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(read[0] / 1e6 / seconds, 3),
+        "decode_errors": reader.decode_errors,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def _in_order(
+    batches: Iterator[Batch], tokenizer: Tokenizer, pool: Any, ahead: int
+) -> Iterator[list[tuple[np.ndarray, bool]]]:
+    """Encoded batches in input order, at most `ahead` in flight (Pool.imap would read the whole
+    corpus ahead into its queue, so memory would grow with it)."""
+    if pool is None:
+        yield from (_encode(batch, tokenizer) for batch in batches)
+        return
+    in_flight: deque[Any] = deque()
+    for batch in batches:
+        in_flight.append(pool.apply_async(_encode, (batch,)))
+        if len(in_flight) >= ahead:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
+def _fingerprint(directory: Path) -> str:
+    """sha256 over the saved tokenizer's files, so data and model can check they agree."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
