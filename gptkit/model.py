@@ -70,7 +70,7 @@ def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, D] by position; cos/sin are [B, 1, T, D]."""
+    """Rotate x [B, T, heads, D] by position; cos/sin are [B, T, 1, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -110,12 +110,13 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
+        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k heads rotated in one pass
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, T, D]
+        k = qk[:, :, H:].transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.transpose(1, 2)  # [B, Hkv, T, D]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, D]
         y = F.scaled_dot_product_attention(
@@ -312,7 +313,7 @@ class GPT(nn.Module):
         elif self.config.positions == "sinusoidal":
             x = x + self.pos_table[positions]
         else:
-            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+            rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
         masks = self._masks(B, T, start, key_mask, idx.device)
         for block in self.blocks:
