@@ -3,11 +3,13 @@
 Sources are plain-text files (.txt, .md or any explicitly named file: one file is one document),
 JSONL / CSV / Parquet files (one row is one document, its `text_column`), folders (their files
 of those kinds, recursively, in sorted order) or a Hugging Face `datasets` name (streamed).
-Each document's tokens are followed by the tokenizer's end-of-text id. A document goes to the
-validation split when a hash of (seed, document index) falls below `val_fraction`, so the split
-is deterministic and needs no second pass; if no document lands there, the last one does (when
-it is small enough to have been held back). Bytes that are not UTF-8 are replaced with U+FFFD
-and reported (file, offset of the first, count), never fatal.
+Each document's tokens are followed by the tokenizer's end-of-text id. A document after the
+first goes to the validation split when a hash of (seed, document index) falls below
+`val_fraction`, so the split is deterministic and needs no second pass; if no document lands
+there, the last one does (when it is small enough to have been held back). A corpus of a single
+document (one text file, like tinyshakespeare) is split by position instead, as nanoGPT splits
+a text: its last `val_fraction` of tokens are the validation split. Bytes that are not UTF-8
+are replaced with U+FFFD and reported (file, offset of the first, count), never fatal.
 
 Everything streams: long text files are read in pieces cut after a newline (decoding is exact;
 a token may differ from whole-file encoding at a rare piece boundary), pieces are tokenized in
@@ -355,7 +357,8 @@ def _batches(
 
 class _Splitter:
     """Routes each document's tokens to train or val. The latest train document is held back
-    (while under HOLD_BACK_TOKENS) so that it can become the val split if no other did."""
+    (while under HOLD_BACK_TOKENS) so that it can become the val split if no other did, or
+    give its tail to val when it is the only document."""
 
     def __init__(self, writers: dict[str, _ShardWriter], seed: int, fraction: float) -> None:
         self.writers, self.seed, self.fraction = writers, seed, fraction
@@ -365,7 +368,9 @@ class _Splitter:
     def add(self, tokens: np.ndarray, end: bool) -> None:
         if self.starting:
             self.starting = False
-            self.split = "val" if _is_val(self.seed, self.index, self.fraction) else "train"
+            # The first document always starts in train, so a lone document can be split.
+            val = self.index > 0 and _is_val(self.seed, self.index, self.fraction)
+            self.split = "val" if val else "train"
             if self.split == "train":
                 self._flush_held("train")
                 self.held = []
@@ -383,8 +388,15 @@ class _Splitter:
                 self.writers[self.split].documents += 1
 
     def finish(self) -> None:
-        val = self.writers["val"].documents == 0 and self.index >= 2 and self.fraction > 0
-        self._flush_held("val" if val else "train")
+        no_val = self.writers["val"].documents == 0 and self.fraction > 0
+        if no_val and self.index == 1 and self.held:
+            tokens = np.concatenate(self.held)  # the only document: its tail becomes val
+            cut = int(len(tokens) * (1 - self.fraction))
+            for split, part in (("train", tokens[:cut]), ("val", tokens[cut:])):
+                self.writers[split].write(part)
+                self.writers[split].documents += 1
+            self.held = None
+        self._flush_held("val" if no_val and self.index >= 2 else "train")
         for writer in self.writers.values():
             writer.close()
 
@@ -460,7 +472,8 @@ def prepare(
     if writers["val"].documents == 0 and val_fraction > 0:
         tqdm.write(
             f"gptkit prepare: warning: no validation documents among "
-            f"{splitter.index}; give more documents (one per file or row)",
+            f"{splitter.index}; give more documents (one per file or row), or a single "
+            f"document under {HOLD_BACK_TOKENS:,} tokens to split by position",
             file=sys.stderr,
         )
     meta = {

@@ -136,7 +136,7 @@ def test_long_text_file_in_pieces(tmp_path, monkeypatch):
     path = tmp_path / "long.txt"
     path.write_bytes(text.encode().replace("\xff".encode(), b"\xff"))
     big = char_tokenizer(text + "\ufffd", special_tokens=[ENDOFTEXT])
-    meta = run([path], tmp_path / "out", big)
+    meta = run([path], tmp_path / "out", big, val_fraction=0)  # one document, kept whole
     assert split_texts(tmp_path / "out", meta, big, "train") == [text.replace("\xff", "\ufffd")]
     assert meta["decode_errors"][0]["bad_bytes"] == 2
 
@@ -212,7 +212,7 @@ def test_errors_from_rows_and_workers(tmp_path, tok):
         run([tmp_path / "b.jsonl"], tmp_path / "out", tok)
     long = "the lazy dog " * 20_000  # past csv's default 128 KB field limit
     (tmp_path / "c.csv").write_text(f'text\n"{long}"\n')
-    meta = run([tmp_path / "c.csv"], tmp_path / "out", tok)
+    meta = run([tmp_path / "c.csv"], tmp_path / "out", tok, val_fraction=0)
     assert split_texts(tmp_path / "out", meta, tok, "train") == [long]
     # a tokenizer error inside a worker process reaches the caller as itself
     (tmp_path / "d.txt").write_text("Zebra")
@@ -229,3 +229,19 @@ def test_dataset_without_datasets_package(tmp_path, tok):
         pass
     with pytest.raises(PrepareError, match="pip install datasets"):
         run([], tmp_path / "out", tok, dataset="some/name")
+
+
+def test_a_single_text_file_is_split_by_position_like_nanogpt(tmp_path):
+    text = "".join(f"line {i}: to be or not to be.\n" for i in range(400))
+    (tmp_path / "input.txt").write_text(text)
+    tok = char_tokenizer(text, special_tokens=["<|endoftext|>"])
+    meta = prepare([tmp_path / "input.txt"], tmp_path / "out", tok, val_fraction=0.1, workers=1)
+    train = np.concatenate(
+        [read_shard(tmp_path / "out" / n) for n in meta["splits"]["train"]["shards"]]
+    )
+    val = np.concatenate(
+        [read_shard(tmp_path / "out" / n) for n in meta["splits"]["val"]["shards"]]
+    )
+    assert tok.decode(train.tolist() + val.tolist()) == text + "<|endoftext|>"
+    assert abs(len(val) / (len(train) + len(val)) - 0.1) < 0.001
+    assert meta["splits"]["val"]["documents"] == meta["splits"]["train"]["documents"] == 1
