@@ -1,0 +1,100 @@
+"""Token shards (written by `gptkit prepare`) -> next-token training batches.
+
+A split's shards are memory-mapped and read as one token stream, so a corpus larger than RAM
+costs only the windows a batch touches. Training batches are random windows, as nanoGPT takes
+them, drawn from a generator seeded by (seed, step, rank): the batch of a step is a pure
+function of those three, so a run resumed at step N reads exactly what the uninterrupted run
+would have read, with no data cursor to save, and each rank of a distributed run reads its
+own windows. Validation reads fixed, non-overlapping windows in order, so every evaluation
+sees the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .prepare import read_shard
+
+
+class DataError(ValueError):
+    """Token data that is missing or cannot serve the request; the message says which."""
+
+
+class TokenData:
+    """One split ("train" or "val") of a `gptkit prepare` output directory."""
+
+    def __init__(self, directory: str | Path, split: str = "train"):
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise DataError(
+                f"{meta_path} is missing: run `gptkit prepare` first, or let it finish"
+            ) from None
+        if split not in self.meta.get("splits", {}):
+            raise DataError(f"{meta_path} has no {split!r} split")
+        self.split = split
+        self.shards = [read_shard(self.directory / n) for n in self.meta["splits"][split]["shards"]]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each
+        self.n_tokens = int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the split, across shard boundaries if need be."""
+        parts, end = [], start + length
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            shard, offset = self.shards[i], start - int(self.starts[i])
+            take = min(end - start, len(shard) - offset)
+            parts.append(shard[offset : offset + take])
+            start, i = start + take, i + 1
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _check(self, block_size: int) -> None:
+        if self.n_tokens < block_size + 1:
+            raise DataError(
+                f"the {self.split} split of {self.directory} has {self.n_tokens} tokens, fewer "
+                f"than one window of block_size + 1 = {block_size + 1}; use a smaller "
+                "block_size or more data"
+            )
+
+    def _batch(self, starts, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([self.window(int(s), block_size + 1) for s in starts]).astype(np.int64)
+        rows = torch.from_numpy(rows)  # [B, T + 1]
+        return rows[:, :-1], rows[:, 1:]  # inputs and next-token targets, [B, T] each
+
+    def random_batch(
+        self, step: int, batch_size: int, block_size: int, *, seed: int = 0, rank: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) [batch_size, block_size] for training step `step` on `rank`."""
+        self._check(block_size)
+        rng = np.random.default_rng([seed, step, rank])
+        starts = rng.integers(0, self.n_tokens - block_size, size=batch_size)
+        return self._batch(starts, block_size)
+
+    def eval_batches(
+        self, batch_size: int, block_size: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Non-overlapping windows from the start of the split, in order (a partial last batch
+        is dropped so every batch has the same shape)."""
+        self._check(block_size)
+        n_windows = (self.n_tokens - 1) // block_size
+        n_batches = n_windows // batch_size if n_windows >= batch_size else 0
+        if n_batches == 0:
+            raise DataError(
+                f"the {self.split} split holds {n_windows} windows of {block_size} tokens, "
+                f"fewer than one batch of {batch_size}; lower the batch size or block_size"
+            )
+        if max_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        for b in range(n_batches):
+            starts = (np.arange(batch_size) + b * batch_size) * block_size
+            yield self._batch(starts, block_size)
