@@ -31,6 +31,45 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def gptkit_peer(model, prompt: list[int], new: int) -> Peer:
+    """A gptkit GPT: one prompt forward pass; `generate` for the greedy decode."""
+    from gptkit.config import SampleConfig
+    from gptkit.generate import generate
+
+    ids = torch.tensor([prompt])
+    sample = SampleConfig(temperature=0, max_new_tokens=new)
+
+    def prefill():
+        with torch.inference_mode():
+            model(ids, last_only=True)
+
+    def decode():
+        generate(model, [prompt], sample)
+
+    return prefill, decode
+
+
+def transformers_peer(model, prompt: list[int], new: int) -> Peer:
+    """A transformers causal LM: one prompt forward pass; `generate` for the greedy decode."""
+    ids = torch.tensor([prompt])
+
+    def prefill():
+        with torch.inference_mode():
+            model(ids)
+
+    def decode():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+        )
+
+    return prefill, decode
+
+
 def race(title: str, peers: dict[str, Peer], args: argparse.Namespace) -> None:
     """Warm every peer up, time them round-robin, print medians and gptkit/peer ratios.
 

@@ -12,11 +12,9 @@ import tempfile
 
 import torch
 import transformers
-from common import parse_args, race
+from common import gptkit_peer, parse_args, race, transformers_peer
 
 import gptkit
-from gptkit.config import SampleConfig
-from gptkit.generate import generate
 
 
 def main() -> None:
@@ -27,33 +25,10 @@ def main() -> None:
         ref.save_pretrained(directory)
         gptkit.load_tokenizer("gpt2").save(directory)
         ours = gptkit.load(directory, device="cpu").model
-    ids = torch.randint(0, 50257, (1, args.prompt))
-    sample = SampleConfig(temperature=0, max_new_tokens=args.new)
-
-    def our_prefill():
-        with torch.inference_mode():
-            ours(ids, last_only=True)
-
-    def our_decode():
-        generate(ours, [ids[0].tolist()], sample)
-
-    def ref_prefill():
-        with torch.inference_mode():
-            ref(ids)
-
-    def ref_decode():
-        ref.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=args.new,
-            min_new_tokens=args.new,
-            pad_token_id=0,
-        )
-
+    prompt = torch.randint(0, 50257, (args.prompt,)).tolist()
     peers = {
-        "gptkit fp32": (our_prefill, our_decode),
-        "transformers fp32": (ref_prefill, ref_decode),
+        "gptkit fp32": gptkit_peer(ours, prompt, args.new),
+        "transformers fp32": transformers_peer(ref, prompt, args.new),
     }
     race("GPT-2 124M", peers, args)
 

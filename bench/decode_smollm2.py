@@ -16,55 +16,13 @@ from __future__ import annotations
 import time
 
 import torch
-from common import parse_args, race
+import transformers
+from common import gptkit_peer, parse_args, race, transformers_peer
 
 import gptkit
 from gptkit.api import named_model_path
-from gptkit.config import SampleConfig
-from gptkit.generate import generate
 
 NAME = "smollm2-135m-instruct"
-
-
-def gptkit_peer(prompt: list[int], new: int):
-    model = gptkit.load(NAME, device="cpu").model
-    ids = torch.tensor([prompt])
-    sample = SampleConfig(temperature=0, max_new_tokens=new)
-
-    def prefill():
-        with torch.inference_mode():
-            model(ids, last_only=True)
-
-    def decode():
-        generate(model, [prompt], sample)
-
-    return prefill, decode
-
-
-def transformers_peer(prompt: list[int], new: int):
-    import transformers
-
-    path = named_model_path(NAME)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    ids = torch.tensor([prompt])
-
-    def prefill():
-        with torch.inference_mode():
-            model(ids)
-
-    def decode():
-        model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=0,
-        )
-
-    return prefill, decode
 
 
 def llama_cpp_peer(prompt: list[int], new: int):
@@ -94,9 +52,13 @@ def main() -> None:
     args = parse_args(__doc__)
     torch.manual_seed(0)
     prompt = torch.randint(100, 49000, (args.prompt,)).tolist()
+    path = named_model_path(NAME)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     peers = {
-        "gptkit fp32": gptkit_peer(prompt, args.new),
-        "transformers fp32": transformers_peer(prompt, args.new),
+        "gptkit fp32": gptkit_peer(gptkit.load(NAME, device="cpu").model, prompt, args.new),
+        "transformers fp32": transformers_peer(ref, prompt, args.new),
         "llama.cpp Q4_1": llama_cpp_peer(prompt, args.new),
     }
     race("SmolLM2-135M-Instruct", peers, args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,19 @@ def named_model_path(name: str) -> Path:
     return Path(spec.origin).parent / filename
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto (default: CUDA when present), or a clear error for a bad name."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but no CUDA GPU is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' asked for, but Apple's MPS backend is not available")
+    return device
 
 
 def sample_config(**sampling: Any) -> SampleConfig:
@@ -106,12 +117,10 @@ class LM:
         ids: list[int] = []
         sent = 0
         hold = max((len(s) for s in sample.stop), default=1) - 1
+        # Stop strings are found here, in the text being released, so the token stream
+        # below need not decode the output a second time to look for them.
         tokens = stream(
-            self.model,
-            self._prompt_ids(prompt),
-            sample,
-            self.tokenizer.eos_id,
-            self.tokenizer.decode,
+            self.model, self._prompt_ids(prompt), replace(sample, stop=[]), self.tokenizer.eos_id
         )
         for token in tokens:
             if token == self.tokenizer.eos_id:
@@ -137,7 +146,7 @@ def load(
 ) -> LM:
     """Load a gptkit checkpoint, a Hugging Face directory or hub name, a GGUF file, or a
     named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct"), ready for generation."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     lm = _load(path_or_name, device, dtype)
     if device.type == "cpu":
         lm.model.use_decode_layout()

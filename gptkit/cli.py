@@ -12,24 +12,10 @@ from pathlib import Path
 
 from .config import ConfigError
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .chat import ChatTemplateError
-    from .checkpoint import CheckpointError
-    from .convert import ConversionError
-    from .model import ContextLengthError
-    from .tokenizer import TokenizerError
-
-    return (
-        ChatTemplateError,
-        ConfigError,
-        CheckpointError,
-        ConversionError,
-        ContextLengthError,
-        TokenizerError,
-        ValueError,
-        OSError,
-    )
+# Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
+# ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
+# missing and unreadable files.
+USER_ERRORS = (ValueError, OSError)
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -240,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gptkit: error: {message}", file=sys.stderr)
         return 2

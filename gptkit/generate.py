@@ -136,8 +136,20 @@ def decode_steps(
             )
 
 
-def _hits_stop(new_ids: list[int], stop: list[str], decode: Decode | None) -> bool:
-    return bool(stop) and decode is not None and any(s in decode(new_ids) for s in stop)
+def _stop_check(sample: SampleConfig, decode: Decode | None) -> Callable[[list[int]], bool]:
+    """A function telling whether a row's new tokens just completed one of sample.stop.
+
+    Checked after every token, so a stop string can only be completed by the newest token and
+    lies within the last few: a character is at most 4 bytes and a byte-level token at least
+    one, so the last 4 * len(stop) + 1 tokens hold it. Decoding only that tail keeps the check
+    constant-time per token instead of re-decoding the whole output.
+    """
+    if not sample.stop:
+        return lambda ids: False
+    if decode is None:
+        raise ValueError("stop strings need a decode function to read the generated text")
+    window = 4 * max(len(s) for s in sample.stop) + 1
+    return lambda ids: any(s in decode(ids[-window:]) for s in sample.stop)
 
 
 def generate(
@@ -152,8 +164,7 @@ def generate(
     A row ends at EOS (included in its output) or once its decoded text contains one of
     sample.stop (which needs `decode`); the caller trims the text at the stop string.
     """
-    if sample.stop and decode is None:
-        raise ValueError("stop strings need a decode function to read the generated text")
+    hits_stop = _stop_check(sample, decode)
     if sample.num_beams > 1:
         return [ids for p in prompts for ids in beam_search(model, p, sample, eos_id, decode)]
     rows = [p for p in prompts for _ in range(sample.num_return_sequences)]
@@ -164,7 +175,7 @@ def generate(
             if done[i]:
                 continue
             out[i].append(t)
-            done[i] = t == eos_id or _hits_stop(out[i], sample.stop, decode)
+            done[i] = t == eos_id or hits_stop(out[i])
         if all(done):
             break
     return out
@@ -180,12 +191,13 @@ def stream(
     """Yield one prompt's new tokens as they are chosen (sampling or greedy; not beams)."""
     if sample.num_beams > 1 or sample.num_return_sequences > 1:
         raise ValueError("streaming produces one sequence: use num_beams=1, num_return_sequences=1")
+    hits_stop = _stop_check(sample, decode)
     out: list[int] = []
     for tokens in decode_steps(model, [prompt], sample):
         t = int(tokens[0])
         out.append(t)
         yield t
-        if t == eos_id or _hits_stop(out, sample.stop, decode):
+        if t == eos_id or hits_stop(out):
             return
 
 
@@ -214,6 +226,7 @@ def _beam_search(
     decode: Decode | None,
 ) -> list[list[int]]:
     nb, device = sample.num_beams, model.tok_emb.weight.device
+    hits_stop = _stop_check(sample, decode)
     cache = model.new_cache(1, len(prompt) + max_new - 1)
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
     cache.reorder(torch.zeros(nb, dtype=torch.long, device=device))  # nb copies of the prefill
@@ -223,12 +236,14 @@ def _beam_search(
     scores = torch.full((nb,), -1e9, device=device)
     scores[0] = 0.0
     finished: list[tuple[float, list[int]]] = []  # (length-normalised score, tokens)
-    seen = _seen_mask([prompt] * nb, model.config.vocab_size, device)
+    seen = None
+    if sample.repetition_penalty != 1.0:
+        seen = _seen_mask([prompt] * nb, model.config.vocab_size, device)
 
     for step in range(max_new):
         gen_len = step + 1
         logprobs = logits[:, -1].float().log_softmax(dim=-1)  # [nb, V]
-        if sample.repetition_penalty != 1.0:
+        if seen is not None:
             logprobs = apply_repetition_penalty(logprobs, seen, sample.repetition_penalty)
         V = logprobs.size(-1)
         total = (logprobs + scores[:, None]).view(-1)  # [nb * V]
@@ -239,7 +254,7 @@ def _beam_search(
         ):
             parent, token = divmod(flat, V)
             seq = beams[parent] + [token]
-            ends = token == eos_id or gen_len == max_new or _hits_stop(seq, sample.stop, decode)
+            ends = token == eos_id or gen_len == max_new or hits_stop(seq)
             if ends:
                 if rank < nb:  # only the top nb candidates may become hypotheses
                     finished.append((score / gen_len**sample.length_penalty, seq))
@@ -259,9 +274,10 @@ def _beam_search(
         scores = torch.tensor(next_scores, device=device)
         index = torch.tensor(parents, device=device)
         cache.reorder(index)
-        seen = seen[index]
         token = torch.tensor([b[-1] for b in beams], device=device)
-        seen[torch.arange(nb, device=device), token] = True
+        if seen is not None:
+            seen = seen[index]
+            seen[torch.arange(nb, device=device), token] = True
         positions = torch.full((nb, 1), len(prompt) + step, device=device)
         logits = model(token[:, None], cache=cache, positions=positions, last_only=True)
     return [seq for _, seq in finished[: sample.num_return_sequences]]

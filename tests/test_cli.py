@@ -103,6 +103,13 @@ def test_generate_bad_values_are_one_line(capsys, ckpt, flags, message):
     assert_one_line_error(capsys, argv, message)
 
 
+def test_bad_devices_are_one_line(capsys, ckpt):
+    base = ["generate", "--model", ckpt, "--prompt", "the "]
+    assert_one_line_error(capsys, [*base, "--device", "gpu"], "unknown device 'gpu'")
+    if not torch.cuda.is_available():
+        assert_one_line_error(capsys, [*base, "--device", "cuda"], "no CUDA GPU is available")
+
+
 def test_bad_models_are_one_line(capsys, ckpt, tmp_path):
     assert_one_line_error(capsys, ["presets", "gpt5"], "unknown preset 'gpt5'")
     assert_one_line_error(

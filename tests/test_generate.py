@@ -183,6 +183,30 @@ def test_stream_yields_what_generate_returns(pair):
     assert list(stream(model, [4, 5, 6], sample)) == generate(model, [[4, 5, 6]], sample)[0]
 
 
+def test_stop_strings_need_a_decoder_everywhere(pair):
+    _, model = pair
+    sample = SampleConfig(temperature=0, max_new_tokens=4, stop=["x"])
+    with pytest.raises(ValueError, match="stop strings need a decode function"):
+        generate(model, [[1, 2]], sample)
+    with pytest.raises(ValueError, match="stop strings need a decode function"):
+        list(stream(model, [1, 2], sample))
+
+
+def test_a_stop_string_ends_a_long_row_exactly_where_it_completes(pair):
+    # The stop check decodes only a tail window; a stop completed late in a long output must
+    # still end the row at the token that completed it.
+    _, model = pair
+    full = generate(model, [[4, 5, 6]], SampleConfig(temperature=0, max_new_tokens=40))[0]
+
+    def decode(ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+    stop = decode(full[30:32])
+    first = next(i for i in range(2, 41) if stop in decode(full[:i]))
+    sample = SampleConfig(temperature=0, max_new_tokens=40, stop=[stop])
+    assert generate(model, [[4, 5, 6]], sample, decode=decode)[0] == full[:first]
+
+
 def test_eos_stops_sampling_and_is_kept(pair):
     _, model = pair
     greedy = generate(model, [[4, 5, 6]], SampleConfig(temperature=0, max_new_tokens=10))[0]
