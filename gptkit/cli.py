@@ -139,7 +139,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     if args.to == "hf":
         model, tokenizer, _ = load_checkpoint(args.source)
-        out = export_hf(model, args.out)
+        ids = {}
+        if tokenizer is not None:  # so transformers' generate() knows where text ends
+            ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+        out = export_hf(model, args.out, **ids)
         if tokenizer is not None:
             tokenizer.save(out)
         print(f"wrote a Hugging Face model directory to {out}")

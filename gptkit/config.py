@@ -45,6 +45,9 @@ class GPTConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        for name in ("n_head", "n_embd"):  # checked first: the defaults below divide by them
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, GPTConfig
@@ -363,9 +365,9 @@ def _llama_config(get: Callable[..., Any], model_type: str) -> GPTConfig:
         block_size=block_size,
         n_layer=get("num_hidden_layers"),
         n_head=n_head,
-        n_kv_head=get("num_key_value_heads") or n_head,
+        n_kv_head=get("num_key_value_heads"),  # None: GPTConfig derives it (and checks it)
         n_embd=n_embd,
-        head_dim=get("head_dim") or n_embd // n_head,
+        head_dim=get("head_dim"),
         intermediate_size=get("intermediate_size"),
         positions="rope",
         rope_theta=_rope_theta(get),
@@ -485,20 +487,31 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
-    file = Path(directory) / "config.json"
+    return _read_json(Path(directory) / "config.json")
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`, or a ConversionError naming the file."""
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except OSError as e:
         raise ConversionError(f"{file}: cannot read ({e.strerror})") from None
     except ValueError as e:
         raise ConversionError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _load_weights_file(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        return load_file(file)
-    # weights_only: never unpickle arbitrary objects from a downloaded file.
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file)
+        # weights_only: never unpickle arbitrary objects from a downloaded file.
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{file}: cannot read the weights ({first}); damaged?") from None
 
 
 def load_hf_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -509,7 +522,9 @@ def load_hf_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
             return _load_weights_file(directory / stem)
         index = directory / f"{stem}.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no weight_map: not a Hugging Face index")
             sd: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
                 sd.update(_load_weights_file(directory / shard))

@@ -109,6 +109,12 @@ class _File:
             return default
         return field.contents()
 
+    def length(self, key: str) -> int:
+        """Items in an array field, without decoding them (49k token strings are slow)."""
+        if key not in self.reader.fields:
+            raise GGUFError(f"{self.path}: metadata key {key!r} is missing")
+        return len(self.reader.fields[key].data)
+
     def fail(self, problem: str) -> GGUFError:
         return GGUFError(f"{self.path}: {problem}")
 
@@ -127,13 +133,15 @@ def _config(f: _File, tensor_names: set[str]) -> GPTConfig:
         kind = scaling if scaling != "none" else "llama3 rope_freqs"
         raise f.fail(f"RoPE scaling {kind!r} is not supported; gptkit implements plain RoPE")
     n_embd, n_head = f.get(p + "embedding_length"), f.get(p + "attention.head_count")
+    if not n_head or (n_embd % n_head and f.get(p + "attention.key_length", None) is None):
+        raise f.fail(f"{p}embedding_length={n_embd} does not split into {n_head} heads")
     head_dim = f.get(p + "attention.key_length", n_embd // n_head)
     for key in ("attention.value_length", "rope.dimension_count"):
         if f.get(p + key, head_dim) != head_dim:
             raise f.fail(f"{p}{key}={f.get(p + key)} differs from head_dim={head_dim}")
     hf = dict(
         model_type="llama",
-        vocab_size=len(f.get("tokenizer.ggml.tokens")),  # llama.cpp's n_vocab, too
+        vocab_size=f.length("tokenizer.ggml.tokens"),  # llama.cpp's n_vocab, too
         hidden_size=n_embd,
         intermediate_size=f.get(p + "feed_forward_length"),
         num_hidden_layers=f.get(p + "block_count"),

@@ -490,10 +490,15 @@ def _read_config(directory: Path) -> dict[str, Any]:
     """tokenizer_config.json over HF's older special_tokens_map.json; {} if neither exists."""
     config: dict[str, Any] = {}
     for path in (directory / "special_tokens_map.json", directory / CONFIG_FILE):
+        if not path.is_file():
+            continue
         try:
-            config |= json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise TokenizerError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+        if not isinstance(data, dict):
+            raise TokenizerError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        config |= data
     return config
 
 
@@ -523,8 +528,13 @@ def _read_tiktoken(path: Path, sha256: str | None = None) -> dict[bytes, int]:
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise TokenizerError(f"{path} does not match its sha256 {sha256}: corrupt or replaced")
     ranks = {}
-    for line in data.splitlines():
+    for n, line in enumerate(data.splitlines(), 1):
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # binascii.Error is a ValueError too
+                raise TokenizerError(
+                    f"{path} line {n} is not '<base64 token> <rank>': not a .tiktoken file"
+                ) from None
     return ranks

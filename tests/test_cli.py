@@ -12,7 +12,7 @@ from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
 from gptkit.config import preset
 from gptkit.model import GPT
-from gptkit.tokenizer import char_tokenizer
+from gptkit.tokenizer import char_tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,6 @@ def test_tokenizer_train(capsys, tmp_path):
         tmp_path / "tok",
     )
     assert code == 0 and "saved to" in out
-    from gptkit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.decode(tok.encode(TEXT)) == TEXT
@@ -141,6 +140,8 @@ def test_convert_hf_round_trip(capsys, ckpt, tmp_path):
     code, _, _ = run(capsys, "convert", ckpt, tmp_path / "hf", "--to", "hf")
     assert code == 0
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    eos = load_tokenizer(ckpt / "tokenizer").eos_id
+    assert eos is not None and ref.config.eos_token_id == eos
     code, _, _ = run(capsys, "convert", tmp_path / "hf", tmp_path / "back")
     assert code == 0
     from gptkit.checkpoint import load_checkpoint
@@ -164,7 +165,6 @@ def test_console_entry_point_runs_as_a_process(ckpt):
 
 def test_prepare_writes_shards_and_reports(capsys, tmp_path):
     from gptkit.prepare import read_shard
-    from gptkit.tokenizer import char_tokenizer
 
     char_tokenizer(TEXT, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
     docs = tmp_path / "docs"
@@ -179,3 +179,26 @@ def test_prepare_writes_shards_and_reports(capsys, tmp_path):
     assert_one_line_error(
         capsys, ["prepare", tmp_path / "nope.txt", "--out", tmp_path / "d2"], "nope.txt"
     )
+
+
+def test_damaged_hugging_face_directories_are_one_line(capsys, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    (hf / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert_one_line_error(capsys, ["convert", hf, tmp_path / "o1"], "cannot read the weights")
+    (hf / "model.safetensors").unlink()
+    (hf / "model.safetensors.index.json").write_text("{}")
+    assert_one_line_error(capsys, ["convert", hf, tmp_path / "o2"], "has no weight_map")
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 0}))
+    assert_one_line_error(capsys, ["convert", hf, tmp_path / "o3"], "n_head must be positive")
+    cfg = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 3}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(capsys, ["convert", hf, tmp_path / "o4"], "n_embd=8 is not divisible")
+
+
+def test_a_tokenizer_config_that_is_not_an_object_is_one_line(capsys, tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("[1, 2]")
+    argv = ["prepare", tmp_path, "--out", tmp_path / "d", "--tokenizer", tmp_path / "tok"]
+    assert_one_line_error(capsys, argv, "must hold a JSON object")
