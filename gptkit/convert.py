@@ -62,7 +62,6 @@ class Rule:
 class Arch:
     """How one Hugging Face architecture names and lays out its tensors."""
 
-    model_type: str
     architecture: str  # class name written to config.json "architectures"
     prefix: str  # the body's prefix inside the *ForCausalLM wrapper (base models lack it)
     rules: tuple[Rule, ...]  # model-level tensors
@@ -78,7 +77,6 @@ def _r(
 
 
 GPT2 = Arch(
-    model_type="gpt2",
     architecture="GPT2LMHeadModel",
     prefix="transformer.",
     rules=(
@@ -108,7 +106,6 @@ GPT2 = Arch(
 
 _L = "model.layers.{i}."
 LLAMA = Arch(
-    model_type="llama",
     architecture="LlamaForCausalLM",
     prefix="model.",
     rules=(
@@ -147,10 +144,10 @@ LLAMA = Arch(
 ARCHES: dict[str, Arch] = {
     "gpt2": GPT2,
     "llama": LLAMA,
-    "mistral": dataclasses.replace(LLAMA, model_type="mistral"),
+    "mistral": LLAMA,
     # Qwen2 has q/k/v biases but none on o_proj or the MLP: we load it as bias=True with zeros.
     "qwen2": dataclasses.replace(
-        LLAMA, model_type="qwen2", zero_if_absent=r"\.(o_proj|gate_proj|up_proj|down_proj)\.bias$"
+        LLAMA, zero_if_absent=r"\.(o_proj|gate_proj|up_proj|down_proj)\.bias$"
     ),
 }
 
@@ -636,12 +633,16 @@ def load_hf(
     hf = read_hf_config(directory)
     config = hf_config_to_gptkit(hf)
     sd = hf_to_gptkit_state_dict(load_hf_state_dict(directory), config, model_type_of(hf))
+    return model_from_state_dict(config, sd, device, dtype)
+
+
+def model_from_state_dict(
+    config: GPTConfig, state: dict[str, torch.Tensor], device, dtype: torch.dtype
+) -> GPT:
+    """A GPT in eval mode holding `state`, as `hf_to_gptkit_state_dict` returns it (every name
+    and shape already checked; a tied lm_head absent), with no random init on the way."""
     model = GPT.empty(config, device=device, dtype=dtype)
-    result = model.load_state_dict(sd, strict=False)
-    # hf_to_gptkit_state_dict checked names and shapes; only a tied lm_head may be absent.
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    if missing or result.unexpected_keys:
-        raise ConversionError(f"{directory}: state dict mismatch after conversion: {result}")
+    model.load_state_dict(state, strict=False)  # strict=False: only for the tied head
     return model.eval()
 
 

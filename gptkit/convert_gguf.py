@@ -25,7 +25,13 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizerObject
 
 from .config import GPTConfig
-from .convert import ConversionError, hf_config_to_gptkit, hf_to_gptkit_state_dict, listing
+from .convert import (
+    ConversionError,
+    hf_config_to_gptkit,
+    hf_to_gptkit_state_dict,
+    listing,
+    model_from_state_dict,
+)
 from .model import GPT
 from .tokenizer import HFTokenizer, Tokenizer
 
@@ -282,10 +288,9 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tok
     f = _File(path)
     config = _config(f, {t.name for t in f.reader.tensors})
     tokenizer = _tokenizer(f)
+    hf_tensors = _tensors(f, config)
     try:
-        tensors = hf_to_gptkit_state_dict(_tensors(f, config), config, "llama")
-    except GGUFError:
-        raise
+        tensors = hf_to_gptkit_state_dict(hf_tensors, config, "llama")
     except ConversionError as e:
         raise f.fail(str(e)) from None
     return config, tensors, tokenizer
@@ -296,9 +301,4 @@ def load_gguf(
 ) -> tuple[GPT, Tokenizer]:
     """A gptkit GPT (eval mode) with the dequantized weights of a GGUF file, and its tokenizer."""
     config, tensors, tokenizer = read_gguf(path)
-    model = GPT.empty(config, device=device, dtype=dtype)
-    result = model.load_state_dict(tensors, strict=False)
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    if missing or result.unexpected_keys:
-        raise GGUFError(f"{path}: state dict mismatch after conversion: {result}")
-    return model.eval(), tokenizer
+    return model_from_state_dict(config, tensors, device, dtype), tokenizer

@@ -35,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import struct
 import sys
 import time
@@ -329,7 +330,7 @@ def _encode(batch: Batch, tokenizer: Tokenizer | None = None) -> list[tuple[np.n
     """Token arrays for a batch of pieces; a piece that ends a document gets eos appended."""
     tok = tokenizer or _WORKER_TOKENIZER
     assert tok is not None and tok.eos_id is not None
-    rows = tok.encode_batch([text for text, _ in batch])["input_ids"]
+    rows = tok.encode_many([text for text, _ in batch])
     dtype = shard_dtype(tok.vocab_size)
     return [
         (np.array(row + [tok.eos_id] if end else row, dtype), end)
@@ -436,6 +437,7 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("train_*.bin*"), *out.glob("val_*.bin*"), out / "meta.json"]:
         stale.unlink(missing_ok=True)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)  # no files left from another kind
     tokenizer.save(out / "tokenizer")
     workers = max(1, workers or os.cpu_count() or 1)
     dtype = shard_dtype(tokenizer.vocab_size)

@@ -111,8 +111,8 @@ class Tokenizer(ABC):
     def _save_files(self, directory: Path) -> dict[str, Any]:
         """Write the kind's own files; return the extra keys for tokenizer_config.json."""
 
-    def _encode_many(self, texts: list[str]) -> list[list[int]]:
-        """Overridden where the library encodes batches in parallel."""
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, no padding (subclasses use their library's batch encoder)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -148,7 +148,7 @@ class Tokenizer(ABC):
         mode = _PADDING_MODES[padding]
         if (truncation or mode == "max_length") and (max_length is None or max_length < 1):
             raise TokenizerError("truncation and padding='max_length' need max_length=N (N >= 1)")
-        rows = self._encode_many(list(texts))
+        rows = self.encode_many(list(texts))
         if truncation:
             rows = [row[:max_length] for row in rows]
         if mode is None:
@@ -203,8 +203,8 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def _encode_many(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -236,7 +236,7 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special="all")
 
-    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
         return self._enc.encode_batch(texts, allowed_special="all")
 
     def _decode(self, ids: list[int]) -> str:
@@ -374,10 +374,15 @@ def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
 
     Directories: one written by `Tokenizer.save` (tokenizer_config.json has "kind"), an HF
     tokenizer directory (tokenizer.json, or vocab.json + merges.txt), GPT-2's original files
-    (encoder.json + vocab.bpe), or a checkpoint holding a tokenizer/ directory. Names:
-    cl100k_base, o200k_base (tiktoken) and gpt2 / r50k_base (HF byte-level BPE).
+    (encoder.json + vocab.bpe), or a checkpoint holding a tokenizer/ directory. Files: a
+    tokenizer.json, or a GGUF model (its own vocabulary). Names: cl100k_base, o200k_base
+    (tiktoken) and gpt2 / r50k_base (HF byte-level BPE).
     """
     path = Path(path_or_name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from .convert_gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if path.is_file():
         return _load_hf(path.parent, _read_config(path.parent), tokenizer_json=path)
     if path.is_dir():

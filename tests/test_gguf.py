@@ -25,11 +25,11 @@ from gptkit.config import SampleConfig  # noqa: E402
 from gptkit.convert_gguf import (  # noqa: E402
     GGUFError,
     load_gguf,
-    load_gguf_tokenizer,
     read_gguf,
     unpermute_rope,
 )
 from gptkit.generate import generate  # noqa: E402
+from gptkit.tokenizer import load_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -190,7 +190,7 @@ def test_pre_tokenizers_match_llama_cpp(tmp_path, small_vocab, pre):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
     path = write_gguf(tmp_path / f"{pre}.gguf", {}, pre=pre, **small_vocab)
     reference = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    tok = load_gguf_tokenizer(path)
+    tok = load_tokenizer(path)  # the public route for .gguf files
     for text in TEXTS.values():
         expected = reference.tokenize(text.encode(), add_bos=False, special=True)
         assert tok.encode(text) == expected, (pre, text)
