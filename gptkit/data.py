@@ -1,12 +1,12 @@
-"""Token shards (written by `gptkit prepare`) -> next-token training batches.
+"""Token shards (written by `gptkit prepare`) -> training and validation windows.
 
 A split's shards are memory-mapped and read as one token stream, so a corpus larger than RAM
 costs only the windows a batch touches. Training batches are random windows, as nanoGPT takes
-them, drawn from a generator seeded by (seed, step, rank): the batch of a step is a pure
-function of those three, so a run resumed at step N reads exactly what the uninterrupted run
-would have read, with no data cursor to save, and each rank of a distributed run reads its
-own windows. Validation reads fixed, non-overlapping windows in order, so every evaluation
-sees the same tokens.
+them, drawn from a generator seeded by (seed, step, micro-batch): the batch of a step is a pure
+function of those, so a run resumed at step N reads exactly what the uninterrupted run would
+have read, with no data cursor to save, and a distributed run reads the same micro-batches as
+a single process however they are dealt to the ranks. Validation reads fixed, non-overlapping
+windows in order, so every evaluation sees the same tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .prepare import read_shard
 
@@ -66,35 +65,51 @@ class TokenData:
                 "block_size or more data"
             )
 
-    def _batch(self, starts, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.window(int(s), block_size + 1) for s in starts]).astype(np.int64)
-        rows = torch.from_numpy(rows)  # [B, T + 1]
-        return rows[:, :-1], rows[:, 1:]  # inputs and next-token targets, [B, T] each
+    def _windows(self, starts, block_size: int) -> np.ndarray:
+        # [B, T + 1]: inputs and their next-token targets, which the objective splits apart
+        return np.stack([self.window(int(s), block_size + 1) for s in starts])
 
-    def random_batch(
-        self, step: int, batch_size: int, block_size: int, *, seed: int = 0, rank: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) [batch_size, block_size] for training step `step` on `rank`."""
+    def random_windows(
+        self, rng: np.random.Generator, batch_size: int, block_size: int
+    ) -> np.ndarray:
+        """batch_size random windows [batch_size, block_size + 1], drawn with `rng`."""
         self._check(block_size)
-        rng = np.random.default_rng([seed, step, rank])
         starts = rng.integers(0, self.n_tokens - block_size, size=batch_size)
-        return self._batch(starts, block_size)
+        return self._windows(starts, block_size)
 
-    def eval_batches(
-        self, batch_size: int, block_size: int, max_batches: int | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Non-overlapping windows from the start of the split, in order (a partial last batch
-        is dropped so every batch has the same shape)."""
+    def eval_windows(
+        self,
+        batch_size: int,
+        block_size: int,
+        max_batches: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(batch index, windows [batch_size, block_size + 1]): non-overlapping windows from the
+        start of the split, in order; at most max_batches (0: all). A partial last batch is
+        dropped so every batch has the same shape. Under torchrun each rank takes every
+        world_size-th batch, and all ranks take the same number (FSDP needs every rank in
+        every forward)."""
         self._check(block_size)
         n_windows = (self.n_tokens - 1) // block_size
-        n_batches = n_windows // batch_size if n_windows >= batch_size else 0
+        n_batches = n_windows // batch_size
+        if max_batches:
+            n_batches = min(n_batches, max_batches)
+        n_batches -= n_batches % world_size
         if n_batches == 0:
             raise DataError(
                 f"the {self.split} split holds {n_windows} windows of {block_size} tokens, "
-                f"fewer than one batch of {batch_size}; lower the batch size or block_size"
+                f"fewer than {world_size} batch(es) of {batch_size}; lower the batch size or "
+                "block_size"
             )
-        if max_batches is not None:
-            n_batches = min(n_batches, max_batches)
-        for b in range(n_batches):
+        for b in range(rank, n_batches, world_size):
             starts = (np.arange(batch_size) + b * batch_size) * block_size
-            yield self._batch(starts, block_size)
+            yield b, self._windows(starts, block_size)
+
+
+def batch_rng(seed: int, step: int, micro: int) -> np.random.Generator:
+    """The generator of micro-batch `micro` of training step `step`: what it reads and how the
+    objective corrupts it are a pure function of these three numbers, so a resumed run (and
+    any split of the micro-batches over ranks) sees exactly the batches of an unbroken run."""
+    return np.random.default_rng([seed, step, micro])

@@ -260,26 +260,29 @@ class GPT(nn.Module):
             self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype
         )
 
-    def _masks(self, B: int, T: int, start: int, key_mask: torch.Tensor | None, device):
+    def _masks(
+        self, B: int, T: int, start: int, key_mask: torch.Tensor | None, device, causal=True
+    ):
         """(mask, is_causal) for dense layers and for banded layers, shared by all blocks.
 
-        The common cases need no mask tensor: a prefill from position 0 is plain causal, and a
-        single decode step may attend to every cached key. Otherwise we build a boolean
-        [B or 1, 1, T, S] mask (True = may attend).
+        The common cases need no mask tensor: a prefill from position 0 is plain causal, a
+        single decode step may attend to every cached key, and a bidirectional (masked-LM)
+        pass sees everything. Otherwise we build a boolean [B or 1, 1, T, S] mask
+        (True = may attend).
         """
         S = start + T
         banded = self.config.attention == "alternating" and self.config.local_window < S
-        if key_mask is None and not banded and (start == 0 or T == 1):
-            plain = (None, start == 0 and T > 1)
+        if key_mask is None and not banded and (start == 0 or T == 1 or not causal):
+            plain = (None, causal and start == 0 and T > 1)
             return {False: plain, True: plain}
         q_pos = torch.arange(start, S, device=device)[:, None]  # [T, 1]
         k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
-        allowed = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+        allowed = (k_pos <= q_pos if causal else k_pos >= 0)[None, None]  # [1, 1, T, S]
         if key_mask is not None:
             # Padding keys are hidden; a query always sees itself so that the rows of padding
             # queries are never empty (an all-masked softmax row would be NaN).
             allowed = (allowed & key_mask[:, None, None, :S]) | (k_pos == q_pos)
-        local = allowed & (q_pos - k_pos < self.config.local_window)
+        local = allowed & ((q_pos - k_pos).abs() < self.config.local_window)
         return {False: (allowed, False), True: (local, False)}
 
     def features(
@@ -289,12 +292,14 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
+        causal: bool = True,
     ) -> torch.Tensor:
         """Final hidden states [B, T, C] for token ids idx [B, T].
 
         cache: continue after the cache's filled positions (and fill it with this call).
         positions: [B, T] position ids (left-padded batches); default start..start+T-1.
         key_mask: [B, S] bool, False for padding slots that no query may attend to.
+        causal: False lets every token attend to every other (the masked-LM objective).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -315,7 +320,7 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
-        masks = self._masks(B, T, start, key_mask, idx.device)
+        masks = self._masks(B, T, start, key_mask, idx.device, causal)
         for block in self.blocks:
             x = block(x, rope, masks, cache)
         if cache is not None:
@@ -331,13 +336,14 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        causal: bool = True,
     ):
         """Logits [B, T, V]; with targets [B, T] (-100 = ignore), returns (logits, loss).
 
         last_only computes logits for the last position only ([B, 1, V]), which is all a
         generation step needs and saves a [T, V] matmul on long prompts.
         """
-        x = self.features(idx, cache=cache, positions=positions, key_mask=key_mask)
+        x = self.features(idx, cache=cache, positions=positions, key_mask=key_mask, causal=causal)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)

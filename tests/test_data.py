@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
 
-from gptkit.data import DataError, TokenData
+from gptkit.data import DataError, TokenData, batch_rng
 from gptkit.prepare import prepare
 from gptkit.tokenizer import char_tokenizer
 
@@ -31,25 +30,34 @@ def test_the_split_reads_as_one_stream_across_shards(data_dir):
     assert np.array_equal(crossing, whole[990:1015])
 
 
-def test_random_batches_are_next_token_pairs_and_a_pure_function_of_step(data_dir):
+def test_random_windows_are_a_pure_function_of_seed_step_and_micro_batch(data_dir):
     train = TokenData(data_dir[0], "train")
-    x, y = train.random_batch(7, batch_size=4, block_size=16, seed=1)
-    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
-    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
-    again, _ = train.random_batch(7, batch_size=4, block_size=16, seed=1)
-    assert torch.equal(x, again)  # resuming at step 7 reads the same batch
-    other_step, _ = train.random_batch(8, batch_size=4, block_size=16, seed=1)
-    other_rank, _ = train.random_batch(7, batch_size=4, block_size=16, seed=1, rank=1)
-    assert not torch.equal(x, other_step) and not torch.equal(x, other_rank)
+    w = train.random_windows(batch_rng(1, 7, 0), batch_size=4, block_size=16)
+    assert w.shape == (4, 17)  # block_size + 1: inputs plus the next-token target
+    whole = train.window(0, len(train))
+    stretches = {whole[i : i + 17].tobytes() for i in range(len(whole) - 16)}
+    assert all(row.tobytes() in stretches for row in w)  # contiguous stretches of the split
+    again = train.random_windows(batch_rng(1, 7, 0), batch_size=4, block_size=16)
+    assert np.array_equal(w, again)  # resuming at step 7 reads the same batch
+    other_step = train.random_windows(batch_rng(1, 8, 0), batch_size=4, block_size=16)
+    other_micro = train.random_windows(batch_rng(1, 7, 1), batch_size=4, block_size=16)
+    assert not np.array_equal(w, other_step) and not np.array_equal(w, other_micro)
 
 
-def test_eval_batches_cover_the_split_in_order(data_dir):
+def test_eval_windows_cover_the_split_in_order(data_dir):
     val = TokenData(data_dir[0], "val")
-    batches = list(val.eval_batches(batch_size=2, block_size=32))
+    indexed = list(val.eval_windows(batch_size=2, block_size=32))
+    assert [b for b, _ in indexed] == list(range(len(indexed)))
+    batches = [w for _, w in indexed]
     assert len(batches) == (len(val) - 1) // 32 // 2
-    flat = torch.cat([x.reshape(-1) for x, _ in batches])
-    assert np.array_equal(flat.numpy(), val.window(0, len(flat)))
-    assert len(list(val.eval_batches(2, 32, max_batches=3))) == 3
+    flat = np.concatenate([w[:, :-1].reshape(-1) for w in batches])  # inputs, in order
+    assert np.array_equal(flat, val.window(0, len(flat)))
+    targets = np.concatenate([w[:, 1:].reshape(-1) for w in batches])  # shifted by one
+    assert np.array_equal(targets, val.window(1, len(flat)))
+    assert len(list(val.eval_windows(2, 32, max_batches=3))) == 3
+    # two ranks split 3 batches as 0 | 1 (the odd one is dropped so both run the same count)
+    ranks = [[b for b, _ in val.eval_windows(2, 32, 3, rank=r, world_size=2)] for r in (0, 1)]
+    assert ranks == [[0], [1]]
 
 
 def test_clear_errors(data_dir, tmp_path):
@@ -59,6 +67,6 @@ def test_clear_errors(data_dir, tmp_path):
         TokenData(data_dir[0], "test")
     val = TokenData(data_dir[0], "val")
     with pytest.raises(DataError, match="fewer than one window"):
-        val.random_batch(0, 2, block_size=len(val))
-    with pytest.raises(DataError, match="fewer than one batch"):
-        next(val.eval_batches(batch_size=10_000, block_size=16))
+        val.random_windows(batch_rng(0, 0, 0), 2, block_size=len(val))
+    with pytest.raises(DataError, match="fewer than 1 batch"):
+        next(val.eval_windows(batch_size=10_000, block_size=16))

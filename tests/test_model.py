@@ -205,3 +205,15 @@ def test_decode_layout_changes_strides_not_results(variant, tmp_path):
     torch.testing.assert_close(
         load_checkpoint(tmp_path / "ckpt")[0](idx), before, atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating"])
+def test_bidirectional_attention_lets_later_tokens_reach_earlier_ones(attention):
+    model = tiny(attention=attention, local_window=4, n_layer=2)
+    idx = torch.randint(0, 64, (1, 10))
+    changed = idx.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % 64
+    causal = [model(i) for i in (idx, changed)]
+    both = [model(i, causal=False) for i in (idx, changed)]
+    assert torch.equal(causal[0][0, :6], causal[1][0, :6])  # the future is hidden
+    assert not torch.allclose(both[0][0, 5], both[1][0, 5])  # the next token is seen

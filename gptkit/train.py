@@ -1,0 +1,380 @@
+"""The Trainer: pretraining from token shards, on one CPU or many GPUs, resumable to the bit.
+
+One optimizer step:
+    for each of this rank's micro-batches m (of grad_accum, dealt out over the ranks):
+        windows, corruption  <- generator seeded by (seed, step, m)       (data.batch_rng)
+        inputs, targets      <- the objective (lm / fim / mlm)            (objectives.py)
+        loss / n_micro  .backward()  (gradients all-reduced on the last micro-batch only)
+    clip the gradient norm; AdamW step with the schedule's learning rate for this step
+
+Everything a step depends on is either in the checkpoint (weights, AdamW moments, RNG states
+of every rank) or a pure function of the step number (batches, corruption, learning rate), so
+`--resume` after a SIGKILL continues exactly where the last checkpoint stood: on a CPU the
+resumed run's weights are bit-identical to an unbroken run's.
+
+Run directory (out_dir):
+    checkpoint/          a gptkit checkpoint (loadable by gptkit.load) + train_state/state.pt
+    metrics.jsonl        one JSON line per log step (train/loss, lr, tokens_per_s, mfu, ...)
+    tensorboard/         the same scalars for TensorBoard
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import (
+    CheckpointError,
+    check_tokenizer_fits,
+    is_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import ConfigError, GPTConfig, TrainConfig
+from .data import TokenData, batch_rng
+from .distributed import Distributed, full_state, load_full_state
+from .metrics import MetricsLogger
+from .model import GPT
+from .objectives import make_objective
+from .tokenizer import load_tokenizer
+
+CHECKPOINT = "checkpoint"
+TRAIN_STATE = "train_state/state.pt"
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps the model has taken in total
+    seconds: float  # wall time of this call's training steps (evaluation and saving excluded)
+    tokens_per_s: float  # training tokens per second, all ranks together
+    ms_per_step: float  # median step time
+    mfu: float  # model FLOPs utilisation per device, against its measured matmul peak
+    train_loss: float  # mean loss of the last logged steps
+    val_loss: float | None  # validation loss at the end (None when max_steps was already done)
+    checkpoint: Path
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at decay_steps (nanoGPT's schedule,
+    so recipes carry over)."""
+    decay_steps = config.decay_steps or config.max_steps
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / (config.warmup_steps + 1)
+    if step > decay_steps:
+        return config.min_lr
+    ratio = (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (config.lr - config.min_lr)
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention scores
+    and values, 6 * 2 * n_layer * n_head * head_dim * T (Kaplan et al.; PaLM appendix B)."""
+    c: GPTConfig = model.config
+    weights = model.num_params() - (model.pos_emb.weight.numel() if c.positions == "learned" else 0)
+    return 6 * weights + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+
+_PEAK: dict[tuple[str, torch.dtype], float] = {}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """This device's matmul FLOP/s at `dtype`, measured (best of a few square matmuls), so MFU
+    means the same on a laptop CPU and an H100 without a table of vendor figures."""
+    key = (str(device), dtype)
+    if key not in _PEAK:
+        n = 4096 if device.type == "cuda" else 1024
+        gen = torch.Generator(device).manual_seed(0)  # not the global RNG: dropout owns that
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+        best = math.inf
+        for _ in range(10):  # the first runs warm up caches, clocks and kernels
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(3):
+                a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, (time.perf_counter() - start) / 3)
+        _PEAK[key] = 2 * n**3 / best
+    return _PEAK[key]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.dist = Distributed.setup(config.device)
+        self.out = Path(config.out_dir)
+        self.checkpoint_dir = self.out / CHECKPOINT
+        if resume and not is_checkpoint(self.checkpoint_dir):
+            raise ConfigError(
+                f"--resume: no checkpoint in {self.out}; run without --resume to start a run"
+            )
+        if not resume and not overwrite and self.checkpoint_dir.exists():
+            raise ConfigError(
+                f"{self.out} already holds a checkpoint; pass --resume to continue it, "
+                "--overwrite to start over, or choose another out_dir"
+            )
+        self.train_data = TokenData(config.data_dir, "train")
+        self.val_data = TokenData(config.data_dir, "val")
+        self.tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
+        self.objective = make_objective(config, self.tokenizer)
+        if config.grad_accum % self.dist.world_size:
+            raise ConfigError(
+                f"grad_accum={config.grad_accum} must be a multiple of the "
+                f"{self.dist.world_size} processes, so each takes the same share of a step"
+            )
+
+        self.model = self._build_model()  # the plain GPT; self.wrapped is what runs forward
+        check_tokenizer_fits(self.tokenizer, self.model.config)
+        self.block_size = self.model.config.block_size
+        device = self.dist.device
+        dtype = config.dtype if config.dtype != "auto" else "bfloat16"
+        self.autocast = device.type == "cuda" and dtype == "bfloat16"
+        if config.compile:
+            self.model.compile()  # in place: parameter names stay those of the plain model
+        self.wrapped = self.dist.wrap(self.model, config.fsdp)
+        self.optimizer = self._build_optimizer()
+
+        self.step = 0
+        torch.manual_seed(config.seed + self.dist.rank)  # dropout masks differ across ranks
+        if resume:
+            self._load_state()
+        self.metrics = MetricsLogger(
+            self.out, enabled=self.dist.is_main, tensorboard=config.tensorboard
+        )
+        self.metrics.resume(self.step)  # drop lines a killed run logged after its checkpoint
+        self.flops_per_token = flops_per_token(self.model)
+        self.peak_flops = measure_peak_flops(
+            device, torch.bfloat16 if self.autocast else torch.float32
+        )
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _build_model(self) -> GPT:
+        config, device = self.config, self.dist.device
+        if config.init_from:
+            model, _, _ = load_checkpoint(config.init_from, device=device)
+            return model.train()
+        model_config = config.model_config(self.tokenizer.vocab_size)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        return GPT(model_config).to(device).train()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay on matrices (and embeddings), none on biases and norm gains."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {
+                "params": [p for p in params if p.dim() >= 2],
+                "weight_decay": self.config.weight_decay,
+            },
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # The fused kernel (one launch for all tensors) exists for CPU and CUDA; FSDP's sharded
+        # parameters take the default multi-tensor path.
+        fused = not (self.config.fsdp and self.dist.enabled)
+        return torch.optim.AdamW(
+            groups,
+            lr=self.config.lr,
+            betas=(self.config.beta1, self.config.beta2),
+            fused=fused or None,
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save(self, val_loss: float | None) -> Path:
+        """Write checkpoint/ (atomically; rank 0 writes, every rank helps gather)."""
+        model_state, optim_state = full_state(self.wrapped, self.optimizer)
+        rng = self.dist.gather(_rng_state())
+        if self.dist.is_main:
+            train_state = {"step": self.step, "optimizer": optim_state, "rng": rng}
+
+            def write_train_state(tmp: Path) -> None:
+                (tmp / TRAIN_STATE).parent.mkdir()
+                torch.save(train_state, tmp / TRAIN_STATE)
+
+            extra = {
+                "train": {
+                    "step": self.step,
+                    "objective": self.config.objective,
+                    "val_loss": val_loss,
+                    "config": self.config.to_dict(),
+                }
+            }
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.model,
+                self.tokenizer,
+                extra=extra,
+                write_extra_files=write_train_state,
+                state=model_state,
+            )
+        self.metrics.flush()  # TensorBoard buffers events; land them with the checkpoint
+        self.dist.barrier()
+        return self.checkpoint_dir
+
+    def _load_state(self) -> None:
+        model, _, _ = load_checkpoint(self.checkpoint_dir)
+        if model.config != self.model.config:
+            raise CheckpointError(
+                f"{self.checkpoint_dir} holds a different model shape than this config; "
+                "resume with the config that started the run"
+            )
+        state_path = resolve_checkpoint(self.checkpoint_dir) / TRAIN_STATE
+        if not state_path.is_file():
+            raise CheckpointError(
+                f"{state_path} is missing: the checkpoint has weights but no optimizer state, "
+                "so it cannot resume; start a new run with init_from pointing at it"
+            )
+        state = torch.load(state_path, weights_only=True)
+        load_full_state(self.wrapped, self.optimizer, model.state_dict(), state["optimizer"])
+        self.step = state["step"]
+        if len(state["rng"]) == self.dist.world_size:  # else: dropout masks start afresh
+            cpu, cuda = state["rng"][self.dist.rank]
+            torch.set_rng_state(cpu)
+            if cuda is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(cuda)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns this step's mean loss over this rank's micro-batches."""
+        config = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, config)
+        micros = range(self.dist.rank, config.grad_accum, self.dist.world_size)
+        total = torch.zeros((), device=self.dist.device)
+        for i, m in enumerate(micros):
+            rng = batch_rng(config.seed, self.step, m)
+            windows = self.train_data.random_windows(rng, config.batch_size, self.block_size)
+            x, y = (t.to(self.dist.device) for t in self.objective.batch(windows, rng))
+            with self.dist.sync_gradients(self.wrapped, i == len(micros) - 1), self._autocast():
+                _, loss = self.wrapped(x, y, causal=self.objective.causal)
+            (loss / len(micros)).backward()
+            total += loss.detach()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / len(micros)
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per scored token over the validation windows (the same ones every time;
+        fim/mlm corrupt them with generators seeded by the batch index)."""
+        self.wrapped.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        batches = self.val_data.eval_windows(
+            self.config.batch_size,
+            self.block_size,
+            self.config.eval_batches,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        for b, windows in batches:
+            rng = np.random.default_rng([self.config.seed, 1 << 32, b])
+            x, y = (t.to(self.dist.device) for t in self.objective.batch(windows, rng))
+            with self._autocast():
+                _, loss = self.wrapped(x, y, causal=self.objective.causal)
+            n = (y != -100).sum()
+            total += torch.stack([loss.double() * n, n.double()])
+        self.wrapped.train()
+        loss_sum, count = self.dist.sum(total).tolist()
+        return loss_sum / count
+
+    def fit(self) -> TrainResult:
+        config, is_main = self.config, self.dist.is_main
+        tokens_per_step = config.batch_size * self.block_size * config.grad_accum
+        bar = tqdm(
+            total=config.max_steps,
+            initial=self.step,
+            desc="pretrain",
+            unit="step",
+            disable=not (config.progress and is_main),
+        )
+        times: list[float] = []
+        train_losses: list[float] = []
+        val_loss = None
+        seconds = 0.0
+        window_start, window_losses = time.perf_counter(), []
+        while self.step < config.max_steps:
+            start = time.perf_counter()
+            loss = self.train_step()
+            times.append(time.perf_counter() - start)
+            window_losses.append(loss)
+            done = self.step
+            if done % max(1, config.log_every) == 0 or done == config.max_steps:
+                mean_loss = self.dist.mean(torch.stack(window_losses).mean()).item()
+                elapsed = time.perf_counter() - window_start
+                tok_s = tokens_per_step * len(window_losses) / elapsed
+                mfu = self.flops_per_token * tok_s / self.dist.world_size / self.peak_flops
+                train_losses.append(mean_loss)
+                self.metrics.log(
+                    done,
+                    {
+                        "train/loss": mean_loss,
+                        "lr": lr_at(done - 1, config),
+                        "tokens_per_s": tok_s,
+                        "mfu": mfu,
+                    },
+                )
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                window_losses = []
+            bar.update(1)
+            seconds += times[-1]
+            last = done == config.max_steps
+            if last or (config.eval_every and done % config.eval_every == 0):
+                val_loss = self.evaluate()
+                self.metrics.log(done, {"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
+                if is_main:
+                    bar.write(
+                        f"step {done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}"
+                    )
+            if last or (config.checkpoint_every and done % config.checkpoint_every == 0):
+                self.save(val_loss)
+            if done % max(1, config.log_every) == 0:
+                window_start = time.perf_counter()
+        bar.close()
+        self.metrics.close()
+        tokens_per_s = tokens_per_step * len(times) / seconds if seconds else 0.0
+        return TrainResult(
+            steps=self.step,
+            seconds=seconds,
+            tokens_per_s=tokens_per_s,
+            ms_per_step=1000 * median(times) if times else 0.0,
+            mfu=self.flops_per_token * tokens_per_s / self.dist.world_size / self.peak_flops,
+            train_loss=train_losses[-1] if train_losses else math.nan,
+            val_loss=val_loss,
+            checkpoint=self.checkpoint_dir,
+        )
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Pretrain as `config` says (under torchrun: on every rank); returns rank-local numbers."""
+    trainer = Trainer(config, resume=resume, overwrite=overwrite)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
+
+
+def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
