@@ -83,30 +83,24 @@ def flops_per_token(model: GPT) -> float:
     return 6 * weights + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
 
 
-_PEAK: dict[tuple[str, torch.dtype], float] = {}
-
-
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """This device's matmul FLOP/s at `dtype`, measured (best of a few square matmuls), so MFU
     means the same on a laptop CPU and an H100 without a table of vendor figures."""
-    key = (str(device), dtype)
-    if key not in _PEAK:
-        n = 4096 if device.type == "cuda" else 1024
-        gen = torch.Generator(device).manual_seed(0)  # not the global RNG: dropout owns that
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-        best = math.inf
-        for _ in range(10):  # the first runs warm up caches, clocks and kernels
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            for _ in range(3):
-                a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, (time.perf_counter() - start) / 3)
-        _PEAK[key] = 2 * n**3 / best
-    return _PEAK[key]
+    n = 4096 if device.type == "cuda" else 1024
+    gen = torch.Generator(device).manual_seed(0)  # not the global RNG: dropout owns that
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    best = math.inf
+    for _ in range(10):  # the first runs warm up caches, clocks and kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * n**3 / best
 
 
 class Trainer:

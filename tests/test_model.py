@@ -217,3 +217,18 @@ def test_bidirectional_attention_lets_later_tokens_reach_earlier_ones(attention)
     both = [model(i, causal=False) for i in (idx, changed)]
     assert torch.equal(causal[0][0, :6], causal[1][0, :6])  # the future is hidden
     assert not torch.allclose(both[0][0, 5], both[1][0, 5])  # the next token is seen
+
+
+def test_rmsnorm_backward_equals_autograd_of_the_formula():
+    from gptkit.model import RMSNorm
+
+    norm = RMSNorm(16, eps=1e-5).double()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    reference = torch.nn.RMSNorm(16, eps=1e-5).double()
+    reference.weight.data.copy_(norm.weight.data)
+    upstream = torch.randn(3, 5, 16, dtype=torch.float64)
+    grads = [torch.autograd.grad((m(x) * upstream).sum(), (x, m.weight)) for m in (norm, reference)]
+    torch.testing.assert_close(norm(x), reference(x))
+    torch.testing.assert_close(grads[0], grads[1])
