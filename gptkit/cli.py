@@ -102,7 +102,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plot import plot_run
 
-    print(f"wrote {plot_run(args.run_dirs, args.out)}")
+    runs = args.run_dirs[0] if len(args.run_dirs) == 1 else args.run_dirs
+    print(f"wrote {plot_run(runs, args.out)}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
