@@ -8,7 +8,8 @@ returns inputs and targets [B, T]; a target of -100 is not scored.
 - fim: fill-in-the-middle (Bavarian et al. 2022, "Efficient Training of Language Models to
        Fill in the Middle"): a share of the windows is cut into prefix, middle and suffix and
        rearranged as <fim_prefix> P <fim_suffix> S <fim_middle> M <eos>, still trained with
-       next-token prediction, so the causal model learns to infill given both sides.
+       next-token prediction, so the causal model learns to infill given both sides. The cut is
+       made in the window (the paper's context-level FIM), whatever documents it spans.
 - mlm: masked-token prediction with bidirectional attention (BERT, Devlin et al. 2018): 15% of
        the tokens are chosen; of those 80% become <mask>, 10% a random token, 10% stay; only
        the chosen ones are scored.
