@@ -93,10 +93,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        _check_keys(cls, d, "model config")
         return cls(**d)
 
 
@@ -139,6 +136,18 @@ class SampleConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _check_keys(
+    cls: type, d: dict[str, Any], what: str, extra: set[str] = frozenset(), prefix: str = ""
+) -> None:
+    """A ConfigError naming the first key of `d` that is not a field of dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {what} key '{prefix}{unknown[0]}'; known keys: {', '.join(sorted(known))}"
+        )
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, block_size: int = 1024) -> dict[str, Any]:
@@ -326,17 +335,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown training config key {unknown[0]!r}; "
-                f"known keys: {', '.join(sorted(known))}"
-            )
-        model_keys = {f.name for f in dataclasses.fields(GPTConfig)} | {"preset"}
-        bad = sorted(set(d.get("model", {})) - model_keys)
-        if bad:
-            raise ConfigError(f"unknown model config key 'model.{bad[0]}'")
+        _check_keys(cls, d, "training config")
+        if isinstance(d.get("model"), dict):
+            _check_keys(GPTConfig, d["model"], "model config", extra={"preset"}, prefix="model.")
         try:
             return cls(**d)
         except TypeError as e:

@@ -39,7 +39,7 @@ def test_unknown_preset_and_bad_config_are_clear():
         GPTConfig(n_head=6, n_kv_head=4, n_embd=96)
     with pytest.raises(ConfigError, match="positions='alibi'"):
         GPTConfig(positions="alibi")
-    with pytest.raises(ConfigError, match="unknown model config keys"):
+    with pytest.raises(ConfigError, match="unknown model config key 'n_layers'"):
         GPTConfig.from_dict({"n_layers": 2})
 
 
