@@ -305,6 +305,19 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        # TOML and overrides can hold any type: compare each value with its default's type
+        # (an int is fine where a float is expected; a bool is not a number here).
+        optional = {"init_from": str, "decay_steps": int}  # fields whose default is None
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            value = getattr(self, f.name)
+            if value is None and f.name in optional:
+                continue
+            kind = optional.get(f.name) or type(default)
+            if not (type(value) is kind or (kind is float and type(value) is int)):
+                name = {dict: "table", str: "string", int: "integer"}.get(kind, kind.__name__)
+                article = "an" if name[0] in "aeiou" else "a"
+                raise ConfigError(f"{f.name} must be {article} {name}, got {value!r}")
         if not self.data_dir:
             raise ConfigError("data_dir is not set: point it at a `gptkit prepare` output")
         positive = ("batch_size", "grad_accum", "max_steps")
@@ -327,8 +340,6 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32 or bfloat16")
-        if not isinstance(self.model, dict):
-            raise ConfigError("model must be a table of GPTConfig keys (and an optional preset)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -76,19 +76,15 @@ class Distributed:
             model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The average of a scalar tensor over ranks."""
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a tensor over ranks (a copy; the input is left alone)."""
         if self.enabled:
             value = value.detach().clone()
             dist.all_reduce(value)
-            value /= self.world_size
         return value
 
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            value = value.detach().clone()
-            dist.all_reduce(value)
-        return value
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self.sum(value) / self.world_size
 
     def gather(self, obj: object) -> list[object]:
         """Every rank's `obj`, on every rank (e.g. per-rank RNG states for a checkpoint)."""

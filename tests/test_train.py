@@ -80,6 +80,9 @@ def test_toml_config_with_overrides(tmp_path):
         (["data_dir=d", "batch_size=0"], "batch_size must be >= 1"),
         (["data_dir=d", "objective=bert"], "objective='bert' is not one of"),
         (["lr=1e-3"], "data_dir is not set"),
+        (["data_dir=d", "lr=fast"], "lr must be a float, got 'fast'"),
+        (["data_dir=d", "max_steps=1.5"], "max_steps must be an integer, got 1.5"),
+        (["data_dir=d", "decay_steps=soon"], "decay_steps must be an integer"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, message):
