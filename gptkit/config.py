@@ -94,7 +94,10 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         _check_keys(cls, d, "model config")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:  # a value of the wrong type, e.g. n_layer="abc" from a TOML file
+            raise ConfigError(f"a model config value has the wrong type: {e}") from None
 
 
 @dataclass

@@ -83,11 +83,12 @@ def test_toml_config_with_overrides(tmp_path):
         (["data_dir=d", "lr=fast"], "lr must be a float, got 'fast'"),
         (["data_dir=d", "max_steps=1.5"], "max_steps must be an integer, got 1.5"),
         (["data_dir=d", "decay_steps=soon"], "decay_steps must be an integer"),
+        (["data_dir=d", "model.n_layer=many"], "a model config value has the wrong type"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_train_config(None, overrides)
+        load_train_config(None, overrides).model_config(vocab_size=10)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
