@@ -20,6 +20,7 @@ from . import checkpoint, convert
 from .config import ConfigError, GPTConfig, SampleConfig
 from .generate import generate, stream
 from .model import GPT
+from .peft import load_adapter
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 _SAMPLE_KEYS = {f.name for f in fields(SampleConfig)}
@@ -143,12 +144,23 @@ def load(
     path_or_name: str | Path,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    adapter: str | Path | None = None,
+    decode_layout: bool = True,
 ) -> LM:
     """Load a gptkit checkpoint, a Hugging Face directory or hub name, a GGUF file, or a
-    named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct"), ready for generation."""
+    named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct"), ready for generation.
+
+    adapter: a `gptkit finetune` adapter directory (LoRA, adapters or prefix) to put on the
+    model. decode_layout=False keeps the weights row-major, as training wants them (see
+    GPT.use_decode_layout)."""
     device = resolve_device(device)
     lm = _load(path_or_name, device, dtype)
-    if device.type == "cpu":
+    if adapter is not None:
+        load_adapter(lm.model, adapter)
+        if (Path(adapter) / "tokenizer").is_dir():
+            lm.tokenizer = load_tokenizer(Path(adapter) / "tokenizer")
+    if device.type == "cpu" and decode_layout:
         lm.model.use_decode_layout()
     return lm
 

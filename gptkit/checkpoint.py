@@ -23,8 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import ConfigError, GPTConfig
+from .config import ConfigError, GPTConfig, PeftConfig
 from .model import GPT
+from .peft import apply_peft, peft_config
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 FORMAT = 1
@@ -86,6 +87,7 @@ def save_checkpoint(
             "model": model.config.to_dict(),
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
             "tokenizer": tokenizer.kind if tokenizer is not None else None,
+            "peft": peft.to_dict() if (peft := peft_config(model)) else None,
             **(extra or {}),
         }
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -160,6 +162,7 @@ def load_checkpoint(
     meta = read_meta(directory)
     try:
         config = GPTConfig.from_dict(meta["model"])
+        peft = PeftConfig.from_dict(meta["peft"]) if meta.get("peft") else None
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG}: bad model config: {e}") from None
     weights = directory / WEIGHTS
@@ -170,6 +173,8 @@ def load_checkpoint(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} cannot be read ({e}); the file is damaged") from None
     model = GPT.empty(config, device=device, dtype=dtype)
+    if peft is not None:  # the same adapter modules as the model that was saved
+        apply_peft(model, peft, init=False)
     check_state_dict(model, state, str(weights))
     model.load_state_dict(state, strict=False)  # strictness checked above (tied head absent)
     model.eval()

@@ -99,6 +99,83 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         )
 
 
+def _finetune_config(args: argparse.Namespace):
+    """FinetuneConfig from [CONFIG.toml] KEY=VALUE..., the objective, --model and --data."""
+    from .config import FinetuneConfig, load_train_config
+
+    settings = list(args.settings)
+    path = settings.pop(0) if settings and "=" not in settings[0] else None
+    settings.insert(0, f"objective={args.objective}")
+    for key, value in (("init_from", args.model), ("data", args.data)):
+        if value is not None:
+            settings.append(f"{key}={_toml_string(value)}")
+    return load_train_config(path, settings, cls=FinetuneConfig)
+
+
+def _toml_string(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a JSON string is a TOML basic string
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import os
+
+    from .finetune import describe, finetune
+
+    result = finetune(_finetune_config(args), resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fine-tuned: {describe(result)}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from .tune import tune
+
+    result = tune(_finetune_config(args), trials=args.trials, seed=args.seed)
+    for t in result.trials:
+        print(f"trial {t['number']}: val loss {t['val_loss']:.4f} {t['params']} {t['metrics']}")
+    print(
+        f"best: trial {result.best_trial}, val loss {result.best_val_loss:.4f}, "
+        f"{result.best_params}"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .api import load
+    from .evaltasks import run_eval
+    from .evaluate import format_table, save_results
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    options = dict(
+        limit=args.limit,
+        stride=args.stride,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        tag_column=args.tag_column,
+        metrics=metrics,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat_template,
+        shots=args.shots,
+        train=args.train,
+    )
+    lm = load(args.model, device=args.device, adapter=args.adapter)
+    results = run_eval(args.task, lm, args.data, **options)
+    print(format_table(results, title=f"{args.task}: {', '.join(args.data)}"))
+    if args.out:
+        save_results({"task": args.task, "model": args.model, **results}, args.out)
+        print(f"saved to {args.out}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from .api import load
+    from .checkpoint import save_checkpoint
+    from .peft import merge_lora
+
+    lm = load(args.model, device="cpu", adapter=args.adapter, decode_layout=False)
+    save_checkpoint(args.out, merge_lora(lm.model), lm.tokenizer)
+    print(f"wrote the merged model to {args.out}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plot import plot_run
 
@@ -116,7 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop=args.stop or [],
     )
     sample_config(**sampling)  # validate flags before spending time on loading the model
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, device=args.device, adapter=args.adapter)
     if args.stream:
         if args.num_return_sequences > 1 or args.num_beams > 1:
             raise ConfigError(
@@ -154,7 +231,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     sampling = _sampling(args)
     sample_config(**sampling)  # validate flags before spending time on loading the model
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, device=args.device, adapter=args.adapter)
     chat_loop(ChatSession(lm, system=args.system, **sampling))
 
 
@@ -227,6 +304,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace out_dir's checkpoint")
     p.set_defaults(func=cmd_pretrain)
 
+    objectives = ["lm", "sft", "classify", "tag", "distill"]
+    for name, help_text in (
+        ("finetune", "fine-tune a model: lm, sft, classify, tag or distill (+ LoRA/adapters)"),
+        ("tune", "search lr, batch size and LoRA rank for a finetune run (Optuna)"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description="Settings come from a TOML file of FinetuneConfig keys, then KEY=VALUE "
+            "overrides (e.g. peft.method=lora peft.r=16 lr=2e-4 epochs=3 val_data=dev.jsonl).",
+        )
+        p.add_argument("objective", choices=objectives)
+        p.add_argument("settings", nargs="*", metavar="[CONFIG.toml] KEY=VALUE")
+        p.add_argument("--model", help="model to fine-tune (sets init_from)")
+        p.add_argument("--data", help="training data (sets data)")
+        if name == "finetune":
+            p.add_argument("--resume", action="store_true", help="continue out_dir's run")
+            p.add_argument("--overwrite", action="store_true", help="replace out_dir's run")
+            p.set_defaults(func=cmd_finetune)
+        else:
+            p.add_argument("--trials", type=int, default=8)
+            p.add_argument("--seed", type=int, default=0, help="seed of the search")
+            p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("eval", help="score a model: perplexity, classify, tag, generate, choice")
+    p.add_argument("task", choices=["perplexity", "classify", "tag", "generate", "choice"])
+    p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or name")
+    p.add_argument("--adapter", help="an adapter directory from a finetune run")
+    p.add_argument("--data", required=True, nargs="+", help="data file(s)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N examples")
+    p.add_argument("--out", type=Path, help="also save the results as JSON")
+    p.add_argument("--device", default=None)
+    p.add_argument("--stride", type=int, help="perplexity: window stride (default: half)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--tag-column", type=int, help="tag: column of the tags")
+    p.add_argument("--metrics", default="bleu,chrf,rouge,exact_match", help="generate: metrics")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat-template", action="store_true", help="generate: plain prompts")
+    p.add_argument("--shots", type=int, default=0, help="choice: examples in the prompt")
+    p.add_argument("--train", help="choice: file to draw the shots from")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights")
+    p.add_argument("--model", required=True, help="the base model, or a LoRA checkpoint")
+    p.add_argument("--adapter", help="adapter directory (omit when --model holds the LoRA)")
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("plot", help="draw a run's loss curves (metrics.jsonl) to a PNG")
     p.add_argument("run_dirs", nargs="+", type=Path, help="run directories (out_dir)")
     p.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/loss.png)")
@@ -239,12 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--adapter", help="an adapter directory from a finetune run")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)")
     p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _sampling_flags(p, temperature=0.7, max_new=256)
     p.set_defaults(func=cmd_chat)
 
@@ -263,7 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE settings may follow flags (`finetune sft --model M lr=1e-4`), which argparse
+    # leaves over once the positional list has been filled.
+    if extra and hasattr(args, "settings") and not any(a.startswith("-") for a in extra):
+        args.settings += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except USER_ERRORS as e:

@@ -19,6 +19,7 @@ Positions = Literal["learned", "sinusoidal", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
 AttentionPattern = Literal["dense", "alternating"]
+Head = Literal["lm", "classify", "tag"]
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,10 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # The output layer: "lm" predicts the next token; "classify" one label per sequence (read
+    # at its last token); "tag" one label per token. `labels` names the classes (HF's id2label).
+    head: Head = "lm"
+    labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("n_head", "n_embd"):  # checked first: the defaults below divide by them
@@ -78,6 +83,7 @@ class GPTConfig:
             "norm": Norm,
             "activation": Activation,
             "attention": AttentionPattern,
+            "head": Head,
         }
         for name, kind in choices.items():
             allowed = kind.__args__
@@ -87,6 +93,13 @@ class GPTConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if (self.head == "lm") != (not self.labels) or len(set(self.labels)) < len(self.labels):
+            raise ConfigError(
+                f"head={self.head!r} with labels={self.labels}: classify and tag heads need "
+                "distinct label names, the lm head none"
+            )
+        if self.head != "lm" and self.tie_embeddings:
+            raise ConfigError("only the lm head can be tied to the token embeddings")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,21 +321,12 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        # TOML and overrides can hold any type: compare each value with its default's type
-        # (an int is fine where a float is expected; a bool is not a number here).
-        optional = {"init_from": str, "decay_steps": int}  # fields whose default is None
-        for f in dataclasses.fields(self):
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            value = getattr(self, f.name)
-            if value is None and f.name in optional:
-                continue
-            kind = optional.get(f.name) or type(default)
-            if not (type(value) is kind or (kind is float and type(value) is int)):
-                name = {dict: "table", str: "string", int: "integer"}.get(kind, kind.__name__)
-                article = "an" if name[0] in "aeiou" else "a"
-                raise ConfigError(f"{f.name} must be {article} {name}, got {value!r}")
+        _check_types(self, optional={"init_from": str, "decay_steps": int})
         if not self.data_dir:
             raise ConfigError("data_dir is not set: point it at a `gptkit prepare` output")
+        self._validate_training()
+
+    def _validate_training(self) -> None:
         positive = ("batch_size", "grad_accum", "max_steps")
         non_negative = ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every")
         for name in positive:
@@ -336,13 +340,17 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.objective not in Objective.__args__:
-            raise ConfigError(f"objective={self.objective!r} is not one of {Objective.__args__}")
+        if self.objective not in self.objectives():
+            raise ConfigError(f"objective={self.objective!r} is not one of {self.objectives()}")
         for name in ("fim_rate", "mask_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32 or bfloat16")
+
+    @staticmethod
+    def objectives() -> tuple[str, ...]:
+        return Objective.__args__
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -350,8 +358,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         _check_keys(cls, d, "training config")
+        d = dict(d)
         if isinstance(d.get("model"), dict):
             _check_keys(GPTConfig, d["model"], "model config", extra={"preset"}, prefix="model.")
+        if isinstance(d.get("peft"), dict):
+            d["peft"] = PeftConfig.from_dict(d["peft"])
         try:
             return cls(**d)
         except TypeError as e:
@@ -365,8 +376,156 @@ class TrainConfig:
         return preset(name, **keys) if name else GPTConfig.from_dict(keys)
 
 
-def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """A TrainConfig from a TOML file (or none) plus `key=value` overrides.
+def _check_types(config: Any, optional: dict[str, type]) -> None:
+    """TOML and overrides can hold any type: compare each value with its default's type (an
+    int is fine where a float is expected; a bool is not a number here). `optional` gives the
+    type of fields whose default is None."""
+    for f in dataclasses.fields(config):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        value = getattr(config, f.name)
+        if value is None and f.name in optional:
+            continue
+        kind = optional.get(f.name) or type(default)
+        if not (type(value) is kind or (kind is float and type(value) is int)):
+            names = {dict: "table", PeftConfig: "table", str: "string", int: "integer"}
+            name = names.get(kind, kind.__name__)
+            article = "an" if name[0] in "aeiou" else "a"
+            raise ConfigError(f"{f.name} must be {article} {name}, got {value!r}")
+
+
+PeftMethod = Literal["none", "lora", "adapter", "prefix"]
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning: which small modules to add and train (peft.py).
+
+    lora     W x + (alpha / r) B A x on the target linear layers (Hu et al. 2021)
+    adapter  a bottleneck MLP after each sublayer's output projection (Houlsby et al. 2019)
+    prefix   learned keys and values before every layer's sequence (Li & Liang 2021)
+    Every other weight is frozen; a classify or tag head is trained too.
+    """
+
+    method: PeftMethod = "none"
+    r: int = 8  # lora: rank of the update B A
+    alpha: float = 16.0  # lora: the update is scaled by alpha / r
+    dropout: float = 0.0  # lora: dropout on the update's input
+    # lora: linear layers to adapt, matched against the end of their names
+    targets: list[str] = field(
+        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
+    )
+    adapter_size: int = 64  # adapter: bottleneck width
+    prefix_length: int = 16  # prefix: learned key/value positions per layer
+
+    def __post_init__(self) -> None:
+        _check_types(self, optional={})
+        if self.method not in PeftMethod.__args__:
+            raise ConfigError(f"peft.method={self.method!r} is not one of {PeftMethod.__args__}")
+        for name in ("r", "adapter_size", "prefix_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"peft.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ConfigError(f"peft.targets must name linear layers, got {self.targets!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PeftConfig:
+        _check_keys(cls, d, "peft config", prefix="peft.")
+        return cls(**d)
+
+
+FinetuneObjective = Literal["lm", "sft", "classify", "tag", "distill"]
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """One fine-tuning run: a pretrained model (init_from), task data, an objective, and
+    optionally a parameter-efficient method; trained by the same Trainer as pretraining.
+
+    lm        continued pretraining on text (files, or a `gptkit prepare` directory)
+    sft       chat / instruction data; loss on the assistant's tokens only
+    classify  one label per text, read at its last token
+    tag       one label per word (CoNLL, CoNLL-U, IOB2)
+    distill   the student learns a teacher's temperature-softened outputs plus the hard
+              labels, on `distill_on` data
+    """
+
+    out_dir: str = "runs/finetune"
+    objective: FinetuneObjective = "sft"
+    data: str = ""  # training examples (file or directory)
+    val_data: str = ""  # held-out examples; "" holds out val_fraction of `data`
+    val_fraction: float = 0.1
+    text_field: str = "text"  # classify: the columns/keys holding the text and the label
+    label_field: str = "label"
+    tag_column: int | None = None  # tag: column of the tags (default: UPOS in CoNLL-U, else last)
+    template: str = "auto"  # sft: "auto" (the tokenizer's chat template, else ChatML) or "chatml"
+    packing: bool = False  # sft: concatenate examples into full-length rows
+    epochs: float = 0.0  # > 0: max_steps covers this many passes over the training examples
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    teacher: str | None = None  # distill: the teacher model (same tokenizer / labels)
+    distill_on: FinetuneObjective = "lm"  # distill: the data the student learns from
+    temperature: float = 2.0  # distill: softens both distributions (Hinton et al. 2015)
+    distill_alpha: float = 0.5  # distill: weight of the soft loss; 1 - alpha on the hard labels
+
+    # fine-tuning defaults: a gentle learning rate and short runs
+    batch_size: int = 8
+    max_steps: int = 200
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_batches: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 5
+
+    def validate(self) -> None:
+        optional = {"init_from": str, "decay_steps": int, "teacher": str, "tag_column": int}
+        _check_types(self, optional)
+        if not self.init_from:
+            raise ConfigError(
+                "init_from is not set: name the model to fine-tune (a gptkit checkpoint, a "
+                "Hugging Face directory or hub name, a .gguf file, or a named model)"
+            )
+        if not self.data:
+            raise ConfigError("data is not set: point it at the training examples")
+        if self.objective == "distill":
+            if not self.teacher:
+                raise ConfigError("objective 'distill' needs teacher= (the teacher model)")
+            if self.distill_on == "distill":
+                raise ConfigError("distill_on names the data: lm, sft, classify or tag")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.template not in ("auto", "chatml"):
+            raise ConfigError(f"template={self.template!r}: use auto or chatml")
+        if self.temperature <= 0 or not 0 <= self.distill_alpha <= 1:
+            raise ConfigError("need temperature > 0 and distill_alpha in [0, 1]")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        self._validate_training()
+
+    @staticmethod
+    def objectives() -> tuple[str, ...]:
+        return FinetuneObjective.__args__
+
+    @property
+    def task(self) -> str:
+        """The kind of data and head: distill's is that of distill_on."""
+        return self.distill_on if self.objective == "distill" else self.objective
+
+
+def load_train_config(
+    path: str | Path | None, overrides: Sequence[str] = (), cls: type[TrainConfig] = TrainConfig
+) -> TrainConfig:
+    """A TrainConfig (or `cls`) from a TOML file (or none) plus `key=value` overrides.
 
     Override values are read as TOML values (`lr=3e-4`, `compile=true`, `model.n_layer=6`);
     anything that is not a valid TOML value is taken as a string (`out_dir=runs/x`).
@@ -392,4 +551,4 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {table} is not a table")
         target[leaf] = value
-    return TrainConfig.from_dict(d)
+    return cls.from_dict(d)

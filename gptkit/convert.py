@@ -409,6 +409,8 @@ def _export_checks(c: GPTConfig) -> str:
             problems.append(f"head_dim={c.head_dim} (GPT-2 needs n_embd // n_head)")
     elif c.n_embd % c.n_head:
         problems.append(f"n_head={c.n_head} (Llama needs n_embd divisible by n_head)")
+    if c.head != "lm":
+        problems.append(f"head={c.head!r} (only language-model heads export)")
     if problems:
         raise ConversionError(
             f"cannot export to Hugging Face {model_type} (positions={c.positions!r}): "

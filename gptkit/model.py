@@ -13,10 +13,12 @@ Parameter names (what checkpoints store):
   blocks.{i}.mlp.proj.weight          [C, I]
   norm_f                              final norm (pre-norm models only)
   lm_head.weight                      [V, C]   (shares tok_emb.weight when tied; not stored then)
+  score.weight, score.bias            [L, C], [L]   instead of lm_head for classify / tag heads
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -137,6 +139,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # Prefix tuning (peft.py) sets a module here that prepends learned keys and values.
+        self.register_module("prefix", None)
 
     def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None):
         B, T, _ = x.shape
@@ -150,6 +154,8 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # [B, Hkv, T, D]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, D]
+        if self.prefix is not None:
+            k, v, mask, is_causal = self.prefix(k, v, mask, is_causal)  # S grows by the prefix
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -216,9 +222,12 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config) if config.prenorm else nn.Identity()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        if config.head == "lm":
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.tok_emb.weight
+        else:  # "score" is the name Hugging Face's classification heads use
+            self.score = nn.Linear(config.n_embd, len(config.labels))
         if self.tok_emb.weight.device.type != "meta":  # a shape-only model has nothing to init
             self.init_weights()
 
@@ -241,9 +250,58 @@ class GPT(nn.Module):
         model.to_empty(device=device)
         model.to(dtype)
         model._make_buffers()  # buffers are not in checkpoints: recompute them
-        if config.tie_embeddings:  # to_empty gives each module its own copy: tie again
+        if config.head == "lm" and config.tie_embeddings:  # to_empty unties: tie again
             model.lm_head.weight = model.tok_emb.weight
         return model
+
+    @property
+    def head(self) -> nn.Linear:
+        """The output layer: lm_head, or score for classify / tag models."""
+        return self.lm_head if self.config.head == "lm" else self.score
+
+    def set_head(self, head: str, labels: list[str]) -> GPT:
+        """Replace the LM head with a freshly initialised classify / tag head over `labels`
+        (the body is kept: this is how a pretrained LM becomes a classifier or tagger)."""
+        tied = self.config.tie_embeddings and head == "lm"
+        config = dataclasses.replace(
+            self.config, head=head, labels=list(labels), tie_embeddings=tied
+        )
+        weight = self.tok_emb.weight
+        for name in ("lm_head", "score"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.config = config
+        if head == "lm":
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = weight
+        else:
+            self.score = nn.Linear(config.n_embd, len(labels))
+        self.head.to(device=weight.device, dtype=weight.dtype)
+        if not (head == "lm" and config.tie_embeddings):
+            self._init_weights(self.head)
+        return self
+
+    def resize_vocab(self, vocab_size: int) -> GPT:
+        """Grow the token embeddings (and an untied LM head) to `vocab_size` rows, new rows set
+        to the mean of the old ones (Hewitt 2021: new tokens start as an average token, so they
+        do not disturb the model's predictions before training)."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            return self
+        modules = [self.tok_emb]
+        if self.config.head == "lm" and not self.config.tie_embeddings:
+            modules.append(self.lm_head)
+        with torch.no_grad():
+            for module in modules:
+                w = module.weight
+                grown = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+                module.weight = nn.Parameter(grown, requires_grad=w.requires_grad)
+        if self.config.head == "lm" and self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.tok_emb.num_embeddings = vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+        return self
 
     def use_decode_layout(self) -> GPT:
         """Store every linear weight column-major: same shape, names and results, new strides.
@@ -371,13 +429,16 @@ class GPT(nn.Module):
     ):
         """Logits [B, T, V]; with targets [B, T] (-100 = ignore), returns (logits, loss).
 
+        Every head is trained through this one loss: a classifier's target is its label at
+        the sequence's last token (-100 elsewhere), a tagger's a label per scored token.
+
         last_only computes logits for the last position only ([B, 1, V]), which is all a
         generation step needs and saves a [T, V] matmul on long prompts.
         """
         x = self.features(idx, cache=cache, positions=positions, key_mask=key_mask, causal=causal)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
+        logits = self.head(x)  # [B, T, V], or [B, T, L] for a classify / tag head
         if targets is None:
             return logits
         loss = F.cross_entropy(

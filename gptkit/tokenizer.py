@@ -177,6 +177,20 @@ class Tokenizer(ABC):
                 mask.append([1] * n + [0] * fill)
         return {"input_ids": ids, "attention_mask": mask}
 
+    def add_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """A copy with `tokens` as special tokens (new ids after the vocabulary; tokens it
+        already has keep theirs), e.g. ChatML's <|im_start|> for chat fine-tuning."""
+        new = [t for t in dict.fromkeys(tokens) if t not in self.special_tokens]
+        if not new:
+            return self
+        names = {"eos_token": self.eos_token, "bos_token": self.bos_token}
+        tok = self._with_specials(new, pad_token=self.pad_token, **names)
+        tok.chat_template = self.chat_template
+        return tok
+
+    @abstractmethod
+    def _with_specials(self, new: list[str], **names: str | None) -> Tokenizer: ...
+
     def save(self, directory: str | Path) -> None:
         """Write tokenizer_config.json (with "kind") and the kind's files; load_tokenizer reads
         them back. Making the write atomic is the checkpoint's job."""
@@ -213,6 +227,11 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def _with_specials(self, new: list[str], **names: str | None) -> Tokenizer:
+        tok = HFTokenizerObject.from_str(self._tok.to_str())
+        tok.add_special_tokens(new)
+        return HFTokenizer(tok, **names)
+
     def _save_files(self, directory: Path) -> dict[str, Any]:
         self._tok.save(str(directory / "tokenizer.json"))
         return {"tokenizer_class": "PreTrainedTokenizerFast"}  # transformers can open it too
@@ -245,6 +264,11 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
+
+    def _with_specials(self, new: list[str], **names: str | None) -> Tokenizer:
+        first = self._enc.n_vocab
+        specials = self.special_tokens | {t: first + i for i, t in enumerate(new)}
+        return TiktokenTokenizer(self.name, self._ranks, self._pat_str, specials, **names)
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         """The ranks go to tokenizer.tiktoken in OpenAI's own format (same sha256 as theirs)."""
@@ -295,6 +319,9 @@ class CharTokenizer(Tokenizer):
 
     def _decode(self, ids: list[int]) -> str:
         return "".join(self._itos[i] for i in ids)
+
+    def _with_specials(self, new: list[str], **names: str | None) -> Tokenizer:
+        return CharTokenizer(self.chars, [*self.special_tokens, *new], **names)
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         return {"chars": self.chars, "special_tokens": self.special_tokens}

@@ -1,10 +1,12 @@
-"""The Trainer: pretraining from token shards, on one CPU or many GPUs, resumable to the bit.
+"""The Trainer: one loop for pretraining and every fine-tuning objective, on one CPU or many
+GPUs, resumable to the bit.
 
-One optimizer step:
+What is trained comes from a Task: the model, its tokenizer, and (inputs, targets) batches
+with -100 on unscored targets. PretrainTask (here) cuts windows from token shards; the
+fine-tuning tasks (finetune.py) batch labelled examples. One optimizer step:
     for each of this rank's micro-batches m (of grad_accum, dealt out over the ranks):
-        windows, corruption  <- generator seeded by (seed, step, m)       (data.batch_rng)
-        inputs, targets      <- the objective (lm / fim / mlm)            (objectives.py)
-        loss / n_micro  .backward()  (gradients all-reduced on the last micro-batch only)
+        inputs, targets  <- task.train_batch(step, m)   (a pure function of seed, step, m)
+        task.loss / n_micro  .backward()  (gradients all-reduced on the last micro-batch only)
     clip the gradient norm; AdamW step with the schedule's learning rate for this step
 
 Everything a step depends on is either in the checkpoint (weights, AdamW moments, RNG states
@@ -23,14 +25,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from .api import load
 from .checkpoint import (
     CheckpointError,
     check_tokenizer_fits,
@@ -45,7 +50,9 @@ from .distributed import Distributed, full_state, load_full_state
 from .metrics import MetricsLogger
 from .model import GPT
 from .objectives import make_objective
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T] token ids, targets [B, T] (-100: skip)
 
 CHECKPOINT = "checkpoint"
 TRAIN_STATE = "train_state/state.pt"
@@ -103,8 +110,75 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
     return 2 * n**3 / best
 
 
+class Task(Protocol):
+    """What the Trainer trains. Batches must be pure functions of their arguments (and the
+    seed), which is what makes a resumed run exact."""
+
+    name: str  # shown on the progress bar
+    tokenizer: Tokenizer
+    causal: bool  # attention while training (False: the masked-LM objective)
+
+    def build_model(self, device: torch.device) -> GPT: ...
+
+    def train_batch(self, step: int, micro: int) -> Batch: ...
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]: ...
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class PretrainTask:
+    """Random windows of block_size + 1 tokens from a `gptkit prepare` directory, rearranged
+    by the objective (lm / fim / mlm)."""
+
+    name = "pretrain"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.train_data = TokenData(config.data_dir, "train")
+        self.val_data = TokenData(config.data_dir, "val")
+        self.tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
+        self.objective = make_objective(config, self.tokenizer)
+        self.causal = self.objective.causal
+        self.block_size = 0  # the model's, known once it is built
+
+    def build_model(self, device: torch.device) -> GPT:
+        config = self.config
+        if config.init_from:  # any model gptkit reads: checkpoint, HF, GGUF, named
+            model = load(config.init_from, device, decode_layout=False).model.train()
+        else:
+            model = GPT(config.model_config(self.tokenizer.vocab_size)).to(device).train()
+        self.block_size = model.config.block_size
+        return model
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        rng = batch_rng(self.config.seed, step, micro)
+        windows = self.train_data.random_windows(rng, self.config.batch_size, self.block_size)
+        return self.objective.batch(windows, rng)
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]:
+        """The same windows every time (fim/mlm corrupt them with generators seeded by the
+        batch index)."""
+        c = self.config
+        batches = self.val_data.eval_windows(
+            c.batch_size, self.block_size, c.eval_batches, rank=rank, world_size=world_size
+        )
+        for b, windows in batches:
+            yield self.objective.batch(windows, np.random.default_rng([c.seed, 1 << 32, b]))
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y, causal=self.causal)[1]
+
+
 class Trainer:
-    def __init__(self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        task: Task | None = None,
+    ):
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -120,20 +194,18 @@ class Trainer:
                 f"{self.out} already holds a checkpoint; pass --resume to continue it, "
                 "--overwrite to start over, or choose another out_dir"
             )
-        self.train_data = TokenData(config.data_dir, "train")
-        self.val_data = TokenData(config.data_dir, "val")
-        self.tokenizer = load_tokenizer(Path(config.data_dir) / "tokenizer")
-        self.objective = make_objective(config, self.tokenizer)
+        self.task = task or PretrainTask(config)
+        self.tokenizer = self.task.tokenizer
         if config.grad_accum % self.dist.world_size:
             raise ConfigError(
                 f"grad_accum={config.grad_accum} must be a multiple of the "
                 f"{self.dist.world_size} processes, so each takes the same share of a step"
             )
 
-        self.model = self._build_model()  # the plain GPT; self.wrapped is what runs forward
-        check_tokenizer_fits(self.tokenizer, self.model.config)
-        self.block_size = self.model.config.block_size
         device = self.dist.device
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        self.model = self.task.build_model(device)  # the plain GPT; self.wrapped runs forward
+        check_tokenizer_fits(self.tokenizer, self.model.config)
         # bf16 autocast by default on CUDA; on a CPU only when asked (it is ~100x slower there)
         auto = config.dtype == "auto" and device.type == "cuda"
         self.autocast = auto or config.dtype == "bfloat16"
@@ -156,15 +228,6 @@ class Trainer:
         )
 
     # -- setup ---------------------------------------------------------------------------
-
-    def _build_model(self) -> GPT:
-        config, device = self.config, self.dist.device
-        if config.init_from:
-            model, _, _ = load_checkpoint(config.init_from, device=device)
-            return model.train()
-        model_config = config.model_config(self.tokenizer.vocab_size)
-        torch.manual_seed(config.seed)  # the same initial weights on every rank
-        return GPT(model_config).to(device).train()
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; weight decay on matrices (and embeddings), none on biases and norm gains."""
@@ -243,27 +306,28 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step; returns this step's mean loss over this rank's micro-batches."""
+    def train_step(self) -> tuple[torch.Tensor, int]:
+        """One optimizer step; returns this step's mean loss over this rank's micro-batches
+        and the number of input tokens (padding included) it processed."""
         config = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, config)
         micros = range(self.dist.rank, config.grad_accum, self.dist.world_size)
         total = torch.zeros((), device=self.dist.device)
+        tokens = 0
         for i, m in enumerate(micros):
-            rng = batch_rng(config.seed, self.step, m)
-            windows = self.train_data.random_windows(rng, config.batch_size, self.block_size)
-            x, y = (t.to(self.dist.device) for t in self.objective.batch(windows, rng))
+            x, y = (t.to(self.dist.device) for t in self.task.train_batch(self.step, m))
             with self.dist.sync_gradients(self.wrapped, i == len(micros) - 1), self._autocast():
-                _, loss = self.wrapped(x, y, causal=self.objective.causal)
+                loss = self.task.loss(self.wrapped, x, y)
             (loss / len(micros)).backward()
             total += loss.detach()
+            tokens += x.numel()
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / len(micros)
+        return total / len(micros), tokens * self.dist.world_size
 
     def _autocast(self):
         if self.autocast:
@@ -272,22 +336,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per scored token over the validation windows (the same ones every time;
-        fim/mlm corrupt them with generators seeded by the batch index)."""
+        """Mean cross-entropy per scored target over the task's validation batches (plain
+        cross-entropy for every task, so distillation's val loss compares with the others)."""
         self.wrapped.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
-        batches = self.val_data.eval_windows(
-            self.config.batch_size,
-            self.block_size,
-            self.config.eval_batches,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        for b, windows in batches:
-            rng = np.random.default_rng([self.config.seed, 1 << 32, b])
-            x, y = (t.to(self.dist.device) for t in self.objective.batch(windows, rng))
+        for batch in self.task.eval_batches(self.dist.rank, self.dist.world_size):
+            x, y = (t.to(self.dist.device) for t in batch)
             with self._autocast():
-                _, loss = self.wrapped(x, y, causal=self.objective.causal)
+                _, loss = self.wrapped(x, y, causal=self.task.causal)
             n = (y != -100).sum()
             total += torch.stack([loss.double() * n, n.double()])
         self.wrapped.train()
@@ -296,20 +352,22 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         config, is_main = self.config, self.dist.is_main
-        tokens_per_step = config.batch_size * self.block_size * config.grad_accum
         bar = tqdm(
             total=config.max_steps,
             initial=self.step,
-            desc="pretrain",
+            desc=self.task.name,
             unit="step",
             disable=not (config.progress and is_main),
         )
         times: list[float] = []  # seconds of each training step (evaluation, saving excluded)
+        tokens: list[int] = []  # input tokens of each training step
         window: list[torch.Tensor] = []  # losses since the last log line
         train_loss, val_loss = math.nan, None
         while self.step < config.max_steps:
             start = time.perf_counter()
-            window.append(self.train_step())
+            loss, n_tokens = self.train_step()
+            window.append(loss)
+            tokens.append(n_tokens)
             done = self.step
             last = done == config.max_steps
             logging = last or done % max(1, config.log_every) == 0
@@ -318,7 +376,7 @@ class Trainer:
             times.append(time.perf_counter() - start)
             bar.update(1)
             if logging:
-                tok_s = tokens_per_step * len(window) / sum(times[-len(window) :])
+                tok_s = sum(tokens[-len(window) :]) / sum(times[-len(window) :])
                 mfu = self._mfu(tok_s)
                 lr = lr_at(done - 1, config)
                 values = {"train/loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu}
@@ -335,7 +393,7 @@ class Trainer:
         bar.close()
         self.metrics.close()
         seconds = sum(times)
-        tokens_per_s = tokens_per_step * len(times) / seconds if seconds else 0.0
+        tokens_per_s = sum(tokens) / seconds if seconds else 0.0
         return TrainResult(
             steps=self.step,
             seconds=seconds,

@@ -1,0 +1,127 @@
+"""`gptkit eval TASK`: read a data file, run the model on it, score it (evaluate.py's metrics).
+
+perplexity  text files                         loss, perplexity (sliding windows)
+classify    CSV/TSV/JSONL text + label         accuracy, macro-F1
+tag         CoNLL / CoNLL-U / IOB2             token accuracy, entity P/R/F1 (seqeval)
+generate    chat JSONL (prompt/response, ...)  BLEU, chrF, ROUGE, exact match: the model's
+                                               greedy reply to all but the last assistant
+                                               turn, against that turn
+choice      JSONL {question, choices, answer}  zero- or k-shot accuracy by log-likelihood
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .api import LM
+from .chat import CHATML, END_OF_TURN, render
+from .config import ConfigError
+from .evaluate import (
+    classification_metrics,
+    generation_metrics,
+    multiple_choice,
+    perplexity,
+    tagging_metrics,
+)
+from .finetune import predict_labels, predict_tags
+from .taskdata import read_chat, read_classification, read_records, read_tagged
+
+TASKS = ("perplexity", "classify", "tag", "generate", "choice")
+
+
+def _needs_head(lm: LM, head: str) -> None:
+    if lm.config.head != head:
+        raise ConfigError(
+            f"eval {head} needs a model with a {head} head (from `gptkit finetune {head}`); "
+            f"this one has a {lm.config.head} head"
+        )
+
+
+def eval_perplexity(lm: LM, paths: Sequence[str | Path], stride: int | None = None) -> dict:
+    """Perplexity over the files' text, joined with EOS between files."""
+    ids: list[int] = []
+    for path in paths:
+        if ids and lm.tokenizer.eos_id is not None:
+            ids.append(lm.tokenizer.eos_id)
+        ids += lm.tokenizer.encode(Path(path).read_text(encoding="utf-8"))
+    return perplexity(lm.model, ids, stride=stride)
+
+
+def eval_classify(lm: LM, path, limit: int = 0, text_field="text", label_field="label") -> dict:
+    _needs_head(lm, "classify")
+    records = read_classification(path, text_field, label_field)[: limit or None]
+    pred = predict_labels(lm.model, lm.tokenizer, [text for text, _ in records])
+    return classification_metrics([label for _, label in records], pred)
+
+
+def eval_tag(lm: LM, path, limit: int = 0, column: int | None = None) -> dict:
+    _needs_head(lm, "tag")
+    sentences = read_tagged(path, column)[: limit or None]
+    pred = predict_tags(lm.model, lm.tokenizer, [words for words, _ in sentences])
+    return tagging_metrics([tags for _, tags in sentences], pred)
+
+
+def generation_prompts(lm: LM, path, limit: int = 0, chat: bool = True):
+    """(prompts, references, stop strings): each conversation up to its last assistant turn,
+    rendered with the model's chat template (or plain, one message per paragraph)."""
+    conversations = read_chat(path)[: limit or None]
+    tok = lm.tokenizer
+    names = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
+    prompts, refs = [], []
+    for messages in conversations:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        context = messages[:last]
+        if chat:
+            template = tok.chat_template or CHATML
+            prompts.append(render(context, template, add_generation_prompt=True, **names))
+        else:
+            prompts.append("\n\n".join(m["content"] for m in context) + "\n\n")
+        refs.append(messages[last]["content"])
+    stop = [s for s in END_OF_TURN if s in tok.special_tokens] if chat else ["\n\n"]
+    return prompts, refs, stop
+
+
+def eval_generate(
+    lm: LM,
+    path,
+    limit: int = 0,
+    metrics: Sequence[str] = ("bleu", "chrf", "rouge", "exact_match"),
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    batch_size: int = 8,
+) -> tuple[dict, list[str]]:
+    """Metrics of greedy replies, and the replies."""
+    prompts, refs, stop = generation_prompts(lm, path, limit, chat)
+    preds: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        preds += lm.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    preds = [p.strip() for p in preds]
+    return generation_metrics(preds, refs, metrics), preds
+
+
+def eval_choice(lm: LM, path, limit: int = 0, shots: int = 0, train=None, seed=0) -> dict:
+    items = read_records(path)[: limit or None]
+    pool = read_records(train) if train else ()
+    return multiple_choice(lm, items, shots=shots, train_items=pool, seed=seed)
+
+
+def run_eval(task: str, lm: LM, data: Sequence[str], **options: Any) -> dict[str, Any]:
+    """The metrics of `task` on `data` (several files only for perplexity)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown eval task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "perplexity":
+        return eval_perplexity(lm, data, options.get("stride"))
+    if len(data) != 1:
+        raise ConfigError(f"eval {task} reads one data file, got {len(data)}")
+    limit = options.get("limit", 0)
+    if task == "classify":
+        return eval_classify(lm, data[0], limit, options["text_field"], options["label_field"])
+    if task == "tag":
+        return eval_tag(lm, data[0], limit, options.get("tag_column"))
+    if task == "generate":
+        keys = ("metrics", "max_new_tokens", "chat")
+        return eval_generate(lm, data[0], limit, **{k: options[k] for k in keys})[0]
+    return eval_choice(lm, data[0], limit, options["shots"], options.get("train"))

@@ -1,0 +1,470 @@
+"""Fine-tuning: task data -> (inputs, targets) examples -> the one Trainer.
+
+Every objective is next-token-style cross-entropy over targets, with -100 where nothing is
+scored, so the Trainer needs no per-objective loop:
+
+    lm        token windows from text (continued pretraining; PretrainTask)
+    sft       a conversation rendered with its chat template; targets only on the assistant's
+              tokens (each reply and its end-of-turn token), so the model learns to answer,
+              not to write prompts
+    classify  the text, then EOS; the label is the target at the last token (GPT-1 reads the
+              class off the final position the same way)
+    tag       the words, space-separated; each word's tag is the target at its LAST sub-token,
+              the first position of a causal model that has seen the whole word
+    distill   any of the above, with the loss mixing the teacher's softened distribution
+              (Hinton et al. 2015) and the hard targets
+
+Batches are drawn from a seeded permutation per epoch, indexed by (step, micro-batch), so a
+resumed run sees exactly the batches an unbroken one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .api import LM, load
+from .chat import CHATML, render
+from .checkpoint import load_checkpoint
+from .config import ConfigError, FinetuneConfig
+from .evaluate import classification_metrics, save_results, tagging_metrics
+from .model import GPT
+from .peft import apply_peft, save_adapter
+from .prepare import prepare
+from .taskdata import label_names, read_chat, read_classification, read_tagged
+from .tokenizer import Tokenizer
+from .train import Batch, PretrainTask, Trainer, TrainResult
+
+IGNORE = -100
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+@dataclass
+class Example:
+    ids: list[int]  # model inputs
+    targets: list[int]  # per input position: the id or label to predict there, or IGNORE
+
+
+# -- examples ------------------------------------------------------------------------------
+
+
+def chat_example(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], template: str, block_size: int
+) -> Example | None:
+    """A conversation as one example scored on the assistant's turns; None when truncation
+    to the context leaves no assistant token.
+
+    Each assistant turn's text is found by rendering the conversation up to it twice, with
+    the generation prompt and with the turn, so it works for any template that renders
+    conversations incrementally (ChatML, Llama 3, SmolLM2, ...).
+    """
+    names = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    pieces: list[tuple[str, bool]] = []  # (text, scored), in order
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], template, add_generation_prompt=True, **names)
+        after = render(messages[: i + 1], template, add_generation_prompt=False, **names)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise ConfigError(
+                "the chat template does not render conversations incrementally, so the "
+                "assistant's tokens cannot be found; use template=chatml"
+            )
+        pieces += [(before[len(done) :], False), (after[len(before) :], True)]
+        done = after
+    ids: list[int] = []
+    scored: list[bool] = []
+    for text, is_scored in pieces:
+        piece = tokenizer.encode(text)
+        ids += piece
+        scored += [is_scored] * len(piece)
+    ids, scored = ids[: block_size + 1], scored[: block_size + 1]
+    if not any(scored[1:]):
+        return None
+    targets = [t if s else IGNORE for t, s in zip(ids[1:], scored[1:], strict=True)]
+    return Example(ids[:-1], targets)
+
+
+def classification_example(tokenizer: Tokenizer, text: str, label: int, block_size: int) -> Example:
+    """The text (its start, if too long), then EOS; `label` is the target at the last token."""
+    end = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    ids = tokenizer.encode(text)[: block_size - len(end)] + end
+    if not ids:
+        raise ConfigError(f"the text {text!r} has no tokens to classify")
+    return Example(ids, [IGNORE] * (len(ids) - 1) + [label])
+
+
+def tagging_example(
+    tokenizer: Tokenizer, words: Sequence[str], tags: Sequence[int], block_size: int
+) -> Example:
+    """Words joined by spaces; each tag is the target at its word's last sub-token. Words
+    past the context are dropped (the example then has fewer targets than words)."""
+    ids: list[int] = []
+    targets: list[int] = []
+    for i, (word, tag) in enumerate(zip(words, tags, strict=True)):
+        piece = tokenizer.encode(word if i == 0 else " " + word)
+        if len(ids) + len(piece) > block_size:
+            break
+        ids += piece
+        targets += [IGNORE] * (len(piece) - 1) + [tag]
+    return Example(ids, targets)
+
+
+def pack(examples: Sequence[Example], block_size: int) -> list[Example]:
+    """Concatenate examples and cut the stream into rows of block_size (the last one shorter):
+    no padding, at the price of attention across example boundaries (TRL's packing)."""
+    ids = [t for e in examples for t in e.ids]
+    targets = [t for e in examples for t in e.targets]
+    return [
+        Example(ids[i : i + block_size], targets[i : i + block_size])
+        for i in range(0, len(ids), block_size)
+        if any(t != IGNORE for t in targets[i : i + block_size])
+    ]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-padded inputs [B, T] and targets [B, T] (IGNORE on padding). Causal attention
+    keeps padding after a row's tokens from changing them, so no attention mask is needed."""
+    T = max(len(e.ids) for e in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        x[row, : len(e.ids)] = torch.tensor(e.ids)
+        y[row, : len(e.targets)] = torch.tensor(e.targets)
+    return x, y
+
+
+# -- predictions ---------------------------------------------------------------------------
+
+
+def _batched_logits(
+    model: GPT, examples: list[Example], pad_id: int, batch_size: int
+) -> Iterator[tuple[Example, torch.Tensor]]:
+    """(example, logits [T, L]) for each example, in order; batches of similar lengths."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    out: list[Any] = [None] * len(examples)
+    device = model.tok_emb.weight.device
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            x, _ = collate([examples[i] for i in rows], pad_id)
+            logits = model(x.to(device)).float().cpu()  # [B, T, L]
+            for b, i in enumerate(rows):
+                out[i] = logits[b, : len(examples[i].ids)]
+    yield from zip(examples, out, strict=True)
+
+
+def predict_labels(
+    model: GPT, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 16
+) -> list[str]:
+    """The classify head's label for each text."""
+    c = model.config
+    examples = [classification_example(tokenizer, t, 0, c.block_size) for t in texts]
+    pad = tokenizer.pad_id or 0
+    return [
+        c.labels[int(logits[-1].argmax())]
+        for _, logits in _batched_logits(model, examples, pad, batch_size)
+    ]
+
+
+def predict_tags(
+    model: GPT, tokenizer: Tokenizer, sentences: Sequence[Sequence[str]], batch_size: int = 16
+) -> list[list[str]]:
+    """The tag head's tag for each word; words past the context get "O" (or the first label)."""
+    c = model.config
+    fallback = "O" if "O" in c.labels else c.labels[0]
+    examples = [
+        tagging_example(tokenizer, words, [0] * len(words), c.block_size) for words in sentences
+    ]
+    pad = tokenizer.pad_id or 0
+    predictions = []
+    for (example, logits), words in zip(
+        _batched_logits(model, examples, pad, batch_size), sentences, strict=True
+    ):
+        positions = [j for j, t in enumerate(example.targets) if t != IGNORE]
+        tags = [c.labels[int(k)] for k in logits[positions].argmax(-1)]
+        predictions.append(tags + [fallback] * (len(words) - len(tags)))
+    return predictions
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+
+class ExampleTask:
+    """sft / classify / tag: a list of examples, batched by a seeded permutation per epoch."""
+
+    causal = True
+
+    def __init__(self, config: FinetuneConfig, lm: LM):
+        self.config = config
+        self.name = config.objective
+        self.model, self.tokenizer = lm.model, lm.tokenizer
+        block_size = self.model.config.block_size
+        kind = config.task
+        self.records: dict[str, list[Any]] = {}  # the raw val records, for val metrics
+        if kind == "sft":
+            self._prepare_chat()
+            read, encode = read_chat, self._chat
+        elif kind == "classify":
+            read = lambda p: read_classification(p, config.text_field, config.label_field)  # noqa: E731
+            encode = lambda r: classification_example(  # noqa: E731
+                self.tokenizer, r[0], self.label_ids[r[1]], block_size
+            )
+        else:
+            read = lambda p: read_tagged(p, config.tag_column)  # noqa: E731
+            encode = lambda r: tagging_example(  # noqa: E731
+                self.tokenizer, r[0], [self.label_ids[t] for t in r[1]], block_size
+            )
+        train, val = _split(
+            read(config.data), read(config.val_data) if config.val_data else None, config
+        )
+        if kind in ("classify", "tag"):
+            self._set_labels(train + val)
+        self.records = {"train": train, "val": val}
+        self.train = [e for e in map(encode, train) if e is not None]
+        self.val = sorted((e for e in map(encode, val) if e is not None), key=lambda e: len(e.ids))
+        if config.packing and kind == "sft":
+            self.train = pack(self.train, block_size)
+        if not self.train:
+            raise ConfigError(f"{config.data}: no training example fits the model's context")
+        self.pad_id = self.tokenizer.pad_id or 0
+        self._perm: tuple[int, np.ndarray] = (-1, np.empty(0))
+
+    # data preparation --------------------------------------------------------------------
+
+    def _prepare_chat(self) -> None:
+        """The tokenizer's own template, or ChatML with its two special tokens added (and the
+        embeddings grown to fit them) when the tokenizer lacks them."""
+        tok = self.tokenizer
+        if self.config.template == "auto" and tok.chat_template:
+            self.template = tok.chat_template
+            return
+        self.template = CHATML
+        self.tokenizer = tok.add_special_tokens(CHATML_TOKENS)
+        self.tokenizer.chat_template = CHATML  # saved with the model: chat and serve use it
+        self.model.resize_vocab(max(self.model.config.vocab_size, self.tokenizer.vocab_size))
+
+    def _chat(self, messages: list[dict[str, str]]) -> Example | None:
+        return chat_example(self.tokenizer, messages, self.template, self.model.config.block_size)
+
+    def _set_labels(self, records: list[Any]) -> None:
+        kind, config = self.config.task, self.model.config
+        found = (
+            label_names(r[1] for r in records)
+            if kind == "classify"
+            else label_names(t for r in records for t in r[1])
+        )
+        self.labels = found
+        if config.head == kind:  # fine-tuning a classifier / tagger further: keep its labels
+            unknown = sorted(set(found) - set(config.labels))
+            if unknown:
+                raise ConfigError(f"labels {unknown} are not among the model's {config.labels}")
+            self.labels = config.labels
+        elif config.head != "lm":
+            raise ConfigError(f"{self.config.init_from} has a {config.head} head, not {kind}")
+        self.label_ids = {name: i for i, name in enumerate(self.labels)}
+
+    # Task ----------------------------------------------------------------------------------
+
+    def build_model(self, device: torch.device) -> GPT:
+        """The model with its new head (initialised here, from the Trainer's seed) and the
+        parameter-efficient method applied."""
+        if self.config.task in ("classify", "tag") and self.model.config.head == "lm":
+            self.model.set_head(self.config.task, self.labels)
+        return apply_peft(self.model.to(device).train(), self.config.peft)
+
+    def epoch_size(self) -> int:
+        return len(self.train)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm[0] != epoch:
+            rng = np.random.default_rng([self.config.seed, epoch])
+            self._perm = (epoch, rng.permutation(len(self.train)))
+        return self._perm[1]
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        B = self.config.batch_size
+        start = (step * self.config.grad_accum + micro) * B
+        rows = []
+        for g in range(start, start + B):
+            epoch, pos = divmod(g, len(self.train))
+            rows.append(self.train[self._order(epoch)[pos]])
+        return collate(rows, self.pad_id)
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]:
+        B = self.config.batch_size
+        batches = range(0, len(self.val), B)
+        limit = self.config.eval_batches or len(batches)
+        for b, start in enumerate(batches[:limit]):
+            if b % world_size == rank:
+                yield collate(self.val[start : start + B], self.pad_id)
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y)[1]
+
+    def val_metrics(self, model: GPT) -> dict[str, float]:
+        """Accuracy / macro-F1 (classify) or entity F1 and token accuracy (tag) on val."""
+        val = self.records["val"]
+        if self.config.task == "classify":
+            pred = predict_labels(model, self.tokenizer, [text for text, _ in val])
+            return classification_metrics([label for _, label in val], pred)
+        if self.config.task == "tag":
+            pred = predict_tags(model, self.tokenizer, [words for words, _ in val])
+            return tagging_metrics([tags for _, tags in val], pred)
+        return {}
+
+
+def _split(
+    train: list[Any], val: list[Any] | None, config: FinetuneConfig
+) -> tuple[list[Any], list[Any]]:
+    """The given val records, or a seeded val_fraction of the training records."""
+    if val is not None:
+        return train, val
+    order = np.random.default_rng(config.seed).permutation(len(train))
+    n_val = max(1, round(len(train) * config.val_fraction))
+    if n_val >= len(train):
+        raise ConfigError(f"{config.data}: too few examples to hold out a validation set")
+    return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
+
+
+class TextTask(PretrainTask):
+    """Continued pretraining (objective lm): token windows from text, starting from `lm`."""
+
+    def __init__(self, config: FinetuneConfig, lm: LM):
+        data = Path(config.data)
+        if not (data / "meta.json").is_file():  # text: prepare it with the model's tokenizer
+            data = Path(config.out_dir) / "data"
+            prepare([config.data], data, lm.tokenizer, val_fraction=config.val_fraction)
+        # the lm objective cuts the windows (also when distilling on them)
+        super().__init__(dataclasses.replace(config, data_dir=str(data), objective="lm"))
+        self.name, self.model = config.objective, lm.model
+
+    def build_model(self, device: torch.device) -> GPT:
+        self.block_size = self.model.config.block_size
+        return apply_peft(self.model.to(device).train(), self.config.peft)
+
+    def epoch_size(self) -> int:
+        return len(self.train_data) // self.model.config.block_size
+
+
+class Distill:
+    """Another task's data and targets, with the student's loss
+        alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy(targets)
+    over the scored positions, where _T means softmax(logits / T). T^2 keeps the soft loss's
+    gradients on the hard loss's scale (Hinton et al. 2015)."""
+
+    name = "distill"
+
+    def __init__(self, inner: ExampleTask | TextTask, config: FinetuneConfig):
+        self.inner, self.config = inner, config
+        self.tokenizer, self.causal = inner.tokenizer, inner.causal
+        self.teacher: GPT | None = None
+
+    def build_model(self, device: torch.device) -> GPT:
+        student = self.inner.build_model(device)
+        teacher = load(self.config.teacher, device, decode_layout=False).model
+        teacher.requires_grad_(False)
+        s, t = student.config, teacher.config
+        if (s.head, s.labels) != (t.head, t.labels):
+            raise ConfigError(
+                f"the teacher's head ({t.head}, labels {t.labels}) differs from the student's "
+                f"({s.head}, labels {s.labels}); fine-tune the teacher on the same task first"
+            )
+        if s.head == "lm" and t.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError("the teacher's vocabulary is smaller than the student's tokenizer")
+        self.teacher = teacher
+        return student
+
+    def epoch_size(self) -> int:
+        return self.inner.epoch_size()
+
+    def train_batch(self, step: int, micro: int) -> Batch:
+        return self.inner.train_batch(step, micro)
+
+    def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]:
+        return self.inner.eval_batches(rank, world_size)
+
+    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        keep = y != IGNORE  # [B, T]
+        n = self.tokenizer.vocab_size if self.teacher.config.head == "lm" else None
+        student = model(x, causal=self.causal)[..., :n][keep].float()  # [N, V]
+        with torch.no_grad():
+            teacher = self.teacher(x, causal=self.causal)[..., :n][keep].float()  # [N, V]
+        T, alpha = self.config.temperature, self.config.distill_alpha
+        soft = F.kl_div(
+            F.log_softmax(student / T, -1),
+            F.log_softmax(teacher / T, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        hard = F.cross_entropy(student, y[keep])
+        return alpha * T * T * soft + (1 - alpha) * hard
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    metrics: dict[str, float]  # val metrics of classify / tag runs
+    adapter: Path | None  # the adapter-only save of a parameter-efficient run
+
+
+def make_task(config: FinetuneConfig) -> ExampleTask | TextTask | Distill:
+    """The task `config` describes, holding the model to fine-tune (loaded on the CPU; the
+    Trainer moves it)."""
+    lm = load(config.init_from, "cpu", decode_layout=False)
+    task = TextTask(config, lm) if config.task == "lm" else ExampleTask(config, lm)
+    return Distill(task, config) if config.objective == "distill" else task
+
+
+def finetune(
+    config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
+) -> FinetuneResult:
+    """Fine-tune as `config` says; on the main process, also score the val set (classify /
+    tag) and write the adapter-only save (parameter-efficient runs)."""
+    task = make_task(config)
+    if config.epochs:
+        per_step = config.batch_size * config.grad_accum
+        steps = math.ceil(config.epochs * task.epoch_size() / per_step)
+        config = dataclasses.replace(config, max_steps=steps)
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, task=task)
+    try:
+        result = trainer.fit()
+        metrics, adapter = {}, None
+        if trainer.dist.is_main:
+            model, _, _ = load_checkpoint(result.checkpoint, device=trainer.dist.device)
+            inner = task.inner if isinstance(task, Distill) else task
+            if isinstance(inner, ExampleTask):
+                metrics = inner.val_metrics(model)
+                save_results(metrics, Path(config.out_dir) / "val_metrics.json")
+            if config.peft.enabled:
+                out = Path(config.out_dir) / "adapter"
+                adapter = save_adapter(model, out, config.init_from, task.tokenizer)
+        return FinetuneResult(result, metrics, adapter)
+    finally:
+        trainer.dist.close()
+
+
+def describe(result: FinetuneResult) -> str:
+    """The one-line summary the CLI prints."""
+    r = result.train
+    parts = [f"{r.steps} steps", f"train loss {r.train_loss:.4f}"]
+    if r.val_loss is not None:
+        parts.append(f"val loss {r.val_loss:.4f}")
+    parts += [f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "n"]
+    return (
+        ", ".join(parts)
+        + f"; checkpoint in {r.checkpoint}"
+        + (f", adapter in {result.adapter}" if result.adapter else "")
+    )

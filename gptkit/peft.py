@@ -1,0 +1,270 @@
+"""Parameter-efficient fine-tuning as module swaps: LoRA, bottleneck adapters, prefix tuning.
+
+`apply_peft(model, config)` freezes every pretrained weight and adds small trainable modules:
+
+- LoRA (Hu et al. 2021): each target nn.Linear W becomes W x + (alpha / r) B A x with A [r, in]
+  random and B [out, r] zero, so a fresh LoRA leaves the model's outputs unchanged. `merge`
+  folds B A into W (no cost at inference); `unmerge` takes it out again.
+- Adapters (Houlsby et al. 2019): a bottleneck MLP h + up(gelu(down(h))) after the output
+  projection of every attention and MLP sublayer, `up` zero-initialised (identity at start).
+- Prefix tuning (Li & Liang 2021): every layer gets `prefix_length` learned key/value
+  positions that all queries may attend to, initialised from the model's own keys and values
+  for random tokens (the paper found real activations train better than random vectors).
+
+A classify / tag head is new, so it trains too. Parameter names gain a level (a LoRA'd
+`attn.qkv.weight` is stored as `attn.qkv.base.weight`); checkpoints record the PeftConfig and
+`load_checkpoint` rebuilds the same modules. `save_adapter` writes only the trained tensors
+(adapter.safetensors + adapter_config.json), which `load_adapter` puts onto the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, PeftConfig
+from .model import GPT
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(
+            torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype)
+        )
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as PEFT does
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [..., out]
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scale
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= (self.lora_B @ self.lora_A) * self.scale
+            self.merged = False
+
+
+class Adapter(nn.Module):
+    def __init__(self, base: nn.Linear, size: int):
+        super().__init__()
+        self.base = base
+        n, w = base.out_features, base.weight
+        self.down = nn.Linear(n, size, device=w.device, dtype=w.dtype)
+        self.up = nn.Linear(size, n, device=w.device, dtype=w.dtype)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)  # [..., C]
+        return h + self.up(F.gelu(self.down(h)))
+
+
+class Prefix(nn.Module):
+    """Learned keys and values [Hkv, P, D] put before a layer's keys; Attention calls it."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        super().__init__()
+        self.k, self.v = nn.Parameter(k.clone()), nn.Parameter(v.clone())
+
+    def forward(self, k, v, mask, is_causal: bool):
+        """k, v [B, Hkv, S, D] -> [B, Hkv, P + S, D], with the attention mask widened to match:
+        every query may attend to every prefix position."""
+        B, _, S, _ = k.shape
+        P = self.k.shape[1]
+        k = torch.cat([self.k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([self.v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if mask is None and is_causal:  # a prefill from position 0: T == S queries
+            mask = torch.ones(S, S, dtype=torch.bool, device=k.device).tril()[None, None]
+        if mask is not None:  # [B or 1, 1, T, S] -> [B or 1, 1, T, P + S]
+            visible = mask.new_ones(*mask.shape[:-1], P)
+            mask = torch.cat([visible, mask], dim=-1)
+        return k, v, mask, False
+
+
+def _linears(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for each nn.Linear in the blocks whose name ends with a
+    target; an error when a target matches nothing (a typo would silently train nothing)."""
+    found, matched = [], set()
+    for name, module in model.blocks.named_modules():
+        for target in targets:
+            if isinstance(module, nn.Linear) and (name == target or name.endswith("." + target)):
+                parent_name, _, attr = name.rpartition(".")
+                found.append((model.blocks.get_submodule(parent_name), attr, module))
+                matched.add(target)
+    missing = [t for t in targets if t not in matched]
+    if missing:
+        raise ConfigError(
+            f"peft.targets {missing} match no linear layer; the block's layers are "
+            "attn.qkv, attn.proj, mlp.fc and mlp.proj"
+        )
+    return found
+
+
+def _prefix_init(model: GPT, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [L, Hkv, P, D] of every layer for `length` random tokens."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
+    cache = model.new_cache(1, length)
+    was_training = model.training
+    with torch.no_grad():
+        model.eval().features(ids.to(model.tok_emb.weight.device), cache=cache)
+    model.train(was_training)
+    return cache.k[:, 0], cache.v[:, 0]
+
+
+def apply_peft(model: GPT, config: PeftConfig, init: bool = True) -> GPT:
+    """Freeze `model` and add `config`'s trainable modules, in place. A no-op for "none".
+
+    init=False leaves the prefix at zeros instead of running the model for its starting
+    values (a checkpoint is about to overwrite them, and its weights are not loaded yet)."""
+    if not config.enabled:
+        return model
+    if getattr(model, "peft", None) is not None:
+        raise ConfigError("the model already has a parameter-efficient method applied")
+    c, length = model.config, config.prefix_length
+    if config.method == "prefix" and length >= c.block_size:
+        raise ConfigError(f"peft.prefix_length must be < the context {c.block_size}")
+    prefix = None
+    if config.method == "prefix" and init:
+        prefix = _prefix_init(model, length)
+    elif config.method == "prefix":
+        w = model.tok_emb.weight
+        zeros = torch.zeros(
+            c.n_layer, c.n_kv_head, length, c.head_dim, device=w.device, dtype=w.dtype
+        )
+        prefix = (zeros, zeros)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.method == "lora":
+        for parent, attr, linear in _linears(model, config.targets):
+            setattr(parent, attr, LoRALinear(linear, config.r, config.alpha, config.dropout))
+    elif config.method == "adapter":
+        for block in model.blocks:
+            block.attn.proj = Adapter(block.attn.proj, config.adapter_size)
+            block.mlp.proj = Adapter(block.mlp.proj, config.adapter_size)
+    else:
+        keys, values = prefix
+        for i, block in enumerate(model.blocks):
+            block.attn.prefix = Prefix(keys[i], values[i])
+    if model.config.head != "lm":  # a new head has to learn, whatever the method
+        model.score.requires_grad_(True)
+    model.peft = config
+    return model
+
+
+def peft_config(model: GPT) -> PeftConfig | None:
+    return getattr(model, "peft", None)
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every LoRA update into its base weight and drop the LoRA modules, in place: the
+    result is a plain GPT (exportable, as fast as the base model) with the same outputs."""
+    config = peft_config(model)
+    if config is None or config.method != "lora":
+        raise ConfigError("merge_lora needs a model with LoRA applied")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, module.base)
+    model.peft = None
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def trainable_state(model: GPT) -> dict[str, torch.Tensor]:
+    """The tensors a parameter-efficient method trains (adapters, and a task head)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: GPT, directory: str | Path, base: str, tokenizer=None) -> Path:
+    """Write only the trained tensors and how to rebuild them onto `base` (a model name or
+    path): megabytes instead of the whole model. The tokenizer goes along when given (SFT
+    may have added chat tokens to the base model's)."""
+    config = peft_config(model)
+    if config is None:
+        raise ConfigError("save_adapter needs a model with a parameter-efficient method applied")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in trainable_state(model).items()}
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    meta = {
+        "base_model": base,
+        "peft": config.to_dict(),
+        "head": model.config.head,
+        "labels": model.config.labels,
+        "vocab_size": model.config.vocab_size,
+    }
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer")
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing; is {directory} a gptkit adapter?") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+
+def load_adapter(model: GPT, directory: str | Path) -> GPT:
+    """Put a `save_adapter` directory onto its base model (in place): the same head, the same
+    modules, then the trained tensors, every name and shape checked."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    # Tokens SFT added sit after the base vocabulary, their embeddings (frozen) set to the
+    # mean of the others: resizing the base reproduces them exactly.
+    model.resize_vocab(meta["vocab_size"])
+    if meta["vocab_size"] != model.config.vocab_size:
+        raise ConfigError(
+            f"{directory} was trained on a model with {meta['vocab_size']} token ids; this one "
+            f"has {model.config.vocab_size}: load the adapter onto {meta['base_model']}"
+        )
+    if meta["head"] != "lm":
+        model.set_head(meta["head"], meta["labels"])
+    apply_peft(model, PeftConfig.from_dict(meta["peft"]))
+    try:
+        state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.tok_emb.weight.device))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{directory / ADAPTER_WEIGHTS} cannot be read ({e})") from None
+    expected = trainable_state(model)
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+        raise ConfigError(
+            f"{directory / ADAPTER_WEIGHTS} does not fit this model (names or shapes differ); "
+            f"load it onto {meta['base_model']}"
+        )
+    model.load_state_dict(state, strict=False)
+    return model

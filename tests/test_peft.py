@@ -1,0 +1,153 @@
+"""LoRA, adapters and prefix tuning: identity at start, only adapter weights learn, LoRA merges
+exactly, adapters save alone and load back onto the base model, checkpoints keep them."""
+
+import pytest
+import torch
+
+from gptkit.checkpoint import load_checkpoint, save_checkpoint
+from gptkit.config import ConfigError, PeftConfig, SampleConfig, preset
+from gptkit.generate import generate
+from gptkit.model import GPT
+from gptkit.peft import LoRALinear, apply_peft, load_adapter, merge_lora, save_adapter
+
+METHODS = ["lora", "adapter", "prefix"]
+
+
+def tiny(name="tiny-llama", **overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(preset(name, **overrides)).eval()
+
+
+def randomize(model: GPT) -> None:
+    """Give the trainable (zero-initialised) parts values, as training would."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_a_fresh_lora_or_adapter_leaves_outputs_unchanged(method):
+    model = tiny()
+    before = model(X)
+    apply_peft(model, PeftConfig(method=method))
+    assert torch.equal(model(X), before)
+
+
+def test_a_fresh_prefix_is_real_keys_and_values_of_the_model():
+    """Li & Liang initialise prefixes from real activations: ours are the model's own keys
+    and values for a few tokens, so the prefix is on the scale attention expects."""
+    model = tiny()
+    apply_peft(model, PeftConfig(method="prefix", prefix_length=4))
+    prefix = model.blocks[0].attn.prefix
+    assert prefix.k.shape == (2, 4, 16)  # [Hkv, P, D] of tiny-llama
+    assert 0.1 < prefix.k.std() < 10 and prefix.v.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("head", ["lm", "classify"])
+def test_only_adapter_parameters_receive_gradients(method, head):
+    model = tiny()
+    if head == "classify":
+        model.set_head("classify", ["neg", "pos"])
+    apply_peft(model, PeftConfig(method=method))
+    randomize(model)  # at init B (up) is zero, which zeroes A's (down's) gradient
+    model.train()
+    y = torch.randint(0, 2 if head == "classify" else 256, X.shape)
+    _, loss = model(X, y)
+    loss.backward()
+    marks = {"lora": ("lora_A", "lora_B"), "adapter": (".down.", ".up."), "prefix": ("prefix",)}
+    for name, p in model.named_parameters():
+        adapter = any(m in name for m in marks[method]) or name.startswith("score.")
+        assert p.requires_grad == adapter, name
+        if adapter:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable < 0.5 * model.num_params()
+
+
+def test_lora_merge_and_unmerge_give_the_same_outputs():
+    model = tiny()
+    apply_peft(model, PeftConfig(method="lora", r=4, alpha=8))
+    randomize(model)
+    unmerged = model(X)
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(loras) == 2 * 4  # qkv, proj, fc, proj in each of 2 blocks
+    for m in loras:
+        m.merge()
+    torch.testing.assert_close(model(X), unmerged, rtol=1e-5, atol=1e-5)
+    for m in loras:
+        m.unmerge()
+    torch.testing.assert_close(model(X), unmerged, rtol=1e-5, atol=1e-5)
+    merged = merge_lora(model)  # a plain GPT again: nothing of LoRA left
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert set(merged.state_dict()) == set(tiny().state_dict())
+    torch.testing.assert_close(merged(X), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_targets_pick_layers_and_a_typo_is_an_error():
+    model = apply_peft(tiny(), PeftConfig(method="lora", targets=["attn.qkv"]))
+    assert isinstance(model.blocks[0].attn.qkv, LoRALinear)
+    assert not isinstance(model.blocks[0].mlp.fc, LoRALinear)
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        apply_peft(tiny(), PeftConfig(method="lora", targets=["q_proj"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_only_save_loads_back_onto_the_base(tmp_path, method):
+    base_state = {k: v.clone() for k, v in tiny().state_dict().items()}
+    model = tiny()
+    model.set_head("tag", ["O", "B-X", "I-X"])
+    apply_peft(model, PeftConfig(method=method))
+    randomize(model)
+    expected = model(X)
+    out = save_adapter(model, tmp_path / "adapter", base="tiny-llama")
+    stored = sum(f.stat().st_size for f in out.iterdir())
+    assert stored < 0.5 * sum(v.numel() * 4 for v in base_state.values())
+
+    fresh = tiny()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in base_state.items())
+    load_adapter(fresh, out)
+    assert fresh.config.labels == ["O", "B-X", "I-X"]
+    torch.testing.assert_close(fresh(X), expected)
+
+
+def test_an_adapter_refuses_a_base_of_another_size(tmp_path):
+    model = apply_peft(tiny(), PeftConfig(method="lora"))
+    out = save_adapter(model, tmp_path / "a", base="tiny-llama")
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_adapter(tiny(n_embd=32, intermediate_size=64), out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_checkpoints_keep_the_method_and_reload_identically(tmp_path, method):
+    model = apply_peft(tiny(), PeftConfig(method=method))
+    randomize(model)
+    save_checkpoint(tmp_path / "ckpt", model)
+    loaded, _, meta = load_checkpoint(tmp_path / "ckpt")
+    assert meta["peft"]["method"] == method
+    torch.testing.assert_close(loaded(X), model(X))
+    # the frozen/trainable split survives: a resumed run trains the same parameters
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if p.requires_grad
+    ]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_prefix_generation_with_the_kv_cache_equals_full_forwards(name):
+    """The prefix joins every attention call, with or without a cache: greedy decoding with
+    the cache must pick the tokens a full forward pass picks at each step."""
+    model = apply_peft(tiny(name), PeftConfig(method="prefix", prefix_length=5))
+    randomize(model)
+    prompt = X[0, :8].tolist()
+    out = generate(model, [prompt], SampleConfig(max_new_tokens=10, temperature=0.0))[0]
+    ids = list(prompt)
+    for _ in range(10):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt) :]
