@@ -92,14 +92,24 @@ def eval_generate(
     chat: bool = True,
     batch_size: int = 8,
 ) -> tuple[dict, list[str]]:
-    """Metrics of greedy replies, and the replies."""
+    """Metrics of greedy replies, and the replies. A prompt too long for the context keeps its
+    end (where the question and the generation prompt are); `truncated` counts them."""
     prompts, refs, stop = generation_prompts(lm, path, limit, chat)
+    budget = lm.config.block_size - max_new_tokens
+    if budget < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room in the context")
+    truncated = 0
+    for i, prompt in enumerate(prompts):
+        ids = lm.tokenizer.encode(prompt)
+        if len(ids) > budget:
+            prompts[i] = lm.tokenizer.decode(ids[-budget:])
+            truncated += 1
     preds: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         preds += lm.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     preds = [p.strip() for p in preds]
-    return generation_metrics(preds, refs, metrics), preds
+    return {**generation_metrics(preds, refs, metrics), "truncated": truncated}, preds
 
 
 def eval_choice(lm: LM, path, limit: int = 0, shots: int = 0, train=None, seed=0) -> dict:

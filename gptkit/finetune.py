@@ -208,32 +208,20 @@ class ExampleTask:
         self.config = config
         self.name = config.objective
         self.model, self.tokenizer = lm.model, lm.tokenizer
-        block_size = self.model.config.block_size
         kind = config.task
-        self.records: dict[str, list[Any]] = {}  # the raw val records, for val metrics
         if kind == "sft":
             self._prepare_chat()
-            read, encode = read_chat, self._chat
-        elif kind == "classify":
-            read = lambda p: read_classification(p, config.text_field, config.label_field)  # noqa: E731
-            encode = lambda r: classification_example(  # noqa: E731
-                self.tokenizer, r[0], self.label_ids[r[1]], block_size
-            )
-        else:
-            read = lambda p: read_tagged(p, config.tag_column)  # noqa: E731
-            encode = lambda r: tagging_example(  # noqa: E731
-                self.tokenizer, r[0], [self.label_ids[t] for t in r[1]], block_size
-            )
-        train, val = _split(
-            read(config.data), read(config.val_data) if config.val_data else None, config
-        )
+        train = self._read(config.data)
+        train, val = _split(train, self._read(config.val_data) if config.val_data else None, config)
         if kind in ("classify", "tag"):
             self._set_labels(train + val)
-        self.records = {"train": train, "val": val}
-        self.train = [e for e in map(encode, train) if e is not None]
-        self.val = sorted((e for e in map(encode, val) if e is not None), key=lambda e: len(e.ids))
+        self.records = {"train": train, "val": val}  # the raw records, for val metrics
+        self.train = [e for e in map(self._encode, train) if e is not None]
+        self.val = sorted(
+            (e for e in map(self._encode, val) if e is not None), key=lambda e: len(e.ids)
+        )
         if config.packing and kind == "sft":
-            self.train = pack(self.train, block_size)
+            self.train = pack(self.train, self.model.config.block_size)
         if not self.train:
             raise ConfigError(f"{config.data}: no training example fits the model's context")
         self.pad_id = self.tokenizer.pad_id or 0
@@ -253,8 +241,23 @@ class ExampleTask:
         self.tokenizer.chat_template = CHATML  # saved with the model: chat and serve use it
         self.model.resize_vocab(max(self.model.config.vocab_size, self.tokenizer.vocab_size))
 
-    def _chat(self, messages: list[dict[str, str]]) -> Example | None:
-        return chat_example(self.tokenizer, messages, self.template, self.model.config.block_size)
+    def _read(self, path: str) -> list[Any]:
+        c = self.config
+        if c.task == "sft":
+            return read_chat(path)
+        if c.task == "classify":
+            return read_classification(path, c.text_field, c.label_field)
+        return read_tagged(path, c.tag_column)
+
+    def _encode(self, record: Any) -> Example | None:
+        tok, block_size = self.tokenizer, self.model.config.block_size
+        if self.config.task == "sft":
+            return chat_example(tok, record, self.template, block_size)
+        if self.config.task == "classify":
+            text, label = record
+            return classification_example(tok, text, self.label_ids[label], block_size)
+        words, tags = record
+        return tagging_example(tok, words, [self.label_ids[t] for t in tags], block_size)
 
     def _set_labels(self, records: list[Any]) -> None:
         kind, config = self.config.task, self.model.config

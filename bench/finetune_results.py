@@ -1,0 +1,269 @@
+"""Fine-tune and score on the real data sets in ../shared/data, for docs/RESULTS.md.
+
+    python bench/finetune_results.py --model here      # the Shakespeare GPT from `make demo`
+    python bench/finetune_results.py --model smollm2   # SmolLM2-135M-Instruct + LoRA
+    python bench/finetune_results.py --model smollm2 --only sst2 trec
+
+Each task: convert the shared files to a format `gptkit finetune` reads (into runs/results/
+data, never into the repo), fine-tune with the settings below, score the test split with the
+same functions as `gptkit eval`, and compute a trivial baseline (majority class, all-"O", copy
+the input). One JSON line per run goes to runs/results/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gptkit.api import load  # noqa: E402
+from gptkit.config import FinetuneConfig, PeftConfig  # noqa: E402
+from gptkit.evaltasks import eval_classify, eval_generate, eval_tag  # noqa: E402
+from gptkit.evaluate import classification_metrics, generation_metrics, tagging_metrics  # noqa: E402
+from gptkit.finetune import describe, finetune  # noqa: E402
+from gptkit.taskdata import read_chat, read_classification, read_tagged  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+OUT = ROOT / "runs" / "results"
+MODELS = {
+    "here": str(ROOT / "runs" / "shakespeare" / "checkpoint"),
+    "smollm2": "smollm2-135m-instruct",
+}
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+# -- data: shared files -> (train, val, test) paths -----------------------------------------
+
+
+def sst2() -> tuple[Path, Path, Path]:
+    """Binary SST-2 (stsa.binary: "label sentence")."""
+    names = {"0": "negative", "1": "positive"}
+
+    def convert(split):
+        rows = [line.split(" ", 1) for line in _lines(SHARED / "sst2" / f"stsa.binary.{split}")]
+        return _write_jsonl(
+            OUT / "data" / f"sst2-{split}.jsonl",
+            [{"text": t, "label": names[lab]} for lab, t in rows],
+        )
+
+    return convert("train"), convert("dev"), convert("test")
+
+
+def trec() -> tuple[Path, Path, Path]:
+    """TREC-6 question types ("COARSE:fine question"); val = the last 500 training questions."""
+
+    def rows(name):
+        out = []
+        for line in _lines(SHARED / "trec" / name):
+            label, text = line.split(" ", 1)
+            out.append({"text": text, "label": label.split(":")[0]})
+        return out
+
+    train = rows("TREC.train.all")
+    return (
+        _write_jsonl(OUT / "data" / "trec-train.jsonl", train[:-500]),
+        _write_jsonl(OUT / "data" / "trec-val.jsonl", train[-500:]),
+        _write_jsonl(OUT / "data" / "trec-test.jsonl", rows("TREC.test.all")),
+    )
+
+
+def wnut17():
+    d = SHARED / "wnut17"
+    return d / "wnut17train.conll", d / "emerging.dev.conll", d / "emerging.test.annotated"
+
+
+def ud_ewt():
+    d = SHARED / "ud-english-ewt"
+    return d / "en_ewt-ud-train.conllu", d / "en_ewt-ud-dev.conllu", d / "en_ewt-ud-test.conllu"
+
+
+def self_instruct():
+    """Train on the 175 seed tasks, test on the 252 user-oriented instructions."""
+    d = SHARED / "self-instruct"
+    seed = read_chat(d / "seed_tasks.jsonl")
+    return (
+        _write_jsonl(OUT / "data" / "si-train.jsonl", [{"messages": m} for m in seed[:-25]]),
+        _write_jsonl(OUT / "data" / "si-val.jsonl", [{"messages": m} for m in seed[-25:]]),
+        d / "user_oriented_instructions.jsonl",
+    )
+
+
+def dialogsum():
+    """DialogSum has no train file here: train on dev (400), val (100), test on test's
+    summary1 (the first of its three references)."""
+    d = SHARED / "dialogsum"
+    dev = [json.loads(line) for line in _lines(d / "dialogsum.dev.jsonl")]
+    test = [json.loads(line) for line in _lines(d / "dialogsum.test.jsonl")]
+
+    def pick(rows):
+        return [
+            {"dialogue": r["dialogue"], "summary": r.get("summary") or r["summary1"]} for r in rows
+        ]
+
+    return (
+        _write_jsonl(OUT / "data" / "ds-train.jsonl", pick(dev[:400])),
+        _write_jsonl(OUT / "data" / "ds-val.jsonl", pick(dev[400:])),
+        _write_jsonl(OUT / "data" / "ds-test.jsonl", pick(test)),
+    )
+
+
+def multi30k():
+    """English -> German; test = test_2016_flickr."""
+    d = SHARED / "multi30k"
+
+    def pairs(split, name):
+        en, de = _lines(d / f"{split}.en.gz"), _lines(d / f"{split}.de.gz")
+        rows = [
+            {"prompt": f"Translate to German: {e}", "response": g}
+            for e, g in zip(en, de, strict=True)
+        ]
+        return _write_jsonl(OUT / "data" / f"mt-{name}.jsonl", rows)
+
+    return pairs("train", "train"), pairs("val", "val"), pairs("test_2016_flickr", "test")
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+# objective, data, settings over SETTINGS, eval limit (0 = the whole test split); long
+# examples (dialogues, instructions) get smaller batches to keep a step near a few seconds
+LONG = dict(batch_size=4, max_steps=40)
+TASKS = {
+    "sst2": ("classify", sst2, {}, 0),
+    "trec": ("classify", trec, {}, 0),
+    "wnut17": ("tag", wnut17, {}, 0),
+    "ud-upos": ("tag", ud_ewt, {}, 1000),
+    "self-instruct": ("sft", self_instruct, LONG, 100),
+    "dialogsum": ("sft", dialogsum, LONG, 50),
+    "multi30k": ("sft", multi30k, {}, 100),
+}
+SETTINGS = {
+    # the 2M-parameter Shakespeare model: full fine-tuning, a high learning rate
+    "here": dict(max_steps=300, batch_size=32, lr=1e-3, warmup_steps=20, peft=PeftConfig()),
+    # SmolLM2-135M: LoRA r=16 on every linear layer, the usual LoRA learning rate; few steps,
+    # as a 2-core CPU trains it at ~200 tokens/s
+    "smollm2": dict(
+        max_steps=50,
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=10,
+        peft=PeftConfig(method="lora", r=16, alpha=32),
+    ),
+}
+
+
+def baseline(objective: str, train: Path, test: Path, limit: int) -> dict:
+    """Majority class / most frequent tag per word-less guess ("O" or the commonest tag) /
+    the prompt's text copied as the answer."""
+    if objective == "classify":
+        gold = [label for _, label in read_classification(test)[: limit or None]]
+        common = collections.Counter(label for _, label in read_classification(train)).most_common(
+            1
+        )[0][0]
+        return classification_metrics(gold, [common] * len(gold))
+    if objective == "tag":
+        sentences = read_tagged(test)[: limit or None]
+        counts = collections.Counter(t for _, tags in read_tagged(train) for t in tags)
+        common = counts.most_common(1)[0][0]
+        return tagging_metrics([t for _, t in sentences], [[common] * len(t) for _, t in sentences])
+    conversations = read_chat(test)[: limit or None]
+    refs = [c[-1]["content"] for c in conversations]
+    copies = [
+        c[-2]["content"]
+        .removeprefix("Translate to German: ")
+        .removeprefix("Summarize this dialogue:\n")
+        for c in conversations
+    ]
+    return generation_metrics(copies, refs)
+
+
+def run_task(model: str, name: str) -> dict:
+    objective, data, extra, limit = TASKS[name]
+    train, val, test = data()
+    out = OUT / model / name
+    settings = {**SETTINGS[model], **extra}
+    config = FinetuneConfig(
+        objective=objective,
+        init_from=MODELS[model],
+        data=str(train),
+        val_data=str(val),
+        out_dir=str(out),
+        eval_batches=8,
+        eval_every=0,
+        threads=2,
+        tensorboard=False,
+        progress=False,
+        **settings,
+    )
+    start = time.perf_counter()
+    result = finetune(config, overwrite=True)
+    train_s = time.perf_counter() - start
+    print(f"{model}/{name}: {describe(result)}", flush=True)
+    lm = load(result.train.checkpoint)
+    start = time.perf_counter()
+    if objective == "classify":
+        scores = eval_classify(lm, test, limit)
+    elif objective == "tag":
+        scores = eval_tag(lm, test, limit)
+    else:
+        scores, replies = eval_generate(lm, test, limit, max_new_tokens=48)
+        _write_jsonl(out / "replies.jsonl", [{"reply": r} for r in replies])
+    record = {
+        "model": model,
+        "task": name,
+        "objective": objective,
+        "settings": {
+            k: (v.to_dict() if isinstance(v, PeftConfig) else v) for k, v in settings.items()
+        },
+        "steps": result.train.steps,
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(time.perf_counter() - start, 1),
+        "val_loss": result.train.val_loss,
+        "test": scores,
+        "test_limit": limit,
+        "baseline": baseline(objective, train, test, limit),
+    }
+    with open(OUT / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(MODELS), required=True)
+    parser.add_argument("--only", nargs="*", choices=list(TASKS), help="run only these tasks")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED} is missing: these results need the shared data sets")
+    torch.set_num_threads(2)
+    for name in args.only or TASKS:
+        try:
+            run_task(args.model, name)
+        except ValueError as e:  # e.g. no example fits a small model's context: say so, go on
+            print(f"{args.model}/{name}: FAILED: {e}", flush=True)
+            with open(OUT / "results.jsonl", "a") as f:
+                f.write(json.dumps({"model": args.model, "task": name, "error": str(e)}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
