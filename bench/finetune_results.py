@@ -46,9 +46,9 @@ def _write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: Path, encoding: str = "utf-8") -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with opener(path, "rt", encoding=encoding) as f:
         return [line.rstrip("\n") for line in f]
 
 
@@ -70,14 +70,15 @@ def sst2() -> tuple[Path, Path, Path]:
 
 
 def trec() -> tuple[Path, Path, Path]:
-    """TREC-6 question types ("COARSE:fine question"); val = the last 500 training questions."""
+    """TREC-6 question types ("label question", labels 0..5 as in SOURCE.txt); val = the last
+    500 training questions."""
+    names = ["DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"]
 
     def rows(name):
-        out = []
-        for line in _lines(SHARED / "trec" / name):
-            label, text = line.split(" ", 1)
-            out.append({"text": text, "label": label.split(":")[0]})
-        return out
+        lines = _lines(SHARED / "trec" / name, encoding="latin-1")  # not UTF-8
+        return [
+            {"text": t, "label": names[int(lab)]} for lab, t in (x.split(" ", 1) for x in lines)
+        ]
 
     train = rows("TREC.train.all")
     return (
@@ -248,11 +249,54 @@ def run_task(model: str, name: str) -> dict:
     return record
 
 
+# the headline metric of each task (test split), as its papers report it
+HEADLINE = {
+    "sst2": ("accuracy", 100),
+    "trec": ("accuracy", 100),
+    "wnut17": ("entity_f1", 100),
+    "ud-upos": ("token_accuracy", 100),
+    "self-instruct": ("rougeL", 1),
+    "dialogsum": ("rougeL", 1),
+    "multi30k": ("bleu", 1),
+}
+
+
+def table(path: Path = OUT / "results.jsonl") -> str:
+    """A markdown table of the latest run of each (model, task) in results.jsonl."""
+    latest = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        latest[r["model"], r["task"]] = r
+    rows = ["| task | model | metric (test) | score | baseline | steps | train s | val loss |"]
+    rows.append("|---|---|---|---|---|---|---|---|")
+    for task, (metric, scale) in HEADLINE.items():
+        for model in MODELS:
+            r = latest.get((model, task))
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append(f"| {task} | {model} | — | not run: {r['error']} | | | | |")
+                continue
+            limit = f" (first {r['test_limit']})" if r["test_limit"] else ""
+            rows.append(
+                f"| {task} | {model} | {metric}{limit} | **{scale * r['test'][metric]:.1f}** | "
+                f"{scale * r['baseline'][metric]:.1f} | {r['steps']} | {r['train_seconds']:.0f} | "
+                f"{r['val_loss']:.3f} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=list(MODELS), required=True)
+    parser.add_argument("--model", choices=list(MODELS))
     parser.add_argument("--only", nargs="*", choices=list(TASKS), help="run only these tasks")
+    parser.add_argument("--table", action="store_true", help="print results.jsonl as markdown")
     args = parser.parse_args()
+    if args.table:
+        print(table())
+        return
+    if args.model is None:
+        parser.error("--model is required (or --table)")
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is missing: these results need the shared data sets")
     torch.set_num_threads(2)

@@ -381,3 +381,64 @@ def test_tune_searches_and_reports_the_best_trial(data):
     saved = json.loads((data / "tune" / "tune.json").read_text())
     assert saved["best_trial"] == result.best_trial
     assert (data / "tune" / f"trial-{result.best_trial}" / "checkpoint").is_dir()
+
+
+@pytest.mark.parametrize(
+    "objective,file,settings",
+    [
+        ("sft", "sft.jsonl", ["peft.method=prefix", "peft.prefix_length=4"]),
+        ("tag", "tag.conll", ["peft.method=adapter", "peft.adapter_size=8"]),
+        ("lm", "text.txt", []),
+        ("distill", "text.txt", ["peft.method=lora", "distill_on=lm"]),
+    ],
+)
+def test_cli_runs_every_objective(data, tmp_path, objective, file, settings):
+    if objective == "distill":
+        settings = [*settings, f"teacher={json.dumps(str(data / 'base'))}"]
+    done = gptkit(
+        "finetune", objective, "--model", str(data / "base"), "--data", str(data / file),
+        f"out_dir={json.dumps(str(tmp_path))}", "max_steps=2", "progress=false", *settings,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "fine-tuned: 2 steps" in done.stdout
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_cli_eval_choice_and_perplexity(data, tmp_path):
+    items = [{"question": f"is {w} good", "choices": ["yes", "no"], "answer": 0} for w in POS]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(i) for i in items))
+    base = ["--model", str(data / "base")]
+    done = gptkit("eval", "choice", *base, "--data", str(tmp_path / "mc.jsonl"), "--shots", "1")
+    assert done.returncode == 0, done.stderr
+    assert "accuracy_norm" in done.stdout and "shots" in done.stdout
+    done = gptkit("eval", "perplexity", *base, "--data", str(data / "text.txt"))
+    assert done.returncode == 0, done.stderr
+    assert "perplexity" in done.stdout
+
+
+def test_torchrun_two_processes_fine_tune_like_one(data, tmp_path):
+    """classify + LoRA under DDP (gloo, 2 CPU processes, one micro-batch each) ends with the
+    weights of one process running both micro-batches; only rank 0 reports."""
+    args = ["classify", "--model", str(data / "base"), "--data", str(data / "cls.jsonl")]
+    args += ["max_steps=4", "grad_accum=2", "batch_size=8", "peft.method=lora", "threads=1"]
+    args += ["progress=false", "tensorboard=false"]
+    one = gptkit("finetune", *args, f"out_dir={json.dumps(str(tmp_path / 'one'))}")
+    assert one.returncode == 0, one.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [
+            *torchrun,
+            "-m",
+            "gptkit",
+            "finetune",
+            *args,
+            f"out_dir={json.dumps(str(tmp_path / 'two'))}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("fine-tuned: 4 steps") == 1
+    a = load_checkpoint(tmp_path / "one" / "checkpoint")[0].state_dict()
+    b = load_checkpoint(tmp_path / "two" / "checkpoint")[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
