@@ -269,6 +269,7 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
 
 
 Objective = Literal["lm", "fim", "mlm"]
+DEFAULT_MODEL = {"preset": "small"}
 
 
 @dataclass
@@ -285,7 +286,7 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"  # checkpoint/, metrics.jsonl, tensorboard/, loss.png
     # "preset" names a PRESETS entry; the other keys override GPTConfig fields. vocab_size
     # defaults to the data's tokenizer.
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "small"})
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     init_from: str | None = None  # start from this checkpoint's weights instead of random
     objective: Objective = "lm"
     fim_rate: float = 0.5  # fim: share of windows rearranged to prefix/suffix/middle
@@ -497,6 +498,11 @@ class FinetuneConfig(TrainConfig):
             )
         if not self.data:
             raise ConfigError("data is not set: point it at the training examples")
+        if self.model != DEFAULT_MODEL:
+            raise ConfigError(
+                "model.* keys do not apply to fine-tuning: the model and its shape come from "
+                "init_from"
+            )
         if self.objective == "distill":
             if not self.teacher:
                 raise ConfigError("objective 'distill' needs teacher= (the teacher model)")

@@ -281,6 +281,7 @@ def test_epochs_set_the_number_of_steps(data):
         (dict(label_field="y"), "no field 'y'"),
         (dict(objective="distill"), "needs teacher"),
         (dict(peft=PeftConfig(method="lora", targets=["q_proj"])), "match no linear layer"),
+        (dict(model={"preset": "small", "dropout": 0.1}), "do not apply to fine-tuning"),
     ],
 )
 def test_bad_settings_are_one_clear_error(data, settings, message):
