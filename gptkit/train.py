@@ -83,12 +83,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token: 6 per trained weight (forward 2, backward 4: gradients of the
-    input and of the weight), 4 per frozen one (no weight gradient), plus attention scores and
-    values, 6 * 2 * n_layer * n_head * head_dim * T (Kaplan et al.; PaLM appendix B)."""
+    """Training FLOPs per token: 6 per trained weight of a matmul (forward 2, backward 4:
+    gradients of the input and of the weight), 4 per frozen one (no weight gradient), plus
+    attention scores and values, 6 * 2 * n_layer * n_head * head_dim * T (Kaplan et al.; PaLM
+    appendix B). Embedding tables are lookups, except a token table tied to the LM head."""
     c: GPTConfig = model.config
-    positions = model.pos_emb.weight if c.positions == "learned" else None
-    weights = [p for p in model.parameters() if p is not positions]
+    lookups = [] if model.head.weight is model.tok_emb.weight else [id(model.tok_emb.weight)]
+    if c.positions == "learned":
+        lookups.append(id(model.pos_emb.weight))
+    weights = [p for p in model.parameters() if id(p) not in lookups]
     trained = sum(p.numel() for p in weights if p.requires_grad)
     frozen = sum(p.numel() for p in weights) - trained
     return 6 * trained + 4 * frozen + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size

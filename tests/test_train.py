@@ -227,3 +227,22 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, fsdp):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert two.stdout.count("trained to step 6") == 1
+
+
+def test_flops_per_token_counts_matmul_weights_and_spares_frozen_gradients():
+    from gptkit.config import PeftConfig, preset
+    from gptkit.model import GPT
+    from gptkit.peft import apply_peft
+    from gptkit.train import flops_per_token
+
+    with torch.device("meta"):
+        gpt2 = GPT(preset("gpt2"))
+    # nanoGPT's estimate_mfu for GPT-2 124M: 6 N (N without position embeddings) + 12 L H Q T
+    attention = 12 * 12 * 12 * 64 * 1024
+    assert flops_per_token(gpt2) == 6 * (124_439_808 - 1024 * 768) + attention
+    model = GPT(preset("tiny"))
+    weights = model.num_params() - model.pos_emb.weight.numel()
+    apply_peft(model, PeftConfig(method="lora", r=2))  # base frozen: no weight gradients
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attention = 12 * 2 * 4 * 16 * 128
+    assert flops_per_token(model) == 4 * weights + 6 * lora + attention
