@@ -267,7 +267,7 @@ def table(path: Path = OUT / "results.jsonl") -> str:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         latest[r["model"], r["task"]] = r
-    rows = ["| task | model | metric (test) | score | baseline | steps | train s | val loss |"]
+    rows = ["| task | model | metric (test) | score | baseline | steps | train s | eval s |"]
     rows.append("|---|---|---|---|---|---|---|---|")
     for task, (metric, scale) in HEADLINE.items():
         for model in MODELS:
@@ -281,7 +281,7 @@ def table(path: Path = OUT / "results.jsonl") -> str:
             rows.append(
                 f"| {task} | {model} | {metric}{limit} | **{scale * r['test'][metric]:.1f}** | "
                 f"{scale * r['baseline'][metric]:.1f} | {r['steps']} | {r['train_seconds']:.0f} | "
-                f"{r['val_loss']:.3f} |"
+                f"{r['eval_seconds']:.0f} |"
             )
     return "\n".join(rows)
 

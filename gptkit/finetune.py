@@ -217,9 +217,7 @@ class ExampleTask:
             self._set_labels(train + val)
         self.records = {"train": train, "val": val}  # the raw records, for val metrics
         self.train = [e for e in map(self._encode, train) if e is not None]
-        self.val = sorted(
-            (e for e in map(self._encode, val) if e is not None), key=lambda e: len(e.ids)
-        )
+        self.val = [e for e in map(self._encode, val) if e is not None]
         if config.packing and kind == "sft":
             self.train = pack(self.train, self.model.config.block_size)
         if not self.train:
@@ -304,12 +302,13 @@ class ExampleTask:
         return collate(rows, self.pad_id)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]:
-        B = self.config.batch_size
-        batches = range(0, len(self.val), B)
-        limit = self.config.eval_batches or len(batches)
-        for b, start in enumerate(batches[:limit]):
+        """The first eval_batches * batch_size val examples (all when 0), in batches of
+        similar lengths (less padding)."""
+        B, limit = self.config.batch_size, self.config.eval_batches
+        val = sorted(self.val[: limit * B or None], key=lambda e: len(e.ids))
+        for b, start in enumerate(range(0, len(val), B)):
             if b % world_size == rank:
-                yield collate(self.val[start : start + B], self.pad_id)
+                yield collate(val[start : start + B], self.pad_id)
 
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x, y)[1]
