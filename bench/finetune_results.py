@@ -267,7 +267,7 @@ def table(path: Path = OUT / "results.jsonl") -> str:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         latest[r["model"], r["task"]] = r
-    rows = ["| task | model | metric (test) | score | baseline | steps | train s | eval s |"]
+    rows = ["| task | model | metric (test) | score | baseline | steps | fine-tune s | test s |"]
     rows.append("|---|---|---|---|---|---|---|---|")
     for task, (metric, scale) in HEADLINE.items():
         for model in MODELS:
