@@ -25,8 +25,7 @@ import math
 import random
 import re
 import string
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from seqeval import metrics as seqeval_metrics
 from sklearn import metrics as sklearn_metrics
+
+from .generate import eval_mode
 
 if TYPE_CHECKING:
     from .api import LM
@@ -156,17 +157,6 @@ def _check_pairs(gold: Sequence[Any], pred: Sequence[Any], gold_name: str, pred_
 # --- log-likelihoods under the model ---------------------------------------------------------
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Score with dropout off, and leave the model in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _tail_logprobs(
     model: nn.Module, seqs: Sequence[torch.Tensor], n_scored: Sequence[int]
 ) -> list[float]:
@@ -233,7 +223,7 @@ def perplexity(
         raise ValueError(f"stride must be in 1..block_size ({block_size}), got {stride}")
     windows = perplexity_windows(len(ids), block_size, stride)
     total, tokens = 0.0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for i in range(0, len(windows), batch_size):
             batch = windows[i : i + batch_size]
             seqs = [ids[start:end] for start, end, _ in batch]
@@ -279,7 +269,7 @@ def continuation_logprobs(
     # Longest first, so each batch pads its rows to similar lengths.
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
-    with _eval_mode(model):
+    with eval_mode(model):
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
             batch_scores = _tail_logprobs(

@@ -36,6 +36,7 @@ from .chat import CHATML, render
 from .checkpoint import load_checkpoint
 from .config import ConfigError, FinetuneConfig
 from .evaluate import classification_metrics, save_results, tagging_metrics
+from .generate import eval_mode
 from .model import GPT
 from .peft import apply_peft, save_adapter
 from .prepare import prepare
@@ -153,7 +154,7 @@ def _batched_logits(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     out: list[Any] = [None] * len(examples)
     device = model.tok_emb.weight.device
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             x, _ = collate([examples[i] for i in rows], pad_id)

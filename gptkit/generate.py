@@ -59,7 +59,7 @@ def pick_next(logits, seen, sample: SampleConfig, generator) -> torch.Tensor:
 
 
 @contextmanager
-def _eval_mode(model: GPT):
+def eval_mode(model: torch.nn.Module):
     """Run in eval mode (no dropout), then give the model back in the mode it came in."""
     was_training = model.training
     model.eval()
@@ -121,7 +121,7 @@ def decode_steps(
     if sample.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sample.seed)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
         for step in range(max_new):
             token = pick_next(logits[:, -1].float(), seen, sample, generator)  # [N]
@@ -213,7 +213,7 @@ def beam_search(
     max_new = _budget(model, [prompt], sample.max_new_tokens)
     if max_new <= 0:
         return [[] for _ in range(sample.num_return_sequences)]
-    with _eval_mode(model):
+    with eval_mode(model):
         return _beam_search(model, prompt, sample, max_new, eos_id, decode)
 
 
