@@ -320,10 +320,8 @@ class ExampleTask:
         if self.config.task == "classify":
             pred = predict_labels(model, self.tokenizer, [text for text, _ in val])
             return classification_metrics([label for _, label in val], pred)
-        if self.config.task == "tag":
-            pred = predict_tags(model, self.tokenizer, [words for words, _ in val])
-            return tagging_metrics([tags for _, tags in val], pred)
-        return {}
+        pred = predict_tags(model, self.tokenizer, [words for words, _ in val])
+        return tagging_metrics([tags for _, tags in val], pred)
 
 
 def _split(
@@ -445,10 +443,12 @@ def finetune(
     try:
         result = trainer.fit()
         metrics, adapter = {}, None
-        if trainer.dist.is_main:
+        scored = config.task in ("classify", "tag")
+        if trainer.dist.is_main and (scored or config.peft.enabled):
+            # the saved checkpoint, whole on one device whatever DDP/FSDP did in training
             model, _, _ = load_checkpoint(result.checkpoint, device=trainer.dist.device)
-            inner = task.inner if isinstance(task, Distill) else task
-            if isinstance(inner, ExampleTask):
+            if scored:
+                inner = task.inner if isinstance(task, Distill) else task
                 metrics = inner.val_metrics(model)
                 save_results(metrics, Path(config.out_dir) / "val_metrics.json")
             if config.peft.enabled:

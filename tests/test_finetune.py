@@ -303,23 +303,16 @@ def gptkit(*args, cwd=None):
     )
 
 
+def finetune_cli(data: Path, objective: str, file: str, out: Path, *settings: str):
+    """`gptkit finetune OBJECTIVE --model base --data FILE out_dir=OUT SETTINGS...`"""
+    model_data = ["--model", str(data / "base"), "--data", str(data / file)]
+    return gptkit("finetune", objective, *model_data, f"out_dir={json.dumps(str(out))}", *settings)
+
+
 def test_cli_finetune_eval_and_merge(data, tmp_path):
     out = tmp_path / "run"
-    done = gptkit(
-        "finetune",
-        "classify",
-        "--model",
-        str(data / "base"),
-        "--data",
-        str(data / "cls.jsonl"),
-        f"out_dir={json.dumps(str(out))}",
-        "max_steps=30",
-        "lr=3e-3",
-        "batch_size=16",
-        "peft.method=lora",
-        "peft.r=4",
-        "progress=false",
-    )
+    settings = ["max_steps=30", "lr=3e-3", "batch_size=16", "peft.method=lora", "peft.r=4"]
+    done = finetune_cli(data, "classify", "cls.jsonl", out, *settings, "progress=false")
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout and "adapter in" in done.stdout
     results = tmp_path / "eval.json"
@@ -347,16 +340,7 @@ def test_cli_finetune_eval_and_merge(data, tmp_path):
 
 
 def test_cli_errors_are_one_line(data, tmp_path):
-    done = gptkit(
-        "finetune",
-        "classify",
-        "--model",
-        str(data / "base"),
-        "--data",
-        str(data / "cls.jsonl"),
-        "label_field=y",
-        f"out_dir={json.dumps(str(tmp_path))}",
-    )
+    done = finetune_cli(data, "classify", "cls.jsonl", tmp_path, "label_field=y")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "no field 'y'" in done.stderr
     done = gptkit("finetune", "sft", "--data", "x.jsonl", "learning_rate=1")
@@ -396,10 +380,7 @@ def test_tune_searches_and_reports_the_best_trial(data):
 def test_cli_runs_every_objective(data, tmp_path, objective, file, settings):
     if objective == "distill":
         settings = [*settings, f"teacher={json.dumps(str(data / 'base'))}"]
-    done = gptkit(
-        "finetune", objective, "--model", str(data / "base"), "--data", str(data / file),
-        f"out_dir={json.dumps(str(tmp_path))}", "max_steps=2", "progress=false", *settings,
-    )  # fmt: skip
+    done = finetune_cli(data, objective, file, tmp_path, "max_steps=2", "progress=false", *settings)
     assert done.returncode == 0, done.stderr
     assert "fine-tuned: 2 steps" in done.stdout
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
