@@ -109,35 +109,59 @@ class LM:
         return [self._text(row, sample) for row in out]
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
-        """Yield the completion's text piece by piece as tokens are generated.
-
-        A piece is released only once it is final: never half a UTF-8 character (byte-level
-        tokens can split one), and never text that might be the start of a stop string.
-        """
+        """Yield the completion's text piece by piece as tokens are generated (see TextStream)."""
         sample = sample_config(**sampling)
-        ids: list[int] = []
-        sent = 0
-        hold = max((len(s) for s in sample.stop), default=1) - 1
-        # Stop strings are found here, in the text being released, so the token stream
-        # below need not decode the output a second time to look for them.
+        text = TextStream(self.tokenizer, sample.stop)
+        # Stop strings are found in the text being released, so the token stream below need
+        # not decode the output a second time to look for them.
         tokens = stream(
             self.model, self._prompt_ids(prompt), replace(sample, stop=[]), self.tokenizer.eos_id
         )
         for token in tokens:
-            if token == self.tokenizer.eos_id:
-                break
-            ids.append(token)
-            text, stopped = truncate_at_stop(self.tokenizer.decode(ids), sample.stop)
-            if stopped:
-                yield text[sent:]
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 return
-            ready = len(text.rstrip("\ufffd")) - hold
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-        text = truncate_at_stop(self.tokenizer.decode(ids), sample.stop)[0]
-        if len(text) > sent:
-            yield text[sent:]
+        if piece := text.flush():
+            yield piece
+
+
+class TextStream:
+    """Token ids in, final text out: the detokenizer behind every streamed reply.
+
+    A piece is released only once it is final: never half a UTF-8 character (byte-level tokens
+    can split one), and never text that might be the start of a stop string. EOS or a completed
+    stop string sets `stopped`; the text before the stop string is all that is ever released.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters released so far
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the text that became final ("" if none)."""
+        if token == self.tokenizer.eos_id:
+            self.stopped = True
+            return self.flush()
+        self.ids.append(token)
+        text, self.stopped = truncate_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        ready = len(text) if self.stopped else len(text.rstrip("\ufffd")) - self.hold
+        return self._release(text, ready)
+
+    def flush(self) -> str:
+        """The rest of the text, at the end of generation."""
+        text = truncate_at_stop(self.tokenizer.decode(self.ids), self.stop)[0]
+        return self._release(text, len(text))
+
+    def _release(self, text: str, ready: int) -> str:
+        if ready <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : ready], ready
+        return piece
 
 
 def load(

@@ -17,6 +17,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .api import LM
+from .tokenizer import Tokenizer
 
 CHATML = (
     "{% for message in messages %}"
@@ -64,14 +65,23 @@ def render(
         raise ChatTemplateError(f"the chat template failed to render: {e}") from None
 
 
+def chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
+    """The generation prompt for `messages` under the tokenizer's chat template (or ChatML)."""
+    names = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    return render(messages, tokenizer.chat_template or CHATML, True, **names)
+
+
+def turn_stops(tokenizer: Tokenizer) -> list[str]:
+    """The end-of-turn strings of this tokenizer: a reply stops at any of them."""
+    return [s for s in END_OF_TURN if s in tokenizer.special_tokens]
+
+
 class ChatSession:
     """A conversation with a model: each `send` streams the assistant's reply."""
 
     def __init__(self, lm: LM, system: str | None = None, **sampling: Any):
         self.lm, self.system, self.sampling = lm, system, sampling
-        tok = lm.tokenizer
-        self.template = tok.chat_template or CHATML
-        self.stop = [s for s in END_OF_TURN if s in tok.special_tokens]
+        self.stop = turn_stops(lm.tokenizer)
         self.messages: list[dict[str, str]] = []
         self.reset()
 
@@ -79,9 +89,7 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def prompt(self) -> str:
-        tok = self.lm.tokenizer
-        names = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
-        return render(self.messages, self.template, add_generation_prompt=True, **names)
+        return chat_prompt(self.lm.tokenizer, self.messages)
 
     def _fit_context(self) -> None:
         """Drop the oldest turns (never the system prompt) until the prompt leaves room."""

@@ -7,6 +7,7 @@ User errors (bad flag values, missing or damaged files, prompts that do not fit)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -235,6 +236,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(ChatSession(lm, system=args.system, **sampling))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .api import load
+    from .serve import ServeConfig, serve
+
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("GPTKIT_API_KEY"),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_seconds=args.max_seconds,
+    )  # validated before spending time on loading the model
+    lm = load(args.model, device=args.device, adapter=args.adapter)
+    serve(lm, args.name or Path(args.model.rstrip("/")).name, config)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .api import load
     from .checkpoint import load_checkpoint, save_checkpoint
@@ -375,6 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _sampling_flags(p, temperature=0.7, max_new=256)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a web chat page")
+    p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
+    p.add_argument("--adapter", help="an adapter directory from a finetune run")
+    p.add_argument("--name", help="the model id clients send (default: the --model name)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or GPTKIT_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting sequences; then 503")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="generation time limit")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="Hugging Face model -> gptkit checkpoint, or back (--to hf)")
     p.add_argument("source", help="HF directory or hub name; a gptkit checkpoint with --to hf")

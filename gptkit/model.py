@@ -141,6 +141,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         # Prefix tuning (peft.py) sets a module here that prepends learned keys and values.
         self.register_module("prefix", None)
+        # explain.py sets a callable here to see each layer's queries, keys and mask.
+        self.probe = None
 
     def forward(self, x, rope, mask, is_causal: bool, cache: KVCache | None):
         B, T, _ = x.shape
@@ -156,6 +158,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # [B, Hkv, S, D]
         if self.prefix is not None:
             k, v, mask, is_causal = self.prefix(k, v, mask, is_causal)  # S grows by the prefix
+        if self.probe is not None:
+            self.probe(q, k, mask, is_causal)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -368,9 +372,10 @@ class GPT(nn.Module):
         k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
         allowed = (k_pos <= q_pos if causal else k_pos >= 0)[None, None]  # [1, 1, T, S]
         if key_mask is not None:
-            # Padding keys are hidden; a query always sees itself so that the rows of padding
-            # queries are never empty (an all-masked softmax row would be NaN).
-            allowed = (allowed & key_mask[:, None, None, :S]) | (k_pos == q_pos)
+            # Padding keys are hidden. A query that would then see nothing (a padding query)
+            # sees itself, since an all-masked softmax row would be NaN.
+            allowed = allowed & key_mask[:, None, None, :S]
+            allowed = allowed | (~allowed.any(-1, keepdim=True) & (k_pos == q_pos))
         local = allowed & ((q_pos - k_pos).abs() < self.config.local_window)
         return {False: (allowed, False), True: (local, False)}
 

@@ -23,3 +23,20 @@ def char_checkpoint(tmp_path_factory):
     """A saved tiny char-level checkpoint with a 32-token context."""
     model, tok = char_model(block_size=32)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", model, tok)
+
+
+def tiny_chat_lm(block_size: int = 512):
+    """An LM: a tiny random Llama-style model whose BPE tokenizer knows ChatML. Its weights are
+    drawn wide (std 0.3, not 0.02) so that its greedy and sampled text varies from token to
+    token, which makes wrong batching or caching visible in the text."""
+    from gptkit.api import LM
+    from gptkit.tokenizer import train_bpe
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = train_bpe(["hello there, how are you? I am fine, thanks.\n" * 50], 300, specials)
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=block_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return LM(model, tok)

@@ -1,0 +1,300 @@
+"""The serving engine: one thread that batches every running request into each decoding step.
+
+HTTP handlers `submit` a `Sequence` and receive its text through the sequence's `emit`
+callback; they never call the model. The engine thread loops:
+
+1. admit waiting sequences while a slot is free: prefill each prompt into its own row of a
+   shared KV cache (`SlotCache`) and sample its first token;
+2. run ONE forward pass for all running rows (each row one token), sample each row with its
+   own settings, and hand out the new text;
+3. retire rows that finished (EOS, a stop string, max_tokens, the time limit) or whose client
+   went away, and free their slots at once.
+
+This is continuous batching: a request joins the running batch at the next step instead of
+waiting for the batch to drain. Rows keep their own lengths, so a new short prompt and an old
+long conversation share a step; a key mask hides each row's unused cache columns.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .api import LM, TextStream
+from .config import GPTConfig, SampleConfig
+from .generate import eval_mode, pick_next
+from .model import KVCache
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full: the caller should answer 503 and let the client retry."""
+
+
+@dataclass
+class Sequence:
+    """One completion to generate. `emit` is called from the engine thread with events:
+    ("text", piece), then exactly one ("done", finish_reason) or ("error", message)."""
+
+    prompt: list[int]
+    sample: SampleConfig  # max_new_tokens is already capped by the context
+    emit: Callable[[tuple[str, Any]], None]
+    frequency_penalty: float = 0.0  # OpenAI's definitions, applied to the logits
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    deadline: float = float("inf")  # time.monotonic() after which generation is cut
+    cancelled: bool = False  # set by the HTTP side when the client disconnects
+    generated: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SlotCache(KVCache):
+    """A KV cache whose rows are independent sequences, each filled to its own length.
+
+    Before a decoding step the engine sets `columns` [n] (where each row writes its new key
+    and value) and `length` (the longest row), so attention reads columns [0, length] and a
+    key mask hides what a shorter row has not filled.
+    """
+
+    columns: torch.Tensor
+
+    def reserve(self, columns: int, limit: int) -> None:
+        """Grow to hold `columns` positions per row (doubling, at most `limit`): memory follows
+        the longest running sequence, not the context (8192 positions x 8 rows of SmolLM2
+        would hold 3 GB from the first request on)."""
+        if columns <= self.max_len:
+            return
+        size = min(max(columns, 2 * self.max_len), limit)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], size, old.shape[4])
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, name, new)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v [n, Hkv, 1, D]: one new position per running row (rows 0..n-1)."""
+        n = k.shape[0]
+        rows = torch.arange(n, device=k.device)
+        self.k[layer][rows, :, self.columns] = k[:, :, 0]  # [n, Hkv, D] into per-row columns
+        self.v[layer][rows, :, self.columns] = v[:, :, 0]
+        end = self.length + 1
+        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]
+
+    def row(self, r: int) -> KVCache:
+        """Row r as an ordinary, empty KV cache (a view: a prefill through it fills row r)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length = self.k[:, r : r + 1], self.v[:, r : r + 1], 0
+        return view
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` columns into row dst (compacting the running rows)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+@dataclass
+class _Slot:
+    seq: Sequence
+    text: TextStream
+    length: int  # cache columns filled
+    token: int  # the last sampled token, fed in at the next step
+    budget: int
+    generator: torch.Generator | None
+    counts: torch.Tensor | None  # [V] tokens generated so far, for the OpenAI penalties
+    seen: torch.Tensor | None  # [1, V] prompt + output tokens, for the repetition penalty
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0  # batched decoding steps
+    tokens: int = 0  # tokens generated (including each prefill's first token)
+    prefills: int = 0
+    max_batch: int = 0  # the most rows one step has decoded together
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Engine:
+    """Owns the model; `submit` from any thread, `start` once, `close` at shutdown."""
+
+    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64):
+        self.lm, self.max_batch = lm, max_batch
+        self.config: GPTConfig = lm.model.config
+        self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
+        self.running: list[_Slot] = []
+        self.stats = EngineStats()
+        self._cache: SlotCache | None = None  # allocated at the first request
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
+
+    @property
+    def context(self) -> int:
+        return self.config.block_size
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def submit(self, seq: Sequence) -> None:
+        if self._closing.is_set():
+            raise EngineBusy("the server is shutting down")
+        try:
+            self.waiting.put_nowait(seq)
+        except queue.Full:
+            raise EngineBusy(
+                f"the server is busy ({self.waiting.maxsize} requests waiting); retry later"
+            ) from None
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop: every running or waiting sequence ends with an error event."""
+        self._closing.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the engine thread ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with eval_mode(self.lm.model), torch.inference_mode():
+            while not self._closing.is_set():
+                try:
+                    self._admit()
+                    if self.running:
+                        self._step()
+                except Exception as e:  # a bug must fail its requests, not kill the server
+                    for slot in self.running:
+                        slot.seq.emit(("error", f"generation failed: {e}"))
+                    self.running.clear()
+        for slot in self.running:
+            slot.seq.emit(("error", "the server is shutting down"))
+        while not self.waiting.empty():
+            self.waiting.get_nowait().emit(("error", "the server is shutting down"))
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences into free rows; block briefly only when nothing runs."""
+        while len(self.running) < self.max_batch:
+            try:
+                seq = (
+                    self.waiting.get(timeout=0.05)
+                    if not self.running
+                    else self.waiting.get_nowait()
+                )
+            except queue.Empty:
+                return
+            if seq.cancelled:
+                continue
+            try:
+                self._prefill(seq)
+            except Exception as e:  # this request fails; the running ones go on
+                if self.running and self.running[-1].seq is seq:
+                    self.running.pop()
+                seq.emit(("error", f"generation failed: {e}"))
+
+    def _prefill(self, seq: Sequence) -> None:
+        model, device = self.lm.model, self.lm.model.tok_emb.weight.device
+        if self._cache is None:
+            size = min(self.context, 256)
+            dtype = model.tok_emb.weight.dtype
+            self._cache = SlotCache(self.config, self.max_batch, size, device, dtype)
+        self._cache.reserve(len(seq.prompt), self.context)
+        r = len(self.running)
+        ids = torch.tensor([seq.prompt], device=device)  # [1, P]
+        logits = model(ids, cache=self._cache.row(r), last_only=True)[:, -1].float()  # [1, V]
+        V = logits.shape[-1]
+        s = seq.sample
+        generator = None
+        if s.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(s.seed)
+        penalised = seq.frequency_penalty != 0 or seq.presence_penalty != 0
+        seen = None
+        if s.repetition_penalty != 1.0:
+            seen = torch.zeros(1, V, dtype=torch.bool, device=device)
+            seen[0, ids[0]] = True
+        slot = _Slot(
+            seq=seq,
+            text=TextStream(self.lm.tokenizer, s.stop),
+            length=len(seq.prompt),
+            token=-1,
+            budget=s.max_new_tokens,
+            generator=generator,
+            counts=torch.zeros(V, device=device) if penalised else None,
+            seen=seen,
+        )
+        self.running.append(slot)
+        self.stats.prefills += 1
+        if slot.budget <= 0:
+            self._finish(r, "length")
+            return
+        self._take(r, logits)
+
+    def _step(self) -> None:
+        """One forward pass for every running row, then each row's next token."""
+        cache, device = self._cache, self.lm.model.tok_emb.weight.device
+        n = len(self.running)
+        lengths = torch.tensor([s.length for s in self.running], device=device)  # [n]
+        cache.columns, cache.length = lengths, int(lengths.max())
+        cache.reserve(cache.length + 1, self.context)
+        key_mask = torch.arange(cache.length + 1, device=device)[None, :] <= lengths[:, None]
+        tokens = torch.tensor([[s.token] for s in self.running], device=device)  # [n, 1]
+        logits = self.lm.model(
+            tokens, cache=cache, positions=lengths[:, None], key_mask=key_mask, last_only=True
+        )[:, -1].float()  # [n, V]
+        self.stats.steps += 1
+        self.stats.max_batch = max(self.stats.max_batch, n)
+        for s in self.running:
+            s.length += 1
+        # Backwards, so that retiring row r (which moves the last row into it) leaves the
+        # rows still to visit where they were.
+        for r in reversed(range(n)):
+            self._take(r, logits[r : r + 1])
+
+    def _take(self, r: int, logits: torch.Tensor) -> None:
+        """Sample row r's next token from its logits [1, V]; emit text; retire it if done."""
+        slot = self.running[r]
+        seq = slot.seq
+        if seq.cancelled:
+            self._finish(r, None)
+            return
+        if seq.logit_bias:
+            ids = torch.tensor(list(seq.logit_bias), device=logits.device)
+            logits[0, ids] += torch.tensor(list(seq.logit_bias.values()), device=logits.device)
+        if slot.counts is not None:
+            logits = (
+                logits
+                - seq.frequency_penalty * slot.counts
+                - seq.presence_penalty * (slot.counts > 0).float()
+            )
+        token = int(pick_next(logits, slot.seen, seq.sample, slot.generator))
+        slot.token, seq.generated = token, seq.generated + 1
+        self.stats.tokens += 1
+        if slot.counts is not None:
+            slot.counts[token] += 1
+        if slot.seen is not None:
+            slot.seen[0, token] = True
+        piece = slot.text.push(token)
+        if piece:
+            seq.emit(("text", piece))
+        if slot.text.stopped:
+            self._finish(r, "stop")
+        elif seq.generated >= slot.budget or time.monotonic() > seq.deadline:
+            if piece := slot.text.flush():
+                seq.emit(("text", piece))
+            self._finish(r, "length")
+
+    def _finish(self, r: int, reason: str | None) -> None:
+        """Retire row r (reason None: the client left) and move the last row into its place."""
+        slot = self.running[r]
+        if reason is not None:
+            slot.seq.emit(("done", reason))
+        reason = reason or "cancelled"
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        last = len(self.running) - 1
+        if r != last:
+            self._cache.move(last, r, self.running[last].length)
+            self.running[r] = self.running[last]
+        self.running.pop()
