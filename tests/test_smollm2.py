@@ -38,6 +38,32 @@ def test_a_sensible_two_turn_conversation(lm):
     assert "You are a helpful AI assistant" in session.prompt()  # the template's own system turn
 
 
+def test_served_over_the_openai_api(lm):
+    """`gptkit serve`'s app with the real model, through the official client: the reply is the
+    one a chat session gives, and a streamed reply adds up to the same text."""
+    openai = pytest.importorskip("openai")
+    from live_server import LiveServer
+
+    from gptkit.serve import ServeConfig, create_app
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = "".join(
+        ChatSession(lm, temperature=0, max_new_tokens=20).send(question[0]["content"])
+    )
+    with LiveServer(create_app(lm, NAME, ServeConfig())) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model=NAME, messages=question, max_tokens=20, temperature=0
+        )
+        stream = client.chat.completions.create(
+            model=NAME, messages=question, max_tokens=20, temperature=0, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].message.content == streamed == expected
+    assert reply.choices[0].finish_reason == "stop"
+
+
 def test_convert_gguf_to_a_checkpoint(lm, tmp_path, capsys):
     gguf = api.named_model_path(NAME)
     assert main(["convert", str(gguf), str(tmp_path / "ckpt")]) == 0
