@@ -83,7 +83,8 @@ class LM:
     def config(self) -> GPTConfig:
         return self.model.config
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's token ids; never empty (an empty prompt is the start token)."""
         ids = self.tokenizer.encode(prompt)
         if not ids:  # an empty prompt starts from the start-of-text token, as transformers does
             start = (
@@ -104,7 +105,7 @@ class LM:
         """Completions (without the prompt): num_return_sequences per prompt, prompt-major."""
         sample = sample_config(**sampling)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = [self._prompt_ids(p) for p in prompts]
+        ids = [self.prompt_ids(p) for p in prompts]
         out = generate(self.model, ids, sample, self.tokenizer.eos_id, self.tokenizer.decode)
         return [self._text(row, sample) for row in out]
 
@@ -115,7 +116,7 @@ class LM:
         # Stop strings are found in the text being released, so the token stream below need
         # not decode the output a second time to look for them.
         tokens = stream(
-            self.model, self._prompt_ids(prompt), replace(sample, stop=[]), self.tokenizer.eos_id
+            self.model, self.prompt_ids(prompt), replace(sample, stop=[]), self.tokenizer.eos_id
         )
         for token in tokens:
             piece = text.push(token)
@@ -235,7 +236,7 @@ class TextGenerationPipeline:
         if isinstance(text, list):
             return [self(t, max_length, return_full_text, **sampling) for t in text]
         if max_length is not None:  # transformers counts the prompt in max_length
-            sampling["max_new_tokens"] = max(0, max_length - len(self.lm._prompt_ids(text)))
+            sampling["max_new_tokens"] = max(0, max_length - len(self.lm.prompt_ids(text)))
         completions = self.lm.generate(text, **sampling)
         prefix = text if return_full_text else ""
         return [{"generated_text": prefix + c} for c in completions]

@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -33,7 +33,7 @@ from .api import LM
 from .chat import ChatTemplateError, chat_prompt, turn_stops
 from .config import ConfigError, SampleConfig
 from .engine import Engine, EngineBusy, Sequence
-from .protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Outbox:
     def emitter(self, index: int):
         def emit(event: tuple[str, Any]) -> None:
             # Safe from the engine thread; a loop already closed (shutdown) has no listener.
-            if not self.loop.is_closed():
+            with suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
         return emit
@@ -151,7 +151,7 @@ class Server:
 
     # --- prompts and sequences -----------------------------------------------------------
 
-    def _check_model(self, body: _Sampling) -> None:
+    def _check_model(self, body: SamplingFields) -> None:
         if body.model != self.name:
             raise APIError(
                 404,
@@ -175,7 +175,7 @@ class Server:
         return room if max_tokens is None else min(max_tokens, room)
 
     def _submit(
-        self, outbox: Outbox, body: _Sampling, prompts: list[list[int]], budget, stop
+        self, outbox: Outbox, body: SamplingFields, prompts: list[list[int]], budget, stop
     ) -> None:
         """Queue body.n sequences per prompt; choice index = prompt * n + i, as OpenAI's."""
         deadline = time.monotonic() + self.config.max_seconds
@@ -206,7 +206,7 @@ class Server:
                     raise APIError(503, str(e), "server_error", code="overloaded") from None
                 outbox.sequences.append(seq)
 
-    def _logit_bias(self, body: _Sampling) -> dict[int, float]:
+    def _logit_bias(self, body: SamplingFields) -> dict[int, float]:
         bias = body.logit_bias or {}
         vocab = self.lm.config.vocab_size
         if any(not 0 <= t < vocab for t in bias):
@@ -216,7 +216,7 @@ class Server:
     def _encode_prompts(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
             texts = [prompt] if isinstance(prompt, str) else prompt
-            return [self.lm._prompt_ids(t) for t in texts]
+            return [self.lm.prompt_ids(t) for t in texts]
         rows = [prompt] if isinstance(prompt[0], int) else prompt
         vocab = self.lm.config.vocab_size
         for row in rows:
@@ -265,7 +265,7 @@ class Server:
             for m in body.messages
         ]
         try:
-            prompt = self.lm._prompt_ids(chat_prompt(self.lm.tokenizer, messages))
+            prompt = self.lm.prompt_ids(chat_prompt(self.lm.tokenizer, messages))
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         limit = body.max_completion_tokens or body.max_tokens
@@ -447,4 +447,8 @@ def serve(lm: LM, name: str, config: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(lm, name, config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    # On Ctrl-C or SIGTERM, streams in flight get 10 s to finish; then they are cancelled and
+    # the engine stops (every sequence left ends with an error event).
+    uvicorn.run(
+        app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10
+    )
