@@ -134,34 +134,55 @@ class TextStream:
     A piece is released only once it is final: never half a UTF-8 character (byte-level tokens
     can split one), and never text that might be the start of a stop string. EOS or a completed
     stop string sets `stopped`; the text before the stop string is all that is ever released.
+
+    Decoding is incremental, as in Hugging Face's text-generation-inference: each token decodes
+    only the few ids since the last complete character (with a little left context, which
+    tokenizers such as SentencePiece need to place spaces), so a long reply costs the same per
+    token as a short one.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
+        self.text = ""  # the decoded text of ids[:read]
+        self.context = self.read = 0  # ids[context:read]: left context for the next decode
         self.sent = 0  # characters released so far
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.stopped = False
 
     def push(self, token: int) -> str:
         """Add one generated token; return the text that became final ("" if none)."""
+        if self.stopped:  # nothing after a stop string or EOS belongs to the reply
+            return ""
         if token == self.tokenizer.eos_id:
-            self.stopped = True
             return self.flush()
         self.ids.append(token)
-        text, self.stopped = truncate_at_stop(self.tokenizer.decode(self.ids), self.stop)
-        ready = len(text) if self.stopped else len(text.rstrip("\ufffd")) - self.hold
-        return self._release(text, ready)
+        before = self.tokenizer.decode(self.ids[self.context : self.read])
+        after = self.tokenizer.decode(self.ids[self.context :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # whole characters
+            self.text += after[len(before) :]
+            self.context, self.read = self.read, len(self.ids)
+        return self._release(len(self.text) - self.hold)
 
     def flush(self) -> str:
-        """The rest of the text, at the end of generation."""
-        text = truncate_at_stop(self.tokenizer.decode(self.ids), self.stop)[0]
-        return self._release(text, len(text))
+        """The rest of the text (an unfinished character included), at the end of generation."""
+        if self.stopped:
+            return ""
+        self.text += self.tokenizer.decode(self.ids[self.read :])
+        self.read = len(self.ids)
+        self.stopped = True
+        return self._release(len(self.text))
 
-    def _release(self, text: str, ready: int) -> str:
+    def _release(self, ready: int) -> str:
+        # A stop string starting before `sent` would have been complete, and found, by then.
+        cut = min(
+            (i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0), default=-1
+        )
+        if cut >= 0:
+            self.text, self.stopped, ready = self.text[:cut], True, cut
         if ready <= self.sent:
             return ""
-        piece, self.sent = text[self.sent : ready], ready
+        piece, self.sent = self.text[self.sent : ready], ready
         return piece
 
 

@@ -61,6 +61,33 @@ def test_stream_concatenates_to_generate(hf_gpt2):
     assert len(pieces) > 1
 
 
+class CountingDecode:
+    """A tokenizer whose decode records the longest id list it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+        self.eos_id = tokenizer.eos_id
+
+    def decode(self, ids):
+        self.longest = max(self.longest, len(ids))
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("stop", [[], ["テキスト 🤖 and"]])
+def test_text_stream_releases_whole_characters_incrementally(stop):
+    tok = CountingDecode(load_tokenizer("gpt2"))
+    text = "日本語のテキスト 🤖 and more text, " * 20  # emoji and kanji span several byte tokens
+    ids = tok.tokenizer.encode(text)
+    stream = gptkit.api.TextStream(tok, stop)
+    pieces = [stream.push(t) for t in ids]
+    pieces.append(stream.flush())
+    expected = text[: text.find(stop[0])] if stop else text
+    assert "".join(pieces) == expected
+    assert not any("\ufffd" in p for p in pieces)
+    assert stream.stopped
+    assert tok.longest <= 8  # each token decodes a few ids, not the whole reply so far
+
+
 def test_hf_directory_generates_the_same_text_as_transformers(hf_gpt2):
     ref, path = hf_gpt2
     lm = gptkit.load(path, device="cpu")
