@@ -335,3 +335,13 @@ def test_dropped_stream_frees_its_slot_and_concurrent_streams_batch(live, lm):
     for i in range(4):
         assert texts[i] == lm.generate("hello", max_new_tokens=30, temperature=1.0, seed=i)[0]
     assert engine.stats.max_batch > 1
+
+
+def test_cli_refuses_bad_flags_in_one_line(capsys, tmp_path):
+    from gptkit.cli import main
+
+    assert main(["serve", "--model", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "max_batch must be >= 1" in capsys.readouterr().err  # before loading any model
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptkit: error:") and len(err.strip().splitlines()) == 1
