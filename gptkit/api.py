@@ -21,6 +21,8 @@ from .config import ConfigError, GPTConfig, SampleConfig
 from .generate import generate, stream
 from .model import GPT
 from .peft import load_adapter
+from .quantize import check_mode as check_quantize
+from .quantize import quantize as quantize_model
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 _SAMPLE_KEYS = {f.name for f in fields(SampleConfig)}
@@ -193,20 +195,26 @@ def load(
     *,
     adapter: str | Path | None = None,
     decode_layout: bool = True,
+    quantize: str | None = None,
 ) -> LM:
     """Load a gptkit checkpoint, a Hugging Face directory or hub name, a GGUF file, or a
     named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct"), ready for generation.
 
     adapter: a `gptkit finetune` adapter directory (LoRA, adapters or prefix) to put on the
     model. decode_layout=False keeps the weights row-major, as training wants them (see
-    GPT.use_decode_layout)."""
+    GPT.use_decode_layout). quantize="int8" makes the linear layers int8 for CPU generation
+    (see quantize.py)."""
     device = resolve_device(device)
+    if quantize is not None:
+        check_quantize(quantize)  # before the slow part
     lm = _load(path_or_name, device, dtype)
     if adapter is not None:
         load_adapter(lm.model, adapter)
         if (Path(adapter) / "tokenizer").is_dir():
             lm.tokenizer = load_tokenizer(Path(adapter) / "tokenizer")
-    if device.type == "cpu" and decode_layout:
+    if quantize is not None:
+        quantize_model(lm.model, quantize)
+    elif device.type == "cpu" and decode_layout:
         lm.model.use_decode_layout()
     return lm
 

@@ -558,6 +558,7 @@ def hf_to_gptkit_state_dict(
 
     Returns what a gptkit checkpoint stores (no lm_head.weight when tied). Raises one
     ConversionError listing every missing, unexpected and mis-shaped Hugging Face tensor.
+    Pass `sd` without keeping it, and loading holds about one copy of the weights at a time.
     """
     arch = _arch(model_type)
     sd = {_canonical_name(k, arch): v for k, v in sd.items()}
@@ -584,6 +585,8 @@ def hf_to_gptkit_state_dict(
             parts.append(tensor.t() if rule.transpose else tensor)
         if len(parts) == len(rule.theirs):
             out[rule.ours] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+            for name in rule.theirs:  # fused parts are copies: free each source once used
+                sd.pop(name, None)
     ignore = arch.ignore + (r"|^lm_head\.weight$" if config.tie_embeddings else "")
     unexpected = sorted(k for k in sd if k not in used and not re.search(ignore, k))
     if missing or unexpected or misshaped:
@@ -643,9 +646,7 @@ def model_from_state_dict(
 ) -> GPT:
     """A GPT in eval mode holding `state`, as `hf_to_gptkit_state_dict` returns it (every name
     and shape already checked; a tied lm_head absent), with no random init on the way."""
-    model = GPT.empty(config, device=device, dtype=dtype)
-    model.load_state_dict(state, strict=False)  # strict=False: only for the tied head
-    return model.eval()
+    return GPT.from_state_dict(config, state, device, dtype).eval()
 
 
 def export_hf(

@@ -288,9 +288,8 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tok
     f = _File(path)
     config = _config(f, {t.name for t in f.reader.tensors})
     tokenizer = _tokenizer(f)
-    hf_tensors = _tensors(f, config)
     try:
-        tensors = hf_to_gptkit_state_dict(hf_tensors, config, "llama")
+        tensors = hf_to_gptkit_state_dict(_tensors(f, config), config, "llama")
     except ConversionError as e:
         raise f.fail(str(e)) from None
     return config, tensors, tokenizer

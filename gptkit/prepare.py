@@ -38,6 +38,7 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,7 @@ TEXT_SUFFIXES = (".txt", ".md")
 ROW_SUFFIXES = (".jsonl", ".csv", ".parquet")
 PIECE_BYTES = 1 << 18  # text is tokenized in pieces (and batches) of about 256 KB
 HOLD_BACK_TOKENS = 1 << 24  # the last train document is held back for val only if smaller
+SPILL_TOKENS = 1 << 20  # past this, a held document waits on disk (memory stays flat)
 
 
 class PrepareError(ValueError):
@@ -356,6 +358,53 @@ def _batches(
         yield batch
 
 
+class _Held:
+    """The held-back document's tokens: in memory while small, then in an unnamed file in the
+    output folder, so holding one up to HOLD_BACK_TOKENS long does not grow memory with it."""
+
+    def __init__(self, out_dir: Path, dtype: np.dtype) -> None:
+        self.out_dir, self.dtype = out_dir, dtype
+        self.tokens = 0
+        self._parts: list[np.ndarray] = []
+        self._file: Any = None
+
+    def append(self, tokens: np.ndarray) -> None:
+        self.tokens += len(tokens)
+        if self._file is None and self.tokens > SPILL_TOKENS:
+            # Not /tmp: it may be in memory. Unnamed, so no crash leaves it behind.
+            self._file = tempfile.TemporaryFile(dir=self.out_dir)  # noqa: SIM115 close()
+            for part in self._parts:
+                self._file.write(part.astype(self.dtype, copy=False).tobytes())
+            self._parts = []
+        if self._file is None:
+            self._parts.append(tokens)
+        else:
+            self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
+
+    def pieces(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """Tokens [start, stop) in order, in pieces of at most SPILL_TOKENS from the file
+        (read, not memory-mapped: mapped pages would count as the process's memory)."""
+        stop = self.tokens if stop is None else stop
+        if self._file is None:
+            offset = 0
+            for part in self._parts:
+                lo, hi = max(start - offset, 0), min(stop - offset, len(part))
+                if lo < hi:
+                    yield part[lo:hi]
+                offset += len(part)
+            return
+        self._file.flush()
+        self._file.seek(start * self.dtype.itemsize)
+        for at in range(start, stop, SPILL_TOKENS):
+            n = min(SPILL_TOKENS, stop - at)
+            yield np.frombuffer(self._file.read(n * self.dtype.itemsize), self.dtype)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._parts, self.tokens = None, [], 0
+
+
 class _Splitter:
     """Routes each document's tokens to train or val. The latest train document is held back
     (while under HOLD_BACK_TOKENS) so that it can become the val split if no other did, or
@@ -364,7 +413,7 @@ class _Splitter:
     def __init__(self, writers: dict[str, _ShardWriter], seed: int, fraction: float) -> None:
         self.writers, self.seed, self.fraction = writers, seed, fraction
         self.index, self.split, self.starting = 0, "train", True
-        self.held: list[np.ndarray] | None = None  # None: the current document is not held
+        self.held: _Held | None = None  # None: the current document is not held
 
     def add(self, tokens: np.ndarray, end: bool) -> None:
         if self.starting:
@@ -374,12 +423,13 @@ class _Splitter:
             self.split = "val" if val else "train"
             if self.split == "train":
                 self._flush_held("train")
-                self.held = []
+                self.held = _Held(self.writers["train"].out_dir, self.writers["train"].dtype)
         if self.held is not None and self.split == "train":
             self.held.append(tokens)
-            if sum(map(len, self.held)) > HOLD_BACK_TOKENS:  # too big to hold: write it now
-                for part in self.held:
+            if self.held.tokens > HOLD_BACK_TOKENS:  # too big to hold: write it now
+                for part in self.held.pieces():
                     self.writers["train"].write(part)
+                self.held.close()
                 self.held = None
         else:
             self.writers[self.split].write(tokens)
@@ -390,22 +440,26 @@ class _Splitter:
 
     def finish(self) -> None:
         no_val = self.writers["val"].documents == 0 and self.fraction > 0
-        if no_val and self.index == 1 and self.held:
-            tokens = np.concatenate(self.held)  # the only document: its tail becomes val
-            cut = int(len(tokens) * (1 - self.fraction))
-            for split, part in (("train", tokens[:cut]), ("val", tokens[cut:])):
-                self.writers[split].write(part)
+        if no_val and self.index == 1 and self.held is not None and self.held.tokens:
+            held = self.held  # the only document: its tail becomes val
+            cut = int(held.tokens * (1 - self.fraction))
+            for split, start, stop in (("train", 0, cut), ("val", cut, held.tokens)):
+                for part in held.pieces(start, stop):
+                    self.writers[split].write(part)
                 self.writers[split].documents += 1
+            held.close()
             self.held = None
         self._flush_held("val" if no_val and self.index >= 2 else "train")
         for writer in self.writers.values():
             writer.close()
 
     def _flush_held(self, split: str) -> None:
-        if self.held:
-            for part in self.held:
+        if self.held is not None and self.held.tokens:
+            for part in self.held.pieces():
                 self.writers[split].write(part)
             self.writers[split].documents += 1
+        if self.held is not None:
+            self.held.close()
         self.held = None
 
 

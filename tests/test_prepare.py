@@ -245,3 +245,28 @@ def test_a_single_text_file_is_split_by_position_like_nanogpt(tmp_path):
     assert tok.decode(train.tolist() + val.tolist()) == text + "<|endoftext|>"
     assert abs(len(val) / (len(train) + len(val)) - 0.1) < 0.001
     assert meta["splits"]["val"]["documents"] == meta["splits"]["train"]["documents"] == 1
+
+
+@pytest.mark.parametrize("hold_back", [1 << 24, 300])
+def test_held_document_spilled_to_disk_gives_identical_output(
+    tmp_path, tok, monkeypatch, hold_back
+):
+    """A held-back document past SPILL_TOKENS waits in a file, not memory: same shards (also
+    when it outgrows HOLD_BACK_TOKENS and is written to train after all)."""
+    import gptkit.prepare as prep
+
+    monkeypatch.setattr(prep, "HOLD_BACK_TOKENS", hold_back)
+    (tmp_path / "one.txt").write_text("".join(DOCS))  # one document, split by position
+    corpus = write_docs(tmp_path / "c", ["".join(DOCS[i : i + 8]) for i in range(0, 40, 8)])
+    for source in (tmp_path / "one.txt", corpus):
+        outs = []
+        for spill in (1 << 20, 50):  # in memory, then on disk in pieces of 50 tokens
+            monkeypatch.setattr(prep, "SPILL_TOKENS", spill)
+            out = tmp_path / f"out_{source.name}_{spill}"
+            meta = run([source], out, tok, val_fraction=0.3, seed=1, shard_tokens=128)
+            outs.append((out, meta))
+        (a, meta_a), (b, meta_b) = outs
+        assert meta_a["splits"] == meta_b["splits"]
+        assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
+        for name in (p.name for p in a.glob("*.bin")):
+            assert (a / name).read_bytes() == (b / name).read_bytes()
