@@ -8,9 +8,11 @@ spent decoding when it can measure them itself; otherwise its time minus a prefi
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -22,7 +24,14 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="generated tokens")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here (python -m bench)")
     return parser.parse_args()
+
+
+def write_json(args: argparse.Namespace, results: dict) -> None:
+    """The numbers `python -m bench` puts in its targets table."""
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -55,7 +64,7 @@ def transformers_peer(model, prompt: list[int], new: int) -> Peer:
 
     def prefill():
         with torch.inference_mode():
-            model(ids)
+            model(ids, logits_to_keep=1)  # as generate does: logits for the last token only
 
     def decode():
         model.generate(
@@ -70,8 +79,9 @@ def transformers_peer(model, prompt: list[int], new: int) -> Peer:
     return prefill, decode
 
 
-def race(title: str, peers: dict[str, Peer], args: argparse.Namespace) -> None:
-    """Warm every peer up, time them round-robin, print medians and gptkit/peer ratios.
+def race(title: str, peers: dict[str, Peer], args: argparse.Namespace) -> dict[str, dict]:
+    """Warm every peer up, time them round-robin, print medians and gptkit/peer ratios, and
+    return {peer: {"prompt": tok/s, "decode": tok/s}}.
 
     The first peer is gptkit.
     """
@@ -107,3 +117,4 @@ def race(title: str, peers: dict[str, Peer], args: argparse.Namespace) -> None:
             f"{name:<20} {r['prompt']:>13.1f} {r['decode']:>13.1f} "
             f"{ours['prompt'] / r['prompt']:>18.2f}x {ours['decode'] / r['decode']:>18.2f}x"
         )
+    return rate

@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct on this machine: prompt processing and greedy decoding, batch 1.
 
-Three peers in one process, the same weights for each:
+Four peers in one process, the same weights for each:
 - gptkit, fp32, dequantized from the GGUF file;
+- gptkit, int8 (`--quantize int8`: those fp32 weights quantized to int8 again);
 - transformers, fp32, `from_pretrained(..., gguf_file=...)` (it dequantizes the same file);
 - llama.cpp (llama-cpp-python), computing on the Q4_1 weights themselves, 2 threads.
 
@@ -17,12 +18,14 @@ import time
 
 import torch
 import transformers
-from common import gptkit_peer, parse_args, race, transformers_peer
+from common import gptkit_peer, parse_args, race, transformers_peer, write_json
 
 import gptkit
 from gptkit.api import named_model_path
 
 NAME = "smollm2-135m-instruct"
+BANDWIDTH = 30e9  # bytes/s this machine streams from memory (DESIGN.md's measured facts)
+PEAK_FLOPS = 150e9  # its fp32 matmul peak
 
 
 def llama_cpp_peer(prompt: list[int], new: int):
@@ -56,12 +59,30 @@ def main() -> None:
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
+    fp32 = gptkit.load(NAME, device="cpu").model
+    int8 = gptkit.load(NAME, device="cpu", quantize="int8").model
     peers = {
-        "gptkit fp32": gptkit_peer(gptkit.load(NAME, device="cpu").model, prompt, args.new),
+        "gptkit fp32": gptkit_peer(fp32, prompt, args.new),
+        "gptkit int8": gptkit_peer(int8, prompt, args.new),
         "transformers fp32": transformers_peer(ref, prompt, args.new),
         "llama.cpp Q4_1": llama_cpp_peer(prompt, args.new),
     }
-    race("SmolLM2-135M-Instruct", peers, args)
+    rate = race("SmolLM2-135M-Instruct", peers, args)
+    # Hardware bounds: a decoding step reads every weight once (memory bandwidth); a prompt
+    # token costs 2 FLOPs per weight it multiplies (not the embedding: the head runs for the
+    # last token only) plus attention over the prompt (the fp32 matmul peak).
+    weight_bytes = sum(p.numel() * p.element_size() for p in fp32.parameters())
+    attention = 4 * fp32.config.n_layer * fp32.config.n_embd * args.prompt // 2  # causal: half
+    flops = 2 * fp32.num_params(exclude_embeddings=True) + attention
+    decode_bound, prompt_bound = BANDWIDTH / weight_bytes, PEAK_FLOPS / flops
+    ours = rate["gptkit fp32"]
+    print(
+        f"fp32 bounds here: decode {decode_bound:.0f} tok/s ({weight_bytes / 1e6:.0f} MB per "
+        f"token at {BANDWIDTH / 1e9:.0f} GB/s), prompt {prompt_bound:.0f} tok/s "
+        f"({flops / 1e9:.2f} GFLOP per token at {PEAK_FLOPS / 1e9:.0f} GFLOP/s); gptkit fp32 "
+        f"reaches {ours['decode'] / decode_bound:.0%} and {ours['prompt'] / prompt_bound:.0%}"
+    )
+    write_json(args, {"rate": rate, "decode_bound": decode_bound, "prompt_bound": prompt_bound})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.config import PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
-from gptkit.model import GPT, ContextLengthError
+from gptkit.model import DecodeLinear, GPT, ContextLengthError
 
 # The GPT-3 paper's size column names models to two significant figures ("350M"), and its
 # Table 2.1 shapes give these exact counts (350M has GPT-2 medium's shape, which counts 355M
@@ -200,7 +200,15 @@ def test_decode_layout_changes_strides_not_results(variant, tmp_path):
     w = model.blocks[0].attn.qkv.weight
     assert w.t().is_contiguous() and not w.is_contiguous()
     assert model.lm_head.weight is model.tok_emb.weight
+    assert type(model.blocks[0].mlp.fc) is DecodeLinear
     torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # few rows are split across threads: 1 row, then 2
+    try:
+        for rows in (idx[:1, :1], idx[:, :1]):
+            torch.testing.assert_close(model(rows), before[: len(rows), :1], atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
     save_checkpoint(tmp_path / "ckpt", model)  # written row-major, loads back the same
     torch.testing.assert_close(
         load_checkpoint(tmp_path / "ckpt")[0](idx), before, atol=1e-5, rtol=1e-5
