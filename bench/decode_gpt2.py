@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 import transformers
-from common import gptkit_peer, parse_args, race, transformers_peer
+from common import gptkit_peer, parse_args, race, transformers_peer, write_json
 
 import gptkit
 
@@ -30,7 +30,7 @@ def main() -> None:
         "gptkit fp32": gptkit_peer(ours, prompt, args.new),
         "transformers fp32": transformers_peer(ref, prompt, args.new),
     }
-    race("GPT-2 124M", peers, args)
+    write_json(args, {"rate": race("GPT-2 124M", peers, args)})
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, default=10, help="the large corpus, in copies")
     parser.add_argument("--tokenizer", default="gpt2", help="as `gptkit prepare --tokenizer`")
+    parser.add_argument("--json", type=Path, help="also write the rows here (python -m bench)")
     args = parser.parse_args(argv)
     if not SHAKESPEARE.is_file():
         sys.exit(f"no corpus at {SHAKESPEARE}: this benchmark needs tinyshakespeare there")
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 base = base or row
                 rows.append(row)
     print(table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
     return rows
 
 

@@ -1,0 +1,60 @@
+"""Peak memory of loading SmolLM2-135M-Instruct and generating with it, against its weights.
+
+Each case runs in a fresh process that records its resident memory after `import gptkit`
+(torch alone is ~230 MB) and its peak (VmHWM) after loading and generating 32 tokens.
+
+    .venv/bin/python bench/memory_load.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import json, sys, gptkit
+def mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+start = mb("VmRSS")
+lm = gptkit.load("smollm2-135m-instruct", device="cpu", quantize=sys.argv[1] or None)
+loaded = mb("VmHWM")
+lm.generate("The capital of France is", max_new_tokens=32, temperature=0)
+fp32 = sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20 if not sys.argv[1] else None
+print(json.dumps({"start": start, "load_peak": loaded, "peak": mb("VmHWM"), "fp32_mb": fp32}))
+"""
+
+
+def measure(quantize: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, quantize], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the results here (python -m bench)")
+    args = parser.parse_args()
+    rows = {"fp32": measure(""), "int8": measure("int8")}
+    weights = rows["fp32"]["fp32_mb"]
+    print(f"SmolLM2-135M-Instruct, fp32 weights {weights:.0f} MiB; MiB of resident memory")
+    print(
+        f"{'weights':<8} {'after import':>13} {'peak':>7} {'peak - import':>14} {'/ weights':>10}"
+    )
+    for name, r in rows.items():
+        grown = r["peak"] - r["start"]
+        print(
+            f"{name:<8} {r['start']:>13.0f} {r['peak']:>7.0f} {grown:>14.0f} "
+            f"{grown / weights:>9.2f}x"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps({"weights_mb": weights, **rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
