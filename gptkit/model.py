@@ -118,7 +118,8 @@ class RMSNorm(nn.RMSNorm):
             return super().forward(x)
         if torch.is_grad_enabled():
             return _RMSNormFunction.apply(x, self.weight, self.eps)
-        # Inference: the formula itself, ~3x faster than aten's composite on a decoding row.
+        # Inference: the formula itself. aten's composite adds casts and copies around it: in
+        # a decoding step's profile it spent ~40 us per call, this ~16 us.
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
@@ -137,7 +138,7 @@ class DecodeLinear(nn.Linear):
     call still streams it on one core, so for a few rows we also split K across the threads:
     thread i multiplies x[:, K_i] by the rows K_i of W.T (a batched matmul, one batch per
     thread), and the partial products are summed. On 2 cores SmolLM2-135M's matrices stream at
-    ~24 GB/s this way against ~17 GB/s for one call (bench/decode_smollm2.py).
+    ~24 GB/s this way against ~17 GB/s for one call; its decoding went from ~22 to ~29 tok/s.
     """
 
     max_split_rows = 8  # beyond this the step is no longer bound by streaming the weight
