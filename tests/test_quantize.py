@@ -47,9 +47,7 @@ def test_quantized_model_generates_what_fp32_does():
     with torch.no_grad():
         logits = lm.model(ids)
     quantize(lm.model, "int8")
-    assert is_quantized(lm.model) and not any(
-        type(m) is nn.Linear for m in lm.model.modules()
-    )
+    assert is_quantized(lm.model) and not any(type(m) is nn.Linear for m in lm.model.modules())
     with torch.no_grad():
         int8_logits = lm.model(ids)
     assert (int8_logits - logits).norm() / logits.norm() < 0.08
