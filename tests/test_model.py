@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.config import PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
-from gptkit.model import DecodeLinear, GPT, ContextLengthError
+from gptkit.model import GPT, ContextLengthError, DecodeLinear
 
 # The GPT-3 paper's size column names models to two significant figures ("350M"), and its
 # Table 2.1 shapes give these exact counts (350M has GPT-2 medium's shape, which counts 355M
