@@ -21,7 +21,7 @@ from .config import ConfigError, GPTConfig, SampleConfig
 from .generate import generate, stream
 from .model import GPT
 from .peft import load_adapter
-from .quantize import check_mode as check_quantize
+from .quantize import check as check_quantize
 from .quantize import quantize as quantize_model
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -206,7 +206,7 @@ def load(
     (see quantize.py)."""
     device = resolve_device(device)
     if quantize is not None:
-        check_quantize(quantize)  # before the slow part
+        check_quantize(quantize, device)  # before the slow part
     lm = _load(path_or_name, device, dtype)
     if adapter is not None:
         load_adapter(lm.model, adapter)

@@ -402,7 +402,6 @@ class _Held:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        self._file, self._parts, self.tokens = None, [], 0
 
 
 class _Splitter:
@@ -427,10 +426,7 @@ class _Splitter:
         if self.held is not None and self.split == "train":
             self.held.append(tokens)
             if self.held.tokens > HOLD_BACK_TOKENS:  # too big to hold: write it now
-                for part in self.held.pieces():
-                    self.writers["train"].write(part)
-                self.held.close()
-                self.held = None
+                self._flush_held("train", count=False)  # counted when it ends
         else:
             self.writers[self.split].write(tokens)
         if end:
@@ -453,14 +449,15 @@ class _Splitter:
         for writer in self.writers.values():
             writer.close()
 
-    def _flush_held(self, split: str) -> None:
-        if self.held is not None and self.held.tokens:
-            for part in self.held.pieces():
+    def _flush_held(self, split: str, count: bool = True) -> None:
+        held, self.held = self.held, None
+        if held is None:
+            return
+        if held.tokens:
+            for part in held.pieces():
                 self.writers[split].write(part)
-            self.writers[split].documents += 1
-        if self.held is not None:
-            self.held.close()
-        self.held = None
+            self.writers[split].documents += count
+        held.close()
 
 
 def prepare(

@@ -67,19 +67,21 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def check_mode(mode: str) -> None:
+def check(mode: str, device: torch.device) -> None:
+    """A clear error for a mode we do not make or a device it cannot run on."""
     if mode not in QUANTIZE_CHOICES:
         raise ConfigError(f"unknown quantization {mode!r}; choose from {list(QUANTIZE_CHOICES)}")
+    if device.type != "cpu":
+        raise ConfigError(
+            f"{mode} quantization runs on the CPU (fbgemm), not {device.type}; load with "
+            "--device cpu, or use bf16 on a GPU instead"
+        )
 
 
 def quantize(model: nn.Module, mode: str) -> nn.Module:
     """Replace every linear layer of a CPU model by its `mode` version, in place."""
-    check_mode(mode)
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ConfigError(
-            "int8 quantization runs on the CPU (fbgemm); load with --device cpu, "
-            "or use bf16 on a GPU instead"
-        )
+    for p in model.parameters():
+        check(mode, p.device)
     with torch.no_grad():
         _replace_linears(model)
     return model.eval()
@@ -91,7 +93,3 @@ def _replace_linears(module: nn.Module) -> None:
             setattr(module, name, Int8Linear(child))
         else:
             _replace_linears(child)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
