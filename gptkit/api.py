@@ -207,19 +207,22 @@ def load(
     device = resolve_device(device)
     if quantize is not None:
         check_quantize(quantize, device)  # before the slow part
-    lm = _load(path_or_name, device, dtype)
+    decode_layout = device.type == "cpu" and decode_layout and quantize is None
+    lm = _load(path_or_name, device, dtype, decode_layout)
     if adapter is not None:
         load_adapter(lm.model, adapter)
         if (Path(adapter) / "tokenizer").is_dir():
             lm.tokenizer = load_tokenizer(Path(adapter) / "tokenizer")
     if quantize is not None:
         quantize_model(lm.model, quantize)
-    elif device.type == "cpu" and decode_layout:
+    elif decode_layout:  # converted models are laid out so already; checkpoints are not
         lm.model.use_decode_layout()
     return lm
 
 
-def _load(path_or_name: str | Path, device: torch.device, dtype: torch.dtype) -> LM:
+def _load(
+    path_or_name: str | Path, device: torch.device, dtype: torch.dtype, decode_layout: bool
+) -> LM:
     if str(path_or_name) in NAMED_MODELS:
         path_or_name = named_model_path(str(path_or_name))
     path = Path(path_or_name)
@@ -233,14 +236,14 @@ def _load(path_or_name: str | Path, device: torch.device, dtype: torch.dtype) ->
     if path.suffix == ".gguf":
         from .convert_gguf import load_gguf
 
-        return LM(*load_gguf(path, device=device, dtype=dtype))
+        return LM(*load_gguf(path, device, dtype, decode_layout))
     if path.exists() and not convert.is_hf_dir(path):
         raise checkpoint.CheckpointError(
             f"{path} is neither a gptkit checkpoint nor a Hugging Face model directory "
             "(no config.json describing a model)"
         )
     directory = convert.resolve_hf(path_or_name)
-    model = convert.load_hf(directory, device=device, dtype=dtype)
+    model = convert.load_hf(directory, device, dtype, decode_layout)
     try:
         tokenizer = load_tokenizer(directory)
     except TokenizerError as e:

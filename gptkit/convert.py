@@ -12,6 +12,7 @@ Hugging Face tensor rather than failing deep inside `load_state_dict`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import pickle
@@ -551,44 +552,84 @@ def listing(label: str, items: list[str], limit: int = 6) -> str:
     return f"{label} {', '.join(items[:limit])}{more}"
 
 
+def _free_memory_function() -> Callable[[], object]:
+    """glibc's malloc_trim(0), or a no-op where there is none (macOS, musl)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+class LazyTensors:
+    """Named tensors, each read only when taken with `pop`.
+
+    `hf_to_gptkit_state_dict` takes every source once, fuses it and drops it, so with lazy
+    sources loading holds the converted weights plus one layer's sources, never a second copy.
+    """
+
+    # glibc keeps the pages of freed blocks resident unless asked: the holes dropped sources
+    # and dequantization temporaries leave add ~10% to SmolLM2's loading peak without this.
+    _return_freed_pages = staticmethod(_free_memory_function())
+
+    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self._readers = readers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._readers))
+
+    def pop(self, name: str) -> torch.Tensor:
+        self._return_freed_pages()
+        return self._readers.pop(name)()
+
+
+def _join(parts: list[torch.Tensor], column_major: bool) -> torch.Tensor:
+    """One new tensor from a rule's parts (stacked along dim 0), column-major if asked."""
+    if not column_major or parts[0].dim() != 2:
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+    rows = sum(p.shape[0] for p in parts)
+    return torch.cat(parts, out=torch.empty(parts[0].shape[1], rows, dtype=parts[0].dtype).t())
+
+
 def hf_to_gptkit_state_dict(
-    sd: dict[str, torch.Tensor], config: GPTConfig, model_type: str
+    sd: dict[str, torch.Tensor] | LazyTensors,
+    config: GPTConfig,
+    model_type: str,
+    decode_layout: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Rename, transpose and fuse HF tensors into gptkit's names for a model of `config`.
 
     Returns what a gptkit checkpoint stores (no lm_head.weight when tied). Raises one
     ConversionError listing every missing, unexpected and mis-shaped Hugging Face tensor.
-    Pass `sd` without keeping it, and loading holds about one copy of the weights at a time.
+    Each tensor is taken out of `sd` when its rule is reached and dropped once fused or
+    copied, so loading holds about one copy of the weights at a time. decode_layout=True
+    makes each matrix column-major as it is copied (GPT.use_decode_layout's layout, made here
+    with one tensor's sources in memory rather than later with the whole model's).
     """
     arch = _arch(model_type)
-    sd = {_canonical_name(k, arch): v for k, v in sd.items()}
+    stored = {_canonical_name(k, arch): k for k in sd}  # canonical name -> name in `sd`
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
     missing: list[str] = []
     misshaped: list[str] = []
     for rule in _expand(arch, config, _stored_names(config, shapes)):
         parts = []
         expected = _part_shapes(rule, shapes[rule.ours], config)
         for name, shape in zip(rule.theirs, expected, strict=True):
-            tensor = sd.get(name)
+            tensor = sd.pop(stored.pop(name)) if name in stored else None
             if tensor is None and re.search(arch.zero_if_absent, name):
                 tensor = torch.zeros(shape)
             if tensor is None:
                 missing.append(name)
-                continue
-            used.add(name)
-            if tuple(tensor.shape) != shape:
+            elif tuple(tensor.shape) != shape:
                 misshaped.append(f"{name} {list(tensor.shape)} (expected {list(shape)})")
-                continue
-            parts.append(tensor.t() if rule.transpose else tensor)
+            else:
+                parts.append(tensor.t() if rule.transpose else tensor)
         if len(parts) == len(rule.theirs):
-            out[rule.ours] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
-            for name in rule.theirs:  # fused parts are copies: free each source once used
-                sd.pop(name, None)
+            out[rule.ours] = _join(parts, decode_layout)
     ignore = arch.ignore + (r"|^lm_head\.weight$" if config.tie_embeddings else "")
-    unexpected = sorted(k for k in sd if k not in used and not re.search(ignore, k))
+    unexpected = sorted(k for k in stored if not re.search(ignore, k))
     if missing or unexpected or misshaped:
         problems = [
             listing(label, items)
@@ -631,13 +672,18 @@ def gptkit_to_hf_state_dict(model: GPT, model_type: str) -> dict[str, torch.Tens
 
 
 def load_hf(
-    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    decode_layout: bool = False,
 ) -> GPT:
-    """A gptkit GPT with the weights of a Hugging Face directory, in eval mode."""
+    """A gptkit GPT with the weights of a Hugging Face directory, in eval mode (matrices
+    column-major with decode_layout=True; see hf_to_gptkit_state_dict)."""
     directory = Path(directory)
     hf = read_hf_config(directory)
     config = hf_config_to_gptkit(hf)
-    sd = hf_to_gptkit_state_dict(load_hf_state_dict(directory), config, model_type_of(hf))
+    sd = load_hf_state_dict(directory)
+    sd = hf_to_gptkit_state_dict(sd, config, model_type_of(hf), decode_layout)
     return model_from_state_dict(config, sd, device, dtype)
 
 

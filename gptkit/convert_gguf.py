@@ -17,9 +17,11 @@ vocabularies (Llama 1/2, Mistral v0.1), RoPE scaling and mixture-of-experts are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizerObject
@@ -27,6 +29,7 @@ from tokenizers import Tokenizer as HFTokenizerObject
 from .config import GPTConfig
 from .convert import (
     ConversionError,
+    LazyTensors,
     hf_config_to_gptkit,
     hf_to_gptkit_state_dict,
     listing,
@@ -190,34 +193,70 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _tensors(f: _File, config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to float32, under HF Llama names, q/k back in HF row order."""
-    present = {t.name for t in f.reader.tensors}
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor lies in the file: all that is kept of gguf-py's ReaderTensor."""
+
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order, outermost first
+    offset: int
+    n_bytes: int
+    raw: np.ndarray  # a 0-byte array with the dtype and shape the bytes read as
+
+    @classmethod
+    def of(cls, t: Any) -> _Stored:  # t: a gguf ReaderTensor
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+        raw = np.empty((0, *t.data.shape[1:]), dtype=t.data.dtype)
+        return cls(t.name, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes), raw)
+
+
+def _tensors(f: _File, config: GPTConfig) -> LazyTensors:
+    """Every tensor, dequantized to float32 when taken, under HF Llama names, q/k back in HF
+    row order.
+
+    Call it last: it drops the parsed metadata (numpy views of every token string, ~150 MB
+    for a 49k vocabulary), and each tensor's bytes are read with a plain file read rather
+    than through the memory map, so neither stays resident next to the float32 weights.
+    """
+    tensors, f.reader = [_Stored.of(t) for t in f.reader.tensors], None
+    present = {t.name for t in tensors}
     expected = _expected_names(config)
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         listed = [listing(k, v) for k, v in (("missing", missing), ("unexpected", unexpected)) if v]
         raise f.fail("tensors do not match a llama model: " + "; ".join(listed))
-    bad = [t for t in f.reader.tensors if t.tensor_type.name not in SUPPORTED_TYPES]
+    bad = [t for t in tensors if t.qtype.name not in SUPPORTED_TYPES]
     if bad:
         raise f.fail(
-            f"tensor {bad[0].name} has type {bad[0].tensor_type.name}, which gptkit cannot "
+            f"tensor {bad[0].name} has type {bad[0].qtype.name}, which gptkit cannot "
             f"dequantize (supported: {', '.join(SUPPORTED_TYPES)})"
         )
+    size = f.path.stat().st_size
+    for t in tensors:
+        if not 0 <= t.offset <= size - t.n_bytes:
+            raise f.fail(
+                f"tensor {t.name} spans bytes {t.offset}..{t.offset + t.n_bytes}, past the "
+                f"end of the file ({size} bytes); is it truncated?"
+            )
     heads = {"attn_q": config.n_head, "attn_k": config.n_kv_head}
-    out: dict[str, torch.Tensor] = {}
-    for t in f.reader.tensors:
+
+    def read(t: _Stored) -> torch.Tensor:
+        raw = bytearray(t.n_bytes)
+        with f.path.open("rb") as file:
+            file.seek(t.offset)
+            if file.readinto(raw) != t.n_bytes:
+                raise f.fail(f"tensor {t.name}: the file changed while it was being read")
+        data = np.frombuffer(raw, dtype=t.raw.dtype).reshape(-1, *t.raw.shape[1:])
         try:
-            values = f.gguf.quants.dequantize(t.data, t.tensor_type)
+            values = f.gguf.quants.dequantize(data, t.qtype)
         except Exception as e:
-            raise f.fail(f"cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
-        if not values.flags.writeable:  # F32 tensors are views of the read-only memory map
-            values = values.copy()
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
-        w = torch.from_numpy(values).reshape(shape)
+            raise f.fail(f"cannot dequantize tensor {t.name} ({t.qtype.name}): {e}") from None
+        w = torch.from_numpy(values).reshape(t.shape)
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-        out[_hf_name(t.name)] = unpermute_rope(w, heads[kind]) if kind in heads else w
-    return out
+        return unpermute_rope(w, heads[kind]) if kind in heads else w
+
+    return LazyTensors({_hf_name(t.name): (lambda t=t: read(t)) for t in tensors})
 
 
 def _tokenizer(f: _File) -> HFTokenizer:
@@ -280,24 +319,30 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
     return _tokenizer(_File(path))
 
 
-def read_gguf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
+def read_gguf(
+    path: str | Path, decode_layout: bool = False
+) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     """(config, float32 tensors under gptkit names, tokenizer) of a llama GGUF file.
 
-    A tied model has no lm_head.weight, as in gptkit checkpoints. Raises GGUFError.
+    A tied model has no lm_head.weight, as in gptkit checkpoints. decode_layout: see
+    hf_to_gptkit_state_dict. Raises GGUFError.
     """
     f = _File(path)
     config = _config(f, {t.name for t in f.reader.tensors})
     tokenizer = _tokenizer(f)
     try:
-        tensors = hf_to_gptkit_state_dict(_tensors(f, config), config, "llama")
+        tensors = hf_to_gptkit_state_dict(_tensors(f, config), config, "llama", decode_layout)
     except ConversionError as e:
         raise f.fail(str(e)) from None
     return config, tensors, tokenizer
 
 
 def load_gguf(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    decode_layout: bool = False,
 ) -> tuple[GPT, Tokenizer]:
     """A gptkit GPT (eval mode) with the dequantized weights of a GGUF file, and its tokenizer."""
-    config, tensors, tokenizer = read_gguf(path)
+    config, tensors, tokenizer = read_gguf(path, decode_layout)
     return model_from_state_dict(config, tensors, device, dtype), tokenizer

@@ -113,6 +113,11 @@ def test_load_hf_matches_transformers(case, tmp_path):
     ours = load_hf(tmp_path)
     ids = torch.randint(0, VOCAB, (2, 24))
     compare(reference, ours, ids, case)
+    # The CPU decode layout, made while converting: every matrix column-major, same results.
+    laid_out = load_hf(tmp_path, decode_layout=True)
+    matrices = [p for p in laid_out.parameters() if p.dim() == 2]
+    assert matrices and all(p.t().is_contiguous() and not p.is_contiguous() for p in matrices)
+    compare(reference, laid_out, ids, case + " (decode layout)")
 
 
 def test_mistral_context_stops_at_sliding_window(tmp_path):
