@@ -142,7 +142,7 @@ import numpy as np, torch
 src, ckpt_path, val_path, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 sys.path.insert(0, src)
 from model import GPT, GPTConfig
-ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
 model = GPT(GPTConfig(**ckpt["model_args"]))
 model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
 model.eval()

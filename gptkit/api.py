@@ -196,6 +196,7 @@ def load(
     adapter: str | Path | None = None,
     decode_layout: bool = True,
     quantize: str | None = None,
+    allow_pickle: bool | None = None,
 ) -> LM:
     """Load a gptkit checkpoint, a Hugging Face directory or hub name, a GGUF file, or a
     named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct"), ready for generation.
@@ -203,12 +204,16 @@ def load(
     adapter: a `gptkit finetune` adapter directory (LoRA, adapters or prefix) to put on the
     model. decode_layout=False keeps the weights row-major, as training wants them (see
     GPT.use_decode_layout). quantize="int8" makes the linear layers int8 for CPU generation
-    (see quantize.py)."""
+    (see quantize.py).
+
+    Pickled weights (a Hugging Face pytorch_model.bin) are read only with allow_pickle=True,
+    and then weights-only; None follows `convert.allowing_pickle` (default: refused). A model
+    that cannot fit in memory raises resources.ResourceError before any weight is read."""
     device = resolve_device(device)
     if quantize is not None:
         check_quantize(quantize, device)  # before the slow part
     decode_layout = device.type == "cpu" and decode_layout and quantize is None
-    lm = _load(path_or_name, device, dtype, decode_layout)
+    lm = _load(path_or_name, device, dtype, decode_layout, allow_pickle)
     if adapter is not None:
         load_adapter(lm.model, adapter)
         if (Path(adapter) / "tokenizer").is_dir():
@@ -221,7 +226,11 @@ def load(
 
 
 def _load(
-    path_or_name: str | Path, device: torch.device, dtype: torch.dtype, decode_layout: bool
+    path_or_name: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    decode_layout: bool,
+    allow_pickle: bool | None,
 ) -> LM:
     if str(path_or_name) in NAMED_MODELS:
         path_or_name = named_model_path(str(path_or_name))
@@ -242,8 +251,8 @@ def _load(
             f"{path} is neither a gptkit checkpoint nor a Hugging Face model directory "
             "(no config.json describing a model)"
         )
-    directory = convert.resolve_hf(path_or_name)
-    model = convert.load_hf(directory, device, dtype, decode_layout)
+    directory = convert.resolve_hf(path_or_name, allow_pickle)
+    model = convert.load_hf(directory, device, dtype, decode_layout, allow_pickle=allow_pickle)
     try:
         tokenizer = load_tokenizer(directory)
     except TokenizerError as e:

@@ -6,15 +6,20 @@
       tokenizer/          Tokenizer.save() output, when a tokenizer is given
 
 Writes go to a hidden temporary directory beside the target, are fsynced, and are renamed into
-place, so a crash mid-write never leaves a half checkpoint where a whole one was. Loading uses
-safetensors only (no pickle) and checks every name and shape before touching the model.
+place, so a crash mid-write never leaves a half checkpoint where a whole one was (what a killed
+save leaves beside it is removed by the next save that succeeds; a full disk is one clear
+CheckpointWriteError). Loading uses safetensors only (no pickle) and checks every name and
+shape before touching the model.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, resources
 from .config import ConfigError, GPTConfig, PeftConfig
+from .convert import unpickling_problem
 from .model import GPT
 from .peft import apply_peft, peft_config
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -32,18 +38,117 @@ FORMAT = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer"
+TRAIN_STATE = "train_state/state.pt"  # a trainer's optimizer, step and RNG states
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged or does not fit; the message names the file."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (full disk, I/O error); the previous one is intact.
+    Also an OSError, as the failed write it reports was before gptkit named it."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """config.json is there but unreadable: a damaged checkpoint, not a missing one."""
+
+
 def is_checkpoint(path: str | Path) -> bool:
-    """Whether `path` holds a gptkit checkpoint (or the backup a crashed save left)."""
+    """Whether `path` holds a gptkit checkpoint (or the backup a crashed save left).
+
+    A directory whose config.json exists but is damaged counts as one, so that loading it
+    reports the damage (naming the file) instead of "no checkpoint here" (which would send a
+    `--resume` user off to start the run over).
+    """
     try:
         read_meta(path)
+    except DamagedCheckpointError:
+        return True
     except CheckpointError:
         return False
+    return True
+
+
+# Write failures that mean "no room left": a full disk, or a user's quota.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_error(directory: Path, error: BaseException) -> CheckpointWriteError | None:
+    """A one-line CheckpointError for an I/O failure while writing `directory`, or None when
+    `error` is not one (a bug must keep its traceback).
+
+    safetensors (Rust) and torch.save (C++) do not raise OSError for a failed write. On a full
+    disk safetensors says "I/O error: No space left on device (os error 28)", and torch.save
+    only "[enforce fail at inline_container.cc:...] . unexpected pos 576 vs 534": so their
+    errors are recognised by their text, and a full disk also by asking the disk itself.
+    """
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError):
+        full = error.errno in _FULL or "no space left" in text.lower()
+    elif isinstance(error, (SafetensorError, RuntimeError)):
+        lowered = text.lower()
+        said_full = any(w in lowered for w in ("no space", "os error 28", "quota", "os error 122"))
+        free = _free_bytes(directory.parent)
+        full = said_full or free < 1 << 20
+        io_words = (
+            "i/o error",
+            "ioerror",
+            "os error",
+            "write failed",
+            "inline_container",
+            "iostream",
+        )
+        if not full and not any(w in lowered for w in io_words):
+            return None
+        if full and not said_full:  # torch's message would only puzzle: say what is wrong
+            text = f"{free:,} bytes free"
+    else:
+        return None
+    kept = f"; {directory} still holds the previous checkpoint" if directory.is_dir() else ""
+    if full:
+        message = (
+            f"cannot write checkpoint {directory}: the disk is full ({text}); free some space "
+            f"or choose an out_dir on another disk, then run again (a training run: with "
+            f"--resume){kept}"
+        )
+    else:
+        message = (
+            f"cannot write checkpoint {directory} ({text}); check that its disk has space and "
+            f"the directory is writable, then run again (a training run: with --resume){kept}"
+        )
+    write_error = CheckpointWriteError(message)
+    write_error.errno = errno.ENOSPC if full else getattr(error, "errno", None)
+    return write_error
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
+
+
+def _remove_stale(directory: Path) -> None:
+    """Delete what earlier, killed saves of `directory` left beside it: temporary directories
+    of dead processes and backups from between the two renames. Each is a whole copy of the
+    weights, so a run killed during saves would otherwise fill the disk, and an old backup
+    must not be mistaken for the latest checkpoint after a later crash."""
+    for path in directory.parent.glob(f".{directory.name}.old-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in directory.parent.glob(f".{directory.name}.tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
     return True
 
 
@@ -96,8 +201,11 @@ def save_checkpoint(
         if write_extra_files is not None:
             write_extra_files(tmp)
         _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        error = _write_error(directory, e)  # first: it may look at the free space left
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+        if error is not None:  # a full disk is the user's to fix: one line, not a traceback
+            raise error from None
         raise
     # Swap in the new directory. Between the two renames only the backup exists, and
     # load_checkpoint falls back to it, so there is no moment without a loadable checkpoint.
@@ -105,6 +213,7 @@ def save_checkpoint(
         os.replace(directory, backup)
     os.replace(tmp, directory)
     shutil.rmtree(backup, ignore_errors=True)
+    _remove_stale(directory)
     return directory
 
 
@@ -112,8 +221,12 @@ def resolve_checkpoint(directory: Path) -> Path:
     """`directory`, or the backup that a crash between save_checkpoint's renames left."""
     if directory.is_dir():
         return directory
-    backups = sorted(directory.parent.glob(f".{directory.name}.old-*"))
-    if backups:  # a crash between the two renames of save_checkpoint
+    # A crash between the two renames of save_checkpoint. save_checkpoint removes stale
+    # backups after each successful save, so there is normally one; if not, the newest.
+    backups = sorted(
+        directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime
+    )
+    if backups:
         return backups[-1]
     raise CheckpointError(f"no checkpoint at {directory} (directory not found)")
 
@@ -126,10 +239,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is missing; is this a gptkit checkpoint directory?"
         ) from None
-    except ValueError as e:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({e}); the checkpoint is damaged"
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8 (UnicodeDecodeError)
+        first = str(e).splitlines()[0][:120]
+        raise DamagedCheckpointError(
+            f"{path} is not valid JSON ({first}); the file is damaged: restore the checkpoint "
+            "from a copy, or save it again"
         ) from None
+    except OSError as e:
+        raise DamagedCheckpointError(f"{path} cannot be read ({e.strerror})") from None
+    if not isinstance(meta, dict):
+        raise DamagedCheckpointError(f"{path} holds no JSON object; the checkpoint is damaged")
     if meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{path} is not a gptkit checkpoint (format {meta.get('format')!r})")
     return meta
@@ -168,6 +287,7 @@ def load_checkpoint(
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
+    resources.check_inference(config, str(directory), device, dtype)
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
@@ -187,6 +307,65 @@ def load_checkpoint(
             raise CheckpointError(f"{directory / TOKENIZER}: {e}") from None
         check_tokenizer_fits(tokenizer, config)
     return model, tokenizer, meta
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    """The train_state/state.pt a trainer saved in checkpoint `directory` (or in the backup a
+    crashed save left): {"step": int, "optimizer": state dict, "rng": [...], ...}.
+
+    A missing, truncated or damaged file is a CheckpointError naming it, not whatever
+    torch.load's zip reader or unpickler happens to raise deep inside.
+    """
+    path = resolve_checkpoint(Path(directory)) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint has weights but no optimizer state, "
+            "so it cannot resume; start a new run with init_from pointing at it"
+        )
+    # torch.save writes a zip with a CRC-32 per record, but torch.load does not check them
+    # (PyTorch builds miniz without CRC checks), so a flipped bit in a moment tensor would
+    # load silently and the "exact" resume would not be. Resuming is rare: check them here.
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; its directory is at the end
+        raise CheckpointError(
+            f"{path} is truncated or not a torch.save file ({path.stat().st_size:,} bytes, no "
+            "zip directory at its end): resume from an earlier copy, or start a new run with "
+            "init_from pointing at the checkpoint"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # the first record whose CRC-32 does not match, or None
+        problem = f"record {bad} fails its CRC-32 check" if bad is not None else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        problem = f"its zip structure is broken: {e}"
+    if problem is not None:
+        raise CheckpointError(
+            f"{path} is damaged ({problem}): resume from an earlier copy, or start a new run "
+            "with init_from pointing at the checkpoint"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message would advise weights_only=False
+        raise CheckpointError(
+            f"{path}: refused to unpickle ({unpickling_problem(e)}); it holds more than the "
+            "training state gptkit writes and may have been tampered with"
+        ) from None
+    # A damaged zip or pickle surfaces as any of RuntimeError, UnpicklingError, EOFError,
+    # KeyError, struct.error, UnicodeDecodeError... depending on where the damage lies; all
+    # mean the same thing here, and weights_only=True already refuses anything unsafe.
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} cannot be read ({first}); the training state is damaged: resume from an "
+            "earlier copy, or start a new run with init_from pointing at the checkpoint"
+        ) from None
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("step"), int)
+        and isinstance(state.get("optimizer"), dict)
+        and isinstance(state.get("rng"), list | tuple)
+    ):
+        raise CheckpointError(f"{path} is not a gptkit training state; the file is damaged")
+    return state
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:

@@ -211,6 +211,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + text)
 
 
+def _allow_pickle_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickled weights (pytorch_model.bin), weights-only; pickles can run code, "
+        "so only for files you trust (better: convert them to safetensors)",
+    )
+
+
 def _quantize_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize",
@@ -349,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("settings", nargs="*", metavar="[CONFIG.toml] KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir's checkpoint")
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_pretrain)
 
     objectives = ["lm", "sft", "classify", "tag", "distill"]
@@ -366,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("settings", nargs="*", metavar="[CONFIG.toml] KEY=VALUE")
         p.add_argument("--model", help="model to fine-tune (sets init_from)")
         p.add_argument("--data", help="training data (sets data)")
+        _allow_pickle_flag(p)
         if name == "finetune":
             p.add_argument("--resume", action="store_true", help="continue out_dir's run")
             p.add_argument("--overwrite", action="store_true", help="replace out_dir's run")
@@ -393,12 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="generate: plain prompts")
     p.add_argument("--shots", type=int, default=0, help="choice: examples in the prompt")
     p.add_argument("--train", help="choice: file to draw the shots from")
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights")
     p.add_argument("--model", required=True, help="the base model, or a LoRA checkpoint")
     p.add_argument("--adapter", help="adapter directory (omit when --model holds the LoRA)")
     p.add_argument("out", type=Path)
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("plot", help="draw a run's loss curves (metrics.jsonl) to a PNG")
@@ -416,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)")
@@ -424,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
     _sampling_flags(p, temperature=0.7, max_new=256)
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a web chat page")
@@ -439,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
     p.add_argument("--max-seconds", type=float, default=300.0, help="generation time limit")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("explain", help="a PNG of per-layer attention and per-token logprobs")
@@ -449,12 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, help="one head (default: the mean over heads)")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("convert", help="Hugging Face model -> gptkit checkpoint, or back (--to hf)")
     p.add_argument("source", help="HF directory or hub name; a gptkit checkpoint with --to hf")
     p.add_argument("out", type=Path)
     p.add_argument("--to", choices=["gptkit", "hf"], default="gptkit")
+    _allow_pickle_flag(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="the main job: a GPT trained on Shakespeare, then sampled")
@@ -475,7 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        if getattr(args, "allow_pickle", False):
+            from .convert import allowing_pickle
+
+            # One switch for every loader the command reaches (init_from, a teacher, ...).
+            with allowing_pickle():
+                args.func(args)
+        else:
+            args.func(args)
     except USER_ERRORS as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gptkit: error: {message}", file=sys.stderr)

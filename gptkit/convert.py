@@ -18,6 +18,8 @@ import json
 import pickle
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,39 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import resources
 from .config import ConfigError, GPTConfig
 from .model import GPT
 
 
 class ConversionError(ValueError):
     """A foreign checkpoint or config gptkit cannot convert; the message says what and why."""
+
+
+class PickleNotAllowedError(ConversionError):
+    """A pickled weights file met without the user's explicit allow_pickle / --allow-pickle."""
+
+
+# Whether pickled weights files may be read when a caller does not say (allow_pickle=None).
+# Off unless a caller turns it on with `allowing_pickle`: the CLI does for --allow-pickle, so
+# that commands whose loading happens deep inside (finetune's init_from, a distill teacher)
+# honour the flag without every layer passing it down.
+_PICKLE_ALLOWED: ContextVar[bool] = ContextVar("gptkit_allow_pickle", default=False)
+
+
+@contextmanager
+def allowing_pickle(allow: bool = True) -> Iterator[None]:
+    """Within the block, loaders given allow_pickle=None read pickled weights (weights-only)."""
+    token = _PICKLE_ALLOWED.set(allow)
+    try:
+        yield
+    finally:
+        _PICKLE_ALLOWED.reset(token)
+
+
+def pickle_allowed(allow_pickle: bool | None) -> bool:
+    """An explicit True/False, or else the setting `allowing_pickle` made (default False)."""
+    return _PICKLE_ALLOWED.get() if allow_pickle is None else allow_pickle
 
 
 # ------------------------------------------------------------------------------ name tables
@@ -503,31 +532,65 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
-def _load_weights_file(file: Path) -> dict[str, torch.Tensor]:
+def unpickling_problem(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, in a few words. Its own message runs to a
+    dozen lines and suggests retrying with the weights-only guard off, which for a hostile file is
+    exactly what must not be done."""
+    found = re.search(r"GLOBAL ([\w.]+)|([Uu]nsupported operand \S+)", str(e))
+    if found and found.group(1):
+        return f"it calls for {found.group(1)}"
+    return found.group(2) if found else "torch's weights-only unpickler refused it"
+
+
+def _load_weights_file(file: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    if file.suffix != ".safetensors" and not allow_pickle:
+        raise PickleNotAllowedError(
+            f"{file} is a pickle, which can run code when loaded; convert it to safetensors "
+            "(from a copy you trust) or pass --allow-pickle (allow_pickle=True in Python)"
+        )
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
-        # weights_only: never unpickle arbitrary objects from a downloaded file.
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # weights_only, always (even when pickles are allowed): torch's restricted unpickler
+        # builds tensors and plain containers, and refuses any other global a file names.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"{file}: refused to unpickle: it holds more than tensors ({unpickling_problem(e)}); "
+            "a weights file never needs that, so it may be hostile"
+        ) from None
+    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{file}: cannot read the weights ({first}); damaged?") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ConversionError(f"{file}: not a state dict of named tensors")
+    return state
 
 
-def load_hf_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory: single or sharded safetensors, else pytorch_model.bin."""
+def load_hf_state_dict(
+    directory: str | Path, allow_pickle: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory: single or sharded safetensors, else pytorch_model.bin
+    (only with allow_pickle: see `pickle_allowed`)."""
     directory = Path(directory)
+    allow = pickle_allowed(allow_pickle)
     for stem in ("model.safetensors", "pytorch_model.bin"):
         if (directory / stem).is_file():
-            return _load_weights_file(directory / stem)
+            return _load_weights_file(directory / stem, allow)
         index = directory / f"{stem}.index.json"
         if index.is_file():
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ConversionError(f"{index} has no weight_map: not a Hugging Face index")
+            shards = sorted({str(s) for s in weight_map.values()})
+            outside = [s for s in shards if Path(s).name != s or s in (".", "..")]
+            if outside:  # a shard must sit beside its index, not anywhere on the disk
+                raise ConversionError(f"{index} names a shard outside its directory: {outside[0]}")
             sd: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                sd.update(_load_weights_file(directory / shard))
+            for shard in shards:
+                sd.update(_load_weights_file(directory / shard, allow))
             return sd
     raise ConversionError(
         f"{directory} has no weights: expected model.safetensors, "
@@ -676,13 +739,20 @@ def load_hf(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     decode_layout: bool = False,
+    *,
+    allow_pickle: bool | None = None,
 ) -> GPT:
     """A gptkit GPT with the weights of a Hugging Face directory, in eval mode (matrices
-    column-major with decode_layout=True; see hf_to_gptkit_state_dict)."""
+    column-major with decode_layout=True; see hf_to_gptkit_state_dict).
+
+    allow_pickle=True lets a pytorch_model.bin be read (weights-only); None: see
+    `pickle_allowed`. Raises ResourceError before reading any weight when the model cannot
+    fit on `device`."""
     directory = Path(directory)
     hf = read_hf_config(directory)
     config = hf_config_to_gptkit(hf)
-    sd = load_hf_state_dict(directory)
+    resources.check_inference(config, str(directory), device, dtype)
+    sd = load_hf_state_dict(directory, allow_pickle)
     sd = hf_to_gptkit_state_dict(sd, config, model_type_of(hf), decode_layout)
     return model_from_state_dict(config, sd, device, dtype)
 
@@ -721,8 +791,11 @@ def export_hf(
 _HUB_PATTERNS = ["config.json", "*.safetensors", "*.json", "merges.txt", "vocab.json", "tokenizer*"]
 
 
-def resolve_hf(name_or_path: str | Path) -> Path:
-    """A local directory as is; otherwise download a hub repo's model files (cached)."""
+def resolve_hf(name_or_path: str | Path, allow_pickle: bool | None = None) -> Path:
+    """A local directory as is; otherwise download a hub repo's model files (cached).
+
+    safetensors weights are preferred; a repo that has only pickled ones (pytorch_model.bin)
+    is fetched only with allow_pickle (None: see `pickle_allowed`)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -735,8 +808,16 @@ def resolve_hf(name_or_path: str | Path) -> Path:
     try:
         local = Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
         if not any(local.glob("*.safetensors")):  # older repos ship only pickled weights
+            if not pickle_allowed(allow_pickle):
+                raise PickleNotAllowedError(
+                    f"{name!r} on the Hugging Face hub has no safetensors weights; its "
+                    "pickled pytorch_model.bin can run code when loaded: pass --allow-pickle "
+                    "(allow_pickle=True in Python) to fetch and read it weights-only"
+                )
             local = Path(snapshot_download(name, allow_patterns=["pytorch_model*.bin*"]))
     except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as e:
+        if isinstance(e, ConversionError):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"cannot fetch {name!r} from the Hugging Face hub: {first}") from None
     return local

@@ -17,6 +17,9 @@ vocabularies (Llama 1/2, Mistral v0.1), RoPE scaling and mixture-of-experts are 
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizerObject
 
+from . import resources
 from .config import GPTConfig
 from .convert import (
     ConversionError,
@@ -91,6 +95,135 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's LLAMA_TOKEN_TYPE_* values in tokenizer.ggml.token_type
 _MISSING = object()
 
+# GGUF's value types (gguf.GGUFValueType): bytes of each scalar; 8 = string, 9 = array.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 8  # arrays of arrays: gguf-py recurses; llama.cpp writes none
+
+
+class _Layout:
+    """A walk over a GGUF file's header that checks every length, count and tensor extent
+    against the file's size before gguf-py reads it.
+
+    gguf-py trusts the header: a string or array claiming 2**63 items has it loop over items
+    past the end of its memory map, and tensor dims whose product overflows uint64 wrap to a
+    small size. Here lengths are Python ints, so nothing overflows, and each is compared with
+    the bytes that are really there; a loop over items is bounded by the file's size, as every
+    item takes at least one byte.
+    """
+
+    def __init__(self, path: Path, data: mmap.mmap, quant_sizes: dict[Any, tuple[int, int]]):
+        self.path, self.data, self.size, self.pos = path, data, len(data), 0
+        self.quant_sizes = {int(k): v for k, v in quant_sizes.items()}
+        self.order = "<"
+
+    def fail(self, problem: str) -> GGUFError:
+        return GGUFError(f"{self.path}: not a readable GGUF file ({problem})")
+
+    def take(self, n: int, what: str) -> int:
+        """Step over n bytes; their start."""
+        if n > self.size - self.pos:
+            raise self.fail(
+                f"{what} needs {n:,} bytes at offset {self.pos:,}, past the end of the file "
+                f"({self.size:,} bytes); truncated or corrupt?"
+            )
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def number(self, fmt: str, what: str) -> int:
+        start = self.take(struct.calcsize(fmt), what)
+        return struct.unpack_from(self.order + fmt, self.data, start)[0]
+
+    def string(self, what: str) -> str:
+        """A string, shown safely: escaped (no newline from the file reaches a message) and
+        cut short (a key may be megabytes long)."""
+        n = self.number("Q", f"length of {what}")
+        start = self.take(n, f"{what} (a string of {n:,} bytes)")
+        text = repr(self.data[start : start + min(n, 80)].decode("utf-8", "replace"))[1:-1]
+        return text + ("..." if n > 80 else "")
+
+    def skip_value(self, kind: int, what: str, depth: int = 0) -> None:
+        if kind in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[kind], what)
+        elif kind == _STRING:
+            self.take(self.number("Q", f"length of {what}"), what)
+        elif kind == _ARRAY:
+            if depth >= _MAX_NESTING:
+                raise self.fail(f"{what} nests arrays more than {_MAX_NESTING} deep")
+            item = self.number("I", f"item type of {what}")
+            n = self.number("Q", f"length of {what}")
+            if item in _SCALAR_BYTES:
+                self.take(n * _SCALAR_BYTES[item], f"{what} ({n:,} items)")
+                return
+            if n > self.size - self.pos:  # each string or array item takes >= 8 bytes
+                raise self.fail(f"{what} claims {n:,} items, more than the file's bytes")
+            for _ in range(n):
+                self.skip_value(item, what, depth + 1)
+        else:
+            raise self.fail(f"{what} has value type {kind}, which GGUF does not define")
+
+    def check(self) -> None:
+        self.take(4, "magic")
+        if self.data[:4] != b"GGUF":
+            raise self.fail("no GGUF magic at the start")
+        version = self.number("I", "version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order = ">"
+            version = struct.unpack_from(">I", self.data, 4)[0]
+        if version not in (2, 3):
+            raise self.fail(f"GGUF version {version}; gptkit reads versions 2 and 3")
+        n_tensors, n_fields = self.number("Q", "tensor count"), self.number("Q", "field count")
+        # A field takes >= 13 bytes (key length, type, a 1-byte value), a tensor's info >= 24.
+        for count, what, least in ((n_fields, "metadata fields", 13), (n_tensors, "tensors", 24)):
+            if count * least > self.size - self.pos:
+                raise self.fail(
+                    f"the header claims {count:,} {what}, more than the file could hold"
+                )
+        alignment = 32  # GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_fields):
+            key = self.string("a metadata key")
+            kind = self.number("I", f"type of {key}")
+            if key == "general.alignment" and kind == _UINT32:
+                alignment = self.number("I", key)
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise self.fail(f"general.alignment={alignment} is not a power of two")
+            else:
+                self.skip_value(kind, f"metadata {key!r}")
+        tensors = []
+        for _ in range(n_tensors):
+            name = self.string("a tensor name")
+            n_dims = self.number("I", f"dimension count of tensor {name}")
+            if n_dims > _MAX_DIMS:
+                raise self.fail(f"tensor {name} claims {n_dims:,} dimensions (at most 4)")
+            dims = [self.number("Q", f"dimensions of tensor {name}") for _ in range(n_dims)]
+            qtype = self.number("I", f"type of tensor {name}")
+            offset = self.number("Q", f"offset of tensor {name}")
+            if qtype not in self.quant_sizes:
+                raise self.fail(f"tensor {name} has type {qtype}, which GGML does not define")
+            block, block_bytes = self.quant_sizes[qtype]
+            if dims and dims[0] % block:
+                raise self.fail(f"tensor {name}: rows of {dims[0]} do not fill {block}-blocks")
+            tensors.append((name, dims, offset, math.prod(dims) // block * block_bytes))
+        data_start = -(-self.pos // alignment) * alignment
+        for name, dims, offset, n_bytes in tensors:
+            start = data_start + offset
+            if start + n_bytes > self.size:
+                raise self.fail(
+                    f"tensor {name} with GGUF dims {dims} spans bytes "
+                    f"{start:,}..{start + n_bytes:,}, past the end of the file "
+                    f"({self.size:,} bytes); truncated or corrupt?"
+                )
+
+
+def _check_layout(path: Path, quant_sizes: dict[Any, tuple[int, int]]) -> None:
+    """GGUFError unless every length in the file's header fits inside the file (see _Layout)."""
+    with path.open("rb") as file:
+        if path.stat().st_size < 24:  # magic, version and the two counts
+            raise GGUFError(f"{path}: not a readable GGUF file (only {path.stat().st_size} bytes)")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _Layout(path, data, quant_sizes).check()
+
 
 class _File:
     """An open GGUF file: metadata lookup with errors that name the file."""
@@ -105,6 +238,7 @@ class _File:
             msg = "reading GGUF needs the gguf package: pip install gguf"
             raise GGUFError(f"{self.path}: {msg}") from None
         self.gguf = gguf
+        _check_layout(self.path, gguf.GGML_QUANT_SIZES)  # before gguf-py trusts the header
         try:
             self.reader = gguf.GGUFReader(self.path)
         except Exception as e:  # gguf-py raises ValueError, IndexError, struct and numpy errors
@@ -320,15 +454,24 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def read_gguf(
-    path: str | Path, decode_layout: bool = False
+    path: str | Path,
+    decode_layout: bool = False,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[GPTConfig, dict[str, torch.Tensor], Tokenizer]:
     """(config, float32 tensors under gptkit names, tokenizer) of a llama GGUF file.
 
     A tied model has no lm_head.weight, as in gptkit checkpoints. decode_layout: see
-    hf_to_gptkit_state_dict. Raises GGUFError.
+    hf_to_gptkit_state_dict. Raises GGUFError, or resources.ResourceError (before any tensor
+    is read) when the model cannot fit in float32 on the CPU or in `dtype` on `device`.
     """
     f = _File(path)
     config = _config(f, {t.name for t in f.reader.tensors})
+    # The float32 weights are built on the CPU whatever the target: refuse before that.
+    resources.check_inference(config, str(f.path), "cpu", torch.float32)
+    if torch.device(device).type != "cpu":
+        resources.check_inference(config, str(f.path), device, dtype)
     tokenizer = _tokenizer(f)
     try:
         tensors = hf_to_gptkit_state_dict(_tensors(f, config), config, "llama", decode_layout)
@@ -344,5 +487,5 @@ def load_gguf(
     decode_layout: bool = False,
 ) -> tuple[GPT, Tokenizer]:
     """A gptkit GPT (eval mode) with the dequantized weights of a GGUF file, and its tokenizer."""
-    config, tensors, tokenizer = read_gguf(path, decode_layout)
+    config, tensors, tokenizer = read_gguf(path, decode_layout, device=device, dtype=dtype)
     return model_from_state_dict(config, tensors, device, dtype), tokenizer

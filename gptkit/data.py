@@ -36,12 +36,36 @@ class TokenData:
             raise DataError(
                 f"{meta_path} is missing: run `gptkit prepare` first, or let it finish"
             ) from None
-        if split not in self.meta.get("splits", {}):
+        except ValueError as e:  # truncated or damaged: JSON or UTF-8 errors, no file name
+            raise DataError(
+                f"{meta_path} is damaged ({str(e).splitlines()[0][:120]}); run `gptkit "
+                "prepare` again"
+            ) from None
+        splits = self.meta.get("splits") if isinstance(self.meta, dict) else None
+        if not isinstance(splits, dict):
+            raise DataError(f"{meta_path} has no splits; is it damaged? run `gptkit prepare` again")
+        if split not in splits:
             raise DataError(f"{meta_path} has no {split!r} split")
         self.split = split
-        self.shards = [read_shard(self.directory / n) for n in self.meta["splits"][split]["shards"]]
+        try:
+            names = [str(n) for n in splits[split]["shards"]]
+        except (KeyError, TypeError):
+            raise DataError(f"{meta_path}: the {split!r} split lists no shards; damaged?") from None
+        self.paths = [self.directory / n for n in names]
+        for path in self.paths:
+            if not path.is_file():
+                raise DataError(
+                    f"{path} is missing (listed in {meta_path}); run `gptkit prepare` again"
+                )
+        self.shards = [read_shard(path) for path in self.paths]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # token offset of each
         self.n_tokens = int(self.starts[-1])
+        # Token ids must fit the tokenizer the data was prepared with. Each batch is checked
+        # (cheap: a max over a few windows), never the whole memmapped split up front: a shard
+        # whose bytes were damaged would otherwise crash deep in the model's embedding lookup.
+        tokenizer = self.meta.get("tokenizer")
+        vocab = tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None
+        self.vocab_size = vocab if isinstance(vocab, int) and vocab > 0 else None
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -67,7 +91,21 @@ class TokenData:
 
     def _windows(self, starts, block_size: int) -> np.ndarray:
         # [B, T + 1]: inputs and their next-token targets, which the objective splits apart
-        return np.stack([self.window(int(s), block_size + 1) for s in starts])
+        windows = np.stack([self.window(int(s), block_size + 1) for s in starts])
+        if self.vocab_size is not None and windows.size and windows.max() >= self.vocab_size:
+            self._bad_token(starts, windows)
+        return windows
+
+    def _bad_token(self, starts, windows: np.ndarray) -> None:
+        """Raise a DataError naming the shard and position of the first out-of-range id."""
+        row, col = (int(i[0]) for i in np.nonzero(windows >= self.vocab_size))
+        position = int(starts[row]) + col  # in the split's token stream
+        i = int(np.searchsorted(self.starts, position, side="right")) - 1
+        raise DataError(
+            f"{self.paths[i]} holds token id {int(windows[row, col])} at token "
+            f"{position - int(self.starts[i])}, but the tokenizer has only {self.vocab_size} "
+            "ids: the shard is damaged (or from another tokenizer); run `gptkit prepare` again"
+        )
 
     def random_windows(
         self, rng: np.random.Generator, batch_size: int, block_size: int

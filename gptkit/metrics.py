@@ -170,8 +170,14 @@ class MetricsLogger:
         # allow_nan=False: a non-finite value that slipped through is a bug, not a silent NaN.
         line = json.dumps(row, allow_nan=False) + "\n"
         f = self._file or self._open_jsonl()
-        f.write(line)
-        f.flush()  # to the OS now: a killed process then loses only a line it had not written
+        try:
+            f.write(line)
+            f.flush()  # to the OS now: a killed process then loses only a line it had not written
+        except OSError as e:  # a full disk: the last checkpoint is intact, resume drops torn lines
+            raise MetricsError(
+                f"cannot write {self.path} ({e.strerror}); free some space, then run again "
+                "with --resume"
+            ) from None
         if self.tensorboard:
             writer = self._writer or self._open_tensorboard()
             for key, value in values.items():

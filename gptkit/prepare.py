@@ -79,13 +79,21 @@ def read_shard(path: str | Path) -> np.ndarray:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(HEADER.size)
-    if len(head) < HEADER.size or head[:8] != MAGIC:
-        raise ShardError(f"{path} is not a gptkit token shard (no {MAGIC!r} header)")
+    if len(head) < HEADER.size and MAGIC.startswith(head[:8]):  # empty, or cut in the header
+        raise ShardError(
+            f"{path} is truncated: {size} bytes, no {MAGIC!r} header of {HEADER.size} bytes; "
+            "prepare the corpus again"
+        )
+    if head[:8] != MAGIC:
+        raise ShardError(
+            f"{path} is not a gptkit token shard (no {MAGIC!r} header); damaged? prepare the "
+            "corpus again"
+        )
     _, version, width, count = HEADER.unpack(head)
     if version > VERSION:
         raise ShardError(
-            f"{path} has format version {version}, written by a newer gptkit; "
-            "upgrade gptkit or prepare the corpus again"
+            f"{path} has format version {version}, written by a newer gptkit (or a damaged "
+            "header); upgrade gptkit or prepare the corpus again"
         )
     if version != VERSION:
         raise ShardError(f"{path} has unknown format version {version}; prepare it again")
@@ -93,9 +101,11 @@ def read_shard(path: str | Path) -> np.ndarray:
         raise ShardError(f"{path} has unknown token width {width} (expected 2 or 4); damaged?")
     body = size - HEADER.size
     if body != count * width:
+        # A damaged count in the header reads the same as a cut file: say both.
         what = "truncated" if body < count * width else "has trailing bytes"
+        why = " (cut short, or its header is damaged)" if body < count * width else ""
         raise ShardError(
-            f"{path} is {what}: header says {count} tokens, file holds {body / width:g}; "
+            f"{path} is {what}: header says {count} tokens, file holds {body / width:g}{why}; "
             "prepare the corpus again"
         )
     if count == 0:

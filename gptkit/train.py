@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,13 +36,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import resources
 from .api import load
 from .checkpoint import (
+    TRAIN_STATE,
     CheckpointError,
     check_tokenizer_fits,
     is_checkpoint,
     load_checkpoint,
-    resolve_checkpoint,
+    load_train_state,
     save_checkpoint,
 )
 from .config import ConfigError, GPTConfig, TrainConfig
@@ -55,7 +58,6 @@ from .tokenizer import Tokenizer, load_tokenizer
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T] token ids, targets [B, T] (-100: skip)
 
 CHECKPOINT = "checkpoint"
-TRAIN_STATE = "train_state/state.pt"
 
 
 @dataclass
@@ -117,6 +119,31 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
     return 2 * n**3 / best
 
 
+def check_training_memory(
+    model: GPTConfig,
+    config: TrainConfig,
+    device: torch.device,
+    label: str,
+    *,
+    trainable: int | None = None,
+    weights_allocated: bool = False,
+) -> None:
+    """ResourceError unless training `model` as `config` says fits on `device` (see
+    resources.py for what is counted)."""
+    shards = int(os.environ.get("WORLD_SIZE", "1")) if config.fsdp else 1
+    # CPU ranks on one machine share its memory; each GPU rank has a device of its own.
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    need = resources.training_need(
+        model,
+        device,
+        config.batch_size,
+        trainable=trainable,
+        shards=shards,
+        weights_allocated=weights_allocated,
+    )
+    resources.check_fits(need, label, copies)
+
+
 class Task(Protocol):
     """What the Trainer trains. Batches must be pure functions of their arguments (and the
     seed), which is what makes a resumed run exact."""
@@ -154,7 +181,10 @@ class PretrainTask:
         if config.init_from:  # any model gptkit reads: checkpoint, HF, GGUF, named
             model = load(config.init_from, device, decode_layout=False).model.train()
         else:
-            model = GPT(config.model_config(self.tokenizer.vocab_size)).to(device).train()
+            model_config = config.model_config(self.tokenizer.vocab_size)
+            label = config.model.get("preset") or "the configured model"
+            check_training_memory(model_config, config, device, str(label))  # before allocating
+            model = GPT(model_config).to(device).train()
         self.block_size = model.config.block_size
         return model
 
@@ -212,6 +242,16 @@ class Trainer:
         device = self.dist.device
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = self.task.build_model(device)  # the plain GPT; self.wrapped runs forward
+        # The weights are in memory now (a loaded or fine-tuned model is checked as it loads);
+        # gradients, AdamW moments and activations are still to come.
+        check_training_memory(
+            self.model.config,
+            config,
+            device,
+            config.init_from or str(config.model.get("preset") or "the model"),
+            trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            weights_allocated=True,
+        )
         check_tokenizer_fits(self.tokenizer, self.model.config)
         # bf16 autocast by default on CUDA; on a CPU only when asked (it is ~100x slower there)
         auto = config.dtype == "auto" and device.type == "cuda"
@@ -296,13 +336,8 @@ class Trainer:
                 f"{self.checkpoint_dir} holds a different model shape than this config; "
                 "resume with the config that started the run"
             )
-        state_path = resolve_checkpoint(self.checkpoint_dir) / TRAIN_STATE
-        if not state_path.is_file():
-            raise CheckpointError(
-                f"{state_path} is missing: the checkpoint has weights but no optimizer state, "
-                "so it cannot resume; start a new run with init_from pointing at it"
-            )
-        state = torch.load(state_path, weights_only=True)
+        # weights_only unpickling there: a tampered state.pt cannot run code, only fail.
+        state = load_train_state(self.checkpoint_dir)
         load_full_state(self.wrapped, self.optimizer, model.state_dict(), state["optimizer"])
         self.step = state["step"]
         if len(state["rng"]) == self.dist.world_size:  # else: dropout masks start afresh

@@ -1,7 +1,9 @@
 """MetricsLogger (JSONL + TensorBoard, resume after a kill) and plot_run."""
 
+import errno
 import json
 import math
+import os
 import sys
 import time
 
@@ -62,6 +64,17 @@ def test_each_row_is_on_disk_before_close(tmp_path):
     m.log(7, {"train/loss": 1.0})
     assert [r["step"] for r in read_metrics(tmp_path)] == [7]  # flushed, not buffered
     m.close()
+
+
+def test_a_full_disk_is_one_clear_error_naming_the_file(tmp_path):
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    m = MetricsLogger(tmp_path, tensorboard=False)
+    m._file = FullDisk()
+    with pytest.raises(MetricsError, match=r"metrics\.jsonl \(No space left on device\).*--resume"):
+        m.log(1, {"train/loss": 1.0})
 
 
 def test_reserved_key_is_rejected(tmp_path):

@@ -146,7 +146,10 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(data_dir, tmp_path):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ (killed at {kill_after})"
         assert losses(out) == losses(whole)  # no duplicated or missing steps in the log
-        state = [torch.load(d / "checkpoint/train_state/state.pt") for d in (whole, out)]
+        state = [
+            torch.load(d / "checkpoint/train_state/state.pt", weights_only=True)
+            for d in (whole, out)
+        ]
         moments = [s["optimizer"]["state"]["tok_emb.weight"]["exp_avg_sq"] for s in state]
         assert torch.equal(*moments)
 

@@ -1,0 +1,220 @@
+"""Helpers for the fault-injection suite: tiny data and models, running `gptkit` with a fault
+injected (see fault_run.py), damaging files, and comparing runs.
+
+Not a conftest.py on purpose: tests/ modules import names from the top-level conftest
+(`from conftest import TEXT`), and a second conftest module here could shadow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from gptkit.metrics import read_metrics
+from gptkit.prepare import prepare
+from gptkit.tokenizer import char_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+FAULT_RUN = Path(__file__).with_name("fault_run.py")
+TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(400))
+
+# A tiny model and a short run on one thread, so every run takes the same arithmetic path and
+# a resumed run can equal an unbroken one bit for bit. Dropout makes the RNG state matter too.
+TINY = [
+    "model.preset=tiny",
+    "model.block_size=32",
+    "batch_size=4",
+    "warmup_steps=2",
+    "eval_batches=2",
+    "log_every=1",
+    "threads=1",
+    "progress=false",
+    "tensorboard=false",
+    "model.dropout=0.1",
+]
+
+
+def prepare_data(root: Path) -> Path:
+    """A character-level corpus prepared into token shards: root/data."""
+    (root / "input.txt").write_text(TEXT)
+    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
+    prepare([root / "input.txt"], root / "data", tok, val_fraction=0.1, workers=1, progress=False)
+    return root / "data"
+
+
+def start_gptkit(*args: str, fault: str | None = None) -> subprocess.Popen:
+    """`gptkit ARGS` started in a fresh process, through fault_run.py with GPTKIT_FAULT=fault."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("GPTKIT_FAULT", None)
+    if fault:
+        env["GPTKIT_FAULT"] = fault
+    return subprocess.Popen(
+        [sys.executable, str(FAULT_RUN), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def gptkit(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`gptkit ARGS` run to the end in a fresh process (see start_gptkit)."""
+    proc = start_gptkit(*args, fault=fault)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str):
+    assert a.keys() == b.keys(), f"{what}: different tensor names"
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{what}: tensors differ: {differ[:5]}"
+
+
+def metric_rows(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(step, metric, value) of every logged value except wall-clock ones."""
+    skip = {"time", "step", "tokens_per_s", "mfu"}
+    return [
+        (row["step"], key, value)
+        for row in read_metrics(run_dir)
+        for key, value in row.items()
+        if key not in skip
+    ]
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of a checkpoint dir, or of the backup a crash between renames left."""
+    from gptkit.checkpoint import read_meta
+
+    return read_meta(checkpoint)["train"]["step"]
+
+
+def digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path."""
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Temporary or backup checkpoint directories that a save left behind."""
+    return sorted(p.name for p in run_dir.glob(".checkpoint.*"))
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage `path` in place. how: "empty"; "cut:N" keeps the first N bytes (N < 0: all but
+    the last -N); "flip:N" inverts the byte at offset N (N < 0: from the end; "50%": halfway
+    through the file); "flip-every:K"
+    inverts the high byte of every K-th uint16 token after a 32-byte shard header."""
+    data = bytearray(path.read_bytes())
+    kind, _, arg = how.partition(":")
+    at = len(data) * int(arg[:-1]) // 100 if arg.endswith("%") else int(arg or 0)
+    if kind == "empty":
+        data = bytearray()
+    elif kind == "cut":
+        data = data[:at]
+    elif kind == "flip":
+        data[at] ^= 0xFF
+    elif kind == "flip-every":
+        tokens = np.frombuffer(bytes(data[32:]), "<u2").copy()
+        tokens[:: int(arg)] ^= 0xFF00
+        data[32:] = tokens.tobytes()
+    else:
+        raise ValueError(how)
+    path.write_bytes(bytes(data))
+
+
+def one_line_error(rc: int, stderr: str) -> str:
+    """The single `gptkit: error: ...` line of a failed CLI call; asserts it is just that."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2, f"exit status {rc}, stderr: {stderr[-2000:]}"
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("gptkit: error: "), stderr[-2000:]
+    return lines[0]
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A tiny llama GGUF (one layer, F32, byte-level BPE vocabulary) that gptkit can load."""
+    import gguf
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(ByteLevel.alphabet())]
+    c, heads, kv_heads, hidden = 64, 4, 2, 128
+    rng = np.random.default_rng(0)
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) * (1.0 if len(shape) == 1 else 0.05)).astype("f4")
+
+    head_dim = c // heads
+    tensors = {
+        "token_embd.weight": rand(len(tokens), c),
+        "output_norm.weight": rand(c),
+        "blk.0.attn_norm.weight": rand(c),
+        "blk.0.attn_q.weight": rand(heads * head_dim, c),
+        "blk.0.attn_k.weight": rand(kv_heads * head_dim, c),
+        "blk.0.attn_v.weight": rand(kv_heads * head_dim, c),
+        "blk.0.attn_output.weight": rand(c, heads * head_dim),
+        "blk.0.ffn_norm.weight": rand(c),
+        "blk.0.ffn_gate.weight": rand(hidden, c),
+        "blk.0.ffn_up.weight": rand(hidden, c),
+        "blk.0.ffn_down.weight": rand(c, hidden),
+    }
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(c)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(head_dim)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_merges([])
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, x in tensors.items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def gguf_offsets(path: Path) -> dict[str, int]:
+    """Byte offsets inside a GGUF file where a truncation lands in each of its parts."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    first, last = reader.tensors[0], reader.tensors[-1]
+    return {
+        "magic": 2,
+        "counts": 12,  # inside the tensor and metadata counts of the header
+        "metadata": int(tokens.offset) + 40,  # inside the token list
+        "tensor-info": int(first.field.offset) + 6,  # inside the first tensor's name
+        "tensor-data": int(last.data_offset) + int(last.n_bytes) // 2,
+        "last-byte": int(last.data_offset) + int(last.n_bytes) - 1,  # not padding
+    }

@@ -1,0 +1,214 @@
+"""Memory guards: a model that cannot fit is refused with one line before anything big is
+allocated (gpt3-175b on this machine), a small one passes, and the threshold works both ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit import resources
+from gptkit.checkpoint import FORMAT
+from gptkit.config import PRESETS, load_train_config, preset
+from gptkit.convert import gptkit_config_to_hf, load_hf
+from gptkit.model import GPT
+from gptkit.prepare import prepare
+from gptkit.resources import ResourceError
+from gptkit.tokenizer import char_tokenizer
+
+TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(100))
+# What the refusing processes may reach: Python, torch and the data, nothing model-sized
+# (gpt3-175b's float32 weights alone are ~700 GB).
+SMALL_RSS = 1 << 30
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny", "tiny-llama", "gpt1", "gpt2", "gpt3-125m", "smollm2-135m"]
+)
+def test_counts_match_a_meta_model(name):
+    """count() extrapolates from one and two layers; it must equal the whole model's count."""
+    if name not in PRESETS:
+        pytest.skip(f"no preset {name}")
+    config = preset(name)
+    with torch.device("meta"):
+        model = GPT(config)
+    counts = resources.count(config)
+    assert counts.params == model.num_params()
+    assert counts.buffers == sum(b.numel() for b in model.buffers())
+
+
+def test_gpt3_175b_is_refused_for_inference_and_training():
+    config = preset("gpt3-175b")
+    inference = resources.inference_need(config)
+    assert 170e9 * 4 < inference.weights < 180e9 * 4  # ~175 B float32 parameters
+    training = resources.training_need(config, batch_size=1)
+    assert training.total > 4 * inference.weights  # + gradients and two AdamW moments
+    available = resources.available_bytes("cpu")
+    assert available is not None and 0 < available < inference.total  # no 700 GB machine here
+    with pytest.raises(ResourceError) as err:
+        resources.check_inference(config, "gpt3-175b")
+    message = str(err.value)
+    assert message.startswith("gpt3-175b needs ~") and "for inference in float32" in message
+    assert "GB available; use a smaller model" in message and "\n" not in message
+    with pytest.raises(ResourceError, match=r"for training in float32 \(weights .* AdamW"):
+        resources.check_fits(training, "gpt3-175b")
+
+
+def test_small_model_passes():
+    config = preset("tiny")
+    resources.check_inference(config, "tiny")
+    resources.check_fits(resources.training_need(config, batch_size=8), "tiny")
+
+
+@pytest.mark.parametrize("purpose", ["inference", "training"])
+def test_threshold_works_both_ways(monkeypatch, purpose):
+    config = preset("tiny")
+    need = (
+        resources.inference_need(config)
+        if purpose == "inference"
+        else resources.training_need(config, batch_size=4)
+    )
+    monkeypatch.setattr(resources, "available_bytes", lambda device: need.total)
+    resources.check_fits(need, "tiny")  # exactly enough
+    with pytest.raises(ResourceError, match=f"for {purpose}"):
+        resources.check_fits(need, "tiny", copies=2)  # two processes need twice as much
+    monkeypatch.setattr(resources, "available_bytes", lambda device: need.total - 1)
+    with pytest.raises(ResourceError, match=f"tiny needs ~.* for {purpose}"):
+        resources.check_fits(need, "tiny")
+    monkeypatch.setenv(resources.SKIP_ENV, "1")  # the escape hatch the message names
+    resources.check_fits(need, "tiny")
+
+
+def test_available_memory_on_this_machine(monkeypatch):
+    available = resources.available_bytes("cpu")
+    assert available is not None and available > 0
+    meminfo = resources._meminfo_available()
+    assert meminfo is not None and available <= meminfo
+    # With no /proc/meminfo (macOS) the fallback still gives a figure.
+    monkeypatch.setattr(resources, "Path", lambda p: Path("/nonexistent") / str(p).lstrip("/"))
+    assert resources._meminfo_available() > 0
+    assert resources.available_bytes("meta") is None  # no figure: no check
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def gpt3_checkpoint(directory: Path) -> Path:
+    """A checkpoint whose config.json describes gpt3-175b and that has no weights at all:
+    the guard must refuse from the config alone."""
+    directory.mkdir()
+    meta = {"format": FORMAT, "model": preset("gpt3-175b").to_dict(), "tokenizer": None}
+    (directory / "config.json").write_text(json.dumps(meta))
+    return directory
+
+
+def gpt3_hf_dir(directory: Path) -> Path:
+    config = preset("gpt3-175b", attention="dense")  # the shape, as a GPT-2-style HF config
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(gptkit_config_to_hf(config)))
+    return directory
+
+
+def run_and_measure(args: list[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """(result, peak resident bytes of the child): os.wait4 reports that child alone."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(args, code, out.read(), err.read())
+    return result, usage.ru_maxrss * 1024  # Linux counts ru_maxrss in kB
+
+
+def assert_refused(result: subprocess.CompletedProcess, rss: int, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("gptkit: error: ") and "needs ~" in lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert rss < SMALL_RSS, f"peak RSS {rss / 1e6:.0f} MB"
+
+
+def test_load_refuses_gpt3_175b_without_allocating(tmp_path):
+    import gptkit
+
+    ckpt = gpt3_checkpoint(tmp_path / "ckpt")
+    hf = gpt3_hf_dir(tmp_path / "hf")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for path in (ckpt, hf):
+        with pytest.raises(ResourceError, match=f"{path} needs ~.* for inference"):
+            gptkit.load(path, device="cpu")
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    assert grown < 256 << 20, f"this process's peak grew by {grown / 1e6:.0f} MB"
+    with pytest.raises(ResourceError, match="for inference in bfloat16"):
+        load_hf(hf, dtype=torch.bfloat16)
+    # A fresh process's peak memory shows that nothing big was allocated on the way.
+    result, rss = run_and_measure(
+        [sys.executable, "-m", "gptkit", "generate", "--model", str(ckpt), "--prompt", "hi"]
+    )
+    assert_refused(result, rss, str(ckpt), "for inference")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "input.txt").write_text(TEXT)
+    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
+    prepare([root / "input.txt"], root / "data", tok, val_fraction=0.1, workers=1, progress=False)
+    return root / "data"
+
+
+def settings(data_dir: Path, out: Path, model: str) -> list[str]:
+    return [
+        f"data_dir={json.dumps(str(data_dir))}",
+        f"out_dir={json.dumps(str(out))}",
+        f"model.preset={json.dumps(model)}",
+        "batch_size=2",
+        "max_steps=1",
+        "progress=false",
+        "tensorboard=false",
+    ]
+
+
+def test_pretrain_refuses_gpt3_175b_before_allocating(tmp_path, data_dir):
+    from gptkit.train import train
+
+    args = settings(data_dir, tmp_path / "run", "gpt3-175b")
+    with pytest.raises(ResourceError, match=r"^gpt3-175b needs ~.* for training in float32"):
+        train(load_train_config(None, args))
+    result, rss = run_and_measure([sys.executable, "-m", "gptkit", "pretrain", *args])
+    assert_refused(result, rss, "for training", "AdamW moments", "batch_size")
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_training_a_loaded_model_counts_what_training_adds(tmp_path, data_dir, monkeypatch):
+    """init_from: the weights pass the load check; gradients, moments and activations are
+    checked once the model is built (the Trainer's second check)."""
+    from gptkit.train import train
+
+    source = tmp_path / "source"
+    train(load_train_config(None, settings(data_dir, source, "tiny")))
+    config = load_train_config(
+        None,
+        [
+            *settings(data_dir, tmp_path / "tuned", "tiny"),
+            f"init_from={json.dumps(str(source / 'checkpoint'))}",
+        ],
+    )
+    weights = resources.inference_need(preset("tiny", vocab_size=char_vocab())).total
+    monkeypatch.setattr(resources, "available_bytes", lambda device: weights)
+    with pytest.raises(ResourceError, match=r"needs ~.* for training .*gradients"):
+        train(config)
+
+
+def char_vocab() -> int:
+    return char_tokenizer(TEXT, special_tokens=["<|endoftext|>"]).vocab_size
