@@ -284,10 +284,10 @@ def load_checkpoint(
         peft = PeftConfig.from_dict(meta["peft"]) if meta.get("peft") else None
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG}: bad model config: {e}") from None
+    resources.check_inference(config, str(directory), device, dtype)  # before reading weights
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
-    resources.check_inference(config, str(directory), device, dtype)
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
