@@ -265,6 +265,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         max_seconds=args.max_seconds,
+        max_tokens=args.max_tokens,
+        shutdown_seconds=args.shutdown_seconds,
     )  # validated before spending time on loading the model
     # Row-major weights (the training layout) for batched decoding: on 2 cores a SmolLM2 step
     # of 8 rows takes 144 ms with them against 243 ms with the column-major decode layout,
@@ -453,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences; then 503")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
     p.add_argument("--max-seconds", type=float, default=300.0, help="generation time limit")
+    p.add_argument(
+        "--max-tokens", type=int, default=4096, help="most tokens a request may ask for; more: 400"
+    )
+    p.add_argument(
+        "--shutdown-seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM or Ctrl-C, generations still running are cut after this long",
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_serve)

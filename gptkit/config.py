@@ -9,6 +9,8 @@ Llama-style models (RMSNorm, RoPE, SwiGLU, grouped-query attention).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,8 +59,7 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_head", "n_embd"):  # checked first: the defaults below divide by them
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            _check_size(name, getattr(self, name))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -73,9 +74,19 @@ class GPTConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "head_dim")
+        for name in (*sizes, "n_kv_head", "intermediate_size", "local_window"):
+            _check_size(name, getattr(self, name))
+        for name in ("rope_theta", "norm_eps", "dropout", "init_std"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise ConfigError(f"{_WRONG_TYPE}: {name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
+            raise ConfigError(
+                f"{_WRONG_TYPE}: labels must be a list of strings, got {self.labels!r}"
+            )
         if self.n_head % self.n_kv_head:
             raise ConfigError(
                 f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
@@ -112,7 +123,7 @@ class GPTConfig:
         try:
             return cls(**d)
         except TypeError as e:  # a value of the wrong type, e.g. n_layer="abc" from a TOML file
-            raise ConfigError(f"a model config value has the wrong type: {e}") from None
+            raise ConfigError(f"{_WRONG_TYPE}: {e}") from None
 
 
 @dataclass
@@ -131,6 +142,9 @@ class SampleConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self._check_types()
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -148,12 +162,49 @@ class SampleConfig:
                 f"num_return_sequences={self.num_return_sequences} cannot exceed "
                 f"num_beams={self.num_beams} in beam search"
             )
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ConfigError(f"seed must be in [-2**63, 2**64) or None, got {self.seed}")
+
+    def _check_types(self) -> None:
+        """Values from flags, TOML or JSON can be of any type: ints where counts are meant,
+        finite numbers for the rest (NaN compares false with every bound), non-empty stops."""
+        for name in ("max_new_tokens", "top_k", "num_return_sequences", "num_beams"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.stop, list | tuple) or not all(
+            isinstance(s, str) and s for s in self.stop
+        ):
+            raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+_WRONG_TYPE = "a model config value has the wrong type"
+
+
+def _check_size(name: str, value: Any) -> None:
+    if not _is_int(value):
+        raise ConfigError(f"{_WRONG_TYPE}: {name} must be an integer, got {value!r}")
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (numpy's too), but not a bool: `n_layer = true` is a mistake, not 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_keys(
@@ -164,7 +215,7 @@ def _check_keys(
     unknown = sorted(set(d) - known)
     if unknown:
         raise ConfigError(
-            f"unknown {what} key '{prefix}{unknown[0]}'; known keys: {', '.join(sorted(known))}"
+            f"unknown {what} key {prefix + unknown[0]!r}; known keys: {', '.join(sorted(known))}"
         )
 
 
@@ -265,7 +316,7 @@ PUBLISHED_PARAMS: dict[str, float] = {
 
 def preset(name: str, **overrides: Any) -> GPTConfig:
     """The named preset as a GPTConfig, with keyword overrides (e.g. vocab_size=...)."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return GPTConfig.from_dict({**PRESETS[name], **overrides})
 
@@ -394,6 +445,8 @@ def _check_types(config: Any, optional: dict[str, type]) -> None:
             name = names.get(kind, kind.__name__)
             article = "an" if name[0] in "aeiou" else "a"
             raise ConfigError(f"{f.name} must be {article} {name}, got {value!r}")
+        if kind is float and not math.isfinite(value):  # NaN passes every range check
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
 PeftMethod = Literal["none", "lora", "adapter", "prefix"]

@@ -131,6 +131,7 @@ class Engine:
         self.stats = EngineStats()
         self._cache: SlotCache | None = None  # allocated at the first request
         self._closing = threading.Event()
+        self._cutoff = float("inf")  # set by drain: when every generation is cut short
         self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
 
     @property
@@ -138,11 +139,19 @@ class Engine:
         return self.config.block_size
 
     def start(self) -> Engine:
+        """Start the engine thread; after `close`, start a fresh one (an app's lifespan can run
+        more than once, e.g. under several test clients)."""
+        if self._thread.is_alive():
+            return self
+        if self._thread.ident is not None:  # it ran and was closed
+            self._closing.clear()
+            self._cutoff = float("inf")
+            self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
         self._thread.start()
         return self
 
     def submit(self, seq: Sequence) -> None:
-        if self._closing.is_set():
+        if self._closing.is_set() or self._cutoff < float("inf"):
             raise EngineBusy("the server is shutting down")
         try:
             self.waiting.put_nowait(seq)
@@ -150,6 +159,12 @@ class Engine:
             raise EngineBusy(
                 f"the server is busy ({self.waiting.maxsize} requests waiting); retry later"
             ) from None
+
+    def drain(self, seconds: float) -> None:
+        """Begin a graceful shutdown (safe from any thread or a signal handler): refuse new
+        sequences, and end every running or waiting one `seconds` from now at the latest, with
+        finish_reason "length", so that its response still completes normally."""
+        self._cutoff = min(self._cutoff, time.monotonic() + seconds)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop: every running or waiting sequence ends with an error event."""
@@ -281,7 +296,7 @@ class Engine:
             seq.emit(("text", piece))
         if slot.text.stopped:
             self._finish(r, "stop")
-        elif seq.generated >= slot.budget or time.monotonic() > seq.deadline:
+        elif seq.generated >= slot.budget or time.monotonic() > min(seq.deadline, self._cutoff):
             if piece := slot.text.flush():
                 seq.emit(("text", piece))
             self._finish(r, "length")

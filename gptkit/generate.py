@@ -53,7 +53,14 @@ def pick_next(logits, seen, sample: SampleConfig, generator) -> torch.Tensor:
         logits = apply_repetition_penalty(logits, seen, sample.repetition_penalty)
     if sample.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / sample.temperature, sample.top_k, sample.top_p)
+    # Shift the best logit to 0 before scaling: with a tiny temperature (or a tiny repetition
+    # penalty) the scaled logits would overflow to inf, and softmax of inf - inf is NaN. The
+    # shift changes no probability; after it every scaled logit is <= 0 and the best one is 0.
+    big = torch.finfo(logits.dtype).max
+    logits = logits.clamp(max=big)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    temperature = max(sample.temperature, torch.finfo(logits.dtype).tiny)
+    logits = filter_logits(logits / temperature, sample.top_k, sample.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 # OpenAI allows up to 4 stop sequences and up to 128 choices; a local server keeps n small.
 MAX_STOP = 4
 MAX_N = 8
 
 
+# The range of a seed: the int64 OpenAI documents (torch takes any 64-bit value).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Types as the schema says, as OpenAI checks them: no "0.7" for a number, no 0 for a bool.
+    # Python's json module reads NaN and Infinity; no sampling parameter means anything by them.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -33,10 +39,13 @@ class SamplingFields(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # JSON object keys are strings: the token ids are parsed from them.
+    logit_bias: (
+        dict[Annotated[int, Strict(False)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None
+    ) = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -75,6 +84,7 @@ class TextPart(_Strict):
 
 class Message(BaseModel):
     # Extra keys (e.g. "name", which a local model has no use for) are ignored, not refused.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -83,6 +93,19 @@ class Message(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers: OpenAI's shape (documented in the OpenAPI schema)."""
+
+    error: ErrorBody
 
 
 class ChatCompletionRequest(SamplingFields):

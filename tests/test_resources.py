@@ -4,11 +4,9 @@ allocated (gpt3-175b on this machine), a small one passes, and the threshold wor
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -116,16 +114,28 @@ def gpt3_hf_dir(directory: Path) -> Path:
     return directory
 
 
-def run_and_measure(args: list[str]) -> tuple[subprocess.CompletedProcess, int]:
-    """(result, peak resident bytes of the child): os.wait4 reports that child alone."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(args, code, out.read(), err.read())
-    return result, usage.ru_maxrss * 1024  # Linux counts ru_maxrss in kB
+# Runs `gptkit ARGS...` and writes the process's own peak resident memory (VmHWM) to a file.
+# Not ru_maxrss from wait4: Linux carries a child's high-water mark across exec, so a child
+# forked from a large pytest process would report the parent's size.
+MEASURED_CLI = """
+import sys
+from gptkit.cli import main
+code = main(sys.argv[2:])
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+with open(sys.argv[1], "w") as out:
+    out.write(str(peak))
+sys.exit(code)
+"""
+
+
+def run_and_measure(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """(result of `gptkit ARGS...`, the peak resident bytes of that process)."""
+    peak_file = tmp_path / "peak.txt"
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURED_CLI, str(peak_file), *args], capture_output=True, text=True
+    )
+    return result, int(peak_file.read_text())
 
 
 def assert_refused(result: subprocess.CompletedProcess, rss: int, *needles: str) -> None:
@@ -152,9 +162,7 @@ def test_load_refuses_gpt3_175b_without_allocating(tmp_path):
     with pytest.raises(ResourceError, match="for inference in bfloat16"):
         load_hf(hf, dtype=torch.bfloat16)
     # A fresh process's peak memory shows that nothing big was allocated on the way.
-    result, rss = run_and_measure(
-        [sys.executable, "-m", "gptkit", "generate", "--model", str(ckpt), "--prompt", "hi"]
-    )
+    result, rss = run_and_measure(["generate", "--model", str(ckpt), "--prompt", "hi"], tmp_path)
     assert_refused(result, rss, str(ckpt), "for inference")
 
 
@@ -185,7 +193,7 @@ def test_pretrain_refuses_gpt3_175b_before_allocating(tmp_path, data_dir):
     args = settings(data_dir, tmp_path / "run", "gpt3-175b")
     with pytest.raises(ResourceError, match=r"^gpt3-175b needs ~.* for training in float32"):
         train(load_train_config(None, args))
-    result, rss = run_and_measure([sys.executable, "-m", "gptkit", "pretrain", *args])
+    result, rss = run_and_measure(["pretrain", *args], tmp_path)
     assert_refused(result, rss, "for training", "AdamW moments", "batch_size")
     assert not (tmp_path / "run" / "checkpoint").exists()
 

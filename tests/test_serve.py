@@ -5,8 +5,14 @@ with the same seed), so a batching or KV-cache mistake shows up as different tex
 """
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -203,7 +209,8 @@ def test_streamed_completion_with_seed_matches_sampling(client, lm):
 
 
 def test_max_tokens_is_capped_by_the_context(client, lm):
-    body = {"model": NAME, "prompt": "hello", "max_tokens": 10**9, "logit_bias": {}}
+    # 4096 is the server's own cap (ServeConfig.max_tokens); the context (512) cuts first.
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 4096, "logit_bias": {}}
     eos = lm.tokenizer.eos_id
     body["logit_bias"] = {str(eos): -100, **{str(i): -100 for i in range(3)}}  # never ends
     reply = client.post("/v1/completions", json=body).json()
@@ -345,3 +352,215 @@ def test_cli_refuses_bad_flags_in_one_line(capsys, tmp_path):
     assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gptkit: error:") and len(err.strip().splitlines()) == 1
+
+
+# --- limits, files, shutdown ---------------------------------------------------------------
+
+
+def test_server_limits_are_configurable_and_answer_clearly(lm):
+    """max_tokens (400 over the cap; the cap also bounds requests that set none), the queue
+    (503 + Retry-After when full; 400 when one request alone could never fit), body size (413,
+    by Content-Length and for chunked uploads) and per-request time (cut with "length")."""
+    config = ServeConfig(max_batch=1, max_queue=3, max_tokens=8, max_body_bytes=2048)
+    ok = {"model": NAME, "prompt": "hello", "temperature": 0}
+    with TestClient(create_app(lm, NAME, config)) as c:
+        post = c.post
+        message = _error(
+            post("/v1/completions", json={**ok, "max_tokens": 9}),
+            400,
+            "max_tokens",
+            "max_tokens_too_large",
+        )
+        assert "at most 8" in message
+        chat = {"model": NAME, "messages": CHAT, "max_completion_tokens": 9}
+        _error(post("/v1/chat/completions", json=chat), 400, "max_tokens", "max_tokens_too_large")
+        no_eos = {"logit_bias": {str(lm.tokenizer.eos_id): -100}}
+        unset = post("/v1/chat/completions", json={"model": NAME, "messages": CHAT, **no_eos})
+        assert unset.status_code == 200 and unset.json()["usage"]["completion_tokens"] <= 8
+        default = post("/v1/completions", json={**ok, **no_eos}).json()  # OpenAI's 16, capped
+        assert default["usage"]["completion_tokens"] == 8
+
+        _error(post("/v1/completions", json={**ok, "n": 4}), 400, "n")  # 4 > max_queue
+        big = {**ok, "prompt": "x" * 3000}
+        _error(post("/v1/completions", json=big), 413, code="too_large")
+        chunked = post(
+            "/v1/completions",
+            content=iter([json.dumps(big).encode()]),  # no Content-Length: counted as it comes
+            headers={"content-type": "application/json"},
+        )
+        _error(chunked, 413, code="too_large")
+        assert post("/v1/completions", json={**ok, "max_tokens": 2}).status_code == 200
+
+    # A full queue (the engine not started: lifespan off, so nothing leaves the queue): 503.
+    stopped = TestClient(create_app(lm, NAME, config))
+    engine = stopped.app.state.server.engine
+    for _ in range(3):
+        engine.submit(Sequence([1], SampleConfig(), lambda e: None))
+    busy = stopped.post("/v1/completions", json=ok)
+    _error(busy, 503, code="overloaded")
+    assert busy.headers["retry-after"] == "1"
+
+    with TestClient(create_app(lm, NAME, ServeConfig(max_seconds=1e-6))) as c:
+        reply = c.post("/v1/completions", json={**ok, "max_tokens": 50, **no_eos}).json()
+        assert reply["choices"][0]["finish_reason"] == "length"
+        assert reply["usage"]["completion_tokens"] == 1  # the first token, then the limit
+    for field in ("max_tokens", "max_queue", "max_body_bytes"):
+        with pytest.raises(ConfigError, match=field):
+            ServeConfig(**{field: 0})
+    with pytest.raises(ConfigError, match="shutdown_seconds"):
+        ServeConfig(shutdown_seconds=-1)
+
+
+def test_values_that_are_no_text_or_no_number_are_400_not_500(client):
+    """What the fuzzing found: a lone surrogate in the JSON ("\\udc80") reached the tokenizer
+    and came back as a 500; NaN (which Python's json reads) and a seed past int64 too."""
+    headers = {"content-type": "application/json"}
+    post = client.post
+    raw = b'{"model": "tiny", "prompt": "a\\udc80b"}'
+    assert "lone surrogate" in _error(post("/v1/completions", content=raw, headers=headers), 400)
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udc80"}]}'
+    _error(post("/v1/chat/completions", content=raw, headers=headers), 400, "messages")
+    raw = b'{"model": "tiny", "prompt": "hi", "temperature": NaN}'
+    assert "temperature" in _error(post("/v1/completions", content=raw, headers=headers), 400)
+    raw = b'{"model": "tiny", "prompt": "hi", "logit_bias": {"1": Infinity}}'
+    _error(post("/v1/completions", content=raw, headers=headers), 400)
+    seed = {"model": NAME, "prompt": "hi", "seed": 2**64}
+    assert "seed" in _error(post("/v1/completions", json=seed), 400)
+    seed["seed"] = 2**63 - 1  # the largest allowed, plus n - 1 for the other choices
+    assert post("/v1/completions", json={**seed, "n": 3, "max_tokens": 2}).status_code == 200
+
+
+def test_no_request_can_name_a_file(client, char_checkpoint, monkeypatch):
+    """The model field is only compared with the served name: paths (relative, absolute, a
+    real checkpoint directory) are unknown models, and nothing is ever loaded. No URL path
+    reaches the file system either."""
+    import gptkit.api
+    import gptkit.checkpoint
+    import gptkit.tokenizer
+
+    def never(*args, **kwargs):
+        raise AssertionError(f"a request made the server load {args}")
+
+    for module, name in [
+        (gptkit.api, "load"),
+        (gptkit.api, "_load"),
+        (gptkit.checkpoint, "load_checkpoint"),
+        (gptkit.tokenizer, "load_tokenizer"),
+    ]:
+        monkeypatch.setattr(module, name, never)
+    paths = ["../../etc/passwd", "/etc/passwd", str(char_checkpoint), "file:///etc/passwd"]
+    for path in paths:
+        for url, body in [
+            ("/v1/completions", {"model": path, "prompt": "hi", "max_tokens": 1}),
+            ("/v1/chat/completions", {"model": path, "messages": CHAT, "max_tokens": 1}),
+        ]:
+            reply = client.post(url, json=body)
+            _error(reply, 404, "model", "model_not_found")
+            assert "root:" not in reply.text
+    for url in ["/../../etc/passwd", "/static/..%2f..%2fetc%2fpasswd", "/%2e%2e/%2e%2e/etc/passwd"]:
+        reply = client.get(url)
+        assert reply.status_code == 404 and "root:" not in reply.text
+    assert Path(char_checkpoint).is_dir()  # a real path, refused as a model name all the same
+
+
+def test_api_key_is_compared_in_constant_time(lm, monkeypatch):
+    import gptkit.serve
+
+    calls = []
+    real = gptkit.serve.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(gptkit.serve.hmac, "compare_digest", spy)
+    with TestClient(create_app(lm, NAME, ServeConfig(api_key="sesame"))) as c:
+        _error(c.get("/v1/models", headers={"Authorization": "Bearer sesam"}), 401)
+        latin1 = {"Authorization": "Bearer s\xe9same".encode("latin-1")}  # not UTF-8: 401
+        _error(c.get("/v1/models", headers=latin1), 401, code="invalid_api_key")
+    assert calls and calls[0] == (b"Bearer sesam", b"Bearer sesame")
+
+
+def test_engine_drain_ends_generations_with_length_and_refuses_new_ones(lm):
+    got = Collector(1)
+    engine = Engine(lm).start()
+    try:
+        sample = SampleConfig(max_new_tokens=400, temperature=0)
+        seq = Sequence([1], sample, got.emitter(0), logit_bias={lm.tokenizer.eos_id: -100.0})
+        engine.submit(seq)
+        deadline = time.monotonic() + 30
+        while seq.generated < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.drain(0.0)
+        assert got.all_done.wait(30)
+        with pytest.raises(EngineBusy, match="shutting down"):
+            engine.submit(Sequence([1], SampleConfig(), lambda e: None))
+    finally:
+        engine.close()
+    assert got.reasons == ["length"] and seq.generated < 400
+
+
+SERVE_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+from conftest import tiny_chat_lm
+from gptkit.serve import ServeConfig, serve
+config = ServeConfig(port=int(sys.argv[1]), shutdown_seconds=1.0, max_tokens=8000)
+serve(tiny_chat_lm(block_size=8192), "tiny", config)
+print("serve returned", flush=True)
+"""
+
+
+def test_sigterm_ends_streams_cleanly_and_exits_0(lm, tmp_path):
+    """`gptkit serve`'s shutdown: SIGTERM while a long stream runs (8000 tokens: many seconds
+    on a CPU). The stream is cut at shutdown_seconds and still ends properly (a finishing chunk
+    with "length", the usage, [DONE]), and the process exits 0 (uvicorn alone would re-raise
+    the signal: exit status -15)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "serve.log").open("w")
+    root = Path(__file__).parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, str(port)],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            with httpx.Client(timeout=5) as http:
+                try:
+                    if http.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        body = {"model": NAME, "prompt": "hello", "max_tokens": 8000, "stream": True}
+        body["logit_bias"] = {str(lm.tokenizer.eos_id): -100}
+        body["stream_options"] = {"include_usage": True}
+        lines = []
+        with (
+            httpx.Client(timeout=60) as http,
+            http.stream("POST", f"{url}/v1/completions", json=body) as r,
+        ):
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 1:
+                    proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-3][6:])["choices"][0]["finish_reason"] == "length"
+    assert 0 < json.loads(lines[-2][6:])["usage"]["completion_tokens"] < 8000  # cut short
+    assert "serve returned" in (tmp_path / "serve.log").read_text()
