@@ -126,6 +126,9 @@ class Engine:
     def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64):
         self.lm, self.max_batch = lm, max_batch
         self.config: GPTConfig = lm.model.config
+        # A model may have more embedding rows than its tokenizer has tokens (vocabularies
+        # padded for speed); those ids have no text, so they are never sampled.
+        self.vocab_size = min(lm.tokenizer.vocab_size, self.config.vocab_size)
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self.running: list[_Slot] = []
         self.stats = EngineStats()
@@ -275,6 +278,7 @@ class Engine:
         if seq.cancelled:
             self._finish(r, None)
             return
+        logits[:, self.vocab_size :] = float("-inf")
         if seq.logit_bias:
             ids = torch.tensor(list(seq.logit_bias), device=logits.device)
             logits[0, ids] += torch.tensor(list(seq.logit_bias.values()), device=logits.device)

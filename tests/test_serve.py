@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from conftest import tiny_chat_lm
 from fastapi.testclient import TestClient
 from live_server import LiveServer
@@ -88,6 +89,29 @@ def test_engine_batches_requests_and_matches_single_generation(lm):
     assert engine.stats.max_batch == 3  # decoded together, not one request at a time
     assert engine.stats.steps < engine.stats.tokens
     assert engine._cache.max_len > 256
+
+
+def test_engine_never_samples_ids_the_tokenizer_lacks():
+    """A model whose vocabulary is padded past its tokenizer's (as many HF models' are): the
+    padding ids have no text, so the engine must never pick them, even when they score best."""
+    padded = tiny_chat_lm()
+    n = padded.tokenizer.vocab_size
+    padded.model.resize_vocab(n + 16)
+    # The padding ids get the best logits: without the engine's mask, greedy picks one.
+    padded.model.register_forward_hook(
+        lambda m, args, out: out.index_fill(-1, torch.arange(n, n + 16), 1e4)
+    )
+    got = Collector(2)
+    engine = Engine(padded).start()
+    try:
+        for i, temperature in enumerate((0.0, 1.0)):
+            sample = SampleConfig(max_new_tokens=20, temperature=temperature, seed=i)
+            engine.submit(Sequence(padded.tokenizer.encode("hello"), sample, got.emitter(i)))
+        assert got.all_done.wait(30)
+    finally:
+        engine.close()
+    assert got.reasons == ["length", "length"], got.reasons  # not "error"
+    assert all(got.texts), got.texts
 
 
 def test_engine_stops_on_stop_strings_and_eos(lm):
