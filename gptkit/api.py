@@ -251,7 +251,7 @@ def _load(
             f"{path} is neither a gptkit checkpoint nor a Hugging Face model directory "
             "(no config.json describing a model)"
         )
-    directory = convert.resolve_hf(path_or_name, allow_pickle)
+    directory = convert.resolve_hf(path_or_name, allow_pickle, device, dtype)
     model = convert.load_hf(directory, device, dtype, decode_layout, allow_pickle=allow_pickle)
     try:
         tokenizer = load_tokenizer(directory)

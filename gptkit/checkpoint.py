@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__, resources
-from .config import ConfigError, GPTConfig, PeftConfig
+from .config import ConfigError, GPTConfig, PeftConfig, first_line
 from .convert import unpickling_problem
 from .model import GPT
 from .peft import apply_peft, peft_config
@@ -83,7 +83,7 @@ def _write_error(directory: Path, error: BaseException) -> CheckpointWriteError 
     only "[enforce fail at inline_container.cc:...] . unexpected pos 576 vs 534": so their
     errors are recognised by their text, and a full disk also by asking the disk itself.
     """
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = first_line(error)
     if isinstance(error, OSError):
         full = error.errno in _FULL or "no space left" in text.lower()
     elif isinstance(error, (SafetensorError, RuntimeError)):
@@ -240,15 +240,15 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
             f"{path} is missing; is this a gptkit checkpoint directory?"
         ) from None
     except ValueError as e:  # bad JSON, or bytes that are not UTF-8 (UnicodeDecodeError)
-        first = str(e).splitlines()[0][:120]
+        first = first_line(e, 120)
         raise DamagedCheckpointError(
-            f"{path} is not valid JSON ({first}); the file is damaged: restore the checkpoint "
-            "from a copy, or save it again"
+            f"{path} is not valid JSON ({first}); the file is damaged: restore the model "
+            "directory from a good copy"
         ) from None
     except OSError as e:
         raise DamagedCheckpointError(f"{path} cannot be read ({e.strerror})") from None
     if not isinstance(meta, dict):
-        raise DamagedCheckpointError(f"{path} holds no JSON object; the checkpoint is damaged")
+        raise DamagedCheckpointError(f"{path} holds no JSON object; the file is damaged")
     if meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{path} is not a gptkit checkpoint (format {meta.get('format')!r})")
     return meta
@@ -353,7 +353,7 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
     # KeyError, struct.error, UnicodeDecodeError... depending on where the damage lies; all
     # mean the same thing here, and weights_only=True already refuses anything unsafe.
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e, 160)
         raise CheckpointError(
             f"{path} cannot be read ({first}); the training state is damaged: resume from an "
             "earlier copy, or start a new run with init_from pointing at the checkpoint"

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import QUANTIZE_CHOICES, ConfigError
+from .config import QUANTIZE_CHOICES, ConfigError, first_line
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -513,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.func(args)
     except USER_ERRORS as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"gptkit: error: {message}", file=sys.stderr)
+        print(f"gptkit: error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptkit: interrupted", file=sys.stderr)

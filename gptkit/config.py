@@ -30,6 +30,13 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
 
 
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (a library's can run to a dozen), cut to
+    `limit` characters, or its type's name when it has none: what a one-line error quotes."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
@@ -83,6 +90,8 @@ class GPTConfig:
                 raise ConfigError(f"{_WRONG_TYPE}: {name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.rope_theta == 0:  # the RoPE frequencies are powers of 1/rope_theta
+            raise ConfigError("rope_theta must be > 0 (Llama uses 10000 or 500000)")
         if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
             raise ConfigError(
                 f"{_WRONG_TYPE}: labels must be a list of strings, got {self.labels!r}"

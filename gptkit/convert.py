@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import resources
-from .config import ConfigError, GPTConfig
+from .config import ConfigError, GPTConfig, first_line
 from .model import GPT
 
 
@@ -560,8 +560,9 @@ def _load_weights_file(file: Path, allow_pickle: bool = False) -> dict[str, torc
             "a weights file never needs that, so it may be hostile"
         ) from None
     except (SafetensorError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{file}: cannot read the weights ({first}); damaged?") from None
+        raise ConversionError(
+            f"{file}: cannot read the weights ({first_line(e)}); damaged?"
+        ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -788,14 +789,21 @@ def export_hf(
 
 
 # Files a model needs: config, weights and tokenizer (no optimizer states, no other formats).
-_HUB_PATTERNS = ["config.json", "*.safetensors", "*.json", "merges.txt", "vocab.json", "tokenizer*"]
+_HUB_METADATA = ["*.json", "merges.txt", "vocab.json", "tokenizer*"]
 
 
-def resolve_hf(name_or_path: str | Path, allow_pickle: bool | None = None) -> Path:
+def resolve_hf(
+    name_or_path: str | Path,
+    allow_pickle: bool | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """A local directory as is; otherwise download a hub repo's model files (cached).
 
-    safetensors weights are preferred; a repo that has only pickled ones (pytorch_model.bin)
-    is fetched only with allow_pickle (None: see `pickle_allowed`)."""
+    The config and tokenizer come first: a model gptkit cannot run, or one too big for
+    `device` in `dtype`, is refused before its weights are downloaded. safetensors weights
+    are preferred; a repo that has only pickled ones (pytorch_model.bin) is fetched only with
+    allow_pickle (None: see `pickle_allowed`)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -806,7 +814,10 @@ def resolve_hf(name_or_path: str | Path, allow_pickle: bool | None = None) -> Pa
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+        local = Path(snapshot_download(name, allow_patterns=_HUB_METADATA))
+        config = hf_config_to_gptkit(read_hf_config(local))
+        resources.check_inference(config, name, device, dtype)
+        local = Path(snapshot_download(name, allow_patterns=["*.safetensors"]))
         if not any(local.glob("*.safetensors")):  # older repos ship only pickled weights
             if not pickle_allowed(allow_pickle):
                 raise PickleNotAllowedError(
@@ -816,8 +827,9 @@ def resolve_hf(name_or_path: str | Path, allow_pickle: bool | None = None) -> Pa
                 )
             local = Path(snapshot_download(name, allow_patterns=["pytorch_model*.bin*"]))
     except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as e:
-        if isinstance(e, ConversionError):
+        if isinstance(e, ConversionError | ConfigError):  # already clear (ResourceError, too)
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"cannot fetch {name!r} from the Hugging Face hub: {first}") from None
+        raise ConversionError(
+            f"cannot fetch {name!r} from the Hugging Face hub: {first_line(e)}"
+        ) from None
     return local

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import first_line
 from .prepare import read_shard
 
 
@@ -38,8 +39,7 @@ class TokenData:
             ) from None
         except ValueError as e:  # truncated or damaged: JSON or UTF-8 errors, no file name
             raise DataError(
-                f"{meta_path} is damaged ({str(e).splitlines()[0][:120]}); run `gptkit "
-                "prepare` again"
+                f"{meta_path} is damaged ({first_line(e, 120)}); run `gptkit prepare` again"
             ) from None
         splits = self.meta.get("splits") if isinstance(self.meta, dict) else None
         if not isinstance(splits, dict):

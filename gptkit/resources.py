@@ -104,13 +104,14 @@ def training_need(
     trainable: int | None = None,
     shards: int = 1,
     weights_allocated: bool = False,
+    activation_dtype: torch.dtype = torch.float32,
 ) -> MemoryNeed:
     """What training `config` in float32 with AdamW needs on `device`.
 
     trainable: parameters that get gradients and moments (default: all; fewer under
     LoRA and other frozen-body methods). shards: FSDP ranks the weights, gradients and
     moments are split over. weights_allocated: the model is already built, so only what
-    training adds is counted."""
+    training adds is counted. activation_dtype: bfloat16 under autocast."""
     dtype = torch.float32
     size = _itemsize(dtype)
     c = count(config)
@@ -122,7 +123,7 @@ def training_need(
         weights=0 if weights_allocated else (c.params + c.buffers) * size // shards,
         gradients=trainable * size // shards,
         optimizer=2 * trainable * size // shards,
-        activations=activation_bytes(config, batch_size, dtype),
+        activations=activation_bytes(config, batch_size, activation_dtype),
     )
 
 

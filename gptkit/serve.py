@@ -113,12 +113,8 @@ class BodyLimit:
                 raise HTTPException(413, too_big.message)
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except HTTPException as e:  # only reachable before a response has started
-            if e.status_code != 413:
-                raise
-            await too_big.response()(scope, receive, send)
+        # FastAPI answers the HTTPException with http_error below: 413, code "too_large".
+        await self.app(scope, counted, send)
 
 
 def _sse(data: Any) -> str:
@@ -178,16 +174,16 @@ class Server:
                 code="model_not_found",
             )
 
-    def _budget(self, prompt: list[int], max_tokens: int | None) -> int:
-        """max_tokens capped so the prompt and the reply fit the context (None: all of it, up
-        to the server's max_tokens)."""
+    def _budget(self, prompt: list[int], max_tokens: int | None, param: str = "max_tokens") -> int:
+        """max_tokens (the request's field `param`) capped so the prompt and the reply fit the
+        context (None: all of it, up to the server's max_tokens)."""
         limit = self.config.max_tokens
         if max_tokens is not None and max_tokens > limit:
             raise APIError(
                 400,
-                f"max_tokens is {max_tokens} but this server generates at most {limit} tokens "
+                f"{param} is {max_tokens} but this server generates at most {limit} tokens "
                 "per request; ask for fewer",
-                param="max_tokens",
+                param=param,
                 code="max_tokens_too_large",
             )
         context = self.engine.context
@@ -323,8 +319,8 @@ class Server:
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         prompt = self._prompt_ids(text, "messages")
-        limit = body.max_completion_tokens or body.max_tokens
-        budget = self._budget(prompt, limit)
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        budget = self._budget(prompt, getattr(body, field), field)
         outbox = Outbox()
         self._submit(outbox, body, [prompt], lambda p: budget, [*body.stops, *self.chat_stops])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
@@ -526,11 +522,13 @@ def serve(lm: LM, name: str, config: ServeConfig) -> None:
         timeout_graceful_shutdown=config.shutdown_seconds + 5,
     )
     server = GracefulServer(settings, app.state.server.engine, config.shutdown_seconds)
-    server.run()
-    if not server.started:
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind the address or its startup fails
         raise ConfigError(
-            f"the server could not listen on {config.host}:{config.port} (see the log above)"
-        )
+            f"the server could not start on {config.host}:{config.port} (see the log above); "
+            "is the port in use? pick another with --port"
+        ) from None
 
 
 class GracefulServer(uvicorn.Server):

@@ -119,11 +119,15 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
     return 2 * n**3 / best
 
 
+def uses_autocast(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast by default on CUDA; on a CPU only when asked (it is ~100x slower there)."""
+    return config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+
+
 def check_training_memory(
     model: GPTConfig,
     config: TrainConfig,
     device: torch.device,
-    label: str,
     *,
     trainable: int | None = None,
     weights_allocated: bool = False,
@@ -140,7 +144,9 @@ def check_training_memory(
         trainable=trainable,
         shards=shards,
         weights_allocated=weights_allocated,
+        activation_dtype=torch.bfloat16 if uses_autocast(config, device) else torch.float32,
     )
+    label = config.init_from or str(config.model.get("preset") or "the configured model")
     resources.check_fits(need, label, copies)
 
 
@@ -182,8 +188,7 @@ class PretrainTask:
             model = load(config.init_from, device, decode_layout=False).model.train()
         else:
             model_config = config.model_config(self.tokenizer.vocab_size)
-            label = config.model.get("preset") or "the configured model"
-            check_training_memory(model_config, config, device, str(label))  # before allocating
+            check_training_memory(model_config, config, device)  # before allocating
             model = GPT(model_config).to(device).train()
         self.block_size = model.config.block_size
         return model
@@ -248,14 +253,11 @@ class Trainer:
             self.model.config,
             config,
             device,
-            config.init_from or str(config.model.get("preset") or "the model"),
             trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             weights_allocated=True,
         )
         check_tokenizer_fits(self.tokenizer, self.model.config)
-        # bf16 autocast by default on CUDA; on a CPU only when asked (it is ~100x slower there)
-        auto = config.dtype == "auto" and device.type == "cuda"
-        self.autocast = auto or config.dtype == "bfloat16"
+        self.autocast = uses_autocast(config, device)
         if config.compile:
             self.model.compile()  # in place: parameter names stay those of the plain model
         self.wrapped = self.dist.wrap(self.model, config.fsdp)

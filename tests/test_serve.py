@@ -378,6 +378,17 @@ def test_cli_refuses_bad_flags_in_one_line(capsys, tmp_path):
     assert err.startswith("gptkit: error:") and len(err.strip().splitlines()) == 1
 
 
+def test_serve_on_a_busy_port_is_one_clear_error(lm):
+    from gptkit.serve import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"could not start on 127.0.0.1:{port}.*in use"):
+            serve(lm, NAME, ServeConfig(port=port))
+
+
 # --- limits, files, shutdown ---------------------------------------------------------------
 
 
@@ -397,7 +408,13 @@ def test_server_limits_are_configurable_and_answer_clearly(lm):
         )
         assert "at most 8" in message
         chat = {"model": NAME, "messages": CHAT, "max_completion_tokens": 9}
-        _error(post("/v1/chat/completions", json=chat), 400, "max_tokens", "max_tokens_too_large")
+        chat_error = _error(
+            post("/v1/chat/completions", json=chat),
+            400,
+            "max_completion_tokens",
+            "max_tokens_too_large",
+        )
+        assert chat_error.startswith("max_completion_tokens is 9")
         no_eos = {"logit_bias": {str(lm.tokenizer.eos_id): -100}}
         unset = post("/v1/chat/completions", json={"model": NAME, "messages": CHAT, **no_eos})
         assert unset.status_code == 200 and unset.json()["usage"]["completion_tokens"] <= 8
@@ -502,7 +519,10 @@ def test_api_key_is_compared_in_constant_time(lm, monkeypatch):
         _error(c.get("/v1/models", headers={"Authorization": "Bearer sesam"}), 401)
         latin1 = {"Authorization": "Bearer s\xe9same".encode("latin-1")}  # not UTF-8: 401
         _error(c.get("/v1/models", headers=latin1), 401, code="invalid_api_key")
-    assert calls and calls[0] == (b"Bearer sesam", b"Bearer sesame")
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+    # Every request's key went through the constant-time comparison, the right one too.
+    assert len(calls) == 3 and all(expected == b"Bearer sesame" for _, expected in calls)
+    assert calls[0][0] == b"Bearer sesam" and calls[2][0] == b"Bearer sesame"
 
 
 def test_engine_drain_ends_generations_with_length_and_refuses_new_ones(lm):

@@ -84,6 +84,7 @@ def test_toml_config_with_overrides(tmp_path):
         (["data_dir=d", "max_steps=1.5"], "max_steps must be an integer, got 1.5"),
         (["data_dir=d", "decay_steps=soon"], "decay_steps must be an integer"),
         (["data_dir=d", "model.n_layer=many"], "a model config value has the wrong type"),
+        (["data_dir=d", "model.rope_theta=0"], "rope_theta must be > 0"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, message):

@@ -31,7 +31,6 @@ ARGS = [*TINY, f"max_steps={MAX_STEPS}", f"checkpoint_every={EVERY}", "eval_ever
 # The order of fault kinds; steps and save numbers are drawn at random. "step"/"log" kill
 # between checkpoints; the others kill inside a save (see fault_run.py).
 CHAIN = ["step", "train_state", "log", "weights", "step", "fsync", "swap", "step", "weights"]
-DURING_SAVE = {"weights", "train_state", "fsync", "swap"}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,9 @@ def test_a_chain_of_sigkills_then_resume_is_bit_identical(data_dir, tmp_path):
 
     # Bit for bit: weights, AdamW moments and step, and every logged value.
     assert_same_tensors(weights(whole / "checkpoint"), weights(out / "checkpoint"), "weights")
-    states = [torch.load(d / "checkpoint/train_state/state.pt") for d in (whole, out)]
+    states = [
+        torch.load(d / "checkpoint/train_state/state.pt", weights_only=True) for d in (whole, out)
+    ]
     assert states[0]["step"] == states[1]["step"] == MAX_STEPS
     for name, moments in states[0]["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
@@ -92,4 +93,3 @@ def test_a_chain_of_sigkills_then_resume_is_bit_identical(data_dir, tmp_path):
     assert train_steps == list(range(1, MAX_STEPS + 1))
     # Every killed save's temporary directory and backup is gone once a save succeeds.
     assert leftovers(out) == []
-    assert sum(kind in DURING_SAVE for kind, _, _ in kills) >= 4
