@@ -15,11 +15,11 @@ shape before touching the model.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,11 @@ FORMAT = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer"
-TRAIN_STATE = "train_state/state.pt"  # a trainer's optimizer, step and RNG states
+# A trainer's optimizer, step and RNG states: the tensors in safetensors, the rest in JSON
+# (with the tensors' sha256, as safetensors has no checksum). No pickle anywhere.
+TRAIN_STATE = "train_state"
+TRAIN_TENSORS, TRAIN_JSON = "tensors.safetensors", "state.json"
+LEGACY_TRAIN_STATE = "state.pt"  # gptkit before 2026-12 pickled it with torch.save
 
 
 class CheckpointError(ValueError):
@@ -78,33 +82,20 @@ def _write_error(directory: Path, error: BaseException) -> CheckpointWriteError 
     """A one-line CheckpointError for an I/O failure while writing `directory`, or None when
     `error` is not one (a bug must keep its traceback).
 
-    safetensors (Rust) and torch.save (C++) do not raise OSError for a failed write. On a full
-    disk safetensors says "I/O error: No space left on device (os error 28)", and torch.save
-    only "[enforce fail at inline_container.cc:...] . unexpected pos 576 vs 534": so their
-    errors are recognised by their text, and a full disk also by asking the disk itself.
+    safetensors (Rust) does not raise OSError for a failed write: on a full disk it says
+    "I/O error: No space left on device (os error 28)". A full disk is also recognised by
+    asking the disk itself, as a failed fsync or flush need not say why.
     """
     text = first_line(error)
-    if isinstance(error, OSError):
-        full = error.errno in _FULL or "no space left" in text.lower()
-    elif isinstance(error, (SafetensorError, RuntimeError)):
-        lowered = text.lower()
-        said_full = any(w in lowered for w in ("no space", "os error 28", "quota", "os error 122"))
-        free = _free_bytes(directory.parent)
-        full = said_full or free < 1 << 20
-        io_words = (
-            "i/o error",
-            "ioerror",
-            "os error",
-            "write failed",
-            "inline_container",
-            "iostream",
-        )
-        if not full and not any(w in lowered for w in io_words):
+    if isinstance(error, SafetensorError):
+        if "i/o error" not in text.lower():
             return None
-        if full and not said_full:  # torch's message would only puzzle: say what is wrong
-            text = f"{free:,} bytes free"
+        said_full = any(f"os error {n})" in text for n in _FULL)
+    elif isinstance(error, OSError):
+        said_full = error.errno in _FULL
     else:
         return None
+    full = said_full or _free_bytes(directory.parent) < 1 << 20
     kept = f"; {directory} still holds the previous checkpoint" if directory.is_dir() else ""
     if full:
         message = (
@@ -166,14 +157,15 @@ def save_checkpoint(
     model: GPT,
     tokenizer: Tokenizer | None = None,
     extra: dict[str, Any] | None = None,
-    write_extra_files=None,
+    train_state: dict[str, Any] | None = None,
     state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Atomically write model (+ tokenizer, + extra config keys) to `directory`.
 
-    write_extra_files(tmp_dir) may add files (e.g. a trainer's train_state/) inside the same
-    atomic write. `state` replaces model.state_dict() (a trainer passes the full weights it
-    gathered from FSDP shards; `model` then only supplies the config).
+    train_state: a trainer's state (step, optimizer state dict, RNG states; nested dicts and
+    lists of tensors, numbers, strings), written to train_state/ in the same atomic write.
+    `state` replaces model.state_dict() (a trainer passes the full weights it gathered from
+    FSDP shards; `model` then only supplies the config).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -198,8 +190,8 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
-        if write_extra_files is not None:
-            write_extra_files(tmp)
+        if train_state is not None:
+            _write_train_state(tmp / TRAIN_STATE, train_state)
         _fsync_tree(tmp)
     except BaseException as e:
         error = _write_error(directory, e)  # first: it may look at the free space left
@@ -309,38 +301,96 @@ def load_checkpoint(
     return model, tokenizer, meta
 
 
+def _write_train_state(folder: Path, state: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_tensors(state, "state", tensors)
+    folder.mkdir()
+    save_file(tensors, str(folder / TRAIN_TENSORS))
+    digest = _sha256(folder / TRAIN_TENSORS)
+    (folder / TRAIN_JSON).write_text(json.dumps({"state": skeleton, "sha256": digest}) + "\n")
+
+
+def _split_tensors(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` for JSON: each tensor moved into `tensors` under its path, {"tensor": path} left
+    in its place."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"tensor": path}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):  # JSON would turn 0 into "0"
+            raise TypeError(f"train state keys must be strings at {path}: {list(value)[:4]}")
+        return {k: _split_tensors(v, f"{path}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_split_tensors(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of _split_tensors (tuples come back as lists)."""
+    if isinstance(value, dict):
+        if value.keys() == {"tensor"}:
+            return tensors[value["tensor"]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, tensors) for v in value]
+    return value
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def load_train_state(directory: str | Path) -> dict[str, Any]:
-    """The train_state/state.pt a trainer saved in checkpoint `directory` (or in the backup a
+    """The training state a trainer saved in checkpoint `directory` (or in the backup a
     crashed save left): {"step": int, "optimizer": state dict, "rng": [...], ...}.
 
-    A missing, truncated or damaged file is a CheckpointError naming it, not whatever
-    torch.load's zip reader or unpickler happens to raise deep inside.
+    A missing, truncated or damaged file is a CheckpointError naming it: the tensors' sha256
+    is checked, since an unnoticed flipped bit in an AdamW moment would make the "exact"
+    resume inexact. A pickled state.pt from an older gptkit is read only with --allow-pickle.
     """
-    path = resolve_checkpoint(Path(directory)) / TRAIN_STATE
-    if not path.is_file():
+    folder = resolve_checkpoint(Path(directory)) / TRAIN_STATE
+    if (folder / LEGACY_TRAIN_STATE).is_file() and not (folder / TRAIN_JSON).exists():
+        return _load_legacy_train_state(folder / LEGACY_TRAIN_STATE)
+    meta_path, tensors_path = folder / TRAIN_JSON, folder / TRAIN_TENSORS
+    for path in (meta_path, tensors_path):
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint has weights but no optimizer state, "
+                "so it cannot resume; start a new run with init_from pointing at it"
+            )
+    damaged = (
+        "the training state is damaged: resume from an earlier copy, or start a new run "
+        "with init_from pointing at the checkpoint"
+    )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        skeleton, digest = meta["state"], meta["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"{path} is missing: the checkpoint has weights but no optimizer state, "
-            "so it cannot resume; start a new run with init_from pointing at it"
-        )
-    # torch.save writes a zip with a CRC-32 per record, but torch.load does not check them
-    # (PyTorch builds miniz without CRC checks), so a flipped bit in a moment tensor would
-    # load silently and the "exact" resume would not be. Resuming is rare: check them here.
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip; its directory is at the end
+            f"{meta_path} cannot be read ({first_line(e, 120)}); {damaged}"
+        ) from None
+    if _sha256(tensors_path) != digest:
         raise CheckpointError(
-            f"{path} is truncated or not a torch.save file ({path.stat().st_size:,} bytes, no "
-            "zip directory at its end): resume from an earlier copy, or start a new run with "
-            "init_from pointing at the checkpoint"
+            f"{tensors_path} does not match its sha256 in {TRAIN_JSON}; {damaged}"
         )
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()  # the first record whose CRC-32 does not match, or None
-        problem = f"record {bad} fails its CRC-32 check" if bad is not None else None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        problem = f"its zip structure is broken: {e}"
-    if problem is not None:
+        state = _join_tensors(skeleton, load_file(str(tensors_path)))
+    except (SafetensorError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"{path} is damaged ({problem}): resume from an earlier copy, or start a new run "
-            "with init_from pointing at the checkpoint"
+            f"{folder} cannot be read ({first_line(e, 120)}); {damaged}"
+        ) from None
+    _check_train_state(state, meta_path)
+    return state
+
+
+def _load_legacy_train_state(path: Path) -> dict[str, Any]:
+    from .convert import pickle_allowed
+
+    if not pickle_allowed(None):
+        raise CheckpointError(
+            f"{path} is a pickled training state from an older gptkit, which can run code when "
+            "loaded; pass --allow-pickle to read it (weights-only) if you trust it"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -349,15 +399,15 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
             f"{path}: refused to unpickle ({unpickling_problem(e)}); it holds more than the "
             "training state gptkit writes and may have been tampered with"
         ) from None
-    # A damaged zip or pickle surfaces as any of RuntimeError, UnpicklingError, EOFError,
-    # KeyError, struct.error, UnicodeDecodeError... depending on where the damage lies; all
-    # mean the same thing here, and weights_only=True already refuses anything unsafe.
-    except Exception as e:
-        first = first_line(e, 160)
+    except Exception as e:  # damage surfaces as any of a dozen zip and unpickling errors
         raise CheckpointError(
-            f"{path} cannot be read ({first}); the training state is damaged: resume from an "
-            "earlier copy, or start a new run with init_from pointing at the checkpoint"
+            f"{path} cannot be read ({first_line(e, 160)}); it is damaged"
         ) from None
+    _check_train_state(state, path)
+    return state
+
+
+def _check_train_state(state: Any, path: Path) -> None:
     if not (
         isinstance(state, dict)
         and isinstance(state.get("step"), int)
@@ -365,7 +415,6 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
         and isinstance(state.get("rng"), list | tuple)
     ):
         raise CheckpointError(f"{path} is not a gptkit training state; the file is damaged")
-    return state
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:

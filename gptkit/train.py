@@ -15,7 +15,7 @@ of every rank) or a pure function of the step number (batches, corruption, learn
 resumed run's weights are bit-identical to an unbroken run's.
 
 Run directory (out_dir):
-    checkpoint/          a gptkit checkpoint (loadable by gptkit.load) + train_state/state.pt
+    checkpoint/          a gptkit checkpoint (loadable by gptkit.load) + train_state/
     metrics.jsonl        one JSON line per log step (train/loss, lr, tokens_per_s, mfu, ...)
     tensorboard/         the same scalars for TensorBoard
 """
@@ -39,7 +39,6 @@ from tqdm import tqdm
 from . import resources
 from .api import load
 from .checkpoint import (
-    TRAIN_STATE,
     CheckpointError,
     check_tokenizer_fits,
     is_checkpoint,
@@ -306,11 +305,6 @@ class Trainer:
         rng = self.dist.gather(_rng_state())
         if self.dist.is_main:
             train_state = {"step": self.step, "optimizer": optim_state, "rng": rng}
-
-            def write_train_state(tmp: Path) -> None:
-                (tmp / TRAIN_STATE).parent.mkdir()
-                torch.save(train_state, tmp / TRAIN_STATE)
-
             extra = {
                 "train": {
                     "step": self.step,
@@ -324,7 +318,7 @@ class Trainer:
                 self.model,
                 self.tokenizer,
                 extra=extra,
-                write_extra_files=write_train_state,
+                train_state=train_state,
                 state=model_state,
             )
         self.metrics.flush()  # TensorBoard buffers events; land them with the checkpoint
@@ -338,8 +332,7 @@ class Trainer:
                 f"{self.checkpoint_dir} holds a different model shape than this config; "
                 "resume with the config that started the run"
             )
-        # weights_only unpickling there: a tampered state.pt cannot run code, only fail.
-        state = load_train_state(self.checkpoint_dir)
+        state = load_train_state(self.checkpoint_dir)  # safetensors + JSON: nothing to execute
         load_full_state(self.wrapped, self.optimizer, model.state_dict(), state["optimizer"])
         self.step = state["step"]
         if len(state["rng"]) == self.dist.world_size:  # else: dropout masks start afresh

@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 import gptkit
-from gptkit.checkpoint import CheckpointError
+from gptkit.checkpoint import CheckpointError, load_train_state
 from gptkit.cli import main
 from gptkit.config import load_train_config, preset
 from gptkit.convert import ConversionError, PickleNotAllowedError, export_hf, load_hf
@@ -238,25 +239,37 @@ def finished_run(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+def test_train_state_is_written_without_pickle(finished_run):
+    folder = finished_run / "checkpoint" / "train_state"
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
+    state = load_train_state(finished_run / "checkpoint")
+    assert state["step"] == 1 and state["optimizer"]["state"]  # AdamW moments came back
+
+
 @pytest.mark.parametrize("kind", ["os.system", "builtins.exec"])
-def test_crafted_train_state_never_runs(tmp_path, data_dir, finished_run, kind):
-    state = finished_run / "checkpoint" / "train_state" / "state.pt"
-    original = state.read_bytes()
+def test_crafted_legacy_train_state_never_runs(tmp_path, data_dir, finished_run, kind):
+    """Older gptkit pickled the training state to train_state/state.pt: such a file is read
+    only with --allow-pickle, and then weights-only, so a crafted one never runs."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    folder = run / "checkpoint" / "train_state"
+    for name in ("state.json", "tensors.safetensors"):
+        (folder / name).unlink()
+    state = folder / "state.pt"
     marker = tmp_path / "pwned"
-    settings = run_settings(data_dir, finished_run, max_steps=2)
-    try:
-        # The payload hides inside a train state of the right shape.
-        wrap = lambda p: {"step": 1, "optimizer": p, "rng": []}  # noqa: E731
-        write_payload(state, kind, "torch-zip", marker, wrap=wrap)
-        with pytest.raises(CheckpointError) as err:
-            train(load_train_config(None, settings), resume=True)
-        assert str(state) in str(err.value) and "\n" not in str(err.value)
-        for flag in ([], ["--allow-pickle"]):
-            result = gptkit_cli("pretrain", *settings, "--resume", *flag)
-            assert_one_line_error(result, str(state))
-        assert not marker.exists()
-    finally:
-        state.write_bytes(original)
+    # The payload hides inside a train state of the right shape.
+    wrap = lambda p: {"step": 1, "optimizer": p, "rng": []}  # noqa: E731
+    write_payload(state, kind, "torch-zip", marker, wrap=wrap)
+    settings = run_settings(data_dir, run, max_steps=2)
+    with pytest.raises(CheckpointError, match="pickled training state.*--allow-pickle") as err:
+        train(load_train_config(None, settings), resume=True)
+    assert str(state) in str(err.value) and "\n" not in str(err.value)
+    for flag in ([], ["--allow-pickle"]):
+        result = gptkit_cli("pretrain", *settings, "--resume", *flag)
+        assert_one_line_error(result, str(state))
+        if flag:
+            assert "refused to unpickle" in result.stderr, result.stderr
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------ GGUF

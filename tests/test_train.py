@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptkit.checkpoint import load_checkpoint
+from gptkit.checkpoint import load_checkpoint, load_train_state
 from gptkit.config import ConfigError, TrainConfig, load_train_config
 from gptkit.metrics import read_metrics
 from gptkit.prepare import prepare
@@ -147,10 +147,7 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical(data_dir, tmp_path):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ (killed at {kill_after})"
         assert losses(out) == losses(whole)  # no duplicated or missing steps in the log
-        state = [
-            torch.load(d / "checkpoint/train_state/state.pt", weights_only=True)
-            for d in (whole, out)
-        ]
+        state = [load_train_state(d / "checkpoint") for d in (whole, out)]
         moments = [s["optimizer"]["state"]["tok_emb.weight"]["exp_avg_sq"] for s in state]
         assert torch.equal(*moments)
 
@@ -163,23 +160,24 @@ def _safe_losses(out: Path) -> list[tuple[int, float]]:
 
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
-    import gptkit.train as train_module
+    import gptkit.checkpoint as checkpoint_module
 
     out = tmp_path / "run"
     config = load_train_config(None, [f"data_dir={data_dir}", f"out_dir={out}", *TINY])
-    real_save, saves = torch.save, []
+    real_save, saves = checkpoint_module.save_file, []
 
-    def save_then_die(obj, path, *a, **k):
+    def save_then_die(tensors, path, *a, **k):
         saves.append(path)
-        if len(saves) == 2:  # the second checkpoint (step 8) dies half written
+        if len(saves) == 4:  # the second checkpoint (step 8): its train state dies half written
             Path(path).write_bytes(b"partial")
             raise KeyboardInterrupt
-        return real_save(obj, path, *a, **k)
+        return real_save(tensors, path, *a, **k)
 
-    monkeypatch.setattr(train_module.torch, "save", save_then_die)
+    monkeypatch.setattr(checkpoint_module, "save_file", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(config)
-    monkeypatch.setattr(train_module.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+    assert Path(saves[3]).name == "tensors.safetensors"
     meta = json.loads((out / "checkpoint" / "config.json").read_text())
     assert meta["train"]["step"] == 4  # the last whole checkpoint is untouched
     assert not list(tmp_path.glob("run/.checkpoint.tmp-*"))  # the half-written one is gone

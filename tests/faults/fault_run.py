@@ -7,7 +7,7 @@ checkpoint writer call, then runs the real CLI. A "kill" is a real SIGKILL of th
     step:S         right after optimizer step S, before it is logged or saved
     log:S          halfway through writing step S's metrics line (a torn line)
     weights:N      during the N-th checkpoint save: model.safetensors half written
-    train_state:N  during the N-th save: train_state/state.pt half written
+    train_state:N  during the N-th save: train_state/tensors.safetensors half written
     fsync:N        during the N-th save: every file written and fsynced, before the rename
     swap:N         during the N-th save: between its two renames (only the backup exists)
     full:N         not a kill: the N-th save's model.safetensors write hits a full disk
@@ -21,7 +21,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 
 import gptkit.checkpoint as checkpoint
@@ -79,11 +78,13 @@ def install(fault: str) -> None:
             return real_log(self, step, values)
 
         metrics.MetricsLogger.log = log
-    elif kind in ("weights", "full"):
+    elif kind in ("weights", "full", "train_state"):
+        # One save writes model.safetensors, then train_state/tensors.safetensors.
+        target = "tensors.safetensors" if kind == "train_state" else "model.safetensors"
         real_save_file, hit = checkpoint.save_file, nth(n)
 
         def save_file(tensors, filename, metadata=None):
-            if not hit():
+            if Path(filename).name != target or not hit():
                 return real_save_file(tensors, filename, metadata=metadata)
             if kind == "full":  # what safetensors raises on a full disk (seen on a tmpfs)
                 Path(filename).write_bytes(b"\0" * 64)  # what fit before the disk filled
@@ -95,16 +96,6 @@ def install(fault: str) -> None:
             die()
 
         checkpoint.save_file = save_file
-    elif kind == "train_state":
-        real_save, hit = torch.save, nth(n)
-
-        def save(obj, f, *args, **kwargs):
-            real_save(obj, f, *args, **kwargs)
-            if hit():
-                half_write(f)
-                die()
-
-        torch.save = save
     elif kind == "fsync":
         real_fsync_tree, hit = checkpoint._fsync_tree, nth(n)
 

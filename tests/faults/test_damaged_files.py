@@ -1,9 +1,9 @@
 """Truncated or byte-flipped files: a token shard and meta.json, a checkpoint's weights,
-config.json and train_state/state.pt, a Hugging Face model.safetensors and config.json, and a
-GGUF file cut in its header, metadata, tensor infos and tensor data. Each must fail with
-gptkit's own error class and a one-line message naming the damaged file, both from the
-library and from the CLI (exit status 2, one stderr line, no traceback), never with an
-exception from deep inside numpy, torch, safetensors or gguf-py.
+config.json and training state (train_state/'s tensors and JSON), a Hugging Face
+model.safetensors and config.json, and a GGUF file cut in its header, metadata, tensor infos
+and tensor data. Each must fail with gptkit's own error class and a one-line message naming
+the damaged file, both from the library and from the CLI (exit status 2, one stderr line, no
+traceback), never with an exception from deep inside numpy, torch, safetensors or gguf-py.
 
 Damage written as "cut:N" keeps the first N bytes (N < 0: drops the last -N), "flip:N"
 inverts byte N, "flip-every:K" inverts the high byte of every K-th token of a shard; "@part"
@@ -49,7 +49,9 @@ CASES = {
     "meta.json": ["empty", "cut:-15", "flip:4"],
     "checkpoint-weights": ["empty", "cut:4", "cut:60", "cut:-1", "flip:3", "flip:20"],
     "checkpoint-config": ["empty", "cut:-20", "flip:30"],
-    "train-state": ["empty", "cut:100", "cut:-30", "flip:10%", "flip:50%", "flip:90%"],
+    # The tensors' sha256 in state.json finds a flip anywhere in them, moment data included.
+    "train-state-tensors": ["empty", "cut:100", "cut:-30", "flip:10%", "flip:50%", "flip:90%"],
+    "train-state-json": ["empty", "cut:-30", "flip:2"],
     "hf-weights": ["cut:4", "cut:60", "cut:-1", "flip:3", "flip:20"],
     "hf-config": ["cut:-20", "flip:2"],
     "gguf": [
@@ -123,8 +125,8 @@ def setup(target: str, originals: dict, tmp: Path):
             return ckpt / "model.safetensors", lambda: load_checkpoint(ckpt), argv, CheckpointError
         if target == "checkpoint-config":
             return ckpt / "config.json", lambda: load_checkpoint(ckpt), resume, CheckpointError
-        state = ckpt / "train_state" / "state.pt"
-        return state, lambda: load_train_state(ckpt), resume, CheckpointError
+        name = "tensors.safetensors" if target == "train-state-tensors" else "state.json"
+        return ckpt / "train_state" / name, lambda: load_train_state(ckpt), resume, CheckpointError
     if target.startswith("hf"):
         hf = copy["hf"]()
         name = "model.safetensors" if target == "hf-weights" else "config.json"

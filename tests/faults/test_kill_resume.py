@@ -25,6 +25,8 @@ from faultkit import (
     weights,
 )
 
+from gptkit.checkpoint import load_train_state
+
 SEED = 20261201  # the kill points below are drawn from this; change it to explore others
 MAX_STEPS, EVERY = 40, 3
 ARGS = [*TINY, f"max_steps={MAX_STEPS}", f"checkpoint_every={EVERY}", "eval_every=6"]
@@ -80,9 +82,7 @@ def test_a_chain_of_sigkills_then_resume_is_bit_identical(data_dir, tmp_path):
 
     # Bit for bit: weights, AdamW moments and step, and every logged value.
     assert_same_tensors(weights(whole / "checkpoint"), weights(out / "checkpoint"), "weights")
-    states = [
-        torch.load(d / "checkpoint/train_state/state.pt", weights_only=True) for d in (whole, out)
-    ]
+    states = [load_train_state(d / "checkpoint") for d in (whole, out)]
     assert states[0]["step"] == states[1]["step"] == MAX_STEPS
     for name, moments in states[0]["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
