@@ -1,4 +1,6 @@
-"""Shared test helpers: a tiny character-level model, and a checkpoint of it."""
+"""Shared test helpers: a tiny character-level model, a checkpoint of it, a prepared corpus."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ import torch
 from gptkit.checkpoint import save_checkpoint
 from gptkit.config import preset
 from gptkit.model import GPT
+from gptkit.prepare import prepare
 from gptkit.tokenizer import char_tokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog.\n"
@@ -23,6 +26,19 @@ def char_checkpoint(tmp_path_factory):
     """A saved tiny char-level checkpoint with a 32-token context."""
     model, tok = char_model(block_size=32)
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", model, tok)
+
+
+def corpus_text(lines: int = 100) -> str:
+    """Numbered lines of a pangram: a small corpus a tiny model learns something from."""
+    return "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(lines))
+
+
+def prepare_corpus(root: Path, text: str) -> Path:
+    """`text` as a character-level corpus prepared into token shards: root/data."""
+    (root / "input.txt").write_text(text)
+    tok = char_tokenizer(text, special_tokens=["<|endoftext|>"])
+    prepare([root / "input.txt"], root / "data", tok, val_fraction=0.1, workers=1, progress=False)
+    return root / "data"
 
 
 def tiny_chat_lm(block_size: int = 512):

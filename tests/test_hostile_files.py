@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import corpus_text, prepare_corpus
 from safetensors.torch import load_file
 
 import gptkit
@@ -31,12 +32,11 @@ from gptkit.cli import main
 from gptkit.config import load_train_config, preset
 from gptkit.convert import ConversionError, PickleNotAllowedError, export_hf, load_hf
 from gptkit.model import GPT
-from gptkit.prepare import prepare
 from gptkit.resources import ResourceError
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train import train
 
-TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(100))
+TEXT = corpus_text()
 
 
 # ------------------------------------------------------------------------------ pickles
@@ -224,11 +224,7 @@ def run_settings(data_dir: Path, out: Path, max_steps: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "input.txt").write_text(TEXT)
-    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
-    prepare([root / "input.txt"], root / "data", tok, val_fraction=0.1, workers=1, progress=False)
-    return root / "data"
+    return prepare_corpus(tmp_path_factory.mktemp("data"), TEXT)
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import corpus_text, prepare_corpus
 
 from gptkit import resources
 from gptkit.checkpoint import FORMAT
 from gptkit.config import PRESETS, load_train_config, preset
 from gptkit.convert import gptkit_config_to_hf, load_hf
 from gptkit.model import GPT
-from gptkit.prepare import prepare
 from gptkit.resources import ResourceError
 from gptkit.tokenizer import char_tokenizer
 
-TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(100))
+TEXT = corpus_text()
 # What the refusing processes may reach: Python, torch and the data, nothing model-sized
 # (gpt3-175b's float32 weights alone are ~700 GB).
 SMALL_RSS = 1 << 30
@@ -186,11 +186,7 @@ def test_a_hub_model_too_big_is_refused_before_its_weights_download(tmp_path, mo
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    (root / "input.txt").write_text(TEXT)
-    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
-    prepare([root / "input.txt"], root / "data", tok, val_fraction=0.1, workers=1, progress=False)
-    return root / "data"
+    return prepare_corpus(tmp_path_factory.mktemp("data"), TEXT)
 
 
 def settings(data_dir: Path, out: Path, model: str) -> list[str]:

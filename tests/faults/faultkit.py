@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import corpus_text, prepare_corpus
 from safetensors.torch import load_file
 
 from gptkit.metrics import read_metrics
-from gptkit.prepare import prepare
-from gptkit.tokenizer import char_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 FAULT_RUN = Path(__file__).with_name("fault_run.py")
-TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(400))
+TEXT = corpus_text(400)
 
 # A tiny model and a short run on one thread, so every run takes the same arithmetic path and
 # a resumed run can equal an unbroken one bit for bit. Dropout makes the RNG state matter too.
@@ -44,10 +43,7 @@ TINY = [
 
 def prepare_data(root: Path) -> Path:
     """A character-level corpus prepared into token shards: root/data."""
-    (root / "input.txt").write_text(TEXT)
-    tok = char_tokenizer(TEXT, special_tokens=["<|endoftext|>"])
-    prepare([root / "input.txt"], root / "data", tok, val_fraction=0.1, workers=1, progress=False)
-    return root / "data"
+    return prepare_corpus(root, TEXT)
 
 
 def start_gptkit(*args: str, fault: str | None = None) -> subprocess.Popen:
