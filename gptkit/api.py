@@ -108,7 +108,8 @@ class LM:
         sample = sample_config(**sampling)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.prompt_ids(p) for p in prompts]
-        out = generate(self.model, ids, sample, self.tokenizer.eos_id, self.tokenizer.decode)
+        tok = self.tokenizer
+        out = generate(self.model, ids, sample, tok.eos_id, tok.decode, tok.vocab_size)
         return [self._text(row, sample) for row in out]
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
@@ -117,9 +118,9 @@ class LM:
         text = TextStream(self.tokenizer, sample.stop)
         # Stop strings are found in the text being released, so the token stream below need
         # not decode the output a second time to look for them.
-        tokens = stream(
-            self.model, self.prompt_ids(prompt), replace(sample, stop=[]), self.tokenizer.eos_id
-        )
+        tok = self.tokenizer
+        ids = self.prompt_ids(prompt)
+        tokens = stream(self.model, ids, replace(sample, stop=[]), tok.eos_id, None, tok.vocab_size)
         for token in tokens:
             piece = text.push(token)
             if piece:

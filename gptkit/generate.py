@@ -97,11 +97,21 @@ def _seen_mask(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
     return seen
 
 
+def _usable(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """logits [N, V] with the ids at or past vocab_size masked out."""
+    if vocab_size is None or vocab_size >= logits.size(-1):
+        return logits
+    logits = logits.clone()  # it may be a view of the model's output, or an expanded one
+    logits[:, vocab_size:] = float("-inf")
+    return logits
+
+
 @torch.inference_mode()
 def decode_steps(
-    model: GPT, prompts: list[list[int]], sample: SampleConfig
+    model: GPT, prompts: list[list[int]], sample: SampleConfig, vocab_size: int | None = None
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, [N], once per step (no EOS handling here).
+    Ids at or past vocab_size are never chosen (see `generate`).
 
     Prompts of different lengths are left-padded: a key mask hides the padding and position ids
     restart at 0 where each prompt begins, so every row computes what it would alone.
@@ -131,7 +141,7 @@ def decode_steps(
     with eval_mode(model):
         logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
         for step in range(max_new):
-            token = pick_next(logits[:, -1].float(), seen, sample, generator)  # [N]
+            token = pick_next(_usable(logits[:, -1].float(), vocab_size), seen, sample, generator)
             yield token
             if step == max_new - 1:
                 return
@@ -165,19 +175,26 @@ def generate(
     sample: SampleConfig,
     eos_id: int | None = None,
     decode: Decode | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt, `num_return_sequences` rows per prompt, prompt-major.
 
     A row ends at EOS (included in its output) or once its decoded text contains one of
     sample.stop (which needs `decode`); the caller trims the text at the stop string.
+    vocab_size: the tokenizer's, when the model's embedding has more rows (vocabularies
+    padded for speed): ids past it have no text and are never chosen.
     """
     hits_stop = _stop_check(sample, decode)
     if sample.num_beams > 1:
-        return [ids for p in prompts for ids in beam_search(model, p, sample, eos_id, decode)]
+        return [
+            ids
+            for p in prompts
+            for ids in beam_search(model, p, sample, eos_id, decode, vocab_size)
+        ]
     rows = [p for p in prompts for _ in range(sample.num_return_sequences)]
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
-    for tokens in decode_steps(model, rows, sample):
+    for tokens in decode_steps(model, rows, sample, vocab_size):
         for i, t in enumerate(tokens.tolist()):
             if done[i]:
                 continue
@@ -194,13 +211,15 @@ def stream(
     sample: SampleConfig,
     eos_id: int | None = None,
     decode: Decode | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[int]:
-    """Yield one prompt's new tokens as they are chosen (sampling or greedy; not beams)."""
+    """Yield one prompt's new tokens as they are chosen (sampling or greedy; not beams);
+    vocab_size as for `generate`."""
     if sample.num_beams > 1 or sample.num_return_sequences > 1:
         raise ValueError("streaming produces one sequence: use num_beams=1, num_return_sequences=1")
     hits_stop = _stop_check(sample, decode)
     out: list[int] = []
-    for tokens in decode_steps(model, [prompt], sample):
+    for tokens in decode_steps(model, [prompt], sample, vocab_size):
         t = int(tokens[0])
         out.append(t)
         yield t
@@ -215,13 +234,15 @@ def beam_search(
     sample: SampleConfig,
     eos_id: int | None = None,
     decode: Decode | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
-    """The `num_return_sequences` best beams for one prompt, best first (HF's scoring)."""
+    """The `num_return_sequences` best beams for one prompt, best first (HF's scoring);
+    vocab_size as for `generate`."""
     max_new = _budget(model, [prompt], sample.max_new_tokens)
     if max_new <= 0:
         return [[] for _ in range(sample.num_return_sequences)]
     with eval_mode(model):
-        return _beam_search(model, prompt, sample, max_new, eos_id, decode)
+        return _beam_search(model, prompt, sample, max_new, eos_id, decode, vocab_size)
 
 
 def _beam_search(
@@ -231,6 +252,7 @@ def _beam_search(
     max_new: int,
     eos_id: int | None,
     decode: Decode | None,
+    vocab_size: int | None,
 ) -> list[list[int]]:
     nb, device = sample.num_beams, model.tok_emb.weight.device
     hits_stop = _stop_check(sample, decode)
@@ -249,7 +271,7 @@ def _beam_search(
 
     for step in range(max_new):
         gen_len = step + 1
-        logprobs = logits[:, -1].float().log_softmax(dim=-1)  # [nb, V]
+        logprobs = _usable(logits[:, -1].float(), vocab_size).log_softmax(dim=-1)  # [nb, V]
         if seen is not None:
             logprobs = apply_repetition_penalty(logprobs, seen, sample.repetition_penalty)
         V = logprobs.size(-1)

@@ -252,3 +252,24 @@ def test_generation_gives_a_training_model_back_in_training_mode(pair, num_beams
         assert model.training and all(m.training for m in model.modules())
     finally:
         model.eval()
+
+
+def test_ids_past_the_tokenizer_are_never_generated():
+    """A model whose embedding is padded past its tokenizer (many HF models are): those ids
+    have no text, so generation never picks them, even when they score best."""
+    from conftest import tiny_chat_lm
+
+    lm = tiny_chat_lm()
+    n = lm.tokenizer.vocab_size
+    lm.model.resize_vocab(n + 16)
+    best = torch.arange(n, n + 16)
+    lm.model.register_forward_hook(lambda m, args, out: out.index_fill(-1, best, 1e4))
+    for sampling in (dict(temperature=0), dict(temperature=1.0, seed=0), dict(num_beams=2)):
+        ids = generate(
+            lm.model, [[1, 2]], SampleConfig(max_new_tokens=6, **sampling), None, None, n
+        )
+        assert ids[0] and max(ids[0]) < n, sampling
+        assert lm.generate("hello", max_new_tokens=6, **sampling)[0]  # decodes, no error
+    assert "".join(lm.stream("hello", max_new_tokens=6, temperature=0))
+    unmasked = generate(lm.model, [[1, 2]], SampleConfig(max_new_tokens=3, temperature=0))
+    assert min(unmasked[0]) >= n  # without the limit the padding ids would win
