@@ -284,12 +284,11 @@ def load_checkpoint(
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} cannot be read ({e}); the file is damaged") from None
-    model = GPT.empty(config, device=device, dtype=dtype)
+    model = GPT.skeleton(config)
     if peft is not None:  # the same adapter modules as the model that was saved
         apply_peft(model, peft, init=False)
     check_state_dict(model, state, str(weights))
-    model.load_state_dict(state, strict=False)  # strictness checked above (tied head absent)
-    model.eval()
+    model.assign(state, device, dtype).eval()  # the loaded tensors themselves: no second copy
 
     tokenizer = None
     if (directory / TOKENIZER).is_dir():

@@ -278,33 +278,29 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     @classmethod
-    def empty(cls, config: GPTConfig, device="cpu", dtype=torch.float32) -> GPT:
-        """A GPT with uninitialised weights, to load a checkpoint into without paying for a
-        random init (or holding two copies of the weights)."""
+    def skeleton(cls, config: GPTConfig) -> GPT:
+        """A GPT on the meta device: the structure and shapes, no memory. Give it weights
+        with `assign` (after adding adapters, say, whose weights are to load too)."""
         with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=device)
-        model.to(dtype)
-        model._make_buffers()  # buffers are not in checkpoints: recompute them
-        if config.head == "lm" and config.tie_embeddings:  # to_empty unties: tie again
-            model.lm_head.weight = model.tok_emb.weight
-        return model
+            return cls(config)
+
+    def assign(self, state: dict[str, torch.Tensor], device="cpu", dtype=torch.float32) -> GPT:
+        """Make the tensors of `state` this model's parameters (moved to device/dtype if they
+        are not there): loading holds one copy of the weights, not two. Names and shapes must
+        match (a tied lm_head may be absent; check them first, as nothing here does)."""
+        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        self.load_state_dict(state, strict=False, assign=True)  # strict=False: the tied head
+        self._make_buffers()
+        if self.config.head == "lm" and self.config.tie_embeddings:  # the head is still meta
+            self.lm_head.weight = self.tok_emb.weight
+        return self
 
     @classmethod
     def from_state_dict(
         cls, config: GPTConfig, state: dict[str, torch.Tensor], device="cpu", dtype=torch.float32
     ) -> GPT:
-        """A GPT whose parameters *are* the tensors of `state` (moved to device/dtype if they
-        are not there): loading holds one copy of the weights, not two. Names and shapes must
-        match (a tied lm_head may be absent)."""
-        with torch.device("meta"):
-            model = cls(config)
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=False, assign=True)  # strict=False: the tied head
-        model._make_buffers()
-        if config.head == "lm" and config.tie_embeddings:  # the head still holds a meta tensor
-            model.lm_head.weight = model.tok_emb.weight
-        return model
+        """A GPT whose parameters *are* the tensors of `state` (see `assign`)."""
+        return cls.skeleton(config).assign(state, device, dtype)
 
     @property
     def head(self) -> nn.Linear:
