@@ -32,6 +32,7 @@ from .config import ConfigError, GPTConfig, PeftConfig, first_line
 from .convert import unpickling_problem
 from .model import GPT
 from .peft import apply_peft, peft_config
+from .tensorfile import read_safetensors
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 FORMAT = 1
@@ -281,7 +282,7 @@ def load_checkpoint(
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
     try:
-        state = load_file(str(weights), device=str(device))
+        state = read_safetensors(weights)  # tensors of their own: see tensorfile.py
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} cannot be read ({e}); the file is damaged") from None
     model = GPT.skeleton(config)

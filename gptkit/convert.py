@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import resources
 from .config import ConfigError, GPTConfig, first_line
 from .model import GPT
+from .tensorfile import read_safetensors
 
 
 class ConversionError(ValueError):
@@ -550,7 +551,7 @@ def _load_weights_file(file: Path, allow_pickle: bool = False) -> dict[str, torc
         )
     try:
         if file.suffix == ".safetensors":
-            return load_file(file)
+            return read_safetensors(file)  # tensors of their own: see tensorfile.py
         # weights_only, always (even when pickles are allowed): torch's restricted unpickler
         # builds tensors and plain containers, and refuses any other global a file names.
         state = torch.load(file, map_location="cpu", weights_only=True)
