@@ -278,7 +278,8 @@ class Engine:
         if seq.cancelled:
             self._finish(r, None)
             return
-        logits[:, self.vocab_size :] = float("-inf")
+        if self.vocab_size < logits.shape[-1]:  # a padded vocabulary (rare): no per-token op
+            logits[:, self.vocab_size :] = float("-inf")
         if seq.logit_bias:
             ids = torch.tensor(list(seq.logit_bias), device=logits.device)
             logits[0, ids] += torch.tensor(list(seq.logit_bias.values()), device=logits.device)

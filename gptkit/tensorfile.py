@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 _DTYPES = {
     "F64": torch.float64,
@@ -49,6 +49,8 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         for name in names:
             info = header[name]
             begin, end = info["data_offsets"]
+            if info["dtype"] not in _DTYPES:  # one clear line, as for any unreadable file
+                raise SafetensorError(f"tensor {name} has dtype {info['dtype']}, not read here")
             tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
             buffer = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
             file.seek(8 + header_size + begin)

@@ -38,3 +38,12 @@ def test_a_truncated_file_is_a_safetensors_error(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(SafetensorError):
         read_safetensors(tmp_path / "t.safetensors")
+
+
+def test_a_dtype_gptkit_cannot_read_is_a_safetensors_error(tmp_path, monkeypatch):
+    import gptkit.tensorfile as tensorfile
+
+    save_file({"w": torch.randn(4)}, tmp_path / "t.safetensors")
+    monkeypatch.delitem(tensorfile._DTYPES, "F32")  # as if the file held a newer dtype
+    with pytest.raises(SafetensorError, match="tensor w has dtype F32"):
+        read_safetensors(tmp_path / "t.safetensors")

@@ -149,54 +149,10 @@ def read_json(path: Path):
 
 def write_tiny_gguf(path: Path) -> Path:
     """A tiny llama GGUF (one layer, F32, byte-level BPE vocabulary) that gptkit can load."""
-    import gguf
-    from tokenizers.pre_tokenizers import ByteLevel
+    from ggufkit import tiny_weights, write_gguf
 
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(ByteLevel.alphabet())]
-    c, heads, kv_heads, hidden = 64, 4, 2, 128
-    rng = np.random.default_rng(0)
-
-    def rand(*shape):
-        return (rng.standard_normal(shape) * (1.0 if len(shape) == 1 else 0.05)).astype("f4")
-
-    head_dim = c // heads
-    tensors = {
-        "token_embd.weight": rand(len(tokens), c),
-        "output_norm.weight": rand(c),
-        "blk.0.attn_norm.weight": rand(c),
-        "blk.0.attn_q.weight": rand(heads * head_dim, c),
-        "blk.0.attn_k.weight": rand(kv_heads * head_dim, c),
-        "blk.0.attn_v.weight": rand(kv_heads * head_dim, c),
-        "blk.0.attn_output.weight": rand(c, heads * head_dim),
-        "blk.0.ffn_norm.weight": rand(c),
-        "blk.0.ffn_gate.weight": rand(hidden, c),
-        "blk.0.ffn_up.weight": rand(hidden, c),
-        "blk.0.ffn_down.weight": rand(c, hidden),
-    }
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(c)
-    w.add_feed_forward_length(hidden)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(head_dim)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_merges([])
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    for name, x in tensors.items():
-        w.add_tensor(name, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    shape = dict(C=64, I=128)
+    return write_gguf(path, tiny_weights(tied=True, **shape)[0], shape=shape)
 
 
 def gguf_offsets(path: Path) -> dict[str, int]:
