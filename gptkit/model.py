@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .machine import DecodePlan, decode_plan, lay_out, plan_linear
 
 
 class ContextLengthError(ValueError):
@@ -130,31 +131,22 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 class DecodeLinear(nn.Linear):
-    """nn.Linear for CPU decoding, on a column-major weight (see GPT.use_decode_layout).
+    """nn.Linear for CPU decoding, computed as this machine's `DecodePlan` says (see
+    GPT.use_decode_layout and machine.decode_plan).
 
     A decoding step multiplies a few rows by every weight matrix, so it is bound by how fast
-    the weights stream from memory. F.linear computes x @ W.T; with W column-major, W.T is a
-    contiguous [K, N] matrix, which CPU BLAS streams ~1.4x faster than a row-major W. One BLAS
-    call still streams it on one core, so for a few rows we also split K across the threads:
-    thread i multiplies x[:, K_i] by the rows K_i of W.T (a batched matmul, one batch per
-    thread), and the partial products are summed. On 2 cores SmolLM2-135M's matrices stream at
-    ~24 GB/s this way against ~17 GB/s for one call; its decoding went from ~22 to ~29 tok/s.
+    the weights stream from memory, and how to stream them fastest depends on the CPU: on an
+    AMD EPYC (AVX2, 2 cores) a column-major W split over K across the threads streamed ~24
+    GB/s against ~17 GB/s for one F.linear call on a row-major W. Rather than fix that choice,
+    the layout (column- or row-major), the split (none, or K / N in parts per thread) and up
+    to how many rows the split pays are measured once per machine and cached. Every plan
+    computes the same numbers up to the rounding of a split sum.
     """
 
-    max_split_rows = 8  # beyond this the step is no longer bound by streaming the weight
+    plan: DecodePlan = DecodePlan()  # use_decode_layout sets the machine's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K, N = self.in_features, self.out_features
-        rows = x.numel() // K
-        splits = torch.get_num_threads()
-        w_t = self.weight.t()  # [K, N]
-        if rows > self.max_split_rows or splits < 2 or K % splits or not w_t.is_contiguous():
-            return F.linear(x, self.weight, self.bias)
-        x_parts = x.reshape(rows, splits, K // splits).transpose(0, 1)  # [splits, rows, K/s]
-        y = torch.bmm(x_parts, w_t.view(splits, K // splits, N)).sum(0)  # [rows, N]
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], N)
+        return plan_linear(x, self.weight, self.bias, self.plan)
 
 
 class Attention(nn.Module):
@@ -351,18 +343,20 @@ class GPT(nn.Module):
         self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
         return self
 
-    def use_decode_layout(self) -> GPT:
-        """Make every plain linear layer a `DecodeLinear` and every weight column-major: same
-        shapes, names and results, faster CPU decoding. Checkpoints are still written
-        row-major."""
+    def use_decode_layout(self, plan: DecodePlan | None = None) -> GPT:
+        """Make every plain linear layer a `DecodeLinear` and lay every weight out as `plan`
+        (default: this machine's, measured on first use) wants: same shapes, names and
+        results, faster CPU decoding. Checkpoints are still written row-major."""
+        plan = plan or decode_plan()
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, nn.Linear | nn.Embedding):
                     # idempotent, so a tied weight seen twice is fine
-                    module.weight.data = module.weight.data.t().contiguous().t()
-                if type(module) is nn.Linear:
+                    module.weight.data = lay_out(module.weight.data, plan)
+                if type(module) in (nn.Linear, DecodeLinear):
                     # Same parameters, hooks and ties; only forward changes.
                     module.__class__ = DecodeLinear
+                    module.plan = plan
         return self
 
     def _make_buffers(self) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import resources
+from . import machine, resources
 from .api import load
 from .checkpoint import (
     CheckpointError,
@@ -83,11 +83,14 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (config.lr - config.min_lr)
 
 
-def flops_per_token(model: GPT) -> float:
+def flops_per_token(model: GPT, seq_len: int | None = None) -> float:
     """Training FLOPs per token: 6 per trained weight of a matmul (forward 2, backward 4:
     gradients of the input and of the weight), 4 per frozen one (no weight gradient), plus
     attention scores and values, 6 * 2 * n_layer * n_head * head_dim * T (Kaplan et al.; PaLM
-    appendix B). Embedding tables are lookups, except a token table tied to the LM head."""
+    appendix B) at the batch's sequence length T (default: the context, as pretraining
+    windows fill it; fine-tuning batches are often far shorter, and counting SmolLM2's 8192
+    for them made MFU 4x too high). Embedding tables are lookups, except a token table tied
+    to the LM head."""
     c: GPTConfig = model.config
     lookups = [] if model.head.weight is model.tok_emb.weight else [id(model.tok_emb.weight)]
     if c.positions == "learned":
@@ -95,27 +98,15 @@ def flops_per_token(model: GPT) -> float:
     weights = [p for p in model.parameters() if id(p) not in lookups]
     trained = sum(p.numel() for p in weights if p.requires_grad)
     frozen = sum(p.numel() for p in weights) - trained
-    return 6 * trained + 4 * frozen + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+    T = c.block_size if seq_len is None else seq_len
+    return 6 * trained + 4 * frozen + 12 * c.n_layer * c.n_head * c.head_dim * T
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """This device's matmul FLOP/s at `dtype`, measured (best of a few square matmuls), so MFU
-    means the same on a laptop CPU and an H100 without a table of vendor figures."""
-    n = 4096 if device.type == "cuda" else 1024
-    gen = torch.Generator(device).manual_seed(0)  # not the global RNG: dropout owns that
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    best = math.inf
-    for _ in range(10):  # the first runs warm up caches, clocks and kernels
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(3):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 3)
-    return 2 * n**3 / best
+    """This device's matmul FLOP/s at `dtype`, so MFU means the same on a laptop CPU and an
+    H100 without a table of vendor figures: the best of several short runs, cached per
+    machine and torch version (machine.peak_flops)."""
+    return machine.peak_flops(device, dtype)
 
 
 def uses_autocast(config: TrainConfig, device: torch.device) -> bool:
@@ -270,10 +261,12 @@ class Trainer:
             self.out, enabled=self.dist.is_main, tensorboard=config.tensorboard
         )
         self.metrics.resume(self.step)  # drop lines a killed run logged after its checkpoint
-        self.flops_per_token = flops_per_token(self.model)
-        self.peak_flops = measure_peak_flops(
-            device, torch.bfloat16 if self.autocast else torch.float32
-        )
+        # FLOPs per token = dense + attention x sequence length (see flops_per_token)
+        self.dense_flops = flops_per_token(self.model, 0)
+        self.attention_flops = flops_per_token(self.model, 1) - self.dense_flops
+        self.step_flops = 0.0  # this rank's FLOPs in the last train_step
+        self.peak_dtype = torch.bfloat16 if self.autocast else torch.float32
+        self.peak_flops = measure_peak_flops(device, self.peak_dtype)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -351,7 +344,7 @@ class Trainer:
             group["lr"] = lr_at(self.step, config)
         micros = range(self.dist.rank, config.grad_accum, self.dist.world_size)
         total = torch.zeros((), device=self.dist.device)
-        tokens = 0
+        tokens, self.step_flops = 0, 0.0
         for i, m in enumerate(micros):
             x, y = (t.to(self.dist.device) for t in self.task.train_batch(self.step, m))
             with self.dist.sync_gradients(self.wrapped, i == len(micros) - 1), self._autocast():
@@ -359,6 +352,7 @@ class Trainer:
             (loss / len(micros)).backward()
             total += loss.detach()
             tokens += x.numel()
+            self.step_flops += x.numel() * (self.dense_flops + self.attention_flops * x.shape[-1])
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
@@ -398,6 +392,7 @@ class Trainer:
         )
         times: list[float] = []  # seconds of each training step (evaluation, saving excluded)
         tokens: list[int] = []  # input tokens of each training step
+        flops: list[float] = []  # this rank's FLOPs of each training step
         window: list[torch.Tensor] = []  # losses since the last log line
         train_loss, val_loss = math.nan, None
         while self.step < config.max_steps:
@@ -405,6 +400,7 @@ class Trainer:
             loss, n_tokens = self.train_step()
             window.append(loss)
             tokens.append(n_tokens)
+            flops.append(self.step_flops)
             done = self.step
             last = done == config.max_steps
             logging = last or done % max(1, config.log_every) == 0
@@ -414,7 +410,7 @@ class Trainer:
             bar.update(1)
             if logging:
                 tok_s = sum(tokens[-len(window) :]) / sum(times[-len(window) :])
-                mfu = self._mfu(tok_s)
+                mfu = self._mfu(sum(flops[-len(window) :]) / sum(times[-len(window) :]))
                 lr = lr_at(done - 1, config)
                 values = {"train/loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu}
                 self.metrics.log(done, values)
@@ -436,15 +432,19 @@ class Trainer:
             seconds=seconds,
             tokens_per_s=tokens_per_s,
             ms_per_step=1000 * median(times) if times else 0.0,
-            mfu=self._mfu(tokens_per_s),
+            mfu=self._mfu(sum(flops) / seconds if seconds else 0.0),
             train_loss=train_loss,
             val_loss=val_loss,
             checkpoint=self.checkpoint_dir,
         )
 
-    def _mfu(self, tokens_per_s: float) -> float:
-        """Model FLOPs per second per device over the device's measured matmul peak."""
-        return self.flops_per_token * tokens_per_s / self.dist.world_size / self.peak_flops
+    def _mfu(self, flops_per_s: float) -> float:
+        """This rank's model FLOP/s over the device's matmul peak, never above 1: a step that
+        did more than the peak shows the peak was measured low (a busy moment), so it raises
+        the peak (and the cached one) instead of showing a ratio that means nothing."""
+        if flops_per_s > self.peak_flops:
+            self.peak_flops = machine.raise_peak(self.dist.device, self.peak_dtype, flops_per_s)
+        return flops_per_s / self.peak_flops
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:

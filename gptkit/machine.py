@@ -1,0 +1,384 @@
+"""Facts about this machine that gptkit's speed depends on: measured once, cached per machine.
+
+Sessions land on different CPUs (an AMD EPYC with AVX2, an Intel Xeon with AVX-512 and AMX),
+and what is fast on one is not on the other. So nothing here is a constant of one CPU:
+
+    cpu()          model name, SIMD flags (AVX2 / AVX-512 / AMX), cores, torch threads
+    peak_flops()   the matmul FLOP/s this device reaches: the best of several short runs,
+                   raised (never lowered) when a training step is seen going faster
+    decode_plan()  how CPU decoding multiplies a few rows by a weight matrix (DecodeLinear):
+                   weight layout, how many parts the threads split it into, and up to how many
+                   rows the split pays; chosen by timing every candidate on matrices larger
+                   than the last-level cache, with the GEMV bandwidth that best one streams
+
+Measurements are cached as JSON in cache_dir(): $XDG_CACHE_HOME/gptkit/machine/<cpu>/<torch>
+(~/.cache when XDG_CACHE_HOME is unset), one file per fact and thread count, so a new CPU, a
+new torch or another thread count measures afresh, like FFTW's wisdom or oneDNN's tuning.
+Delete the directory to measure again (`python -m bench` always re-measures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# /proc/cpuinfo flag -> the name people know; only the ones that change which kernels run.
+SIMD_FLAGS = {
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "avx512f": "AVX-512",
+    "avx512_bf16": "AVX-512-BF16",
+    "avx512_vnni": "AVX-512-VNNI",
+    "amx_tile": "AMX",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+}
+
+
+@dataclass(frozen=True)
+class CPU:
+    model: str  # "AMD EPYC", "Intel(R) Xeon(R) Platinum 8481C", ...
+    flags: tuple[str, ...]  # the SIMD_FLAGS names this CPU has, in SIMD_FLAGS order
+    cores: int  # logical CPUs this process may run on
+    threads: int  # torch's intra-op threads
+    l3_bytes: int  # last-level cache (0: unknown)
+
+    @property
+    def simd(self) -> str:
+        """The widest vector unit: AMX, AVX-512, AVX2 or baseline."""
+        return next((s for s in ("AMX", "AVX-512", "AVX2") if s in self.flags), "baseline")
+
+    def describe(self) -> str:
+        flags = ", ".join(self.flags) or "no AVX2"
+        return f"{self.model} ({flags}), {self.cores} cores, torch {self.threads} threads"
+
+
+def cpu() -> CPU:
+    info = _cpuinfo()
+    model = info.get("model name") or platform.processor() or platform.machine() or "unknown"
+    present = set(info.get("flags", "").split())
+    if not present:  # not Linux: torch knows the vector width it dispatches to
+        capability = torch.backends.cpu.get_cpu_capability()
+        present = {"avx512f", "avx2"} if "512" in capability else {"avx2"} & {capability.lower()}
+    flags = tuple(name for flag, name in SIMD_FLAGS.items() if flag in present)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return CPU(" ".join(model.split()), flags, cores or 1, torch.get_num_threads(), _l3_bytes())
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _l3_bytes() -> int:
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        match = re.fullmatch(r"(\d+)([KMG]?)", path.read_text().strip())
+        if match:
+            sizes.append(int(match[1]) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match[2]])
+    return max(sizes, default=0)
+
+
+def busy() -> bool:
+    """Whether other work holds most of the cores now (the 1-minute load average): timings
+    taken then are kept only until a quieter moment can take them again."""
+    try:
+        return os.getloadavg()[0] > 0.75 * cpu().cores
+    except OSError:  # no load average on this platform
+        return False
+
+
+# -- the cache ------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where this machine's measurements live: one directory per CPU (model, flags, cores)
+    and torch version, under the user's cache directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    c = cpu()
+    key = f"{c.model}|{','.join(c.flags)}|{c.cores}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", c.model).strip("-")[:40] or "cpu"
+    name = f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return Path(base) / "gptkit" / "machine" / name / f"torch-{torch.__version__}"
+
+
+def _read(name: str) -> dict | None:
+    try:
+        data = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):  # absent or damaged: measure again
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write(name: str, data: dict) -> None:
+    """Atomically (two processes measuring at once each write a whole file); a read-only cache
+    costs a re-measurement next time, never an error."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, directory / name)
+    except OSError:
+        pass
+
+
+def _device_key(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cuda":
+        name = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device))
+        return f"peak-cuda-{name}-{str(dtype).removeprefix('torch.')}.json"
+    threads = torch.get_num_threads()
+    return f"peak-{device.type}-{str(dtype).removeprefix('torch.')}-t{threads}.json"
+
+
+# -- matmul peak ----------------------------------------------------------------------------
+
+
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, runs: int = 10
+) -> float:
+    """One fresh measurement: the best of `runs` timings of square matmuls (the first ones warm
+    up caches, clocks and kernels; a busy machine only ever makes a run slower)."""
+    slow = device.type == "cpu" and dtype != torch.float32  # CPU bf16 may be ~100x slower
+    n = 4096 if device.type == "cuda" else 256 if slow else 1024
+    gen = torch.Generator(device).manual_seed(0)  # not the global RNG: dropout owns that
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    best = math.inf
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """This device's matmul FLOP/s at `dtype`: the cached value, else the best of three fresh
+    measurements (cached). A single measurement on a busy machine comes out low, and an MFU
+    against it comes out over 100%."""
+    name = _device_key(device, dtype)
+    cached = _read(name) or {}
+    old = cached.get("flops") if isinstance(cached.get("flops"), int | float) else 0.0
+    if old > 0 and not (cached.get("busy") and not busy()):
+        return float(old)
+    was_busy = busy()
+    flops = max(old, *(measure_matmul_flops(device, dtype) for _ in range(3)))
+    _write(name, {"flops": flops, "source": "measured", "busy": was_busy, "when": time.time()})
+    return flops
+
+
+def raise_peak(device: torch.device, dtype: torch.dtype, flops: float) -> float:
+    """Record that `device` did `flops` FLOP/s (a training step measured it doing so), if that
+    beats the cached peak; returns the peak now in force."""
+    name = _device_key(device, dtype)
+    cached = _read(name) or {}
+    old = cached.get("flops") if isinstance(cached.get("flops"), int | float) else 0.0
+    if flops > old:
+        record = {"flops": flops, "source": "a training step", "busy": cached.get("busy", False)}
+        _write(name, {**record, "when": time.time()})
+        return flops
+    return float(old)
+
+
+# -- the decode plan ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How DecodeLinear multiplies a few rows by a weight W [N, K] (y = x @ W.T).
+
+    column_major: W is stored column-major (W.T a contiguous [K, N]); else row-major.
+    splits_per_thread: 0 runs one F.linear call; s > 0 splits the product into s * threads
+        parts, one batched-matmul entry each (column-major: K is split and the partial
+        products summed; row-major: N is split and the parts laid side by side).
+    max_split_rows: with more rows than this, one F.linear call (a GEMM is no longer bound by
+        streaming the weight).
+    """
+
+    column_major: bool = True
+    splits_per_thread: int = 1
+    max_split_rows: int = 8
+
+    @property
+    def name(self) -> str:
+        layout = "column-major" if self.column_major else "row-major"
+        if not self.splits_per_thread:
+            return f"{layout}, one call"
+        axis = "K" if self.column_major else "N"
+        return f"{layout}, split {axis} {self.splits_per_thread}x threads"
+
+
+CANDIDATES = [
+    DecodePlan(column_major, splits, 8) for column_major in (True, False) for splits in (0, 1, 2)
+]
+
+
+def plan_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: DecodePlan
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) computed as `plan` says (the same numbers, up to float
+    rounding of a split sum). x [..., K], weight [N, K] -> [..., N]."""
+    N, K = weight.shape
+    rows = x.numel() // K
+    splits = plan.splits_per_thread * torch.get_num_threads()
+    if splits < 2 or rows > plan.max_split_rows or rows == 0:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, K)
+    if plan.column_major and K % splits == 0 and weight.t().is_contiguous():
+        # thread i multiplies x[:, K_i] by the rows K_i of W.T; the partial products are summed
+        x_parts = x2.view(rows, splits, K // splits).transpose(0, 1)  # [s, rows, K/s]
+        y = torch.bmm(x_parts, weight.t().view(splits, K // splits, N)).sum(0)  # [rows, N]
+    elif not plan.column_major and N % splits == 0 and weight.is_contiguous():
+        # thread i computes the outputs N_i from the rows N_i of W
+        w_parts = weight.view(splits, N // splits, K).transpose(1, 2)  # [s, K, N/s]
+        y = torch.bmm(x2.expand(splits, rows, K), w_parts)  # [s, rows, N/s]
+        y = y.transpose(0, 1).reshape(rows, N)
+    else:
+        return F.linear(x, weight, bias)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], N)
+
+
+def lay_out(weight: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+    """`weight` [N, K] with the strides `plan` wants (same values; a copy only if they differ)."""
+    return weight.t().contiguous().t() if plan.column_major else weight.contiguous()
+
+
+@dataclass(frozen=True)
+class Tuning:
+    plan: DecodePlan
+    gemv_bytes_per_s: float  # the best candidate's weight streaming rate, one row
+    seconds: float  # how long the measurement took
+    candidates: dict[str, float]  # every candidate's bytes/s at one row
+    busy: bool = False  # measured while other work held the cores: measure again when quiet
+
+
+def decode_plan() -> DecodePlan:
+    """The plan for this machine and thread count (measured on first use, then cached)."""
+    return decode_tuning().plan
+
+
+def gemv_bandwidth() -> float:
+    """Bytes/s the best matrix-vector product streams weights at here (cached)."""
+    return decode_tuning().gemv_bytes_per_s
+
+
+_tunings: dict[Path, Tuning] = {}
+
+
+def decode_tuning(refresh: bool = False) -> Tuning:
+    name = f"decode-t{torch.get_num_threads()}.json"
+    key = cache_dir() / name
+    if not refresh and key in _tunings:
+        return _tunings[key]
+    cached = None if refresh else _read(name)
+    tuning = _tuning_from_json(cached) if cached else None
+    if tuning is None or (tuning.busy and not busy()):
+        tuning = measure_decode()
+        _write(name, {**dataclasses.asdict(tuning), "cpu": cpu().describe()})
+    _tunings[key] = tuning
+    return tuning
+
+
+def _tuning_from_json(data: dict) -> Tuning | None:
+    try:
+        return Tuning(
+            DecodePlan(**data["plan"]),
+            float(data["gemv_bytes_per_s"]),
+            float(data["seconds"]),
+            {str(k): float(v) for k, v in data["candidates"].items()},
+            bool(data.get("busy", False)),
+        )
+    except (KeyError, TypeError, ValueError):  # an older or damaged file: measure again
+        return None
+
+
+def measure_decode(d_model: int = 768, rounds: int = 5) -> Tuning:
+    """Time every candidate plan on the matrices of a transformer block of width `d_model`
+    (qkv [3d, d], MLP up [4d, d] and down [d, 4d]), repeated until they outgrow the last-level
+    cache twice over (decoding streams every weight from memory once per token). Then find up
+    to how many rows the winner's split still beats one call. About a second; holds one
+    layout's matrices (64-160 MB) at a time."""
+    start, was_busy = time.perf_counter(), busy()
+    target = min(max(2 * cpu().l3_bytes, 64 << 20), 160 << 20)
+    shapes = [(3 * d_model, d_model), (4 * d_model, d_model), (d_model, 4 * d_model)]
+    copies = max(1, math.ceil(target / sum(n * k * 4 for n, k in shapes)))
+    rates: dict[DecodePlan, float] = {}  # bytes/s at one row
+    split_rows: dict[DecodePlan, int] = {}  # up to how many rows its split beats one call
+    for column_major in (True, False):
+        one_call = DecodePlan(column_major, 0)
+        weights = [
+            lay_out(torch.empty(n, k).uniform_(-0.05, 0.05), one_call)
+            for _ in range(copies)
+            for n, k in shapes
+        ]
+        total = sum(w.numel() * 4 for w in weights)
+        plans = [p for p in CANDIDATES if p.column_major == column_major]
+        for plan, seconds in _time_plans(weights, 1, plans, rounds).items():
+            rates[plan] = total / seconds
+        # Rows beyond one (a batch, or a few prompt tokens): up to where does this layout's
+        # best split still beat one call?
+        split = max((p for p in plans if p.splits_per_thread), key=rates.__getitem__)
+        split_rows[split] = 1
+        for rows in (2, 4, 8, 16, 32) if rates[split] > rates[one_call] else ():
+            wide = dataclasses.replace(split, max_split_rows=rows)
+            times = _time_plans(weights, rows, [wide, one_call], 2)
+            if times[wide] > times[one_call]:
+                break
+            split_rows[split] = rows
+        del weights  # before the other layout's copies are made
+    best = max(rates, key=rates.__getitem__)
+    return Tuning(
+        dataclasses.replace(best, max_split_rows=split_rows.get(best, 1)),
+        rates[best],
+        time.perf_counter() - start,
+        {p.name: r for p, r in rates.items()},
+        was_busy,
+    )
+
+
+def _time_plans(
+    weights: list[torch.Tensor], rows: int, plans: list[DecodePlan], rounds: int
+) -> dict[DecodePlan, float]:
+    """Each plan's best seconds for one pass over every weight with `rows` input rows. Each
+    round times every plan in turn, so a busy moment slows one timing, not one plan."""
+    widths = {w.shape[1] for w in weights}
+    inputs = {k: torch.randn(rows, k) for k in widths}
+    best = dict.fromkeys(plans, math.inf)
+    for round in range(rounds + 1):
+        for plan in plans:
+            t0 = time.perf_counter()
+            for w in weights:
+                plan_linear(inputs[w.shape[1]], w, None, plan)
+            if round:  # round 0 warms up caches and thread pools
+                best[plan] = min(best[plan], time.perf_counter() - t0)
+    return best

@@ -1,0 +1,173 @@
+"""Machine facts: CPU flags, the per-machine cache, the matmul peak behind MFU (never above
+100%), and the CPU decode plan (every candidate computes what F.linear computes)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import corpus_text, prepare_corpus
+
+from gptkit import machine
+from gptkit.config import load_train_config
+from gptkit.machine import CANDIDATES, DecodePlan, plan_linear
+from gptkit.metrics import read_metrics
+from gptkit.train import train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """Every test measures into a cache of its own, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(machine, "_tunings", {})
+    return tmp_path / "cache"
+
+
+def test_cpu_facts_match_proc_cpuinfo():
+    cpu = machine.cpu()
+    assert cpu.model and cpu.cores >= 1 and cpu.threads == torch.get_num_threads()
+    assert set(cpu.flags) <= set(machine.SIMD_FLAGS.values())
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo on this platform")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    flags = set(flags.split(":", 1)[1].split())
+    assert ("AVX2" in cpu.flags) == ("avx2" in flags)
+    assert ("AVX-512" in cpu.flags) == ("avx512f" in flags)
+    assert ("AMX" in cpu.flags) == ("amx_tile" in flags)
+    assert cpu.simd in ("AMX", "AVX-512", "AVX2", "baseline")
+    assert cpu.model.split()[0] in cpu.describe()
+
+
+def test_cache_dir_is_per_machine_and_torch_version_under_xdg(cache_home, monkeypatch):
+    here = machine.cache_dir()
+    assert here.is_relative_to(cache_home / "gptkit" / "machine")
+    assert here.name == f"torch-{torch.__version__}"
+    other = machine.CPU("Other CPU 9000", ("AVX2",), 64, 2, 0)
+    monkeypatch.setattr(machine, "cpu", lambda: other)
+    assert machine.cache_dir().parent != here.parent
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert machine.cache_dir().is_relative_to(Path.home() / ".cache")
+
+
+def test_peak_is_measured_once_then_read_and_only_ever_raised(monkeypatch):
+    runs = []
+    real = machine.measure_matmul_flops
+
+    def counted(device, dtype=torch.float32):
+        runs.append(dtype)
+        return real(device, dtype, runs=2)
+
+    monkeypatch.setattr(machine, "measure_matmul_flops", counted)
+    monkeypatch.setattr(machine, "busy", lambda: False)
+    peak = machine.peak_flops(CPU)
+    assert peak > 0 and len(runs) == 3  # the best of three measurements
+    assert machine.peak_flops(CPU) == peak and len(runs) == 3  # then cached
+    assert machine.raise_peak(CPU, torch.float32, peak / 2) == peak  # never lowered
+    assert machine.raise_peak(CPU, torch.float32, 3 * peak) == 3 * peak
+    assert machine.peak_flops(CPU) == 3 * peak and len(runs) == 3
+
+
+def test_a_peak_measured_busy_or_a_damaged_cache_is_measured_again(monkeypatch):
+    monkeypatch.setattr(machine, "measure_matmul_flops", lambda d, t=torch.float32: 5e10)
+    monkeypatch.setattr(machine, "busy", lambda: True)
+    assert machine.peak_flops(CPU) == 5e10
+    path = machine.cache_dir() / machine._device_key(CPU, torch.float32)
+    assert json.loads(path.read_text())["busy"] is True
+    monkeypatch.setattr(machine, "measure_matmul_flops", lambda d, t=torch.float32: 9e10)
+    assert machine.peak_flops(CPU) == 5e10  # still busy: the cached value stands
+    monkeypatch.setattr(machine, "busy", lambda: False)
+    assert machine.peak_flops(CPU) == 9e10  # quiet now: measured again, and kept
+    path.write_text("{not json")
+    monkeypatch.setattr(machine, "measure_matmul_flops", lambda d, t=torch.float32: 7e10)
+    assert machine.peak_flops(CPU) == 7e10
+
+
+@pytest.mark.parametrize("plan", CANDIDATES, ids=lambda p: p.name)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_decode_plan_computes_what_f_linear_computes(plan, threads):
+    """Numerically equivalent across layouts, splits, row counts (split and not), shapes
+    that do and do not divide by the split, with and without a bias."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for n, k in ((96, 64), (60, 48), (50, 35)):
+            weight = machine.lay_out(torch.randn(n, k, generator=gen), plan)
+            assert weight.t().is_contiguous() == plan.column_major
+            bias = torch.randn(n, generator=gen)
+            for shape in ((1, 1, k), (2, 1, k), (3, k), (1, 9, k), (2, 20, k)):
+                x = torch.randn(*shape, generator=gen)
+                for b in (None, bias):
+                    want = F.linear(x, weight.contiguous(), b)
+                    got = plan_linear(x, weight, b, plan)
+                    assert got.shape == want.shape
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
+    measured = []
+    real = machine.measure_decode
+
+    def small(d_model=768, rounds=5):
+        measured.append(1)
+        return real(d_model=128, rounds=1)  # the same code, fewer and smaller timings
+
+    monkeypatch.setattr(machine, "measure_decode", small)
+    monkeypatch.setattr(machine, "busy", lambda: False)
+    tuning = machine.decode_tuning()
+    plan = tuning.plan
+    assert DecodePlan(plan.column_major, plan.splits_per_thread) in CANDIDATES
+    assert plan.max_split_rows in (1, 2, 4, 8, 16, 32)
+    assert tuning.gemv_bytes_per_s == max(tuning.candidates.values()) > 0
+    assert set(tuning.candidates) == {p.name for p in CANDIDATES}
+    monkeypatch.setattr(machine, "_tunings", {})  # a new process reads the file
+    assert machine.decode_plan() == plan and machine.gemv_bandwidth() == tuning.gemv_bytes_per_s
+    assert len(measured) == 1
+    path = machine.cache_dir() / f"decode-t{torch.get_num_threads()}.json"
+    data = json.loads(path.read_text())
+    data["busy"] = True  # as if measured while other work held the cores
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(machine, "_tunings", {})
+    machine.decode_plan()
+    assert len(measured) == 2  # quiet now: measured again
+    path.write_text('{"plan": {"column_major": "sideways"}}')
+    monkeypatch.setattr(machine, "_tunings", {})
+    machine.decode_plan()
+    assert len(measured) == 3  # a damaged file is measured again, not an error
+
+
+def test_mfu_never_shows_above_100_percent_and_raises_the_peak(tmp_path, monkeypatch):
+    """A peak cached far too low (as a busy machine measures it) would make every step look
+    faster than the hardware; the run must show at most 100% and raise the cached peak."""
+    data = prepare_corpus(tmp_path, corpus_text(400))
+    key = machine.cache_dir() / machine._device_key(CPU, torch.float32)
+    key.parent.mkdir(parents=True)
+    key.write_text(json.dumps({"flops": 1e3, "busy": False}))
+    monkeypatch.setattr(machine, "busy", lambda: False)
+    config = load_train_config(
+        None,
+        [
+            f"data_dir={data}",
+            f"out_dir={tmp_path / 'run'}",
+            "model.preset=tiny",
+            "model.block_size=32",
+            "batch_size=4",
+            "max_steps=6",
+            "eval_batches=1",
+            "log_every=1",
+            "progress=false",
+            "tensorboard=false",
+        ],
+    )
+    result = train(config)
+    mfus = [r["mfu"] for r in read_metrics(tmp_path / "run") if "mfu" in r]
+    assert len(mfus) == 6 and all(0 < m <= 1 for m in mfus)
+    assert 0 < result.mfu <= 1
+    raised = json.loads(key.read_text())
+    assert raised["flops"] > 1e6 and raised["source"] == "a training step"
