@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.config import PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
+from gptkit.machine import CANDIDATES
 from gptkit.model import GPT, ContextLengthError, DecodeLinear
 
 # The GPT-3 paper's size column names models to two significant figures ("350M"), and its
@@ -189,18 +190,24 @@ def test_left_padded_rows_compute_what_they_would_alone():
     torch.testing.assert_close(batched[1], model(long)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("plan", [None, *CANDIDATES], ids=lambda p: p.name if p else "measured")
 @pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
-def test_decode_layout_changes_strides_not_results(variant, tmp_path):
+def test_decode_layout_changes_strides_not_results(variant, plan, tmp_path, monkeypatch):
+    """Every decode plan (and the one this machine measures) gives the model's results."""
+    from gptkit import machine
     from gptkit.checkpoint import load_checkpoint, save_checkpoint
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # measured here, not cached
+    monkeypatch.setattr(machine, "_tunings", {})
     model = tiny(**VARIANTS[variant])
     idx = torch.randint(0, 97, (2, 9))
     before = model(idx)
-    model.use_decode_layout()
+    model.use_decode_layout(plan)
+    plan = plan or machine.decode_plan()
     w = model.blocks[0].attn.qkv.weight
-    assert w.t().is_contiguous() and not w.is_contiguous()
+    assert w.t().is_contiguous() == plan.column_major and w.is_contiguous() != plan.column_major
     assert model.lm_head.weight is model.tok_emb.weight
-    assert type(model.blocks[0].mlp.fc) is DecodeLinear
+    assert type(model.blocks[0].mlp.fc) is DecodeLinear and model.blocks[0].mlp.fc.plan == plan
     torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # few rows are split across threads: 1 row, then 2
