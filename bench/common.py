@@ -1,4 +1,5 @@
-"""What the decode benchmarks share: flags, and a race of peers timed in the same process.
+"""What the decode benchmarks share: flags, the machine they ran on (measured, not assumed), and
+a race of peers timed in the same process.
 
 A peer is a pair of callables on the same prompt: `prefill()` runs the prompt through the model
 once, `decode()` generates the new tokens greedily after it. `decode` returns the seconds it
@@ -8,13 +9,17 @@ spent decoding when it can measure them itself; otherwise its time minus a prefi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from gptkit import machine
 
 Peer = tuple[Callable[[], object], Callable[[], float | None]]
 
@@ -32,6 +37,86 @@ def write_json(args: argparse.Namespace, results: dict) -> None:
     """The numbers `python -m bench` puts in its targets table."""
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+@dataclass
+class Machine:
+    """What bounds a benchmark here, measured in this run: the fp32 matmul peak (prompt
+    processing is compute-bound) and the GEMV bandwidth (batch-1 decoding reads every weight
+    once per token), with the decode plan that streams fastest."""
+
+    cpu: machine.CPU
+    peak_flops: float  # fp32 matmul FLOP/s, best of this run's samples and the cached peak
+    gemv_bytes_per_s: float  # best weight streaming rate of a matrix-vector product
+    plan: str  # the decode plan that reached it
+
+    @classmethod
+    def measure(cls) -> Machine:
+        """Fresh samples (a bench re-measures rather than trust a cache taken on a busy
+        moment); the decode plan they find is cached for gptkit to use."""
+        cpu = torch.device("cpu")
+        peak = max(machine.measure_matmul_flops(cpu) for _ in range(3))
+        tuning = machine.decode_tuning(refresh=True)
+        return cls(
+            machine.cpu(),
+            machine.raise_peak(cpu, torch.float32, peak),
+            tuning.gemv_bytes_per_s,
+            tuning.plan.name,
+        )
+
+    def best(self, other: Machine) -> Machine:
+        """The better of two samples of each limit: a busy moment only ever lowers one."""
+        return dataclasses.replace(
+            self,
+            peak_flops=max(self.peak_flops, other.peak_flops),
+            gemv_bytes_per_s=max(self.gemv_bytes_per_s, other.gemv_bytes_per_s),
+        )
+
+    def header(self) -> str:
+        return (
+            f"machine: {self.cpu.describe()}; fp32 matmul peak {self.peak_flops / 1e9:.0f} "
+            f"GFLOP/s, GEMV {self.gemv_bytes_per_s / 1e9:.1f} GB/s ({self.plan}), measured "
+            "in this run"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "cpu": self.cpu.model,
+            "simd": list(self.cpu.flags),
+            "cores": self.cpu.cores,
+            "threads": self.cpu.threads,
+            "peak_flops": self.peak_flops,
+            "gemv_bytes_per_s": self.gemv_bytes_per_s,
+            "decode_plan": self.plan,
+        }
+
+
+def decode_bounds(model, prompt: int, limits: Machine) -> dict[str, float]:
+    """fp32 upper bounds for `model` on this machine, in tokens/s. Decoding reads every weight
+    once per token (GEMV bandwidth); a prompt token costs 2 FLOPs per weight it multiplies
+    (not the embedding: the head runs for the last token only) plus attention over the
+    prompt, causal so half of it (the matmul peak)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    attention = 4 * model.config.n_layer * model.config.n_embd * prompt // 2
+    flops = 2 * model.num_params(exclude_embeddings=True) + attention
+    return {
+        "decode_bound": limits.gemv_bytes_per_s / weight_bytes,
+        "prompt_bound": limits.peak_flops / flops,
+        "weight_bytes": weight_bytes,
+        "prompt_flops": flops,
+    }
+
+
+def print_bounds(name: str, rate: dict[str, float], bounds: dict, limits: Machine) -> None:
+    print(
+        f"fp32 bounds here: decode {bounds['decode_bound']:.0f} tok/s "
+        f"({bounds['weight_bytes'] / 1e6:.0f} MB per token at "
+        f"{limits.gemv_bytes_per_s / 1e9:.1f} GB/s GEMV), prompt {bounds['prompt_bound']:.0f} "
+        f"tok/s ({bounds['prompt_flops'] / 1e9:.2f} GFLOP per token at "
+        f"{limits.peak_flops / 1e9:.0f} GFLOP/s); {name} reaches "
+        f"{rate['decode'] / bounds['decode_bound']:.0%} and "
+        f"{rate['prompt'] / bounds['prompt_bound']:.0%}"
+    )
 
 
 def seconds(fn: Callable[[], object]) -> float:

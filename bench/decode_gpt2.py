@@ -1,7 +1,8 @@
 """GPT-2 124M fp32 on this machine: prompt processing and greedy decoding, gptkit vs transformers.
 
 Both run the same random weights (transformers builds them; gptkit loads the saved directory
-with `gptkit.load`, as a user would) in the same process.
+with `gptkit.load`, as a user would) in the same process. Bounds as in decode_smollm2.py: from
+this machine's measured matmul peak and GEMV bandwidth.
 
     .venv/bin/python bench/decode_gpt2.py [--prompt 256] [--new 128] [--rounds 3]
 """
@@ -12,13 +13,24 @@ import tempfile
 
 import torch
 import transformers
-from common import gptkit_peer, parse_args, race, transformers_peer, write_json
+from common import (
+    Machine,
+    decode_bounds,
+    gptkit_peer,
+    parse_args,
+    print_bounds,
+    race,
+    transformers_peer,
+    write_json,
+)
 
 import gptkit
 
 
 def main() -> None:
     args = parse_args(__doc__)
+    limits = Machine.measure()  # first: gptkit.load takes the decode plan it finds
+    print(limits.header(), flush=True)
     torch.manual_seed(0)
     ref = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
     with tempfile.TemporaryDirectory() as directory:
@@ -30,7 +42,11 @@ def main() -> None:
         "gptkit fp32": gptkit_peer(ours, prompt, args.new),
         "transformers fp32": transformers_peer(ref, prompt, args.new),
     }
-    write_json(args, {"rate": race("GPT-2 124M", peers, args)})
+    rate = race("GPT-2 124M", peers, args)
+    limits = limits.best(Machine.measure())
+    bounds = decode_bounds(ours, args.prompt, limits)
+    print_bounds("gptkit fp32", rate["gptkit fp32"], bounds, limits)
+    write_json(args, {"rate": rate, **bounds, "machine": limits.to_json()})
 
 
 if __name__ == "__main__":

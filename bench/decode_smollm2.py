@@ -7,7 +7,9 @@ Four peers in one process, the same weights for each:
 - llama.cpp (llama-cpp-python), computing on the Q4_1 weights themselves, 2 threads.
 
 Each round times a 256-token prompt (one forward pass, no sampling) and a 128-token greedy
-generation after it; `common.race` prints medians, tokens/s and ratios.
+generation after it; `common.race` prints medians, tokens/s and ratios. The bounds come from
+this machine's fp32 matmul peak and GEMV bandwidth, measured before and after the race (the
+better sample of each), and the output starts with the machine they were measured on.
 
     .venv/bin/python bench/decode_smollm2.py [--prompt 256] [--new 128] [--rounds 3]
 """
@@ -18,14 +20,21 @@ import time
 
 import torch
 import transformers
-from common import gptkit_peer, parse_args, race, transformers_peer, write_json
+from common import (
+    Machine,
+    decode_bounds,
+    gptkit_peer,
+    parse_args,
+    print_bounds,
+    race,
+    transformers_peer,
+    write_json,
+)
 
 import gptkit
 from gptkit.api import named_model_path
 
 NAME = "smollm2-135m-instruct"
-BANDWIDTH = 30e9  # bytes/s this machine streams from memory (DESIGN.md's measured facts)
-PEAK_FLOPS = 150e9  # its fp32 matmul peak
 
 
 def llama_cpp_peer(prompt: list[int], new: int):
@@ -53,6 +62,8 @@ def llama_cpp_peer(prompt: list[int], new: int):
 
 def main() -> None:
     args = parse_args(__doc__)
+    limits = Machine.measure()  # first: the gptkit models below take the decode plan it finds
+    print(limits.header(), flush=True)
     torch.manual_seed(0)
     prompt = torch.randint(100, 49000, (args.prompt,)).tolist()
     path = named_model_path(NAME)
@@ -68,21 +79,10 @@ def main() -> None:
         "llama.cpp Q4_1": llama_cpp_peer(prompt, args.new),
     }
     rate = race("SmolLM2-135M-Instruct", peers, args)
-    # Hardware bounds: a decoding step reads every weight once (memory bandwidth); a prompt
-    # token costs 2 FLOPs per weight it multiplies (not the embedding: the head runs for the
-    # last token only) plus attention over the prompt (the fp32 matmul peak).
-    weight_bytes = sum(p.numel() * p.element_size() for p in fp32.parameters())
-    attention = 4 * fp32.config.n_layer * fp32.config.n_embd * args.prompt // 2  # causal: half
-    flops = 2 * fp32.num_params(exclude_embeddings=True) + attention
-    decode_bound, prompt_bound = BANDWIDTH / weight_bytes, PEAK_FLOPS / flops
-    ours = rate["gptkit fp32"]
-    print(
-        f"fp32 bounds here: decode {decode_bound:.0f} tok/s ({weight_bytes / 1e6:.0f} MB per "
-        f"token at {BANDWIDTH / 1e9:.0f} GB/s), prompt {prompt_bound:.0f} tok/s "
-        f"({flops / 1e9:.2f} GFLOP per token at {PEAK_FLOPS / 1e9:.0f} GFLOP/s); gptkit fp32 "
-        f"reaches {ours['decode'] / decode_bound:.0%} and {ours['prompt'] / prompt_bound:.0%}"
-    )
-    write_json(args, {"rate": rate, "decode_bound": decode_bound, "prompt_bound": prompt_bound})
+    limits = limits.best(Machine.measure())
+    bounds = decode_bounds(fp32, args.prompt, limits)
+    print_bounds("gptkit fp32", rate["gptkit fp32"], bounds, limits)
+    write_json(args, {"rate": rate, **bounds, "machine": limits.to_json()})
 
 
 if __name__ == "__main__":
