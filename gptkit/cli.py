@@ -152,6 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         stride=args.stride,
         text_field=args.text_field,
         label_field=args.label_field,
+        word_column=args.word_column,
         tag_column=args.tag_column,
         metrics=metrics,
         max_new_tokens=args.max_new_tokens,
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="perplexity: window stride (default: half)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
-    p.add_argument("--tag-column", type=int, help="tag: column of the tags")
+    p.add_argument("--word-column", type=int, help="tag: column of the words (from 0)")
+    p.add_argument("--tag-column", type=int, help="tag: column of the tags (from 0)")
     p.add_argument("--metrics", default="bleu,chrf,rouge,exact_match", help="generate: metrics")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat-template", action="store_true", help="generate: plain prompts")

@@ -530,7 +530,9 @@ class FinetuneConfig(TrainConfig):
     val_fraction: float = 0.1
     text_field: str = "text"  # classify: the columns/keys holding the text and the label
     label_field: str = "label"
-    tag_column: int | None = None  # tag: column of the tags (default: UPOS in CoNLL-U, else last)
+    # tag: the columns (from 0) of the words and the tags; None finds them from the data
+    word_column: int | None = None
+    tag_column: int | None = None
     template: str = "auto"  # sft: "auto" (the tokenizer's chat template, else ChatML) or "chatml"
     packing: bool = False  # sft: concatenate examples into full-length rows
     epochs: float = 0.0  # > 0: max_steps covers this many passes over the training examples
@@ -553,7 +555,13 @@ class FinetuneConfig(TrainConfig):
     log_every: int = 5
 
     def validate(self) -> None:
-        optional = {"init_from": str, "decay_steps": int, "teacher": str, "tag_column": int}
+        optional = {
+            "init_from": str,
+            "decay_steps": int,
+            "teacher": str,
+            "word_column": int,
+            "tag_column": int,
+        }
         _check_types(self, optional)
         if not self.init_from:
             raise ConfigError(

@@ -2,7 +2,7 @@
 
 perplexity  text files                         loss, perplexity (sliding windows)
 classify    CSV/TSV/JSONL text + label         accuracy, macro-F1
-tag         CoNLL / CoNLL-U / IOB2             token accuracy, entity P/R/F1 (seqeval)
+tag         CoNLL / CoNLL-U / IOB2             token accuracy, entity P/R/F1 (seqeval), scheme
 generate    chat JSONL (prompt/response, ...)  BLEU, chrF, ROUGE, exact match: the model's
                                                greedy reply to all but the last assistant
                                                turn, against that turn
@@ -26,7 +26,14 @@ from .evaluate import (
     tagging_metrics,
 )
 from .finetune import predict_labels, predict_tags
-from .taskdata import read_chat, read_classification, read_records, read_tagged
+from .taskdata import (
+    check_tags,
+    read_chat,
+    read_classification,
+    read_records,
+    read_tagged_file,
+    tag_scheme,
+)
 
 TASKS = ("perplexity", "classify", "tag", "generate", "choice")
 
@@ -56,11 +63,18 @@ def eval_classify(lm: LM, path, limit: int = 0, text_field="text", label_field="
     return classification_metrics([label for _, label in records], pred)
 
 
-def eval_tag(lm: LM, path, limit: int = 0, column: int | None = None) -> dict:
+def eval_tag(
+    lm: LM, path, limit: int = 0, word_column: int | None = None, tag_column: int | None = None
+) -> dict:
+    """Token accuracy, entity P/R/F1 when the gold tags follow an entity scheme, and the
+    scheme recognised ("IOB2", "BIOES", ..., "none (UPOS-like)")."""
     _needs_head(lm, "tag")
-    sentences = read_tagged(path, column)[: limit or None]
+    tagged = read_tagged_file(path, word_column, tag_column)
+    check_tags(tagged)  # the same refusal as `gptkit finetune tag`: no score over garbage
+    sentences = tagged.sentences[: limit or None]
     pred = predict_tags(lm.model, lm.tokenizer, [words for words, _ in sentences])
-    return tagging_metrics([tags for _, tags in sentences], pred)
+    gold = [tags for _, tags in sentences]
+    return {**tagging_metrics(gold, pred), "scheme": tag_scheme(gold)}
 
 
 def generation_prompts(lm: LM, path, limit: int = 0, chat: bool = True):
@@ -130,7 +144,8 @@ def run_eval(task: str, lm: LM, data: Sequence[str], **options: Any) -> dict[str
     if task == "classify":
         return eval_classify(lm, data[0], limit, options["text_field"], options["label_field"])
     if task == "tag":
-        return eval_tag(lm, data[0], limit, options.get("tag_column"))
+        columns = options.get("word_column"), options.get("tag_column")
+        return eval_tag(lm, data[0], limit, *columns)
     if task == "generate":
         keys = ("metrics", "max_new_tokens", "chat")
         return eval_generate(lm, data[0], limit, **{k: options[k] for k in keys})[0]

@@ -37,6 +37,7 @@ from seqeval import metrics as seqeval_metrics
 from sklearn import metrics as sklearn_metrics
 
 from .generate import eval_mode
+from .taskdata import ENTITY_SCHEMES, tag_scheme
 
 if TYPE_CHECKING:
     from .api import LM
@@ -68,7 +69,8 @@ def tagging_metrics(
     gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]
 ) -> dict[str, float]:
     """{"token_accuracy", "n_tokens"}, plus entity-level precision/recall/F1 (micro-averaged over
-    entities, as the CoNLL and WNUT papers report) when the gold tags are IOB/IOB2."""
+    entities, as the CoNLL and WNUT papers report) when the gold tags follow an entity scheme
+    (IOB1, IOB2, BIOES, BILOU: taskdata.tag_scheme)."""
     _check_pairs(gold, pred, "gold sentences", "predicted sentences")
     for i, (gold_tags, pred_tags) in enumerate(zip(gold, pred, strict=True)):
         if len(gold_tags) != len(pred_tags):
@@ -84,8 +86,8 @@ def tagging_metrics(
         "token_accuracy": sum(g == p for g, p in pairs) / len(pairs) if pairs else 0.0,
         "n_tokens": len(pairs),
     }
-    if any(tag.startswith(("B-", "I-")) for tags in gold for tag in tags):
-        gold_lists, pred_lists = [list(t) for t in gold], [list(t) for t in pred]
+    if tag_scheme(gold) in ENTITY_SCHEMES:
+        gold_lists, pred_lists = [_bioes(t) for t in gold], [_bioes(t) for t in pred]
         # seqeval's default mode is conlleval's: an I- tag after O (or after another type) still
         # starts an entity. zero_division=0: a model that predicts no entity has precision 0.
         for name, score in (
@@ -95,6 +97,12 @@ def tagging_metrics(
         ):
             results[name] = float(score(gold_lists, pred_lists, average="micro", zero_division=0))
     return results
+
+
+def _bioes(tags: Sequence[str]) -> list[str]:
+    """Tags as seqeval reads them: it knows B/I/E/S prefixes, and BILOU's L(ast) and U(nit)
+    are its E and S."""
+    return [{"L-": "E-", "U-": "S-"}.get(t[:2], t[:2]) + t[2:] for t in tags]
 
 
 # --- generated text --------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .generate import eval_mode
 from .model import GPT
 from .peft import apply_peft, save_adapter
 from .prepare import prepare
-from .taskdata import label_names, read_chat, read_classification, read_tagged
+from .taskdata import check_tags, label_names, read_chat, read_classification, read_tagged_file
 from .tokenizer import Tokenizer
 from .train import Batch, PretrainTask, Trainer, TrainResult
 
@@ -246,7 +246,9 @@ class ExampleTask:
             return read_chat(path)
         if c.task == "classify":
             return read_classification(path, c.text_field, c.label_field)
-        return read_tagged(path, c.tag_column)
+        tagged = read_tagged_file(path, c.word_column, c.tag_column)
+        check_tags(tagged)  # words or "-" as tags: refuse before training on them
+        return tagged.sentences
 
     def _encode(self, record: Any) -> Example | None:
         tok, block_size = self.tokenizer, self.model.config.block_size

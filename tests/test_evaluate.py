@@ -84,6 +84,42 @@ def test_tagging_without_iob_tags_reports_token_accuracy_only():
     assert results == {"token_accuracy": pytest.approx(2 / 3), "n_tokens": 3}
 
 
+@pytest.mark.parametrize(
+    ("gold", "pred", "precision", "recall"),
+    [
+        # BIOES: gold PER (2 tokens), LOC (1), ORG (3); the model gets PER and ORG right,
+        # and ends LOC one token late.
+        (
+            [["B-PER", "E-PER", "S-LOC", "O"], ["B-ORG", "I-ORG", "E-ORG"]],
+            [["B-PER", "E-PER", "B-LOC", "E-LOC"], ["B-ORG", "I-ORG", "E-ORG"]],
+            2 / 3,
+            2 / 3,
+        ),
+        # the same in BILOU: L(ast) and U(nit) are BIOES's E and S
+        (
+            [["B-PER", "L-PER", "U-LOC", "O"], ["B-ORG", "I-ORG", "L-ORG"]],
+            [["B-PER", "L-PER", "B-LOC", "L-LOC"], ["B-ORG", "I-ORG", "L-ORG"]],
+            2 / 3,
+            2 / 3,
+        ),
+        # entities of one token only (S-), no B- anywhere: PER right, LOC missed, ORG taken
+        # for a LOC
+        (
+            [["S-PER", "O", "S-LOC", "O"], ["S-ORG"]],
+            [["S-PER", "O", "O", "O"], ["S-LOC"]],
+            1 / 2,
+            1 / 3,
+        ),
+    ],
+)
+def test_tagging_entity_scores_for_bioes_and_bilou(gold, pred, precision, recall):
+    results = tagging_metrics(gold, pred)
+    assert results["entity_precision"] == pytest.approx(precision)
+    assert results["entity_recall"] == pytest.approx(recall)
+    if "L-PER" not in gold[0]:  # seqeval reads BIOES as it is
+        assert results["entity_f1"] == pytest.approx(seqeval_metrics.f1_score(gold, pred))
+
+
 def test_tagging_names_the_sentence_whose_length_differs():
     with pytest.raises(ValueError, match="sentence 1 has 2 gold tags but 1 predicted"):
         tagging_metrics([["O"], ["O", "O"]], [["O"], ["O"]])

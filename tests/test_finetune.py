@@ -63,10 +63,27 @@ def data(tmp_path_factory) -> Path:
     sentences = []
     for _ in range(120):
         words = rng.sample(POS + NEG, 4)
-        sentences.append("\n".join(f"{w}\t{'B-POS' if w in POS else 'O'}" for w in words))
-    (d / "tag.conll").write_text("\n\n".join(sentences) + "\n")
+        sentences.append([(w, "B-POS" if w in POS else "O") for w in words])
+    write_tagged(d, sentences)
     (d / "text.txt").write_text(" ".join(rng.choice(POS + NEG) for _ in range(4000)))
     return d
+
+
+def write_tagged(d: Path, sentences: list[list[tuple[str, str]]]) -> None:
+    """The tagging data in three shapes: CoNLL (tag.conll), UniversalNER's IOB2 with comment
+    lines and an index column (tag.iob2), the same with no tags ("-", tag-untagged.iob2), and
+    the tag before the word (tag-swapped.tsv)."""
+    conll = ["\n".join(f"{w}\t{t}" for w, t in s) for s in sentences]
+    (d / "tag.conll").write_text("\n\n".join(conll) + "\n")
+    for name, untagged in (("tag.iob2", False), ("tag-untagged.iob2", True)):
+        blocks = []
+        for n, s in enumerate(sentences, start=1):
+            rows = [f"# sent_id = toy-{n:04d}", f"# text = {' '.join(w for w, _ in s)}"]
+            rows += [f"{i}\t{w}\t{'-' if untagged else t}\t-\t-" for i, (w, t) in enumerate(s, 1)]
+            blocks.append("\n".join(rows))
+        (d / name).write_text("\n\n".join(blocks) + "\n")
+    swapped = ["\n".join(f"{t}\t{w}" for w, t in s) for s in sentences]
+    (d / "tag-swapped.tsv").write_text("\n\n".join(swapped) + "\n")
 
 
 def run(data: Path, objective: str, file: str, out: str, **settings):
@@ -138,6 +155,44 @@ def test_a_tiny_tagger_finds_the_entities(data):
     result = run(data, "tag", "tag.conll", "tag", max_steps=40)
     assert result.metrics["entity_f1"] >= 0.9
     assert load(result.train.checkpoint).config.labels == ["B-POS", "O"]
+
+
+def test_a_tagger_trains_and_scores_on_universalner_iob2(data):
+    """Issue 24: comment lines and the index column of UniversalNER's .iob2 are not words or
+    tags; the run learns the real tags and `gptkit eval tag` reports entity scores."""
+    result = run(data, "tag", "tag.iob2", "tag-uner", max_steps=40)
+    assert load(result.train.checkpoint).config.labels == ["B-POS", "O"]  # not '-' or ids
+    assert result.metrics["entity_f1"] >= 0.9
+    checkpoint = str(result.train.checkpoint)
+    done = gptkit("eval", "tag", "--model", checkpoint, "--data", str(data / "tag.iob2"))
+    assert done.returncode == 0, done.stderr
+    table = dict(line.split() for line in done.stdout.splitlines()[3:])  # title, header, rule
+    assert table["scheme"] == "IOB2" and float(table["entity_f1"]) >= 0.9
+    assert {"entity_precision", "entity_recall", "token_accuracy"} <= set(table)
+    # The columns can be named: a file with the tag before the word.
+    swapped = ["--data", str(data / "tag-swapped.tsv"), "--word-column", "1", "--tag-column", "0"]
+    done = gptkit("eval", "tag", "--model", checkpoint, *swapped)
+    assert done.returncode == 0, done.stderr
+    assert float(dict(line.split() for line in done.stdout.splitlines()[3:])["entity_f1"]) >= 0.9
+    # A file without tags is refused, in one line that names the options, not scored.
+    done = gptkit("eval", "tag", "--model", checkpoint, "--data", str(data / "tag-untagged.iob2"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "every tag (column 4) is '-'" in done.stderr and "tag_column=" in done.stderr
+
+
+def test_finetune_tag_refuses_a_wrong_column_before_training(data, tmp_path):
+    done = finetune_cli(data, "tag", "tag-untagged.iob2", tmp_path, "progress=false")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert (
+        done.stderr.startswith("gptkit: error: ") and "every tag (column 4) is '-'" in done.stderr
+    )
+    assert "set word_column= and tag_column=" in done.stderr
+    assert not (tmp_path / "checkpoint").exists()  # nothing trained, nothing written
+    # word_column= / tag_column= reach the run: the swapped file trains on its real tags.
+    settings = ["word_column=1", "tag_column=0", "max_steps=2", "progress=false"]
+    done = finetune_cli(data, "tag", "tag-swapped.tsv", tmp_path, *settings)
+    assert done.returncode == 0, done.stderr
+    assert load(tmp_path / "checkpoint").config.labels == ["B-POS", "O"]
 
 
 def test_sft_learns_to_answer_and_adds_chatml_to_a_tokenizer_without_it(data):

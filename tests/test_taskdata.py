@@ -12,11 +12,14 @@ import pytest
 
 from gptkit.taskdata import (
     DataError,
+    check_tags,
     label_names,
     read_chat,
     read_classification,
     read_records,
     read_tagged,
+    read_tagged_file,
+    tag_scheme,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -353,7 +356,7 @@ def test_conllu_words_and_upos_skip_comments_ranges_and_empty_nodes(tmp_path):
         (["I", "did", "n't", "go", "."], ["PRON", "AUX", "PART", "VERB", "PUNCT"]),
         (["New York"], ["PROPN"]),  # a FORM may hold a space: CoNLL-U columns are tabs only
     ]
-    assert read_tagged(path, column=4)[0][1] == ["PRP", "VBD", "RB", "VB", "."]  # XPOS
+    assert read_tagged(path, tag_column=4)[0][1] == ["PRP", "VBD", "RB", "VB", "."]  # XPOS
 
 
 def test_conll_iob_tabs_spaces_docstart_and_hashtag_tokens(tmp_path):
@@ -370,7 +373,7 @@ def test_conll_iob_tabs_spaces_docstart_and_hashtag_tokens(tmp_path):
         (["Hi"], ["O"]),
     ]
     path = write(tmp_path, "d.conll", "EU NNP B-NP B-ORG\n")
-    assert read_tagged(path, column=1) == [(["EU"], ["NNP"])]
+    assert read_tagged(path, tag_column=1) == [(["EU"], ["NNP"])]
 
 
 def test_tagged_line_with_too_few_columns(tmp_path):
@@ -381,7 +384,7 @@ def test_tagged_line_with_too_few_columns(tmp_path):
     path = write(tmp_path, "d.conllu", "1\tI\tI\n")
     assert error(read_tagged, path).startswith(f"{path} line 1: expected at least 4 tab-separated")
     path = write(tmp_path, "d.iob", "EU NNP B-ORG\n")
-    assert "expected at least 6" in error(read_tagged, path, column=5)
+    assert "expected at least 6" in error(read_tagged, path, tag_column=5)
 
 
 def test_tagged_file_without_sentences(tmp_path):
@@ -391,9 +394,142 @@ def test_tagged_file_without_sentences(tmp_path):
     assert error(read_tagged, path) == f"{path}: no sentences found (no token lines)"
 
 
-def test_tagged_column_must_count_from_zero(tmp_path):
-    with pytest.raises(ValueError, match="column counts from 0"):
-        read_tagged(write(tmp_path, "d.conll", "a\tO\n"), column=-1)
+def test_tagged_columns_count_from_zero(tmp_path):
+    path = write(tmp_path, "d.conll", "a\tO\n")
+    assert error(read_tagged, path, tag_column=-1) == "tag_column= counts columns from 0, got -1"
+    assert error(read_tagged, path, word_column=-2) == "word_column= counts columns from 0, got -2"
+
+
+# --- the formats of tagged files, as their authors mean them (tests/fixtures/tagging) --------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tagging"
+
+
+def test_universalner_iob2_skips_comments_and_the_index_column():
+    tagged = read_tagged_file(FIXTURES / "universalner.iob2")
+    assert (tagged.layout, tagged.word_column, tagged.tag_column) == ("indexed", 1, 2)
+    assert tagged.sentences == [
+        (["Thanks!!", "ENA."], ["O", "B-ORG"]),  # "# text = Thanks!! ENA." is no token
+        (
+            ["I", "flew", "to", "tampa", "bay", "last", "week", "#travel"],
+            ["O", "O", "O", "B-LOC", "I-LOC", "O", "O", "O"],
+        ),
+        (["Ask", "John", "Smith"], ["O", "B-PER", "I-PER"]),
+    ]
+    assert tagged.scheme == "IOB2"
+    check_tags(tagged)  # a real tag set: no refusal
+
+
+def test_wnut_hashtag_rows_are_tokens_even_at_a_sentence_start():
+    tagged = read_tagged_file(FIXTURES / "wnut17.conll")
+    assert tagged.sentences == [
+        (["#photography", "by", "Paris", "#"], ["O", "O", "B-location", "O"]),
+        (
+            ["#", "#BlackLivesMatter", "march", "in", "New", "York"],
+            ["O", "B-group", "O", "O", "B-location", "I-location"],
+        ),
+    ]
+    assert (tagged.word_column, tagged.tag_column, tagged.scheme) == (0, 1, "IOB2")
+
+
+def test_conll2003_takes_the_last_bio_column_not_the_chunks():
+    tagged = read_tagged_file(FIXTURES / "conll2003.txt")
+    # words, POS, chunk (I-NP: BIO-shaped too), NER: the NER column is the last that fits
+    assert (tagged.layout, tagged.word_column, tagged.tag_column) == ("CoNLL", 0, 3)
+    assert tagged.sentences[1] == (["Peter", "Blackburn"], ["I-PER", "I-PER"])
+    assert len(tagged.sentences) == 3  # "-DOCSTART-" lines end sentences and are dropped
+    assert tagged.scheme == "IOB1"  # the original files start entities with I-
+    assert read_tagged(FIXTURES / "conll2003.txt", tag_column=2)[1][1] == ["I-NP", "I-NP"]
+
+
+def test_conllu_by_name_or_by_shape(tmp_path):
+    expected = [
+        (["I", "did", "n't", "go", "to", "New York", "."], "PRON AUX PART VERB ADP PROPN PUNCT"),
+        (["#hashtags", "count"], "NOUN VERB"),
+    ]
+    expected = [(words, tags.split()) for words, tags in expected]
+    assert read_tagged(FIXTURES / "ud.conllu") == expected
+    renamed = write(tmp_path, "ud.txt", (FIXTURES / "ud.conllu").read_text(encoding="utf-8"))
+    tagged = read_tagged_file(renamed)
+    assert (tagged.layout, tagged.sentences, tagged.scheme) == (
+        "CoNLL-U",
+        expected,
+        "none (UPOS-like)",
+    )
+
+
+def test_bioes_tags_are_found_and_named():
+    tagged = read_tagged_file(FIXTURES / "bioes.conll")
+    assert tagged.sentences[0] == (
+        ["Barack", "Obama", "visited", "Paris"],
+        ["B-PER", "E-PER", "O", "S-LOC"],
+    )
+    assert tagged.scheme == "BIOES"
+
+
+@pytest.mark.parametrize(
+    ("tags", "scheme"),
+    [
+        ([["B-PER", "I-PER", "O"]], "IOB2"),
+        ([["O", "I-PER", "I-PER"]], "IOB1"),
+        ([["B-PER", "I-PER"], ["O", "I-LOC"]], "IOB1"),  # I-LOC after O starts an entity
+        ([["S-PER", "O", "B-LOC", "E-LOC"]], "BIOES"),
+        ([["U-PER", "B-LOC", "L-LOC"]], "BILOU"),
+        ([["NOUN", "VERB", "X"]], "none (UPOS-like)"),
+        ([["NN", "VBD"]], "none"),
+        ([["O", "O"]], "none"),  # no entity at all
+        ([["B-PER", "NOUN"]], "none"),  # mixed: not a scheme
+    ],
+)
+def test_tag_scheme(tags, scheme):
+    assert tag_scheme(tags) == scheme
+
+
+def test_swapped_columns_read_right_with_word_and_tag_column(tmp_path):
+    path = write(tmp_path, "d.tsv", "B-PER\tAda\nO\tsings\n\nO\tHi\n")
+    assert read_tagged(path, word_column=1, tag_column=0) == [
+        (["Ada", "sings"], ["B-PER", "O"]),
+        (["Hi"], ["O"]),
+    ]
+
+
+# --- implausible tag sets are refused -------------------------------------------------------
+
+
+def test_an_untagged_column_is_refused_with_the_options_to_set():
+    # UniversalNER's shape with the tag column left "-": the last column is "-" too.
+    tagged = read_tagged_file(FIXTURES / "universalner-untagged.iob2")
+    message = error(check_tags, tagged)
+    assert message == (
+        f"{tagged.path}: every tag (column 4) is '-', an unused column; set word_column= and "
+        "tag_column= (counting from 0) to the columns of the words and the tags"
+    )
+    # The columns the old reader took (the index as the word, the last "-" as the tag).
+    old = read_tagged_file(FIXTURES / "universalner.iob2", word_column=0, tag_column=4)
+    assert "every tag (column 4) is '-'" in error(check_tags, old)
+    index_as_tags = read_tagged_file(FIXTURES / "universalner.iob2", tag_column=0)
+    assert "every tag (column 0) is a number ('1', '2'" in error(check_tags, index_as_tags)
+    index_as_words = read_tagged_file(FIXTURES / "universalner.iob2", word_column=0)
+    assert "every word (column 0) is a number" in error(check_tags, index_as_words)
+
+
+def test_words_as_tags_are_refused(tmp_path):
+    # 60 sentences of distinct words tagged in column 0 by mistake: a "tag set" of ~300 tags.
+    sentences = ["\n".join(f"word{i}x{j}\tNOUN" for j in range(5)) for i in range(60)]
+    path = write(tmp_path, "d.conll", "\n\n".join(sentences) + "\n")
+    message = error(check_tags, read_tagged_file(path, tag_column=0))
+    assert message.startswith(
+        f"{path}: 300 distinct tags over 300 tokens in column 0, 300 of them used once; "
+        "tags such as 'word0x0', 'word0x1', 'word0x2' look like words, not a tag set; "
+        "set word_column= and tag_column="
+    )
+    check_tags(read_tagged_file(path))  # column 1 (NOUN): fine
+
+
+def test_real_tag_sets_pass_the_check():
+    check_tags(read_tagged_file(FIXTURES / "ud.conllu", tag_column=4))  # XPOS
+    check_tags(read_tagged_file(FIXTURES / "conll2003.txt"))
+    check_tags(read_tagged_file(FIXTURES / "bioes.conll"))
 
 
 def test_label_names_are_sorted_and_unique():
@@ -460,6 +596,40 @@ def test_wnut17_counts_and_iob2_tags(name, n_sentences, n_tokens):
     text = path.read_text(encoding="utf-8")
     hashtags = sum(line.startswith("#") for line in text.split("\n"))
     assert sum(w.startswith("#") for ws, _ in sentences for w in ws) == hashtags > 0
+
+
+def universalner(sentences: list[tuple[list[str], list[str]]]) -> str:
+    """Sentences in UniversalNER's .iob2 shape: comment lines, then index, token, tag, -, -."""
+    blocks = []
+    for n, (words, tags) in enumerate(sentences, start=1):
+        rows = [f"# sent_id = s-{n:04d}", f"# text = {' '.join(words)}"]
+        pairs = enumerate(zip(words, tags, strict=True), start=1)
+        rows += [f"{i}\t{w}\t{t}\t-\t-" for i, (w, t) in pairs]
+        blocks.append("\n".join(rows) + "\n")
+    return "\n".join(blocks)
+
+
+def test_wnut17_in_universalner_shape_reads_the_same_words_and_tags(tmp_path):
+    original = read_tagged(shared("wnut17/emerging.dev.conll"))
+    path = write(tmp_path, "dev.iob2", universalner(original))
+    tagged = read_tagged_file(path)
+    assert (tagged.word_column, tagged.tag_column, tagged.scheme) == (1, 2, "IOB2")
+    assert tagged.sentences == original  # no comment line became a token, no "-" a tag
+    check_tags(tagged)
+
+
+def test_real_files_with_a_wrong_column_are_refused():
+    wnut = shared("wnut17/emerging.dev.conll")
+    check_tags(read_tagged_file(wnut))
+    message = error(check_tags, read_tagged_file(wnut, tag_column=0))  # the words as tags
+    assert re.match(rf"{re.escape(str(wnut))}: [\d,]+ distinct tags over 15,733 tokens", message)
+    ud = shared("ud-english-ewt/en_ewt-ud-dev.conllu")
+    check_tags(read_tagged_file(ud))
+    check_tags(read_tagged_file(ud, tag_column=4))  # XPOS: ~50 tags, a real tag set
+    assert "look like words" in error(check_tags, read_tagged_file(ud, tag_column=2))  # LEMMA
+    assert "every tag (column 0) is a number" in error(
+        check_tags, read_tagged_file(ud, tag_column=0)
+    )
 
 
 def test_self_instruct_seed_and_user_oriented_tasks():
