@@ -64,12 +64,12 @@ def eval_classify(lm: LM, path, limit: int = 0, text_field="text", label_field="
 
 
 def eval_tag(
-    lm: LM, path, limit: int = 0, word_column: int | None = None, tag_column: int | None = None
+    lm: LM, path, limit: int = 0, *, word_column: int | None = None, tag_column: int | None = None
 ) -> dict:
     """Token accuracy, entity P/R/F1 when the gold tags follow an entity scheme, and the
     scheme recognised ("IOB2", "BIOES", ..., "none (UPOS-like)")."""
     _needs_head(lm, "tag")
-    tagged = read_tagged_file(path, word_column, tag_column)
+    tagged = read_tagged_file(path, word_column=word_column, tag_column=tag_column)
     check_tags(tagged)  # the same refusal as `gptkit finetune tag`: no score over garbage
     sentences = tagged.sentences[: limit or None]
     pred = predict_tags(lm.model, lm.tokenizer, [words for words, _ in sentences])
@@ -144,8 +144,8 @@ def run_eval(task: str, lm: LM, data: Sequence[str], **options: Any) -> dict[str
     if task == "classify":
         return eval_classify(lm, data[0], limit, options["text_field"], options["label_field"])
     if task == "tag":
-        columns = options.get("word_column"), options.get("tag_column")
-        return eval_tag(lm, data[0], limit, *columns)
+        columns = {key: options.get(key) for key in ("word_column", "tag_column")}
+        return eval_tag(lm, data[0], limit, **columns)
     if task == "generate":
         keys = ("metrics", "max_new_tokens", "chat")
         return eval_generate(lm, data[0], limit, **{k: options[k] for k in keys})[0]

@@ -246,7 +246,7 @@ class ExampleTask:
             return read_chat(path)
         if c.task == "classify":
             return read_classification(path, c.text_field, c.label_field)
-        tagged = read_tagged_file(path, c.word_column, c.tag_column)
+        tagged = read_tagged_file(path, word_column=c.word_column, tag_column=c.tag_column)
         check_tags(tagged)  # words or "-" as tags: refuse before training on them
         return tagged.sentences
 

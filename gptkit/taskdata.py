@@ -473,7 +473,7 @@ def _columns(
 
 
 def read_tagged_file(
-    path: str | Path, word_column: int | None = None, tag_column: int | None = None
+    path: str | Path, *, word_column: int | None = None, tag_column: int | None = None
 ) -> TaggedFile:
     """The sentences of CoNLL-U (.conllu, or any file of that shape), CoNLL / IOB2 (WNUT-17,
     CoNLL-2003) or UniversalNER IOB2 (comment lines, an index column), with the columns used.
@@ -524,10 +524,10 @@ def read_tagged_file(
 
 
 def read_tagged(
-    path: str | Path, word_column: int | None = None, tag_column: int | None = None
+    path: str | Path, *, word_column: int | None = None, tag_column: int | None = None
 ) -> list[tuple[list[str], list[str]]]:
     """(words, tags) per sentence; see read_tagged_file for the formats and columns."""
-    return read_tagged_file(path, word_column, tag_column).sentences
+    return read_tagged_file(path, word_column=word_column, tag_column=tag_column).sentences
 
 
 def _shown(values: Iterable[str], n: int = 3) -> str:
