@@ -322,13 +322,15 @@ def _tuning_from_json(data: dict) -> Tuning | None:
         return None
 
 
-def measure_decode(d_model: int = 768, rounds: int = 5) -> Tuning:
+def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 2.0) -> Tuning:
     """Time every candidate plan on the matrices of a transformer block of width `d_model`
     (qkv [3d, d], MLP up [4d, d] and down [d, 4d]), repeated until they outgrow the last-level
     cache twice over (decoding streams every weight from memory once per token). Then find up
-    to how many rows the winner's split still beats one call. About a second; holds one
-    layout's matrices (64-160 MB) at a time."""
+    to how many rows the winner's split still beats one call. About a second; never much more
+    than `budget_s` (a busy machine gets fewer rounds); holds one layout's matrices (64-160 MB)
+    at a time."""
     start, was_busy = time.perf_counter(), busy()
+    deadline = start + budget_s
     target = min(max(2 * cpu().l3_bytes, 64 << 20), 160 << 20)
     shapes = [(3 * d_model, d_model), (4 * d_model, d_model), (d_model, 4 * d_model)]
     copies = max(1, math.ceil(target / sum(n * k * 4 for n, k in shapes)))
@@ -343,16 +345,19 @@ def measure_decode(d_model: int = 768, rounds: int = 5) -> Tuning:
         ]
         total = sum(w.numel() * 4 for w in weights)
         plans = [p for p in CANDIDATES if p.column_major == column_major]
-        for plan, seconds in _time_plans(weights, 1, plans, rounds).items():
+        # a quarter of the budget for this layout's plans at one row, one for more rows
+        stop = min(deadline, time.perf_counter() + budget_s / 4)
+        for plan, seconds in _time_plans(weights, 1, plans, rounds, stop).items():
             rates[plan] = total / seconds
         # Rows beyond one (a batch, or a few prompt tokens): up to where does this layout's
         # best split still beat one call?
         split = max((p for p in plans if p.splits_per_thread), key=rates.__getitem__)
         split_rows[split] = 1
+        stop = min(deadline, time.perf_counter() + budget_s / 4)
         for rows in (2, 4, 8, 16, 32) if rates[split] > rates[one_call] else ():
             wide = dataclasses.replace(split, max_split_rows=rows)
-            times = _time_plans(weights, rows, [wide, one_call], 2)
-            if times[wide] > times[one_call]:
+            times = _time_plans(weights, rows, [wide, one_call], 2, stop)
+            if times[wide] > times[one_call] or time.perf_counter() > stop:
                 break
             split_rows[split] = rows
         del weights  # before the other layout's copies are made
@@ -367,10 +372,11 @@ def measure_decode(d_model: int = 768, rounds: int = 5) -> Tuning:
 
 
 def _time_plans(
-    weights: list[torch.Tensor], rows: int, plans: list[DecodePlan], rounds: int
+    weights: list[torch.Tensor], rows: int, plans: list[DecodePlan], rounds: int, stop: float
 ) -> dict[DecodePlan, float]:
     """Each plan's best seconds for one pass over every weight with `rows` input rows. Each
-    round times every plan in turn, so a busy moment slows one timing, not one plan."""
+    round times every plan in turn, so a busy moment slows one timing, not one plan; past
+    the `stop` time (perf_counter) no new round starts after the first timed one."""
     widths = {w.shape[1] for w in weights}
     inputs = {k: torch.randn(rows, k) for k in widths}
     best = dict.fromkeys(plans, math.inf)
@@ -381,4 +387,6 @@ def _time_plans(
                 plan_linear(inputs[w.shape[1]], w, None, plan)
             if round:  # round 0 warms up caches and thread pools
                 best[plan] = min(best[plan], time.perf_counter() - t0)
+        if round and time.perf_counter() > stop:
+            break
     return best
