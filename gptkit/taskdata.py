@@ -352,6 +352,7 @@ PLACEHOLDERS = frozenset({"-", "_", ""})  # what formats write in an unused colu
 # A column with more distinct values than this, a quarter of them used once, holds words: real
 # tag sets are small (17 UPOS, ~50 XPOS, 4 x types + 1 for BIOES) and reuse every tag often.
 MAX_TAGS = 50
+MAX_NUMBER_LABELS = 20  # more distinct numbers than this number things (heads, offsets)
 FIX_COLUMNS = (
     "set word_column= and tag_column= (counting from 0) to the columns of the words and the tags"
 )
@@ -534,10 +535,21 @@ def _shown(values: Iterable[str], n: int = 3) -> str:
     return ", ".join(repr(v) for v in list(values)[:n])
 
 
+def _numbering(column: list[list[str]]) -> bool:
+    """Whether a column's values (per sentence) number something rather than label it: all
+    numbers, and 1, 2, 3, ... in every sentence (an index) or more distinct ones than a label
+    set has (CoNLL-U's HEAD, offsets). Labels 0/1 or a few grades are numbers and still labels."""
+    distinct = {value for sentence in column for value in sentence}
+    if not all(_NUMBER.fullmatch(value) for value in distinct):
+        return False
+    index = all(sentence == [str(k) for k in range(1, len(sentence) + 1)] for sentence in column)
+    return index or len(distinct) > MAX_NUMBER_LABELS
+
+
 def check_tags(tagged: TaggedFile) -> None:
     """Refuse, with one line saying what was found and which options to set, words and tags
-    that cannot be what the file means: a tag column all "-" or all numbers, words all numbers
-    (an index column), or a tag set too large and too rarely reused to be one (words)."""
+    that cannot be what the file means: a tag column all "-", words or tags that number the
+    tokens (an index column), or a tag set too large and too rarely reused to be one (words)."""
     path, w = tagged.path, tagged.word_column
     t = f"column {tagged.tag_column}" if tagged.tag_column >= 0 else "the last column"
     tags = [tag for _, ts in tagged.sentences for tag in ts]
@@ -546,16 +558,18 @@ def check_tags(tagged: TaggedFile) -> None:
         raise DataError(
             f"{path}: every tag ({t}) is {_shown(counts)}, an unused column; {FIX_COLUMNS}"
         )
-    if all(_NUMBER.fullmatch(tag) for tag in counts):
+    if _numbering([ts for _, ts in tagged.sentences]):
         raise DataError(
             f"{path}: every tag ({t}) is a number ({_shown(counts)}, ...), as in an "
             f"index column; {FIX_COLUMNS}"
         )
-    words = {word for ws, _ in tagged.sentences for word in ws}
-    if all(_NUMBER.fullmatch(word) for word in words):
+    if _numbering([ws for ws, _ in tagged.sentences]):
+        words = sorted(
+            {word for ws, _ in tagged.sentences for word in ws}, key=lambda word: (len(word), word)
+        )
         raise DataError(
-            f"{path}: every word (column {w}) is a number ({_shown(sorted(words, key=len))}, "
-            f"...), as in an index column; {FIX_COLUMNS}"
+            f"{path}: every word (column {w}) is a number ({_shown(words)}, ...), as in an "
+            f"index column; {FIX_COLUMNS}"
         )
     if tagged.scheme in ENTITY_SCHEMES:
         return  # all O / B-X / I-X ...: an entity tag set, however many types it names

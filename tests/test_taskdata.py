@@ -526,8 +526,10 @@ def test_words_as_tags_are_refused(tmp_path):
     check_tags(read_tagged_file(path))  # column 1 (NOUN): fine
 
 
-def test_real_tag_sets_pass_the_check():
+def test_real_tag_sets_pass_the_check(tmp_path):
     check_tags(read_tagged_file(FIXTURES / "ud.conllu", tag_column=4))  # XPOS
+    # Numbers can be labels (0/1 per token, as in error detection): not an index column.
+    check_tags(read_tagged_file(write(tmp_path, "d.tsv", "I\t0\nsees\t1\n\nHi\t0\n")))
     check_tags(read_tagged_file(FIXTURES / "conll2003.txt"))
     check_tags(read_tagged_file(FIXTURES / "bioes.conll"))
 
@@ -627,6 +629,8 @@ def test_real_files_with_a_wrong_column_are_refused():
     check_tags(read_tagged_file(ud))
     check_tags(read_tagged_file(ud, tag_column=4))  # XPOS: ~50 tags, a real tag set
     assert "look like words" in error(check_tags, read_tagged_file(ud, tag_column=2))  # LEMMA
+    head = error(check_tags, read_tagged_file(ud, tag_column=6))  # HEAD: numbers, not labels
+    assert "every tag (column 6) is a number" in head
     assert "every tag (column 0) is a number" in error(
         check_tags, read_tagged_file(ud, tag_column=0)
     )
