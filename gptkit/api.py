@@ -55,6 +55,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {str(device)!r} asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"device {str(device)!r} asked for, but this machine has {count} GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' asked for, but Apple's MPS backend is not available")
     return device

@@ -4,6 +4,8 @@
       config.json         {"format": 1, "gptkit_version": ..., "model": GPTConfig, ...extra}
       model.safetensors   weights (a tied LM head is stored once, as tok_emb.weight)
       tokenizer/          Tokenizer.save() output, when a tokenizer is given
+      train_state/        a trainer's: state.json + tensors.safetensors (step, AdamW, RNG)
+                          and manifest.json (sha256 of these two, config.json and weights)
 
 Writes go to a hidden temporary directory beside the target, are fsynced, and are renamed into
 place, so a crash mid-write never leaves a half checkpoint where a whole one was (what a killed
@@ -17,9 +19,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from .config import ConfigError, GPTConfig, PeftConfig, first_line
 from .convert import unpickling_problem
 from .model import GPT
 from .peft import apply_peft, peft_config
+from .safeload import MetadataError, first_non_finite, read_json
 from .tensorfile import read_safetensors
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
@@ -39,11 +44,15 @@ FORMAT = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer"
-# A trainer's optimizer, step and RNG states: the tensors in safetensors, the rest in JSON
-# (with the tensors' sha256, as safetensors has no checksum). No pickle anywhere.
+# A trainer's optimizer, step and RNG states: the tensors in safetensors, the rest in JSON.
+# No pickle anywhere. manifest.json holds the sha256 of every file a resume reads (safetensors
+# has no checksum, and an edited step or a weights file from another save must not resume
+# silently: it would train on from the wrong place, or into NaN).
 TRAIN_STATE = "train_state"
-TRAIN_TENSORS, TRAIN_JSON = "tensors.safetensors", "state.json"
+TRAIN_TENSORS, TRAIN_JSON, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
+MANIFEST_COVERS = (CONFIG, WEIGHTS, f"{TRAIN_STATE}/{TRAIN_JSON}", f"{TRAIN_STATE}/{TRAIN_TENSORS}")
 LEGACY_TRAIN_STATE = "state.pt"  # gptkit before 2026-12 pickled it with torch.save
+MAX_STEP = 1 << 53  # steps are counted in float64 elsewhere (tqdm, TensorBoard)
 
 
 class CheckpointError(ValueError):
@@ -192,7 +201,7 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
         if train_state is not None:
-            _write_train_state(tmp / TRAIN_STATE, train_state)
+            _write_train_state(tmp, train_state)
         _fsync_tree(tmp)
     except BaseException as e:
         error = _write_error(directory, e)  # first: it may look at the free space left
@@ -227,16 +236,14 @@ def resolve_checkpoint(directory: Path) -> Path:
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = resolve_checkpoint(Path(directory)) / CONFIG
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json(path)  # size- and depth-bounded: see safeload.py
     except FileNotFoundError:
         raise CheckpointError(
             f"{path} is missing; is this a gptkit checkpoint directory?"
         ) from None
-    except ValueError as e:  # bad JSON, or bytes that are not UTF-8 (UnicodeDecodeError)
-        first = first_line(e, 120)
+    except MetadataError as e:  # bad JSON, not UTF-8, a device, too big or too deep
         raise DamagedCheckpointError(
-            f"{path} is not valid JSON ({first}); the file is damaged: restore the model "
-            "directory from a good copy"
+            f"{first_line(e, 300)}; the file is damaged: restore the checkpoint from a good copy"
         ) from None
     except OSError as e:
         raise DamagedCheckpointError(f"{path} cannot be read ({e.strerror})") from None
@@ -289,6 +296,7 @@ def load_checkpoint(
     if peft is not None:  # the same adapter modules as the model that was saved
         apply_peft(model, peft, init=False)
     check_state_dict(model, state, str(weights))
+    check_finite(state.items(), weights)
     model.assign(state, device, dtype).eval()  # the loaded tensors themselves: no second copy
 
     tokenizer = None
@@ -301,13 +309,29 @@ def load_checkpoint(
     return model, tokenizer, meta
 
 
-def _write_train_state(folder: Path, state: dict[str, Any]) -> None:
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str | Path) -> None:
+    """CheckpointError when a weight holds NaN or infinity (a diverged run, or damage): such a
+    model generates "" greedily and fails every sampled request, so it is refused at load."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(
+            f"{source}: tensor {bad} holds NaN or infinite values; the weights are unusable "
+            "(a diverged training run, or damage): use an earlier checkpoint"
+        )
+
+
+def _write_train_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    """train_state/ inside `checkpoint_dir` (whose config and weights are written already),
+    and the manifest of hashes over all four files a resume reads."""
+    folder = checkpoint_dir / TRAIN_STATE
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(state, "state", tensors)
     folder.mkdir()
     save_file(tensors, str(folder / TRAIN_TENSORS))
-    digest = _sha256(folder / TRAIN_TENSORS)
-    (folder / TRAIN_JSON).write_text(json.dumps({"state": skeleton, "sha256": digest}) + "\n")
+    (folder / TRAIN_JSON).write_text(json.dumps({"state": skeleton}) + "\n")
+    digests = {name: _sha256(checkpoint_dir / name) for name in MANIFEST_COVERS}
+    manifest = {"format": 1, "sha256": digests}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _split_tensors(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -341,17 +365,27 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+_DAMAGED = (
+    "the training state is damaged or was changed: resume from an untouched copy, or start a "
+    "new run with init_from pointing at the checkpoint"
+)
+
+
 def load_train_state(directory: str | Path) -> dict[str, Any]:
     """The training state a trainer saved in checkpoint `directory` (or in the backup a
-    crashed save left): {"step": int, "optimizer": state dict, "rng": [...], ...}.
+    crashed save left): {"step": int, "optimizer": state dict, "rng": [...]}.
 
-    A missing, truncated or damaged file is a CheckpointError naming it: the tensors' sha256
-    is checked, since an unnoticed flipped bit in an AdamW moment would make the "exact"
-    resume inexact. A pickled state.pt from an older gptkit is read only with --allow-pickle.
+    Every file a resume reads (config.json, model.safetensors, train_state's JSON and tensors)
+    must match the sha256 in train_state/manifest.json, and every field must have its type and
+    range; anything else is one CheckpointError naming the file. A pickled state.pt from an
+    older gptkit is read only with --allow-pickle.
     """
-    folder = resolve_checkpoint(Path(directory)) / TRAIN_STATE
+    checkpoint_dir = resolve_checkpoint(Path(directory))
+    folder = checkpoint_dir / TRAIN_STATE
     if (folder / LEGACY_TRAIN_STATE).is_file() and not (folder / TRAIN_JSON).exists():
-        return _load_legacy_train_state(folder / LEGACY_TRAIN_STATE)
+        state = _load_legacy_train_state(folder / LEGACY_TRAIN_STATE)
+        _check_step_agrees(state, checkpoint_dir, folder / LEGACY_TRAIN_STATE)
+        return state
     meta_path, tensors_path = folder / TRAIN_JSON, folder / TRAIN_TENSORS
     for path in (meta_path, tensors_path):
         if not path.is_file():
@@ -359,29 +393,73 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
                 f"{path} is missing: the checkpoint has weights but no optimizer state, "
                 "so it cannot resume; start a new run with init_from pointing at it"
             )
-    damaged = (
-        "the training state is damaged: resume from an earlier copy, or start a new run "
-        "with init_from pointing at the checkpoint"
-    )
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        _check_manifest(checkpoint_dir, manifest)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        skeleton, digest = meta["state"], meta["sha256"]
-    except (ValueError, KeyError, TypeError) as e:
+        meta = read_json(meta_path)
+        skeleton = meta["state"]
+    except (MetadataError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"{meta_path} cannot be read ({first_line(e, 120)}); {damaged}"
+            f"{meta_path} cannot be read ({first_line(e, 120)}); {_DAMAGED}"
         ) from None
-    if _sha256(tensors_path) != digest:
-        raise CheckpointError(
-            f"{tensors_path} does not match its sha256 in {TRAIN_JSON}; {damaged}"
-        )
+    if not manifest.exists():
+        # The format of 2026-12-01 kept only the tensors' sha256, in state.json; without
+        # that either, the manifest was removed.
+        if not isinstance(meta.get("sha256"), str):
+            raise CheckpointError(f"{manifest} is missing; {_DAMAGED}")
+        if _sha256(tensors_path) != meta["sha256"]:
+            raise CheckpointError(
+                f"{tensors_path} does not match its sha256 in {TRAIN_JSON}; {_DAMAGED}"
+            )
     try:
         state = _join_tensors(skeleton, load_file(str(tensors_path)))
     except (SafetensorError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"{folder} cannot be read ({first_line(e, 120)}); {damaged}"
+            f"{folder} cannot be read ({first_line(e, 120)}); {_DAMAGED}"
         ) from None
     _check_train_state(state, meta_path)
+    _check_step_agrees(state, checkpoint_dir, meta_path)
     return state
+
+
+def _check_manifest(checkpoint_dir: Path, manifest: Path) -> None:
+    """CheckpointError unless each file the manifest covers has the sha256 it records."""
+    try:
+        data = read_json(manifest)
+    except MetadataError as e:
+        raise CheckpointError(f"{first_line(e, 200)}; {_DAMAGED}") from None
+    digests = data.get("sha256") if isinstance(data, dict) else None
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != 1
+        or not isinstance(digests, dict)
+        or sorted(digests) != sorted(MANIFEST_COVERS)
+        or not all(isinstance(d, str) for d in digests.values())
+    ):
+        raise CheckpointError(f"{manifest} is not a gptkit training-state manifest; {_DAMAGED}")
+    for name in MANIFEST_COVERS:  # our own list of names: the manifest cannot point elsewhere
+        path = checkpoint_dir / name
+        try:
+            digest = _sha256(path)
+        except OSError as e:
+            raise CheckpointError(f"{path} cannot be read ({e.strerror}); {_DAMAGED}") from None
+        if digest != digests[name]:
+            raise CheckpointError(
+                f"{path} does not match the sha256 recorded in {manifest} (edited, damaged, "
+                f"or from another save); {_DAMAGED}"
+            )
+
+
+def _check_step_agrees(state: dict[str, Any], checkpoint_dir: Path, path: Path) -> None:
+    """The step of the training state is the one config.json records for the weights."""
+    train = read_meta(checkpoint_dir).get("train")
+    recorded = train.get("step") if isinstance(train, dict) else state["step"]
+    if recorded != state["step"] or type(recorded) is not int:
+        raise CheckpointError(
+            f"{path} is at step {state['step']} but {checkpoint_dir / CONFIG} records step "
+            f"{recorded!r} for the weights; {_DAMAGED}"
+        )
 
 
 def _load_legacy_train_state(path: Path) -> dict[str, Any]:
@@ -408,13 +486,89 @@ def _load_legacy_train_state(path: Path) -> dict[str, Any]:
 
 
 def _check_train_state(state: Any, path: Path) -> None:
-    if not (
-        isinstance(state, dict)
-        and isinstance(state.get("step"), int)
-        and isinstance(state.get("optimizer"), dict)
-        and isinstance(state.get("rng"), list | tuple)
+    problem = _train_state_problem(state)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a valid gptkit training state: {problem}; {_DAMAGED}")
+
+
+def _train_state_problem(state: Any) -> str | None:
+    """What is wrong with a training state's fields (types and ranges), or None."""
+    if not isinstance(state, dict) or set(state) != {"step", "optimizer", "rng"}:
+        keys = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        return f"expected the keys optimizer, rng and step, found {keys}"
+    step = state["step"]
+    if type(step) is not int or not 0 <= step <= MAX_STEP:
+        return f"step must be an integer in [0, 2**53], got {step!r}"
+    rng = state["rng"]
+    if not isinstance(rng, list | tuple) or not rng:
+        return "rng must be a list of every rank's (cpu, cuda) RNG states"
+    size = torch.get_rng_state().numel()
+    for rank, pair in enumerate(rng):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            return f"rng[{rank}] must be a (cpu, cuda) pair, got {type(pair).__name__}"
+        cpu, cuda = pair
+        if not _is_byte_vector(cpu) or cpu.numel() != size:
+            return f"rng[{rank}][0] must be torch's CPU RNG state ({size} uint8), got {cpu!r:.40}"
+        if cuda is not None and not _is_byte_vector(cuda):
+            return f"rng[{rank}][1] must be a CUDA RNG state or null, got {cuda!r:.40}"
+    return _optimizer_problem(state["optimizer"], step)
+
+
+def _is_byte_vector(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def _optimizer_problem(optimizer: Any, step: int) -> str | None:
+    """AdamW's state dict: per-parameter moments (finite; the second one >= 0) and groups."""
+    if not isinstance(optimizer, dict) or set(optimizer) != {"state", "param_groups"}:
+        return "optimizer must hold state and param_groups"
+    moments, groups = optimizer["state"], optimizer["param_groups"]
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
     ):
-        raise CheckpointError(f"{path} is not a gptkit training state; the file is damaged")
+        return "optimizer param_groups must be a list of tables with params"
+    for group in groups:
+        for key, value in group.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"optimizer param_groups {key} = {value}"
+    if not isinstance(moments, dict):
+        return "optimizer state must be a table"
+    if step > 0 and not moments and any(g["params"] for g in groups):
+        return f"no AdamW moments at step {step}"
+    for name, entry in moments.items():
+        if not isinstance(entry, dict) or not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
+            return f"optimizer state of {name} lacks exp_avg, exp_avg_sq or step"
+        if not all(isinstance(v, torch.Tensor) for v in entry.values()):
+            return f"optimizer state of {name} holds a value that is no tensor"
+        avg, avg_sq, count = entry["exp_avg"], entry["exp_avg_sq"], entry["step"]
+        if avg.shape != avg_sq.shape or count.numel() != 1:
+            return f"optimizer state of {name} has mismatched shapes"
+        if not (avg.is_floating_point() and avg_sq.is_floating_point()):
+            return f"optimizer moments of {name} are not floating point"
+        if not (bool(torch.isfinite(avg).all()) and bool(torch.isfinite(avg_sq).all())):
+            return f"optimizer moments of {name} hold NaN or infinity"
+        if avg_sq.numel() and float(avg_sq.min()) < 0:
+            return f"optimizer exp_avg_sq of {name} is negative (moments swapped?)"
+        if not 0 <= float(count) <= step:
+            return f"optimizer step of {name} is {float(count)}, outside [0, {step}]"
+    return None
+
+
+def check_train_state_fits(state: dict[str, Any], model: torch.nn.Module, source: str) -> None:
+    """CheckpointError unless the optimizer state is for `model`'s trainable parameters:
+    the same names in the groups, and moments of their shapes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grouped = [n for g in state["optimizer"]["param_groups"] for n in g["params"]]
+    if sorted(map(str, grouped)) != sorted(params):
+        raise CheckpointError(
+            f"{source}: the optimizer state is for other parameters than this model trains; "
+            f"{_DAMAGED}"
+        )
+    for name, entry in state["optimizer"]["state"].items():
+        if name not in params or entry["exp_avg"].shape != params[name].shape:
+            raise CheckpointError(
+                f"{source}: the optimizer moments of {name} do not fit the model; {_DAMAGED}"
+            )
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: GPTConfig) -> None:

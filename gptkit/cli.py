@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize a corpus into token shards + meta.json")
     p.add_argument("sources", nargs="*", type=Path, help=".txt/.md/.jsonl/.csv/.parquet or folders")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    # a str, not a Path: Path("") is ".", and an empty --out must be refused, not the cwd
+    p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--tokenizer", default="gpt2", help="tokenizer directory, tokenizer.json or name"
     )

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .safeload import MetadataError, check_depth, read_toml
+
 QUANTIZE_CHOICES = ("int8",)  # weight formats quantize.py makes for CPU inference
 
 Positions = Literal["learned", "sinusoidal", "rope"]
@@ -84,6 +86,12 @@ class GPTConfig:
         sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "head_dim")
         for name in (*sizes, "n_kv_head", "intermediate_size", "local_window"):
             _check_size(name, getattr(self, name))
+        if self.largest_tensor() > MAX_TENSOR_ELEMENTS:
+            raise ConfigError(
+                f"a weight of this model would hold {self.largest_tensor():,} values, more "
+                f"than the {MAX_TENSOR_ELEMENTS:,} gptkit allows (vocab_size, block_size, "
+                "n_embd or intermediate_size is far too large)"
+            )
         for name in ("rope_theta", "norm_eps", "dropout", "init_std"):
             value = getattr(self, name)
             if not _is_real(value):
@@ -122,6 +130,19 @@ class GPTConfig:
             )
         if self.head != "lm" and self.tie_embeddings:
             raise ConfigError("only the lm head can be tied to the token embeddings")
+
+    def largest_tensor(self) -> int:
+        """An upper bound on the values of any one weight or buffer (a table of rows of at
+        most the model's width), in Python integers that cannot overflow."""
+        width = max(self.n_embd, self.n_head * self.head_dim)
+        rows = max(
+            self.vocab_size,
+            self.block_size,
+            2 * self.intermediate_size,  # SwiGLU's gate and up
+            (self.n_head + 2 * self.n_kv_head) * self.head_dim,  # fused q, k, v
+            len(self.labels),
+        )
+        return rows * width
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,11 +221,20 @@ class SampleConfig:
 _WRONG_TYPE = "a model config value has the wrong type"
 
 
+# Bounds that keep every size computation inside int64, where torch does its own (2**62 rows
+# overflowed "Storage size calculation" inside the memory check, a traceback). Real models are
+# far below: 256k vocabularies, 1M contexts, widths of tens of thousands.
+MAX_DIM = 2**31 - 1
+MAX_TENSOR_ELEMENTS = 2**48  # 1 PiB of float32 in one tensor
+
+
 def _check_size(name: str, value: Any) -> None:
     if not _is_int(value):
         raise ConfigError(f"{_WRONG_TYPE}: {name} must be an integer, got {value!r}")
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    if value > MAX_DIM:
+        raise ConfigError(f"{name}={value} is past any real model; at most {MAX_DIM}")
 
 
 def _is_int(value: Any) -> bool:
@@ -390,6 +420,8 @@ class TrainConfig:
         self._validate_training()
 
     def _validate_training(self) -> None:
+        if not self.out_dir.strip():  # "" would write the run into the current directory
+            raise ConfigError('out_dir is empty; name the run directory (out_dir="runs/x")')
         positive = ("batch_size", "grad_accum", "max_steps")
         non_negative = ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every")
         for name in positive:
@@ -611,17 +643,20 @@ def load_train_config(
     d: dict[str, Any] = {}
     if path is not None:
         try:
-            d = tomllib.loads(Path(path).read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+            d = read_toml(path)  # size- and depth-bounded, a regular file: see safeload.py
+        except MetadataError as e:
+            raise ConfigError(first_line(e)) from None
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. lr=3e-4)")
         try:
             value = tomllib.loads(f"v = {text}")["v"]
+            check_depth(value, f"override {key}")
         except tomllib.TOMLDecodeError:
             value = text
+        except (RecursionError, MetadataError):
+            raise ConfigError(f"override {key}: its value nests too deep") from None
         *tables, leaf = key.strip().split(".")
         target = d
         for table in tables:

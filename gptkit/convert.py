@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from . import resources
 from .config import ConfigError, GPTConfig, first_line
 from .model import GPT
+from .safeload import MetadataError, first_non_finite, read_json
 from .tensorfile import read_safetensors
 
 
@@ -510,7 +511,7 @@ def is_hf_dir(path: str | Path) -> bool:
     """True for a directory whose config.json describes a Hugging Face model."""
     file = Path(path) / "config.json"
     try:
-        hf = json.loads(file.read_text())
+        hf = read_json(file)  # size- and depth-bounded: see safeload.py
     except (OSError, ValueError):
         return False
     return isinstance(hf, dict) and ("model_type" in hf or "architectures" in hf)
@@ -523,11 +524,11 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
 def _read_json(file: Path) -> dict[str, Any]:
     """A JSON object from `file`, or a ConversionError naming the file."""
     try:
-        data = json.loads(file.read_text())
+        data = read_json(file)  # size- and depth-bounded: see safeload.py
     except OSError as e:
         raise ConversionError(f"{file}: cannot read ({e.strerror})") from None
-    except ValueError as e:
-        raise ConversionError(f"{file}: not valid JSON ({e})") from None
+    except MetadataError as e:
+        raise ConversionError(f"{file}: {first_line(e, 200).removeprefix(f'{file} ')}") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{file}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -756,15 +757,30 @@ def load_hf(
     resources.check_inference(config, str(directory), device, dtype)
     sd = load_hf_state_dict(directory, allow_pickle)
     sd = hf_to_gptkit_state_dict(sd, config, model_type_of(hf), decode_layout)
-    return model_from_state_dict(config, sd, device, dtype)
+    return model_from_state_dict(config, sd, device, dtype, source=directory)
 
 
 def model_from_state_dict(
-    config: GPTConfig, state: dict[str, torch.Tensor], device, dtype: torch.dtype
+    config: GPTConfig,
+    state: dict[str, torch.Tensor],
+    device,
+    dtype: torch.dtype,
+    source: str | Path = "the weights",
 ) -> GPT:
     """A GPT in eval mode holding `state`, as `hf_to_gptkit_state_dict` returns it (every name
-    and shape already checked; a tied lm_head absent), with no random init on the way."""
-    return GPT.from_state_dict(config, state, device, dtype).eval()
+    and shape already checked; a tied lm_head absent), with no random init on the way.
+
+    Weights holding NaN or infinity are refused (ConversionError naming `source`): such a model
+    answers "" greedily and fails every sampled request. Checked once built, as GGUF tensors
+    are only dequantized then."""
+    model = GPT.from_state_dict(config, state, device, dtype).eval()
+    bad = first_non_finite(model.named_parameters())
+    if bad is not None:
+        raise ConversionError(
+            f"{source}: tensor {bad} holds NaN or infinite values; the weights are unusable "
+            "(a diverged training run, or damage)"
+        )
+    return model
 
 
 def export_hf(

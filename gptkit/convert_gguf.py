@@ -488,4 +488,4 @@ def load_gguf(
 ) -> tuple[GPT, Tokenizer]:
     """A gptkit GPT (eval mode) with the dequantized weights of a GGUF file, and its tokenizer."""
     config, tensors, tokenizer = read_gguf(path, decode_layout, device=device, dtype=dtype)
-    return model_from_state_dict(config, tensors, device, dtype), tokenizer
+    return model_from_state_dict(config, tensors, device, dtype, source=path), tokenizer

@@ -11,7 +11,6 @@ windows in order, so every evaluation sees the same tokens.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from .config import first_line
 from .prepare import read_shard
+from .safeload import read_json
 
 
 class DataError(ValueError):
@@ -32,7 +32,7 @@ class TokenData:
         self.directory = Path(directory)
         meta_path = self.directory / "meta.json"
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = read_json(meta_path)  # size- and depth-bounded
         except FileNotFoundError:
             raise DataError(
                 f"{meta_path} is missing: run `gptkit prepare` first, or let it finish"

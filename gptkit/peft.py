@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, PeftConfig
 from .model import GPT
+from .safeload import read_json
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -233,7 +234,7 @@ def save_adapter(model: GPT, directory: str | Path, base: str, tokenizer=None) -
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG
     try:
-        return json.loads(path.read_text())
+        return read_json(path)  # size- and depth-bounded
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing; is {directory} a gptkit adapter?") from None
     except ValueError as e:

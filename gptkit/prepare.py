@@ -12,8 +12,12 @@ a text: its last `val_fraction` of tokens are the validation split. Bytes that a
 are replaced with U+FFFD and reported (file, offset of the first, count), never fatal.
 
 Everything streams: long text files are read in pieces cut after a newline (decoding is exact;
-a token may differ from whole-file encoding at a rare piece boundary), pieces are tokenized in
-worker processes in order, so the output is byte-identical for any number of workers.
+a token may differ from whole-file encoding at a rare piece boundary), and a long JSONL, CSV or
+Parquet row is cut the same way, so no worker ever tokenizes more than a piece at once (a 10 MB
+row used to take 1.8 GB). Pieces are tokenized in worker processes in order, so the output is
+byte-identical for any number of workers. A worker that dies (killed, out of memory) is one
+PrepareError naming the file and line it was encoding, never a hang (concurrent.futures reports
+a dead worker; multiprocessing.Pool silently replaced it and waited for ever).
 
 Output directory: `train_000000.bin`, `train_000001.bin`, ..., `val_000000.bin`, `meta.json`
 (written last: a directory without it is an unfinished run) and `tokenizer/`.
@@ -30,6 +34,7 @@ Shard format, version 1: a 32-byte header, then the tokens, little-endian.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import json
@@ -42,13 +47,16 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from .tokenizer import Tokenizer, load_tokenizer
+from .config import first_line
+from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 MAGIC = b"GPTKTOK\0"
 VERSION = 1
@@ -149,24 +157,28 @@ class _ShardWriter:
         self._file, self._in_shard = None, 0
 
 
+Piece = tuple[str, bool, int, str]  # text, ends a document, raw bytes consumed, where from
+
+
 class _Reader:
-    """Yields (text piece, ends a document, raw bytes consumed) from every source, in order."""
+    """Yields (text piece, ends a document, raw bytes consumed, where) from every source, in
+    order; `where` names the file (and line or row) for error messages."""
 
     def __init__(self, text_column: str) -> None:
         self.text_column = text_column
         self.decode_errors: list[dict[str, Any]] = []
 
-    def pieces(self, files: list[Path]) -> Iterator[tuple[str, bool, int]]:
+    def pieces(self, files: list[Path]) -> Iterator[Piece]:
         for path in files:
             suffix = path.suffix.lower()
             if suffix == ".parquet":
-                yield from _row_pieces(_parquet_rows(path, self.text_column))
+                yield from _row_pieces(_parquet_rows(path, self.text_column), self.text_column)
             elif suffix in (".jsonl", ".csv"):
-                yield from _row_pieces(self._table_rows(path, suffix))
+                yield from _row_pieces(self._table_rows(path, suffix), self.text_column)
             else:
                 yield from self._text(path)
 
-    def dataset(self, name: str, split: str) -> Iterator[tuple[str, bool, int]]:
+    def dataset(self, name: str, split: str) -> Iterator[Piece]:
         try:
             import datasets
         except ImportError as e:
@@ -175,14 +187,18 @@ class _Reader:
             ) from e
         try:
             rows = datasets.load_dataset(name, split=split, streaming=True)
-            where = f"dataset {name} row"
+            column = self.text_column
             yield from _row_pieces(
-                _column(r, self.text_column, f"{where} {n}") for n, r in enumerate(rows)
+                (
+                    (_column(r, column, f"dataset {name} row {n}"), f"dataset {name} row {n}")
+                    for n, r in enumerate(rows)
+                ),
+                column,
             )
         except (ConnectionError, OSError) as e:
             raise PrepareError(f"cannot stream dataset {name!r} ({e}); is the network up?") from e
 
-    def _text(self, path: Path) -> Iterator[tuple[str, bool, int]]:
+    def _text(self, path: Path) -> Iterator[Piece]:
         """One document, in pieces cut after a newline (in a huge line: before a character)."""
         pending: tuple[str, int] | None = None
         offset, carry = 0, b""
@@ -195,20 +211,21 @@ class _Reader:
                     cut = next((i for i in starts if data[i] & 0xC0 != 0x80), len(data))
                     data, carry = data[:cut], data[cut:]
                 if pending is not None:
-                    yield pending[0], False, pending[1]
+                    yield pending[0], False, pending[1], _at_byte(path, offset - pending[1])
                 pending = self._decode(data, path, offset), len(data)
                 offset += len(data)
         if pending is not None:
-            yield pending[0], True, pending[1]
+            yield pending[0], True, pending[1], _at_byte(path, offset - pending[1])
 
-    def _table_rows(self, path: Path, suffix: str) -> Iterator[str]:
+    def _table_rows(self, path: Path, suffix: str) -> Iterator[tuple[str | None, str]]:
         lines = self._lines(path)
         if suffix == ".csv":
             csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # default: 128 KB
             reader = csv.DictReader(lines)
             try:
                 for row in reader:
-                    yield _column(row, self.text_column, f"{path} line {reader.line_num}")
+                    where = f"{path} line {reader.line_num}"
+                    yield _column(row, self.text_column, where), where
             except csv.Error as e:
                 raise PrepareError(f"{path} line {reader.line_num} is not CSV: {e}") from e
             return
@@ -218,7 +235,7 @@ class _Reader:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrepareError(f"{path} line {n} is not JSON: {e}") from e
-                yield _column(row, self.text_column, f"{path} line {n}")
+                yield _column(row, self.text_column, f"{path} line {n}"), f"{path} line {n}"
 
     def _lines(self, path: Path) -> Iterator[str]:
         offset = 0
@@ -250,6 +267,10 @@ class _Reader:
 _BAD_BYTES = [0]
 
 
+def _at_byte(path: Path, offset: int) -> str:
+    return f"{path} (from byte {offset})" if offset else str(path)
+
+
 def _count_errors_handler() -> str:
     """The name of a codecs error handler that replaces like "replace" and counts bad bytes."""
 
@@ -266,11 +287,26 @@ def _count_errors_handler() -> str:
     return name
 
 
-def _row_pieces(rows: Iterator[str | None]) -> Iterator[tuple[str, bool, int]]:
-    """Each non-empty row is a whole document."""
-    for text in rows:
-        if text:
-            yield text, True, len(text.encode("utf-8"))
+def _row_pieces(rows: Iterator[tuple[str | None, str]], column: str) -> Iterator[Piece]:
+    """Each non-empty row (text, where) is a whole document, in pieces of at most PIECE_BYTES
+    characters cut after a newline where there is one (as text files are read)."""
+    for text, where in rows:
+        start = 0
+        while text and start < len(text):
+            cut = len(text)
+            if cut - start > PIECE_BYTES:
+                cut = text.rfind("\n", start, start + PIECE_BYTES) + 1 or start + PIECE_BYTES
+            piece = text[start:cut]
+            try:
+                nbytes = len(piece.encode("utf-8"))
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escape makes a lone surrogate
+                at = start + e.start
+                raise PrepareError(
+                    f"{where}: column {column!r} holds a lone surrogate "
+                    f"({ascii(text[at])} at character {at}), which is not text; fix that row"
+                ) from None
+            yield piece, cut == len(text), nbytes, where
+            start = cut
 
 
 def _column(row: Any, column: str, where: str) -> str | None:
@@ -285,7 +321,7 @@ def _column(row: Any, column: str, where: str) -> str | None:
     return text
 
 
-def _parquet_rows(path: Path, column: str) -> Iterator[str | None]:
+def _parquet_rows(path: Path, column: str) -> Iterator[tuple[str | None, str]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -300,8 +336,11 @@ def _parquet_rows(path: Path, column: str) -> Iterator[str | None]:
     kind = parquet.schema_arrow.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise PrepareError(f"{path}: column {column!r} holds {kind}, not text")
+    row = 0
     for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
-        yield from batch.column(0).to_pylist()
+        for text in batch.column(0).to_pylist():
+            yield text, f"{path} row {row}"
+            row += 1
 
 
 def _source_files(sources: Sequence[str | Path]) -> list[Path]:
@@ -351,21 +390,27 @@ def _encode(batch: Batch, tokenizer: Tokenizer | None = None) -> list[tuple[np.n
 
 
 def _batches(
-    pieces: Iterator[tuple[str, bool, int]], meter: tqdm, read: list[int]
-) -> Iterator[Batch]:
-    """Pieces grouped into batches of about PIECE_BYTES; `read[0]` counts the bytes read."""
+    pieces: Iterator[Piece], meter: tqdm, read: list[int]
+) -> Iterator[tuple[Batch, tuple[str, str]]]:
+    """Pieces grouped into batches of about PIECE_BYTES, each with where its first and last
+    pieces come from; `read[0]` counts the bytes read."""
     batch: Batch = []
-    size = 0
-    for text, end, nbytes in pieces:
+    size, first, last = 0, "", ""
+    for text, end, nbytes, where in pieces:
+        first, last = (first or where), where
         batch.append((text, end))
         size += nbytes
         read[0] += nbytes
         meter.update(nbytes)
         if size >= PIECE_BYTES:
-            yield batch
-            batch, size = [], 0
+            yield batch, (first, last)
+            batch, size, first = [], 0, ""
     if batch:
-        yield batch
+        yield batch, (first, last)
+
+
+def _span(first: str, last: str) -> str:
+    return first if first == last else f"{first} to {last}"
 
 
 class _Held:
@@ -493,6 +538,8 @@ def prepare(
         raise PrepareError(f"shard_tokens={shard_tokens} must be positive")
     if not sources and dataset is None:
         raise PrepareError("nothing to prepare: give text files, folders or a dataset")
+    if not str(out_dir).strip():  # "" would write the shards into the current directory
+        raise PrepareError("the output directory is empty: name one with --out")
     files = _source_files(sources)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -509,7 +556,7 @@ def prepare(
     total = sum(f.stat().st_size for f in files) if dataset is None else None
     meter = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress)
 
-    def pieces() -> Iterator[tuple[str, bool, int]]:
+    def pieces() -> Iterator[Piece]:
         yield from reader.pieces(files)
         if dataset is not None:
             yield from reader.dataset(dataset, dataset_split)
@@ -517,8 +564,12 @@ def prepare(
     pool = None
     if workers > 1:
         context = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        initargs = (str(out / "tokenizer"),)
-        pool = multiprocessing.get_context(context).Pool(workers, _init_worker, initargs)
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context(context),
+            initializer=_init_worker,
+            initargs=(str(out / "tokenizer"),),
+        )
     try:
         for encoded in _in_order(_batches(pieces(), meter, read), tokenizer, pool, 2 * workers):
             for tokens, end in encoded:
@@ -526,8 +577,8 @@ def prepare(
         splitter.finish()
     finally:
         meter.close()
-        if pool is not None:
-            pool.terminate()
+        if pool is not None:  # on an error: drop the queued batches, do not wait for them
+            pool.shutdown(wait=False, cancel_futures=True)
     seconds = time.perf_counter() - start
     if splitter.index == 0:
         where = ", ".join(map(str, [*sources, *([dataset] if dataset else [])]))
@@ -570,20 +621,51 @@ def prepare(
 
 
 def _in_order(
-    batches: Iterator[Batch], tokenizer: Tokenizer, pool: Any, ahead: int
+    batches: Iterator[tuple[Batch, tuple[str, str]]],
+    tokenizer: Tokenizer,
+    pool: ProcessPoolExecutor | None,
+    ahead: int,
 ) -> Iterator[list[tuple[np.ndarray, bool]]]:
-    """Encoded batches in input order, at most `ahead` in flight (Pool.imap would read the whole
-    corpus ahead into its queue, so memory would grow with it)."""
+    """Encoded batches in input order, at most `ahead` in flight (Executor.map would read the
+    whole corpus ahead into its queue, so memory would grow with it)."""
     if pool is None:
-        yield from (_encode(batch, tokenizer) for batch in batches)
+        for batch, (first, last) in batches:
+            with _naming(_span(first, last)):
+                encoded = _encode(batch, tokenizer)
+            yield encoded
         return
-    in_flight: deque[Any] = deque()
-    for batch in batches:
-        in_flight.append(pool.apply_async(_encode, (batch,)))
+    in_flight: deque[tuple[Future, tuple[str, str]]] = deque()
+
+    def oldest() -> list[tuple[np.ndarray, bool]]:
+        future, (first, last) = in_flight.popleft()
+        # A dead worker fails every batch in flight, and which one killed it is unknown:
+        # name them all (a tokenizer error is the batch's own).
+        newest = in_flight[-1][1][1] if in_flight else last
+        with _naming(_span(first, last), _span(first, newest)):
+            return future.result()
+
+    for batch, where in batches:
+        in_flight.append((pool.submit(_encode, batch), where))
         if len(in_flight) >= ahead:
-            yield in_flight.popleft().get()
+            yield oldest()
     while in_flight:
-        yield in_flight.popleft().get()
+        yield oldest()
+
+
+@contextlib.contextmanager
+def _naming(where: str, in_flight: str | None = None) -> Iterator[None]:
+    """Errors while encoding text from `where` (with `in_flight` being encoded meanwhile) as
+    PrepareErrors that name it."""
+    try:
+        yield
+    except BrokenProcessPool:
+        raise PrepareError(
+            f"a tokenizer worker process died while encoding {in_flight or where} (killed, or "
+            "out of memory); nothing is finished (no meta.json): run again, with fewer "
+            "--workers if memory is short"
+        ) from None
+    except TokenizerError as e:
+        raise PrepareError(f"{where}: {first_line(e)}") from None
 
 
 def _fingerprint(directory: Path) -> str:

@@ -36,6 +36,14 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from tokenizers import Tokenizer as HFTokenizerObject
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .safeload import (
+    MAX_VOCABULARY_BYTES,
+    MetadataError,
+    check_regular_file,
+    read_json,
+    read_metadata_text,
+)
+
 CONFIG_FILE = "tokenizer_config.json"
 ENDOFTEXT = "<|endoftext|>"
 
@@ -463,9 +471,42 @@ def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
     )
 
 
+# The types of tokenizer_config.json's fields, per kind (a hand-edited or hostile file with
+# {"chars": 5} must be a one-line TokenizerError, not a TypeError from deep inside).
+_FIELD_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "char": {"chars": str, "special_tokens": (dict, list)},
+    "tiktoken": {"name": str, "pat_str": str, "special_tokens": dict, "sha256": (str, type(None))},
+}
+_NAME_FIELDS = ("eos_token", "bos_token", "pad_token", "chat_template")
+
+
+def _check_fields(config: dict[str, Any], kind: str, path: Path) -> None:
+    """TokenizerError naming the first field of a gptkit tokenizer config with a wrong type
+    (a missing one is reported by name where it is read)."""
+    fields = {**_FIELD_TYPES[kind], **dict.fromkeys(_NAME_FIELDS, (str, type(None)))}
+    for key, kinds in fields.items():
+        value = config.get(key)
+        if key in config and not isinstance(value, kinds):
+            raise TokenizerError(
+                f"{path}: {key} holds {type(value).__name__} {str(value)[:40]!r}, which is "
+                "not what a gptkit tokenizer saves; save the tokenizer again"
+            )
+    specials = config.get("special_tokens", [])
+    ids = specials.values() if isinstance(specials, dict) else []
+    if not all(isinstance(t, str) and t for t in specials) or not all(
+        type(i) is int and 0 <= i < 1 << 31 for i in ids
+    ):
+        raise TokenizerError(
+            f"{path}: special_tokens must be non-empty strings (with ids from 0); save the "
+            "tokenizer again"
+        )
+
+
 def _load_dir(directory: Path) -> Tokenizer:
     config = _read_config(directory)
     kind = config.get("kind")
+    if kind in _FIELD_TYPES:
+        _check_fields(config, kind, directory / CONFIG_FILE)
     names = {k: config.get(k) for k in ("eos_token", "bos_token", "pad_token")}
     tok: Tokenizer
     try:
@@ -496,6 +537,10 @@ def _load_hf(
     """HF layouts, newest first; `config` is HF's tokenizer_config.json (or ours)."""
     tokenizer_json = tokenizer_json or directory / "tokenizer.json"
     if tokenizer_json.is_file():
+        try:
+            check_regular_file(tokenizer_json, MAX_VOCABULARY_BYTES)
+        except MetadataError as e:
+            raise TokenizerError(str(e)) from None
         try:
             tok = HFTokenizerObject.from_file(str(tokenizer_json))
         except Exception as e:  # tokenizers raises a bare Exception
@@ -547,8 +592,11 @@ def _chat_template(config: dict[str, Any], directory: Path | None) -> str | None
         by_name = {t.get("name"): t.get("template") for t in template}
         template = by_name.get("default", next(iter(by_name.values()), None))
     jinja = directory / "chat_template.jinja" if directory else None
-    if template is None and jinja is not None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    if template is None and jinja is not None and jinja.exists():
+        try:
+            template = read_metadata_text(jinja)
+        except MetadataError as e:
+            raise TokenizerError(str(e)) from None
     return template
 
 
@@ -556,12 +604,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
     """tokenizer_config.json over HF's older special_tokens_map.json; {} if neither exists."""
     config: dict[str, Any] = {}
     for path in (directory / "special_tokens_map.json", directory / CONFIG_FILE):
-        if not path.is_file():
+        if not path.exists():
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+            data = read_json(path)  # size- and depth-bounded, a regular file: see safeload.py
+        except MetadataError as e:
+            raise TokenizerError(f"{e}; fix or delete it") from None
         if not isinstance(data, dict):
             raise TokenizerError(f"{path} must hold a JSON object, not {type(data).__name__}")
         config |= data
@@ -596,6 +644,10 @@ def _read_tiktoken(path: Path, sha256: str | None = None) -> dict[bytes, int]:
     """Parse OpenAI's .tiktoken format (`base64token rank` lines), optionally gzipped."""
     if not path.is_file():
         raise TokenizerError(f"missing tiktoken vocabulary {path}; save the tokenizer again")
+    try:
+        check_regular_file(path, MAX_VOCABULARY_BYTES)
+    except MetadataError as e:
+        raise TokenizerError(str(e)) from None
     data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise TokenizerError(f"{path} does not match its sha256 {sha256}: corrupt or replaced")

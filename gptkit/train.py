@@ -37,10 +37,11 @@ import torch
 from tqdm import tqdm
 
 from . import machine, resources
-from .api import load
+from .api import load, resolve_device
 from .checkpoint import (
     CheckpointError,
     check_tokenizer_fits,
+    check_train_state_fits,
     is_checkpoint,
     load_checkpoint,
     load_train_state,
@@ -212,6 +213,7 @@ class Trainer:
         task: Task | None = None,
     ):
         self.config = config
+        _check_machine(config)  # before torch acts on it: threads=100000 crashed libgomp
         if config.threads:
             torch.set_num_threads(config.threads)
         self.dist = Distributed.setup(config.device)
@@ -319,13 +321,16 @@ class Trainer:
         return self.checkpoint_dir
 
     def _load_state(self) -> None:
+        # First the state: its manifest vouches for the weights read next (safetensors + JSON,
+        # every field checked, nothing to execute).
+        state = load_train_state(self.checkpoint_dir)
         model, _, _ = load_checkpoint(self.checkpoint_dir)
         if model.config != self.model.config:
             raise CheckpointError(
                 f"{self.checkpoint_dir} holds a different model shape than this config; "
                 "resume with the config that started the run"
             )
-        state = load_train_state(self.checkpoint_dir)  # safetensors + JSON: nothing to execute
+        check_train_state_fits(state, self.model, str(self.checkpoint_dir))
         load_full_state(self.wrapped, self.optimizer, model.state_dict(), state["optimizer"])
         self.step = state["step"]
         if len(state["rng"]) == self.dist.world_size:  # else: dropout masks start afresh
@@ -454,6 +459,19 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
         return trainer.fit()
     finally:
         trainer.dist.close()
+
+
+def _check_machine(config: TrainConfig) -> None:
+    """ConfigError for settings this machine cannot honour: more threads than CPU cores (torch
+    would start them all; 100000 crashed OpenMP), or a device it does not have."""
+    cores = os.cpu_count() or 1
+    if config.threads > cores:
+        raise ConfigError(
+            f"threads={config.threads}, but this machine has {cores} CPU cores; use at most "
+            f"{cores} (0: torch's default)"
+        )
+    if config.device != "auto":
+        resolve_device(config.device)  # an unknown name, or a GPU that is not there
 
 
 def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -118,3 +118,52 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
         CheckpointError, match="tokenizer has 300 token ids but the model's vocabulary"
     ):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def nan_weights(state: dict, name: str, value: float = float("nan")) -> dict:
+    state = dict(state)
+    state[name] = state[name].clone()
+    state[name].view(-1)[7] = value
+    return state
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_at_load(tmp_path, capsys, value):
+    """All-NaN (or one-NaN) weights answered "" greedily, 503 sampled and a traceback from the
+    CLI; now every loader refuses them in one line naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from gptkit.cli import main
+
+    model, tok = make()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    save_file(nan_weights(load_file(weights), "blocks.1.mlp.fc.weight", value), weights)
+    with pytest.raises(CheckpointError, match="blocks.1.mlp.fc.weight holds NaN or infinite"):
+        load_checkpoint(tmp_path / "ckpt")
+    argv = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "the", "--device", "cpu"]
+    assert main(argv) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"gptkit: error: {weights}: tensor blocks.1.mlp.fc.weight"), line
+
+
+def test_non_finite_hf_and_gguf_weights_are_refused(tmp_path):
+    from ggufkit import tiny_weights, write_gguf
+    from safetensors.torch import load_file, save_file
+
+    from gptkit.convert import ConversionError, export_hf, load_hf
+    from gptkit.convert_gguf import load_gguf
+
+    model, _ = make()
+    hf = export_hf(model, tmp_path / "hf")
+    state = load_file(hf / "model.safetensors")
+    save_file(nan_weights(state, "transformer.h.0.attn.c_attn.weight"), hf / "model.safetensors")
+    with pytest.raises(ConversionError, match=f"{hf}: tensor blocks.0.attn.qkv.weight holds"):
+        load_hf(hf)
+
+    shape = dict(C=64, I=128)
+    tensors = tiny_weights(tied=True, **shape)[0]
+    tensors["blk.0.ffn_up.weight"][3, 5] = float("nan")
+    path = write_gguf(tmp_path / "nan.gguf", tensors, shape=shape)
+    with pytest.raises(ConversionError, match=f"{path}: tensor blocks.0.mlp.fc.weight holds"):
+        load_gguf(path)

@@ -268,6 +268,138 @@ def test_crafted_legacy_train_state_never_runs(tmp_path, data_dir, finished_run,
     assert not marker.exists()
 
 
+# ------------------------------------------------------------------------------ metadata, sizes
+
+# What an outside probe got a traceback, a segfault or an 18.5 GB read from; each must now be
+# one `gptkit: error:` line and exit status 2.
+HUGE = {"block_size": 2**62, "vocab_size": 2**62, "n_embd": 2**40}
+
+
+def gptkit_bounded(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`gptkit ARGS` in a fresh process that cannot take more than 8 GiB of address space or
+    60 s, so that reading /dev/zero whole (what it did before) fails the test, not the machine."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    command = [sys.executable, "-m", "gptkit", *args]
+    try:
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=60, preexec_fn=limit, cwd=cwd
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gptkit {' '.join(args)} did not finish in 60 s")
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory) -> Path:
+    from conftest import char_model
+
+    from gptkit.checkpoint import save_checkpoint
+
+    model, tok = char_model(block_size=32)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", model, tok)
+
+
+def copy_ckpt(char_ckpt: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(char_ckpt, tmp_path / "ckpt"))
+
+
+GENERATE = ["generate", "--prompt", "the", "--max-new-tokens", "2", "--device", "cpu", "--model"]
+
+
+@pytest.mark.parametrize("key", list(HUGE))
+def test_huge_sizes_in_a_checkpoint_config(char_ckpt, tmp_path, key):
+    """2**62 rows overflowed torch's storage size inside the memory check itself."""
+    ckpt = copy_ckpt(char_ckpt, tmp_path)
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"][key] = HUGE[key]
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    assert_one_line_error(gptkit_cli(*GENERATE, str(ckpt)), key, str(ckpt))
+
+
+@pytest.mark.parametrize("key", list(HUGE))
+def test_huge_sizes_in_pretrain_settings(data_dir, tmp_path, key):
+    settings = run_settings(data_dir, tmp_path / "run", max_steps=1)
+    result = gptkit_cli("pretrain", *settings, f"model.{key}={HUGE[key]}", "model.n_head=1")
+    assert_one_line_error(result, key)
+    assert not (tmp_path / "run").exists()
+
+
+def test_deeply_nested_metadata_files(char_ckpt, tmp_path, tiny_hf, data_dir):
+    """100k levels of `[` made Python's JSON and TOML parsers raise RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    ckpt = copy_ckpt(char_ckpt, tmp_path)
+    (ckpt / "config.json").write_text(deep)
+    assert_one_line_error(gptkit_cli(*GENERATE, str(ckpt)), str(ckpt / "config.json"), "nests")
+    hf = Path(shutil.copytree(tiny_hf[0], tmp_path / "hf"))
+    (hf / "config.json").write_text('{"model_type": "gpt2", "x": ' + deep + "}")
+    result = gptkit_cli("convert", str(hf), str(tmp_path / "out"))
+    assert_one_line_error(result, str(hf / "config.json"), "nests")
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"data_dir = {json.dumps(str(data_dir))}\nx = {deep}\n")
+    assert_one_line_error(gptkit_cli("pretrain", str(toml)), str(toml))
+    result = gptkit_cli("pretrain", "data_dir=d", f"model.labels={deep}")
+    assert_one_line_error(result, "nests too deep")
+
+
+def test_metadata_files_that_are_devices_or_huge(char_ckpt, data_dir, tmp_path):
+    """config.json, meta.json or a run's TOML symlinked to /dev/zero (read whole: 18.5 GB,
+    then the OOM killer), or a 20 GB config.json (sparse: no disk used)."""
+    ckpt = copy_ckpt(char_ckpt, tmp_path)
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").symlink_to("/dev/zero")
+    result = gptkit_bounded(*GENERATE, str(ckpt))
+    assert_one_line_error(result, str(ckpt / "config.json"), "not a regular file")
+
+    with open(tmp_path / "big.json", "wb") as f:
+        f.truncate(20 << 30)
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").symlink_to(tmp_path / "big.json")
+    result = gptkit_bounded(*GENERATE, str(ckpt))
+    assert_one_line_error(result, str(ckpt / "config.json"), "more than the")
+
+    data = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    (data / "meta.json").unlink()
+    (data / "meta.json").symlink_to("/dev/zero")
+    settings = run_settings(data, tmp_path / "run", max_steps=1)
+    assert_one_line_error(gptkit_bounded("pretrain", *settings), str(data / "meta.json"))
+
+    toml = tmp_path / "run.toml"
+    toml.symlink_to("/dev/zero")
+    assert_one_line_error(gptkit_bounded("pretrain", str(toml)), str(toml), "not a regular")
+
+
+def test_tokenizer_config_with_wrong_types(char_ckpt, tmp_path):
+    ckpt = copy_ckpt(char_ckpt, tmp_path)
+    path = ckpt / "tokenizer" / "tokenizer_config.json"
+    good = json.loads(path.read_text())
+    for key, value in [("chars", 5), ("special_tokens", "abc"), ("eos_token", [1])]:
+        path.write_text(json.dumps({**good, key: value}))
+        assert_one_line_error(gptkit_cli(*GENERATE, str(ckpt)), str(path), key)
+
+
+def test_settings_this_machine_cannot_honour(data_dir, tmp_path):
+    """threads=100000 segfaulted in libgomp (so: a fresh process); a GPU that is not there."""
+    settings = run_settings(data_dir, tmp_path / "run", max_steps=1)
+    result = gptkit_bounded("pretrain", *settings, "threads=100000")
+    assert_one_line_error(result, "threads=100000", "CPU cores")
+    if torch.cuda.device_count() < 100:
+        result = gptkit_cli("pretrain", *settings, 'device="cuda:99"')
+        assert_one_line_error(result, "cuda:99")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_out_dir_is_refused(data_dir, tmp_path, monkeypatch):
+    """out_dir="" wrote the run into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    settings = run_settings(data_dir, tmp_path / "unused", max_steps=1)
+    result = gptkit_cli("pretrain", *settings, 'out_dir=""')
+    assert_one_line_error(result, "out_dir is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------ GGUF
 
 gguf = pytest.importorskip("gguf", reason="GGUF import needs the gguf package")

@@ -270,3 +270,91 @@ def test_held_document_spilled_to_disk_gives_identical_output(
         assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())
         for name in (p.name for p in a.glob("*.bin")):
             assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_long_rows_are_tokenized_in_pieces(tmp_path, monkeypatch):
+    """A JSONL/CSV row longer than a piece reaches the tokenizer in pieces (cut after a newline
+    where there is one), like a text file, and is still one whole document."""
+    import gptkit.prepare as prep
+
+    monkeypatch.setattr(prep, "PIECE_BYTES", 64)
+    encoded: list[str] = []
+    real_encode = prep._encode
+
+    def spy(batch, tokenizer=None):
+        encoded.extend(text for text, _ in batch)
+        return real_encode(batch, tokenizer)
+
+    monkeypatch.setattr(prep, "_encode", spy)
+    lines = "".join(DOCS[:8])  # newlines to cut after
+    flat = "é" * 300  # none: cut at a character
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": lines}) + "\n")
+    with (tmp_path / "rows.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["text"], [flat]])
+    big = char_tokenizer(lines + flat, special_tokens=[ENDOFTEXT])
+    for name, row in (("rows.jsonl", lines), ("rows.csv", flat)):
+        encoded.clear()
+        meta = run([tmp_path / name], tmp_path / "out", big, val_fraction=0)
+        assert split_texts(tmp_path / "out", meta, big, "train") == [row]
+        assert len(encoded) > 4 and max(map(len, encoded)) <= 64, [len(t) for t in encoded]
+        assert "".join(encoded) == row
+    encoded.clear()
+    run([tmp_path / "rows.jsonl"], tmp_path / "out", big, val_fraction=0)
+    assert all(piece.endswith("\n") for piece in encoded[:-1])
+
+
+def test_a_long_row_is_tokenized_in_bounded_memory(tmp_path):
+    """One 10 MB JSONL row with Hugging Face's BPE (GPT-2's own files): the process grew by
+    ~1.1 GB when the row went to the tokenizer whole; in pieces it grows by ~70 MB."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gpt2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
+    if not (gpt2 / "vocab.bpe").is_file():
+        pytest.skip(f"{gpt2} is absent (GPT-2's encoder.json + vocab.bpe)")
+    rng = np.random.default_rng(0)
+    words = np.array(["lorem", "ipsum", "dolor", "sit", "amet", "elit", "sed", "do"])
+    text = " ".join(rng.choice(words, 1_700_000))[:10_000_000]
+    (tmp_path / "row.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    script = f"""
+import resource, sys
+from gptkit.prepare import prepare
+from gptkit.tokenizer import load_tokenizer
+tok = load_tokenizer({str(gpt2)!r})
+tok.encode_many(["warm up the tokenizer's own buffers"] * 64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare([{str(tmp_path / "row.jsonl")!r}], {str(tmp_path / "out")!r}, tok, workers=1,
+        progress=False, val_fraction=0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_mb = int(done.stdout.split()[-1])
+    assert grown_mb < 300, f"prepare grew by {grown_mb} MB for a 10 MB row"
+
+
+def test_lone_surrogate_in_a_row_names_file_and_line(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n')
+    with pytest.raises(PrepareError) as info:
+        run([tmp_path / "a.jsonl"], tmp_path / "out", tok)
+    message = str(info.value)
+    assert f"{tmp_path / 'a.jsonl'} line 2" in message and "surrogate" in message, message
+    assert "\n" not in message
+
+
+def test_empty_out_dir_is_refused(tmp_path, tok, monkeypatch, capsys):
+    """`--out ""` wrote the shards into the current directory."""
+    from gptkit.cli import main
+
+    corpus = write_docs(tmp_path / "c", DOCS[:2])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(PrepareError, match="output directory is empty"):
+        run([corpus], "", tok)
+    assert main(["prepare", str(corpus), "--out", "", "--tokenizer", "gpt2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("gptkit: error: ")
+    assert list(work.iterdir()) == []

@@ -12,6 +12,8 @@ checkpoint writer call, then runs the real CLI. A "kill" is a real SIGKILL of th
     swap:N         during the N-th save: between its two renames (only the backup exists)
     full:N         not a kill: the N-th save's model.safetensors write hits a full disk
                    (raising the error safetensors raises then)
+    worker:TEXT    `gptkit prepare`: the tokenizer worker process given a piece of text that
+                   holds TEXT is SIGKILLed (what the out-of-memory killer does)
 
 Measuring the CPU's peak FLOP/s (for MFU) is skipped: it costs seconds and is not under test.
 """
@@ -25,6 +27,7 @@ from safetensors import SafetensorError
 
 import gptkit.checkpoint as checkpoint
 import gptkit.metrics as metrics
+import gptkit.prepare as prepare
 import gptkit.train as train
 from gptkit.cli import main
 
@@ -55,8 +58,20 @@ def nth(n: int):
 
 def install(fault: str) -> None:
     kind, _, arg = fault.partition(":")
-    n = int(arg) if arg else 0
-    if kind == "step":
+    n = int(arg) if arg.isdigit() else 0
+    if kind == "worker":
+        # Workers are forked from this process, so they run this patched function.
+        real_encode = prepare._encode
+
+        def encode(batch, tokenizer=None):
+            if tokenizer is None and any(arg in text for text, _ in batch):
+                die()  # tokenizer None: inside a worker process, not the parent
+            return real_encode(batch, tokenizer)
+
+        # Batches go to workers as a reference to gptkit.prepare._encode: make it this one.
+        encode.__module__, encode.__qualname__ = "gptkit.prepare", "_encode"
+        prepare._encode = encode
+    elif kind == "step":
         real_step = train.Trainer.train_step
 
         def train_step(self):
