@@ -171,3 +171,18 @@ def test_mfu_never_shows_above_100_percent_and_raises_the_peak(tmp_path, monkeyp
     assert 0 < result.mfu <= 1
     raised = json.loads(key.read_text())
     assert raised["flops"] > 1e6 and raised["source"] == "a training step"
+
+
+def test_training_flops_count_attention_at_the_batch_length_not_the_context():
+    """A fine-tuning batch of 40 tokens on an 8192-context model does not attend over 8192
+    positions; counting them made MFU 4x too high for SmolLM2 classify runs."""
+    from gptkit.config import preset
+    from gptkit.model import GPT
+    from gptkit.train import flops_per_token
+
+    with torch.device("meta"):
+        model = GPT(preset("smollm2-135m"))
+    dense, per_position = flops_per_token(model, 0), flops_per_token(model, 1)
+    assert flops_per_token(model) == flops_per_token(model, model.config.block_size)
+    assert flops_per_token(model, 40) == dense + 40 * (per_position - dense)
+    assert flops_per_token(model) > 3 * flops_per_token(model, 40)
