@@ -15,10 +15,12 @@ import math
 import re
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from gptkit import resources
 from gptkit.config import (
+    PRESETS,
     ConfigError,
     FinetuneConfig,
     GPTConfig,
@@ -189,6 +191,13 @@ def test_overrides_alone_load_or_fail_in_one_line(items):
         (["model.labels=[1]"], "labels must be a list of strings"),
         (["weight_decay=nan"], "weight_decay must be a finite number"),  # trained with NaN
         (["bad\nkey=1"], "unknown training config key 'bad\\nkey'"),  # was two lines
+        # What an outside probe found (issue 23), each formerly a traceback:
+        (["model.block_size=4611686018427387904"], "block_size=4611686018427387904 is past"),
+        (["model.vocab_size=4611686018427387904"], "vocab_size=4611686018427387904 is past"),
+        (["model.n_embd=1099511627776", "model.n_head=1"], "n_embd=1099511627776 is past"),
+        (["model.n_embd=16777216", "model.n_head=1"], "a weight of this"),
+        (["model.labels=" + "[" * 100_000 + "]" * 100_000], "nests too deep"),  # RecursionError
+        (['out_dir=""'], "out_dir is empty"),  # wrote the run into the current directory
     ],
 )
 def test_values_the_fuzzing_found_are_clear_errors(items, message):
@@ -196,3 +205,41 @@ def test_values_the_fuzzing_found_are_clear_errors(items, message):
         config = load_train_config(None, ["data_dir=d", *items])
         config.model_config(vocab_size=256)
     assert "\n" not in str(info.value)
+
+
+SIZES = [
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_kv_head",
+    "head_dim",
+    "intermediate_size",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    preset=st.sampled_from(["tiny", "tiny-llama"]),
+    sizes=st.dictionaries(
+        st.sampled_from(SIZES), st.integers(1, 64) | st.integers(1, 2**64), min_size=1
+    ),
+)
+@example(preset="tiny", sizes={"block_size": 2**62})
+@example(preset="tiny", sizes={"vocab_size": 2**62})
+@example(preset="tiny-llama", sizes={"n_embd": 2**40, "n_head": 1, "n_kv_head": 1})
+def test_any_model_sizes_give_a_memory_estimate_or_one_line(preset, sizes):
+    """Sizes up to 2**64 give a ConfigError or a config whose memory estimate (resources.py,
+    shapes on the meta device) is computed: 2**62 rows overflowed torch's storage size inside
+    the memory check itself, a traceback instead of "too big for this machine"."""
+    overrides = {"head_dim": None, "intermediate_size": None, **sizes}
+    try:
+        config = GPTConfig.from_dict({**PRESETS[preset], **overrides})
+    except ConfigError as e:
+        assert str(e).strip() and "\n" not in str(e), repr(str(e))
+        event("ConfigError")
+        return
+    event("valid")
+    need = resources.training_need(config, batch_size=1)
+    assert need.weights >= resources.inference_need(config).weights > 0
