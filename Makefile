@@ -16,8 +16,23 @@ $(BIN)/gptkit: pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# llama.cpp (the GGUF parity reference) built for any x86-64 with AVX2, never for this CPU alone:
+# pip's default GGML_NATIVE=ON turns on llama.cpp's AMX kernels on Intel Xeons, and they segfault
+# there (llama.cpp issue 20824). The wheel is built once into a folder named by its version and
+# options, so a natively built wheel in pip's own cache is never picked up.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_CPP_WHEELS := $(HOME)/.cache/gptkit/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable-v1
+
+$(VENV)/.llama-cpp: $(BIN)/gptkit
+	ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/pip wheel --quiet --no-deps --no-cache-dir \
+			--no-binary llama-cpp-python -w $(LLAMA_CPP_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(BIN)/pip install --quiet $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl
+	touch $@
+
 # The test references (transformers, llama-cpp-python, ...) and tools; the demo needs none.
-$(VENV)/.test-deps: $(BIN)/gptkit
+$(VENV)/.test-deps: $(VENV)/.llama-cpp
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
@@ -25,8 +40,9 @@ $(VENV)/.test-deps: $(BIN)/gptkit
 $(CORPUS_ARCHIVE): | $(BIN)/gptkit
 	$(BIN)/python -m gptkit.corpus $(dir $@)
 
+# DEMO_ARGS: `gptkit demo` options and pretrain settings (tests/test_docs.py shortens the run).
 demo: $(BIN)/gptkit $(CORPUS_ARCHIVE)
-	$(BIN)/gptkit demo
+	$(BIN)/gptkit demo $(DEMO_ARGS)
 
 # The chat page's browser test drives Debian's chromium through Playwright (Playwright's own
 # browser download needs a network these machines do not have). Installing it needs root; without

@@ -39,6 +39,8 @@ MODELS = {
     "smollm2": "smollm2-135m-instruct",
     "smollm2-zero-shot": "smollm2-135m-instruct",  # generation tasks, no fine-tuning: a reference
 }
+# A smoke run (--max-steps, --test-limit; tests/test_docs.py runs every documented command so)
+SMOKE: dict = {"settings": {}, "test_limit": 0}
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -202,6 +204,7 @@ def baseline(objective: str, train: Path, test: Path, limit: int) -> dict:
 def zero_shot(model: str, name: str) -> dict:
     """The instruct model as it ships, on a generation task: what fine-tuning adds to."""
     objective, data, _, limit = TASKS[name]
+    limit = SMOKE["test_limit"] or limit
     if objective != "sft":
         raise ValueError(f"{model} scores generation tasks only, not {objective}")
     train, _, test = data()
@@ -220,9 +223,10 @@ def run_task(model: str, name: str) -> dict:
     if model == "smollm2-zero-shot":
         return zero_shot(model, name)
     objective, data, extra, limit = TASKS[name]
+    limit = SMOKE["test_limit"] or limit
     train, val, test = data()
     out = OUT / model / name
-    settings = {**SETTINGS[model], **extra.get(model, {})}
+    settings = {**SETTINGS[model], **extra.get(model, {}), **SMOKE["settings"]}
     config = FinetuneConfig(
         objective=objective,
         init_from=MODELS[model],
@@ -282,8 +286,9 @@ HEADLINE = {
 }
 
 
-def table(path: Path = OUT / "results.jsonl") -> str:
+def table(path: Path | None = None) -> str:
     """A markdown table of the latest run of each (model, task) in results.jsonl."""
+    path = path or OUT / "results.jsonl"
     latest = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
@@ -308,11 +313,21 @@ def table(path: Path = OUT / "results.jsonl") -> str:
 
 
 def main() -> None:
+    global OUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS))
     parser.add_argument("--only", nargs="*", choices=list(TASKS), help="run only these tasks")
     parser.add_argument("--table", action="store_true", help="print results.jsonl as markdown")
+    parser.add_argument("--out", type=Path, default=OUT, help="results and converted data")
+    parser.add_argument("--here", help="the `here` model (default: make demo's checkpoint)")
+    parser.add_argument("--max-steps", type=int, help="a smoke run: this many steps per task")
+    parser.add_argument("--test-limit", type=int, help="a smoke run: score this many examples")
     args = parser.parse_args()
+    OUT = args.out
+    MODELS["here"] = args.here or MODELS["here"]
+    if args.max_steps:
+        SMOKE["settings"] = {"max_steps": args.max_steps, "warmup_steps": 0}
+    SMOKE["test_limit"] = args.test_limit or 0
     if args.table:
         print(table())
         return

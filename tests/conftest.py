@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+from reference import run_in_child
 
 from gptkit.checkpoint import save_checkpoint
 from gptkit.config import preset
@@ -19,6 +20,24 @@ TEXT = "the quick brown fox jumps over the lazy dog.\n"
 # means a change broke something; GPTKIT_FUZZ_EXPLORE=1 draws new ones each run.
 settings.register_profile("repeatable", derandomize=True)
 settings.load_profile("default" if os.environ.get("GPTKIT_FUZZ_EXPLORE") else "repeatable")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "reference(library): run the test body in a child process, so that the reference "
+        "library's crash fails this test alone (tests/reference.py)",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    marker = pyfuncitem.get_closest_marker("reference")
+    if marker is None:
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    run_in_child(marker.args[0], lambda: pyfuncitem.obj(**args))
+    return True
 
 
 def char_model(name: str = "tiny", **overrides):

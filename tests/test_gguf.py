@@ -129,6 +129,7 @@ def hf():
 # ------------------------------------------------------------------------------ tokenizer
 
 
+@pytest.mark.reference("llama.cpp")
 @pytest.mark.parametrize("name", TEXTS)
 def test_tokenization_matches_llama_cpp(ours, llama_vocab, name):
     text = TEXTS[name]
@@ -151,6 +152,7 @@ def test_tokenizer_metadata(ours):
     assert "<|im_start|>assistant" in tok.chat_template
 
 
+@pytest.mark.reference("transformers")
 def test_tokenizer_matches_transformers(ours, hf):
     """transformers' GGUF tokenizer has no 'smollm' pre-tokenizer and splits with plain GPT-2
     rules, so it differs where whitespace runs before a digit ("x   1"). Given SmolLM2's
@@ -186,6 +188,7 @@ def small_vocab():
     )
 
 
+@pytest.mark.reference("llama.cpp")
 @pytest.mark.parametrize("pre", ["default", "gpt-2", "smollm", "llama-bpe", "qwen2"])
 def test_pre_tokenizers_match_llama_cpp(tmp_path, small_vocab, pre):
     """Each pre-tokenizer family splits text as llama.cpp does (same vocabulary, other regexes)."""
@@ -209,6 +212,7 @@ def test_pre_tokenizers_match_llama_cpp(tmp_path, small_vocab, pre):
 # ------------------------------------------------------------------------------ model
 
 
+@pytest.mark.reference("transformers")
 def test_weights_match_transformers(ours, hf):
     """The file has no output.weight (tied), Q8_0 embeddings and Q4_1 blocks; every weight
     equals transformers' dequantization, q/k rows de-interleaved the way it does."""
@@ -227,6 +231,7 @@ def test_weights_match_transformers(ours, hf):
         assert torch.equal(block.mlp.proj.weight, theirs[f"{layer}mlp.down_proj.weight"]), i
 
 
+@pytest.mark.reference("transformers")
 def test_logits_match_transformers(ours, hf):
     model, tok = ours
     hf_model, _ = hf
@@ -248,6 +253,7 @@ def our_greedy(ours) -> list[int]:
     return generate(model, [tok.encode(PROMPT)], sample, tok.eos_id)[0]
 
 
+@pytest.mark.reference("transformers")
 def test_greedy_matches_transformers(ours, our_greedy, hf):
     _, tok = ours
     hf_model, _ = hf
@@ -265,6 +271,7 @@ def test_greedy_matches_transformers(ours, our_greedy, hf):
     assert mine == theirs
 
 
+@pytest.mark.reference("llama.cpp")
 def test_llama_cpp_agreement(ours, our_greedy, llama_full):
     """llama.cpp multiplies the quantized weights with 8-bit-quantized activations, so its
     logits differ from a float32 run of the same weights: top-1 agrees mostly, not always."""
@@ -350,6 +357,7 @@ K_QUANTS = {
 }
 
 
+@pytest.mark.reference("llama.cpp")
 @pytest.mark.parametrize("preset", K_QUANTS)
 def test_k_quants_from_llama_cpp(tmp_path, preset):
     """llama.cpp's own quantizer writes the K-quant blocks; we read them back (untied model)."""
