@@ -4,8 +4,8 @@
   read only when they are regular files (a symlink to /dev/zero or a FIFO would be read for
   ever) of at most MAX_METADATA_BYTES, and parsed with a bound on nesting (a `[[[[...` 100k
   deep makes Python's parsers raise RecursionError, which is no user error message).
-- Weights: one pass over the loaded tensors refuses NaN and infinity, which would otherwise
-  generate "" (greedy) or fail every sampled request (softmax of NaN).
+- Weights: one read-only pass over the loaded tensors refuses NaN and infinity, which would
+  otherwise generate "" (greedy) or fail every sampled request (softmax of NaN).
 
 Errors are MetadataError (a ValueError, so the CLI prints one line and exits 2); loaders that
 have an error class of their own re-raise it as theirs.
@@ -112,11 +112,14 @@ def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
 def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating-point tensor holding NaN or infinity, or None.
 
-    One read of each tensor (isfinite + all, no copy in float32); on a GPU one sync per tensor,
-    a few hundred for a real model."""
+    One read-only pass per tensor: its min and max are finite exactly when every value is
+    (aminmax propagates NaN), with no temporary the tensor's size; `isfinite(t).all()` built
+    temporaries and was ~2.5x slower on a CPU. On a GPU: one sync per tensor."""
     import torch
 
     for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = tensor.detach().aminmax()
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                return name
     return None
