@@ -223,6 +223,9 @@ class ExampleTask:
             self.train = pack(self.train, self.model.config.block_size)
         if not self.train:
             raise ConfigError(f"{config.data}: no training example fits the model's context")
+        # The longest row a batch can hold (batches pad to their longest): what the memory
+        # guard counts activations at, rather than the model's whole context.
+        self.seq_len = max(len(e.ids) for e in self.train + self.val)
         self.pad_id = self.tokenizer.pad_id or 0
         self._perm: tuple[int, np.ndarray] = (-1, np.empty(0))
 
@@ -370,6 +373,7 @@ class Distill:
     def __init__(self, inner: ExampleTask | TextTask, config: FinetuneConfig):
         self.inner, self.config = inner, config
         self.tokenizer, self.causal = inner.tokenizer, inner.causal
+        self.seq_len = getattr(inner, "seq_len", None)  # TextTask: windows of block_size
         self.teacher: GPT | None = None
 
     def build_model(self, device: torch.device) -> GPT:

@@ -6,14 +6,21 @@ shape-only (meta-device) models of one and two layers, so it costs milliseconds 
 even for a config that claims a million layers (a hostile config.json or GGUF header).
 
     inference  weights + buffers in the load dtype (the KV cache and activations come on top)
-    training   weights + gradients + AdamW's two moments, in the parameters' dtype (gptkit
+    training   weights + gradients + AdamW's two moments for the *trained* parameters only
+               (LoRA and the other frozen-body methods train a few percent of them; gptkit
                trains float32 parameters under autocast, so there is no separate fp32 master
-               copy), + an activation allowance: 16 values per hidden unit per layer per token
-               (the inputs kept for the backward pass: norm, qkv, attention output and
-               projection inputs, MLP input, its 4x-wide hidden before and after the
-               activation) + 2 per vocabulary entry per token (logits and their gradient), for
-               one micro-batch. Attention scores are not counted: scaled_dot_product_attention
-               does not keep them.
+               copy) + the activations autograd keeps for one micro-batch + a fixed allowance
+               for the runtime (autograd, allocator and kernel scratch, thread pools).
+
+Activations are counted at the sequence length the run really batches (the longest example
+after truncation for fine-tuning, block_size for pretraining windows), never at the model's
+context alone: SmolLM2's 8192 positions would claim ~100 GB for a run that peaks under 2 GB.
+Per token and layer autograd keeps 9 values per hidden unit (norm inputs, q/k/v, attention
+output, residual branches; scaled_dot_product_attention keeps no T x T scores) plus 2 per MLP
+unit (GELU/ReLU: the hidden before and after the activation) or 4 (SwiGLU: gate, up, their
+activation and product), measured with saved_tensors_hooks; the head adds 2 values per output
+(logits and their log-softmax or gradient). tests/test_memory_calibration.py holds these
+estimates to within 0.7x-2x of real processes' peak memory.
 
 Set GPTKIT_NO_MEMORY_CHECK=1 to skip the check (say, with swap the estimate does not see).
 """
@@ -30,7 +37,15 @@ import torch
 from .config import ConfigError, GPTConfig
 
 SKIP_ENV = "GPTKIT_NO_MEMORY_CHECK"
-ACTIVATION_VALUES_PER_LAYER = 16  # x n_embd, per token (see the module docstring)
+# Values autograd keeps per token and layer (see the module docstring): x n_embd, and x the
+# MLP's width (GELU / ReLU, SwiGLU).
+ACTIVATION_VALUES_PER_EMBD = 9
+ACTIVATION_VALUES_PER_MLP_UNIT = {"swiglu": 4}
+ACTIVATION_VALUES_PER_MLP_UNIT_DEFAULT = 2
+# Calibrated (tests/test_memory_calibration.py): what a process grows by beyond its tensors:
+# autograd and kernel scratch, allocator slack, the tokenizer, a model file's mapped pages.
+TRAINING_RUNTIME_BYTES = 64 << 20
+INFERENCE_RUNTIME_BYTES = 128 << 20
 
 
 class ResourceError(ConfigError):
@@ -56,10 +71,18 @@ class MemoryNeed:
     gradients: int = 0
     optimizer: int = 0
     activations: int = 0
+    runtime: int = 0  # autograd, allocator and kernel scratch: a calibrated constant
+    weights_held: bool = False  # the weights are in memory already: only the rest is checked
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        """The whole footprint: what the process's memory grows by, weights included."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
+
+    @property
+    def to_allocate(self) -> int:
+        """What is still to be allocated, and must fit in the memory available now."""
+        return self.total - (self.weights if self.weights_held else 0)
 
 
 def count(config: GPTConfig) -> Counts:
@@ -81,19 +104,56 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype, device="meta").element_size()
 
 
+def largest_matrix(config: GPTConfig) -> int:
+    """Elements of the model's largest weight matrix: the token table, the fused q/k/v
+    projection, or the MLP's (fused) input projection."""
+    C = config.n_embd
+    qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim * C
+    mlp = (2 if config.activation == "swiglu" else 1) * config.intermediate_size * C
+    return max(config.vocab_size * C, qkv, mlp)
+
+
 def inference_need(
     config: GPTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> MemoryNeed:
-    c = count(config)
+    """Loading `config` in `dtype`: its weights, plus what loading holds on the way (loaders
+    convert one tensor at a time, so at worst the largest one twice: as read and as
+    converted) and the runtime's own allowance."""
+    c, size = count(config), _itemsize(dtype)
     return MemoryNeed(
-        "inference", torch.device(device), dtype, (c.params + c.buffers) * _itemsize(dtype)
+        "inference",
+        torch.device(device),
+        dtype,
+        weights=(c.params + c.buffers) * size,
+        runtime=INFERENCE_RUNTIME_BYTES + 2 * largest_matrix(config) * size,
     )
 
 
-def activation_bytes(config: GPTConfig, batch_size: int, dtype: torch.dtype) -> int:
-    tokens = batch_size * config.block_size
-    per_token = ACTIVATION_VALUES_PER_LAYER * config.n_layer * config.n_embd + 2 * config.vocab_size
-    return tokens * per_token * _itemsize(dtype)
+def kv_cache_bytes(
+    config: GPTConfig, rows: int, positions: int, dtype: torch.dtype = torch.float32
+) -> int:
+    """Keys and values of every layer for `rows` sequences of `positions` tokens (model.KVCache)."""
+    per_position = 2 * config.n_layer * config.n_kv_head * config.head_dim
+    return rows * min(positions, config.block_size) * per_position * _itemsize(dtype)
+
+
+def activation_values_per_token(config: GPTConfig) -> int:
+    """Values autograd keeps per token of a training micro-batch (see the module docstring)."""
+    mlp = ACTIVATION_VALUES_PER_MLP_UNIT.get(
+        config.activation, ACTIVATION_VALUES_PER_MLP_UNIT_DEFAULT
+    )
+    per_layer = ACTIVATION_VALUES_PER_EMBD * config.n_embd + mlp * config.intermediate_size
+    outputs = config.vocab_size if config.head == "lm" else len(config.labels)
+    return config.n_layer * per_layer + 2 * outputs
+
+
+def activation_bytes(
+    config: GPTConfig, batch_size: int, dtype: torch.dtype, seq_len: int | None = None
+) -> int:
+    """Activations of one micro-batch of batch_size rows of seq_len tokens (default: the
+    model's whole context, which is what pretraining windows are)."""
+    tokens = batch_size * min(seq_len or config.block_size, config.block_size)
+    return tokens * activation_values_per_token(config) * _itemsize(dtype)
 
 
 def training_need(
@@ -101,6 +161,7 @@ def training_need(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     *,
+    seq_len: int | None = None,
     trainable: int | None = None,
     shards: int = 1,
     weights_allocated: bool = False,
@@ -108,10 +169,12 @@ def training_need(
 ) -> MemoryNeed:
     """What training `config` in float32 with AdamW needs on `device`.
 
-    trainable: parameters that get gradients and moments (default: all; fewer under
-    LoRA and other frozen-body methods). shards: FSDP ranks the weights, gradients and
-    moments are split over. weights_allocated: the model is already built, so only what
-    training adds is counted. activation_dtype: bfloat16 under autocast."""
+    seq_len: the longest row a micro-batch will hold (fine-tuning: the longest example after
+    truncation; default block_size). trainable: parameters that get gradients and moments
+    (default: all; fewer under LoRA and other frozen-body methods, whose frozen weights get
+    neither). shards: FSDP ranks the weights, gradients and moments are split over.
+    weights_allocated: the model is already built, so only what training adds is checked.
+    activation_dtype: bfloat16 under autocast."""
     dtype = torch.float32
     size = _itemsize(dtype)
     c = count(config)
@@ -120,10 +183,12 @@ def training_need(
         "training",
         torch.device(device),
         dtype,
-        weights=0 if weights_allocated else (c.params + c.buffers) * size // shards,
+        weights=(c.params + c.buffers) * size // shards,
         gradients=trainable * size // shards,
         optimizer=2 * trainable * size // shards,
-        activations=activation_bytes(config, batch_size, activation_dtype),
+        activations=activation_bytes(config, batch_size, activation_dtype, seq_len),
+        runtime=TRAINING_RUNTIME_BYTES,
+        weights_held=weights_allocated,
     )
 
 
@@ -174,7 +239,7 @@ def check_fits(need: MemoryNeed, label: str, copies: int = 1) -> None:
     if os.environ.get(SKIP_ENV):
         return
     available = available_bytes(need.device)
-    total = need.total * copies
+    total = need.to_allocate * copies
     if available is None or total <= available:
         return
     dtype = str(need.dtype).removeprefix("torch.")
@@ -182,10 +247,11 @@ def check_fits(need: MemoryNeed, label: str, copies: int = 1) -> None:
     parts = [
         f"{name} {gb(value)}"
         for name, value in (
-            ("weights", need.weights),
+            ("weights", 0 if need.weights_held else need.weights),
             ("gradients", need.gradients),
             ("AdamW moments", need.optimizer),
             ("activations", need.activations),
+            ("runtime", need.runtime),
         )
         if value
     ]

@@ -120,11 +120,13 @@ def check_training_memory(
     config: TrainConfig,
     device: torch.device,
     *,
+    seq_len: int | None = None,
     trainable: int | None = None,
     weights_allocated: bool = False,
 ) -> None:
     """ResourceError unless training `model` as `config` says fits on `device` (see
-    resources.py for what is counted)."""
+    resources.py for what is counted). seq_len: the longest row a batch holds (None: the
+    model's block_size, as pretraining windows are)."""
     shards = int(os.environ.get("WORLD_SIZE", "1")) if config.fsdp else 1
     # CPU ranks on one machine share its memory; each GPU rank has a device of its own.
     copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
@@ -132,6 +134,7 @@ def check_training_memory(
         model,
         device,
         config.batch_size,
+        seq_len=seq_len,
         trainable=trainable,
         shards=shards,
         weights_allocated=weights_allocated,
@@ -245,6 +248,8 @@ class Trainer:
             self.model.config,
             config,
             device,
+            # fine-tuning tasks know the longest example they batch; windows are block_size
+            seq_len=getattr(self.task, "seq_len", None),
             trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             weights_allocated=True,
         )

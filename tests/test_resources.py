@@ -214,23 +214,38 @@ def test_pretrain_refuses_gpt3_175b_before_allocating(tmp_path, data_dir):
 
 def test_training_a_loaded_model_counts_what_training_adds(tmp_path, data_dir, monkeypatch):
     """init_from: the weights pass the load check; gradients, moments and activations are
-    checked once the model is built (the Trainer's second check)."""
+    checked once the model is built (the Trainer's second check), and the weights, in memory
+    by then, are not counted against what is left."""
     from gptkit.train import train
 
     source = tmp_path / "source"
     train(load_train_config(None, settings(data_dir, source, "tiny")))
-    config = load_train_config(
-        None,
-        [
-            *settings(data_dir, tmp_path / "tuned", "tiny"),
-            f"init_from={json.dumps(str(source / 'checkpoint'))}",
-        ],
-    )
-    weights = resources.inference_need(preset("tiny", vocab_size=char_vocab())).total
-    monkeypatch.setattr(resources, "available_bytes", lambda device: weights)
-    # The weights are in memory already: the second check counts only what training adds.
+    model = preset("tiny", vocab_size=char_vocab())
+    load_need = resources.inference_need(model).total
+    # A batch whose activations alone are more than loading needed.
+    batch = load_need // resources.activation_bytes(model, 1, torch.float32) + 1
+    training = resources.training_need(model, batch_size=batch, weights_allocated=True)
+    assert training.to_allocate == training.total - training.weights > load_need
+
+    def tuned(name: str, batch_size: int):
+        return load_train_config(
+            None,
+            [
+                *settings(data_dir, tmp_path / name, "tiny"),
+                f"batch_size={batch_size}",
+                f"init_from={json.dumps(str(source / 'checkpoint'))}",
+            ],
+        )
+
+    monkeypatch.setattr(resources, "available_bytes", lambda device: load_need)
     with pytest.raises(ResourceError, match=r"needs ~.* for training in float32 \(gradients"):
-        train(config)
+        train(tuned("refused", batch))
+    # The load sees what loading needs, the Trainer's check exactly what training adds: that
+    # is enough, as the loaded weights are not counted twice.
+    small = resources.training_need(model, batch_size=2, weights_allocated=True).to_allocate
+    left = iter([load_need, small])
+    monkeypatch.setattr(resources, "available_bytes", lambda device: next(left))
+    assert train(tuned("fits", 2)).steps == 1
 
 
 def char_vocab() -> int:
