@@ -237,7 +237,8 @@ def finished_run(data_dir, tmp_path_factory) -> Path:
 
 def test_train_state_is_written_without_pickle(finished_run):
     folder = finished_run / "checkpoint" / "train_state"
-    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "tensors.safetensors"]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["manifest.json", "state.json", "tensors.safetensors"]
     state = load_train_state(finished_run / "checkpoint")
     assert state["step"] == 1 and state["optimizer"]["state"]  # AdamW moments came back
 
