@@ -5,7 +5,9 @@ The estimate comes from the config alone: parameter and buffer counts are read o
 shape-only (meta-device) models of one and two layers, so it costs milliseconds and no memory
 even for a config that claims a million layers (a hostile config.json or GGUF header).
 
-    inference  weights + buffers in the load dtype (the KV cache and activations come on top)
+    inference  weights + buffers in the load dtype, + what loading holds on the way (the
+               largest tensor twice: as read and as converted) and a runtime allowance
+               (kv_cache_bytes gives the KV cache a workload adds on top)
     training   weights + gradients + AdamW's two moments for the *trained* parameters only
                (LoRA and the other frozen-body methods train a few percent of them; gptkit
                trains float32 parameters under autocast, so there is no separate fp32 master
