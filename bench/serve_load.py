@@ -8,8 +8,16 @@ empty messages, an unknown model, a body over --max-body-bytes, max_tokens 10**9
 streams it drops after the first chunk, and checks every answer; then /health must show no
 running or waiting sequence within 10 s. The server is always stopped at the end.
 
+Then the hostile mix (issue 23), each for --hostile-seconds while one small request (a
+non-streamed 8-token completion) is sent again and again: idle (the baseline), abandoned
+non-streaming requests (n=8, a long max_tokens, the client gone after 1 s), megabyte prompts
+(refused as too long for the context, after tokenizing), and one prompt of nearly the whole
+context (8k tokens for SmolLM2) prefilled among them. Reported: the small request's p50/p99
+latency in each, against the idle p99 (target: at most 2x).
+
     .venv/bin/python bench/serve_load.py [--clients 8] [--seconds 60] [--max-tokens 32]
         [--model smollm2-135m-instruct] [--max-batch 8] [--url URL] [--json OUT]
+        [--hostile-seconds SECONDS/3] [--prefill-chunk N]
 
 Prints per phase: requests, requests/s, completion tokens/s (all clients together), p50/p99
 time to first token and latency, tokens per request; the N-client/1-client tokens/s speedup;
@@ -28,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import httpx
@@ -210,17 +218,95 @@ async def slots_freed(url: str) -> bool:
     return False
 
 
+async def probe_during(args, seconds: float, load, errors: list) -> dict:
+    """The small request, one after another for `seconds`, while `load` (a coroutine taking a
+    stop event, or None) runs alongside: its latencies' p50 and p99."""
+    body = {"model": args.model, "prompt": "Hi", "max_tokens": 8, "temperature": 0}
+    stop = asyncio.Event()
+    side = asyncio.create_task(load(stop)) if load else None
+    latencies: list[float] = []
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=args.url, timeout=300) as http:
+        await asyncio.sleep(1.0 if load else 0)  # the load is under way first
+        while time.perf_counter() < start + seconds:
+            t = time.perf_counter()
+            r = await http.post("/v1/completions", json=body)
+            if r.status_code != 200:
+                errors.append(f"small request during load: status {r.status_code}")
+            latencies.append(time.perf_counter() - t)
+    stop.set()
+    if side:  # the client hangs up on what is in flight (an 8k prompt can take a while)
+        side.cancel()
+        with suppress(BaseException):
+            await side
+    return {
+        "probes": len(latencies),
+        "p50": percentile(latencies, 0.5),
+        "p99": percentile(latencies, 0.99),
+    }
+
+
+async def hostile(args, context: int, errors: list) -> dict:
+    """The hostile mix of issue 23, one kind at a time, each against the small request."""
+
+    async def abandoned(stop: asyncio.Event) -> None:
+        body = {"model": args.model, "prompt": "Tell me a long story. " * 8, "n": 8}
+        body |= {"max_tokens": 4000, "temperature": 1.0}
+        while not stop.is_set():
+            async with httpx.AsyncClient(base_url=args.url, timeout=60) as own:
+                with suppress(TimeoutError):  # the client gives up after 1 s and hangs up
+                    await asyncio.wait_for(own.post("/v1/completions", json=body), 1.0)
+
+    async def megabyte(stop: asyncio.Event) -> None:
+        text = "hello " * (args.max_body_bytes // 6 - 100)  # just under the body limit
+        body = {"model": args.model, "messages": [{"role": "user", "content": text}]}
+
+        async def one_sender() -> None:
+            async with httpx.AsyncClient(base_url=args.url, timeout=120) as http:
+                while not stop.is_set():
+                    r = await http.post(CHAT, json=body)
+                    if r.status_code != 400:  # too long for any context: refused after encoding
+                        errors.append(f"megabyte prompt: status {r.status_code}")
+
+        await asyncio.gather(one_sender(), one_sender())
+
+    async def long_prompt(stop: asyncio.Event) -> None:
+        words = max(16, min(context, 8192) - 300)  # ~1 token a word for most tokenizers
+        body = {"model": args.model, "prompt": "hello " * words, "max_tokens": 1}
+        async with httpx.AsyncClient(base_url=args.url, timeout=600) as http:
+            while not stop.is_set():
+                r = await http.post("/v1/completions", json=body)
+                if r.status_code not in (200, 400):
+                    errors.append(f"long prompt: status {r.status_code}")
+
+    seconds = args.hostile_seconds
+    results = {"idle": await probe_during(args, seconds, None, errors)}
+    for name, load in (
+        ("abandoned non-streaming", abandoned),
+        ("megabyte prompts", megabyte),
+        ("one 8k-token prompt", long_prompt),
+    ):
+        results[name] = await probe_during(args, seconds, load, errors)
+        await slots_freed(args.url)  # the next kind starts on an idle server
+    return results
+
+
 async def run(args) -> dict:
     errors: list[str] = []
     async with httpx.AsyncClient(base_url=args.url, timeout=30) as http:
         card = (await http.get("/v1/models")).json()["data"][0]
     args.model, context = card["id"], card.get("context_length", 1 << 30)
-    base = await phase(args, 1, args.seconds / 3, errors)
-    tally: dict[str, list[int]] = {}
-    side = bad_requests(args, context, args.seconds, tally, errors)
-    load = await phase(args, args.clients, args.seconds, errors, side)
-    freed = await slots_freed(args.url)
-    return {"baseline": base, "load": load, "bad": tally, "freed": freed, "errors": errors}
+    results: dict = {"errors": errors}
+    if args.seconds > 0:
+        base = await phase(args, 1, args.seconds / 3, errors)
+        tally: dict[str, list[int]] = {}
+        side = bad_requests(args, context, args.seconds, tally, errors)
+        load = await phase(args, args.clients, args.seconds, errors, side)
+        results |= {"baseline": base, "load": load, "bad": tally}
+    if args.hostile_seconds > 0:
+        results["hostile"] = await hostile(args, context, errors)
+    results["freed"] = await slots_freed(args.url)
+    return results
 
 
 ROWS = {  # label: (key, format)
@@ -237,6 +323,27 @@ ROWS = {  # label: (key, format)
 
 
 def report(args, results: dict) -> None:
+    if "baseline" in results:
+        report_load(args, results)
+    if "hostile" in results:
+        hostile = results["hostile"]
+        idle = hostile["idle"]["p99"]
+        print("\nsmall request (8-token completion) latency, seconds:")
+        print(f"{'during':<26} {'probes':>6} {'p50':>7} {'p99':>7} {'p99/idle':>9}  <= 2x")
+        for name, row in hostile.items():
+            ratio = row["p99"] / idle
+            met = "yes" if ratio <= 2 else "no"
+            print(
+                f"{name:<26} {row['probes']:>6} {row['p50']:>7.3f} {row['p99']:>7.3f} "
+                f"{ratio:>8.2f}x  {met}"
+            )
+    print(f"slots freed after the run (/health running 0, waiting 0): {results['freed']}")
+    print(f"errors: {len(results['errors'])}")
+    for reason, count in Counter(results["errors"]).most_common():
+        print(f"  {count} x {reason}")
+
+
+def report_load(args, results: dict) -> None:
     base, load = results["baseline"], results["load"]
     print(f"gptkit serve {args.model} at {args.url}, max_tokens {args.max_tokens}")
     print(f"{'':<22} {'1 client':>10} {f'{args.clients} clients':>11}")
@@ -247,10 +354,6 @@ def report(args, results: dict) -> None:
     print(f"{'bad request':<36} {'tried':>5} {'right':>5}")
     for name, (tried, right) in results["bad"].items():
         print(f"{name:<36} {tried:>5} {right:>5}")
-    print(f"slots freed after the run (/health running 0, waiting 0): {results['freed']}")
-    print(f"errors: {len(results['errors'])}")
-    for reason, count in Counter(results["errors"]).most_common():
-        print(f"  {count} x {reason}")
 
 
 @contextmanager
@@ -263,6 +366,8 @@ def serving(args):
     command = [sys.executable, "-m", "gptkit", "serve", "--model", args.model, "--port", str(port)]
     command += ["--host", "127.0.0.1", "--max-batch", str(args.max_batch)]
     command += ["--max-body-bytes", str(args.max_body_bytes)]
+    if args.prefill_chunk:
+        command += ["--prefill-chunk", str(args.prefill_chunk)]
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -296,10 +401,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help="the N-client run's length")
     parser.add_argument("--max-tokens", type=int, default=32, help="per request")
     parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
-    parser.add_argument("--max-body-bytes", type=int, default=65536, help="the server's limit")
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="the server's limit (1 MiB)"
+    )
+    parser.add_argument(
+        "--hostile-seconds", type=float, help="each hostile phase (default: --seconds / 3; 0: none)"
+    )
+    parser.add_argument("--prefill-chunk", type=int, help="the server's --prefill-chunk")
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.hostile_seconds is None:
+        args.hostile_seconds = args.seconds / 3
     with nullcontext() if args.url else serving(args):
         results = asyncio.run(run(args))
     report(args, results)

@@ -153,7 +153,6 @@ class TextStream:
         self.text = ""  # the decoded text of ids[:read]
         self.context = self.read = 0  # ids[context:read]: left context for the next decode
         self.sent = 0  # characters released so far
-        self.hold = max((len(s) for s in stop), default=1) - 1
         self.stopped = False
 
     def push(self, token: int) -> str:
@@ -168,7 +167,7 @@ class TextStream:
         if len(after) > len(before) and not after.endswith("\ufffd"):  # whole characters
             self.text += after[len(before) :]
             self.context, self.read = self.read, len(self.ids)
-        return self._release(len(self.text) - self.hold)
+        return self._release(len(self.text) - self._held())
 
     def flush(self) -> str:
         """The rest of the text (an unfinished character included), at the end of generation."""
@@ -178,6 +177,16 @@ class TextStream:
         self.read = len(self.ids)
         self.stopped = True
         return self._release(len(self.text))
+
+    def _held(self) -> int:
+        """How many final characters to hold back: the longest unsent tail that begins some
+        stop string. Holding max(len(stop)) - 1 instead would let one 100k-character stop
+        string hold back a whole reply."""
+        unsent = len(self.text) - self.sent
+        for k in range(min(unsent, max((len(s) - 1 for s in self.stop), default=0)), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stop):
+                return k
+        return 0
 
     def _release(self, ready: int) -> str:
         # A stop string starting before `sent` would have been complete, and found, by then.

@@ -256,18 +256,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .api import load
-    from .serve import ServeConfig, serve
+    from .serve import ServeConfig, read_api_key, serve
 
+    key = read_api_key(args.api_key_file) if args.api_key_file else None
     config = ServeConfig(
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get("GPTKIT_API_KEY"),
+        api_key=key or args.api_key or os.environ.get("GPTKIT_API_KEY"),
+        allowed_hosts=tuple(args.allowed_host),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         max_seconds=args.max_seconds,
         max_tokens=args.max_tokens,
         shutdown_seconds=args.shutdown_seconds,
+        **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
     )  # validated before spending time on loading the model
     # Row-major weights (the training layout) for batched decoding: on 2 cores a SmolLM2 step
     # of 8 rows takes 144 ms with them against 243 ms with the column-major decode layout,
@@ -454,10 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or GPTKIT_API_KEY)")
+    p.add_argument("--api-key-file", help="the same, with the key read from a file (not in ps)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="a Host name to answer besides localhost when bound to a loopback address",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences; then 503")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
     p.add_argument("--max-seconds", type=float, default=300.0, help="generation time limit")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="longer prompts are fed this many tokens at a time between decoding steps",
+    )
     p.add_argument(
         "--max-tokens", type=int, default=4096, help="most tokens a request may ask for; more: 400"
     )

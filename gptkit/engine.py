@@ -3,8 +3,11 @@
 HTTP handlers `submit` a `Sequence` and receive its text through the sequence's `emit`
 callback; they never call the model. The engine thread loops:
 
-1. admit waiting sequences while a slot is free: prefill each prompt into its own row of a
-   shared KV cache (`SlotCache`) and sample its first token;
+1. admit waiting sequences while a row is free: a short prompt (at most `prefill_chunk`
+   tokens) is prefilled at once into its row of a shared KV cache (`SlotCache`); a longer
+   one gets the next `prefill_chunk` of its tokens fed in this iteration and the rest in the
+   next ones (one long prompt at a time). A prompt whose last chunk is in samples its first
+   token and joins the running rows;
 2. run ONE forward pass for all running rows (each row one token), sample each row with its
    own settings, and hand out the new text;
 3. retire rows that finished (EOS, a stop string, max_tokens, the time limit) or whose client
@@ -13,10 +16,16 @@ callback; they never call the model. The engine thread loops:
 This is continuous batching: a request joins the running batch at the next step instead of
 waiting for the batch to drain. Rows keep their own lengths, so a new short prompt and an old
 long conversation share a step; a key mask hides each row's unused cache columns.
+
+Chunked prefill (as in vLLM and llama.cpp's server): an 8,000-token prompt is fed a chunk per
+iteration between decoding steps, so running streams keep getting tokens instead of freezing
+for the whole prefill, and its activations stay a chunk's worth. When nothing runs or waits,
+the cache is dropped and the freed pages go back to the system.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -26,10 +35,14 @@ from typing import Any
 
 import torch
 
+from . import resources
 from .api import LM, TextStream
 from .config import GPTConfig, SampleConfig
+from .convert import _free_memory_function
 from .generate import eval_mode, pick_next
 from .model import KVCache
+
+_free_memory = _free_memory_function()
 
 
 class EngineBusy(RuntimeError):
@@ -48,6 +61,9 @@ class Sequence:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     deadline: float = float("inf")  # time.monotonic() after which generation is cut
+    # Special tokens the model generates are left out of the text (vLLM's skip_special_tokens);
+    # one whose string a stop sequence names (an end-of-turn token) ends the reply.
+    skip_special: bool = False
     cancelled: bool = False  # set by the HTTP side when the client disconnects
     generated: int = 0
 
@@ -100,6 +116,15 @@ class SlotCache(KVCache):
 
 
 @dataclass
+class _Filling:
+    """A long prompt being prefilled, a chunk per iteration, into the cache's last row (the
+    running rows stay below it: 0..n-1 with n < max_batch while it fills)."""
+
+    seq: Sequence
+    done: int = 0  # prompt tokens already in the cache
+
+
+@dataclass
 class _Slot:
     seq: Sequence
     text: TextStream
@@ -116,6 +141,9 @@ class EngineStats:
     steps: int = 0  # batched decoding steps
     tokens: int = 0  # tokens generated (including each prefill's first token)
     prefills: int = 0
+    prefill_chunks: int = 0  # forward passes over prompt tokens (a long prompt takes several)
+    releases: int = 0  # times the idle engine gave its cache memory back
+    cache_columns: int = 0  # the most positions per row the cache has held
     max_batch: int = 0  # the most rows one step has decoded together
     finished: dict[str, int] = field(default_factory=dict)
 
@@ -123,9 +151,13 @@ class EngineStats:
 class Engine:
     """Owns the model; `submit` from any thread, `start` once, `close` at shutdown."""
 
-    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64):
-        self.lm, self.max_batch = lm, max_batch
+    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64):
+        self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
         self.config: GPTConfig = lm.model.config
+        check_cache_memory(lm, max_batch)
+        tok = lm.tokenizer
+        self.eos_id = tok.eos_id
+        self.special_names = {i: s for s, i in tok.special_tokens.items() if i != tok.eos_id}
         # A model may have more embedding rows than its tokenizer has tokens (vocabularies
         # padded for speed); those ids have no text, so they are never sampled.
         self.vocab_size = min(lm.tokenizer.vocab_size, self.config.vocab_size)
@@ -133,6 +165,7 @@ class Engine:
         self.running: list[_Slot] = []
         self.stats = EngineStats()
         self._cache: SlotCache | None = None  # allocated at the first request
+        self._filling: _Filling | None = None
         self._closing = threading.Event()
         self._cutoff = float("inf")  # set by drain: when every generation is cut short
         self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
@@ -184,45 +217,102 @@ class Engine:
                     self._admit()
                     if self.running:
                         self._step()
+                    elif self._filling is None and self._cache is not None:
+                        self._release()
                 except Exception as e:  # a bug must fail its requests, not kill the server
-                    for slot in self.running:
-                        slot.seq.emit(("error", f"generation failed: {e}"))
+                    for seq in self._active():
+                        seq.emit(("error", f"generation failed: {e}"))
                     self.running.clear()
-        for slot in self.running:
-            slot.seq.emit(("error", "the server is shutting down"))
+                    self._filling = None
+        for seq in self._active():
+            seq.emit(("error", "the server is shutting down"))
         while not self.waiting.empty():
             self.waiting.get_nowait().emit(("error", "the server is shutting down"))
 
+    def _active(self) -> list[Sequence]:
+        filling = [self._filling.seq] if self._filling is not None else []
+        return [slot.seq for slot in self.running] + filling
+
+    def _release(self) -> None:
+        """Nothing runs: drop the cache (it grew to the longest sequence) and hand the freed
+        pages back, so one long prompt does not keep the process large for ever."""
+        self._cache = None
+        _free_memory()
+        self.stats.releases += 1
+
     def _admit(self) -> None:
-        """Prefill waiting sequences into free rows; block briefly only when nothing runs."""
-        while len(self.running) < self.max_batch:
-            try:
-                seq = (
-                    self.waiting.get(timeout=0.05)
-                    if not self.running
-                    else self.waiting.get_nowait()
-                )
-            except queue.Empty:
-                return
-            if seq.cancelled:
+        """Admit waiting sequences into free rows (block briefly only when nothing runs), then
+        feed the long prompt being filled, if any, its next chunk."""
+        while self._free_rows() > 0:
+            seq = self._next_waiting()
+            if seq is None:
+                break
+            if len(seq.prompt) > self.prefill_chunk:
+                self._filling = _Filling(seq)
                 continue
-            try:
-                self._prefill(seq)
+            try:  # a short prompt: prefilled at once, as a single chunk
+                self._prefill(_Filling(seq), len(self.running))
             except Exception as e:  # this request fails; the running ones go on
                 if self.running and self.running[-1].seq is seq:
                     self.running.pop()
                 seq.emit(("error", f"generation failed: {e}"))
+        if self._filling is not None:
+            filling, self._filling = self._filling, None
+            try:
+                self._prefill(filling, self.max_batch - 1)
+            except Exception as e:
+                if self.running and self.running[-1].seq is filling.seq:
+                    self.running.pop()
+                filling.seq.emit(("error", f"generation failed: {e}"))
 
-    def _prefill(self, seq: Sequence) -> None:
-        model, device = self.lm.model, self.lm.model.tok_emb.weight.device
+    def _free_rows(self) -> int:
+        return self.max_batch - len(self.running) - (self._filling is not None)
+
+    def _next_waiting(self) -> Sequence | None:
+        """The next live waiting sequence; None when there is none, or when it is a long
+        prompt and another one is being filled (it waits for its turn, in order)."""
+        while True:
+            if self._filling is not None:
+                with self.waiting.mutex:  # peek: a long prompt stays first in line
+                    head = self.waiting.queue[0] if self.waiting.queue else None
+                if head is None or len(head.prompt) > self.prefill_chunk:
+                    return None
+            try:
+                idle = not self.running and self._filling is None
+                seq = self.waiting.get(timeout=0.05) if idle else self.waiting.get_nowait()
+            except queue.Empty:
+                return None
+            if not seq.cancelled:
+                return seq
+
+    def _prefill(self, filling: _Filling, row: int) -> None:
+        """Feed the next chunk of filling's prompt into cache row `row`; after its last chunk,
+        move the row to the end of the running rows, sample the first token, and join them.
+        A prompt with more to feed is put back as the one being filled."""
+        seq, model = filling.seq, self.lm.model
+        device = model.tok_emb.weight.device
+        if seq.cancelled or (filling.done and time.monotonic() > min(seq.deadline, self._cutoff)):
+            if not seq.cancelled:  # out of time between two chunks
+                seq.emit(("done", "length"))
+            return
         if self._cache is None:
             size = min(self.context, 256)
             dtype = model.tok_emb.weight.dtype
             self._cache = SlotCache(self.config, self.max_batch, size, device, dtype)
-        self._cache.reserve(len(seq.prompt), self.context)
+        take = min(self.prefill_chunk, len(seq.prompt) - filling.done)
+        self._reserve(filling.done + take)
+        view = self._cache.row(row)
+        view.length = filling.done  # continue after the chunks already in
+        chunk = torch.tensor([seq.prompt[filling.done : filling.done + take]], device=device)
+        logits = model(chunk, cache=view, last_only=True)[:, -1].float()  # [1, V]
+        filling.done += take
+        self.stats.prefill_chunks += 1
+        if filling.done < len(seq.prompt):
+            self._filling = filling
+            return
         r = len(self.running)
-        ids = torch.tensor([seq.prompt], device=device)  # [1, P]
-        logits = model(ids, cache=self._cache.row(r), last_only=True)[:, -1].float()  # [1, V]
+        if row != r:
+            self._cache.move(row, r, filling.done)
         V = logits.shape[-1]
         s = seq.sample
         generator = None
@@ -232,7 +322,7 @@ class Engine:
         seen = None
         if s.repetition_penalty != 1.0:
             seen = torch.zeros(1, V, dtype=torch.bool, device=device)
-            seen[0, ids[0]] = True
+            seen[0, torch.tensor(seq.prompt, device=device)] = True
         slot = _Slot(
             seq=seq,
             text=TextStream(self.lm.tokenizer, s.stop),
@@ -247,8 +337,8 @@ class Engine:
         self.stats.prefills += 1
         if slot.budget <= 0:
             self._finish(r, "length")
-            return
-        self._take(r, logits)
+        else:
+            self._take(r, logits)
 
     def _step(self) -> None:
         """One forward pass for every running row, then each row's next token."""
@@ -256,7 +346,7 @@ class Engine:
         n = len(self.running)
         lengths = torch.tensor([s.length for s in self.running], device=device)  # [n]
         cache.columns, cache.length = lengths, int(lengths.max())
-        cache.reserve(cache.length + 1, self.context)
+        self._reserve(cache.length + 1)
         key_mask = torch.arange(cache.length + 1, device=device)[None, :] <= lengths[:, None]
         tokens = torch.tensor([[s.token] for s in self.running], device=device)  # [n, 1]
         logits = self.lm.model(
@@ -296,7 +386,7 @@ class Engine:
             slot.counts[token] += 1
         if slot.seen is not None:
             slot.seen[0, token] = True
-        piece = slot.text.push(token)
+        piece = self._text(slot, token)
         if piece:
             seq.emit(("text", piece))
         if slot.text.stopped:
@@ -305,6 +395,20 @@ class Engine:
             if piece := slot.text.flush():
                 seq.emit(("text", piece))
             self._finish(r, "length")
+
+    def _reserve(self, columns: int) -> None:
+        self._cache.reserve(columns, self.context)
+        self.stats.cache_columns = max(self.stats.cache_columns, self._cache.max_len)
+
+    def _text(self, slot: _Slot, token: int) -> str:
+        """The text that `token` makes final. A skipped special token adds none; one whose
+        string a stop sequence names (say <|im_end|>) ends the reply as that stop would."""
+        name = self.special_names.get(token) if slot.seq.skip_special else None
+        if name is None:
+            return slot.text.push(token)
+        if any(stop in name for stop in slot.seq.sample.stop):
+            return slot.text.flush()  # sets `stopped`
+        return ""
 
     def _finish(self, r: int, reason: str | None) -> None:
         """Retire row r (reason None: the client left) and move the last row into its place."""
@@ -318,3 +422,22 @@ class Engine:
             self._cache.move(last, r, self.running[last].length)
             self.running[r] = self.running[last]
         self.running.pop()
+
+
+def check_cache_memory(lm: LM, max_batch: int) -> None:
+    """Refuse a batch whose KV cache cannot fit: max_batch rows of the whole context, keys and
+    values of every layer. The cache grows as sequences do, so without this check a server
+    with --max-batch 100000 starts, then fails every request once the cache is large."""
+    config, weight = lm.model.config, lm.model.tok_emb.weight
+    per_row = 2 * config.n_layer * config.n_kv_head * config.block_size * config.head_dim
+    per_row *= weight.element_size()
+    need = per_row * max_batch
+    available = resources.available_bytes(weight.device)
+    if os.environ.get(resources.SKIP_ENV) or available is None or need <= available:
+        return
+    raise resources.ResourceError(
+        f"max_batch {max_batch} needs ~{resources.gb(need)} of KV cache ({max_batch} rows x "
+        f"{config.block_size} positions x {resources.gb(per_row)} per row) but "
+        f"{weight.device} has {resources.gb(available)} available; use --max-batch "
+        f"{max(1, available // per_row)} or less (set {resources.SKIP_ENV}=1 to try anyway)"
+    )

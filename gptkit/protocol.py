@@ -15,6 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 # OpenAI allows up to 4 stop sequences and up to 128 choices; a local server keeps n small.
 MAX_STOP = 4
 MAX_N = 8
+# Refused before any rendering: a chat of thousands of turns never fits a context anyway, and
+# rendering 30,000 empty messages costs about a second of CPU.
+MAX_MESSAGES = 2048
+
+
+def _text(value: str | None, what: str) -> str | None:
+    """A string that can be UTF-8: Python's json reads a lone surrogate ("\\ud800"), which is
+    no character, and the tokenizers refuse it later; refuse it here with the field named."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = value[e.start]
+            raise ValueError(
+                f"{what} is not valid text: it holds a lone surrogate (U+{ord(bad):04X})"
+            ) from None
+    return value
 
 
 # The range of a seed: the int64 OpenAI documents (torch takes any 64-bit value).
@@ -49,13 +66,24 @@ class SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extension, on by default as there: special tokens the model generates are left
+    # out of the returned text, so that a client sending the reply back as history cannot
+    # smuggle control tokens in. false returns them as text.
+    skip_special_tokens: bool = True
 
     @field_validator("stop")
     @classmethod
     def _no_empty_stop(cls, stop):
         if stop == "" or (isinstance(stop, list) and "" in stop):
             raise ValueError("stop sequences must not be empty strings")
+        for s in [stop] if isinstance(stop, str) else stop or []:
+            _text(s, "a stop sequence")
         return stop
+
+    @field_validator("user")
+    @classmethod
+    def _user_is_text(cls, user):
+        return _text(user, "user")
 
     @property
     def stops(self) -> list[str]:
@@ -68,6 +96,10 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=0)] = 16  # OpenAI's default for completions
     echo: bool = False
+    # Special-token strings in a text prompt are plain text, as OpenAI treats them; true makes
+    # them control tokens (a raw prompt written in the model's own format). Token-id prompts
+    # are always taken as they are.
+    parse_special: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -111,7 +143,7 @@ class ErrorResponse(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     # None: as many as the context leaves (OpenAI's default); max_completion_tokens is the
     # newer name for the same limit.
     max_tokens: Annotated[int, Field(ge=1)] | None = None

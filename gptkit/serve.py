@@ -9,29 +9,43 @@ server-sent events with `"stream": true`, in OpenAI's chunk format), GET /health
 page at /. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}},
 with the status code OpenAI uses. Handlers only validate and translate: the engine thread
 owns the model and batches every running request into each decoding step.
+
+Hardening (docs/RELIABILITY.md, "Serving"): bound to a loopback address the server answers
+only loopback Host names (DNS rebinding); the API key is checked before a body is read, and
+covers the OpenAPI schema; there is no docs page (it would load a third-party script);
+requests must send their head within `header_seconds` and their body within `body_seconds`;
+big prompts are tokenized off the event loop; message content is encoded as text (control
+tokens come only from the chat template) and generated special tokens are left out of replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
+import re
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .api import LM
-from .chat import ChatTemplateError, chat_prompt, turn_stops
+from .chat import chat_prompt_ids, turn_stops
 from .config import ConfigError, SampleConfig
 from .engine import Engine, EngineBusy, Sequence
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
@@ -53,19 +67,84 @@ class ServeConfig:
     # On SIGTERM / Ctrl-C, generations still running this long after are cut short
     # (finish_reason "length") so that their responses end cleanly; then the process exits 0.
     shutdown_seconds: float = 10.0
+    # Host names accepted besides the loopback ones when bound to a loopback address.
+    allowed_hosts: tuple[str, ...] = ()
+    # A client must send a request's head within header_seconds of starting it, and its body
+    # within body_seconds of the head; an idle keep-alive connection closes after
+    # keep_alive_seconds. Without them a socket that sends nothing holds a connection for ever.
+    header_seconds: float = 10.0
+    body_seconds: float = 30.0
+    keep_alive_seconds: float = 5.0
+    prefill_chunk: int = 64  # prompt tokens fed between two decoding steps
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_batch", "max_queue", "max_body_bytes", "max_tokens"):
+        for name in ("max_batch", "max_queue", "max_body_bytes", "max_tokens", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.max_seconds > 0:
-            raise ConfigError(f"max_seconds must be > 0, got {self.max_seconds}")
+        for name in ("max_seconds", "header_seconds", "body_seconds", "keep_alive_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.shutdown_seconds >= 0:
             raise ConfigError(f"shutdown_seconds must be >= 0, got {self.shutdown_seconds}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("the API key is empty; give a non-empty key or none")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
+        self.allowed_hosts = tuple(h.lower().rstrip(".") for h in self.allowed_hosts)
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def check_api_key(key: str) -> None:
+    """A key a client can send: one HTTP header token of visible ASCII. A non-ASCII key, or
+    one with a space or a trailing newline, could never match what a client sends, and every
+    request would get 401 for ever."""
+    if not key:
+        raise ConfigError("the API key is empty; give a non-empty key or none")
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise ConfigError(
+            "the API key must be visible ASCII characters with no spaces (it travels in an "
+            "HTTP header, where anything else never matches); pick another key"
+        )
+
+
+def read_api_key(path: str | Path) -> str:
+    """The key in a file (`--api-key-file`: unlike --api-key, not visible in `ps`), without
+    its final newline; the file is read only up to a few kB."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4097)
+    except OSError as e:
+        raise ConfigError(f"cannot read the API key file {path}: {e.strerror or e}") from None
+    if len(data) > 4096:
+        raise ConfigError(f"the API key file {path} is over 4 kB; it should hold one key")
+    try:
+        key = data.decode("ascii").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise ConfigError(f"the API key in {path} is not ASCII; pick another key") from None
+    check_api_key(key)
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warnings(config: ServeConfig) -> list[str]:
+    """What `gptkit serve` warns about at startup."""
+    if not config.loopback and config.api_key is None:
+        return [
+            f"serving on {config.host} with no API key: anyone who can reach port "
+            f"{config.port} can use the model; set --api-key-file (or --api-key)"
+        ]
+    return []
 
 
 class APIError(Exception):
@@ -89,10 +168,12 @@ def _overloaded(message: str) -> APIError:
 
 class BodyLimit:
     """ASGI middleware: refuse bodies over `limit` bytes with 413, before reading them whole
-    (by Content-Length, and by counting for chunked uploads)."""
+    (by Content-Length, and by counting for chunked uploads), and bodies that do not arrive
+    within `seconds` with 408 (a client sending a byte a minute, or a chunk size of 2^64-1
+    and then nothing, would hold its connection for ever)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, seconds: float = 30.0):
+        self.app, self.limit, self.seconds = app, limit, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,11 +182,20 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
             return await too_big.response()(scope, receive, send)
-        seen = 0
+        seen, complete = 0, False
+        deadline = time.monotonic() + self.seconds
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: waiting for a disconnect, which has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the request body did not arrive within {self.seconds:g} s"
+                ) from None
+            complete = not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 # An HTTPException: FastAPI turns any other error raised while it reads the
@@ -115,6 +205,62 @@ class BodyLimit:
 
         # FastAPI answers the HTTPException with http_error below: 413, code "too_large".
         await self.app(scope, counted, send)
+
+
+class Gate:
+    """ASGI middleware run before anything reads the body: the Host allow-list (a server bound
+    to a loopback address answers only loopback names, as Ollama does: a web page the user
+    visits cannot reach it by DNS rebinding), then the API key on /v1/* and the schema."""
+
+    LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.key = app, config.api_key
+        self.hosts = None  # None: any Host (bound to a public address: the key guards it)
+        if config.loopback:
+            self.hosts = self.LOOPBACK_NAMES | {config.host.lower()} | set(config.allowed_hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.hosts is not None:
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in self.hosts:
+                refused = APIError(
+                    403,
+                    f"the Host {host!r} is not served: this server listens on a loopback "
+                    "address and answers only localhost names; start it with "
+                    f"--allowed-host {host or 'NAME'} to accept that name",
+                    "permission_error",
+                    code="host_not_allowed",
+                )
+                return await refused.response()(scope, receive, send)
+        path = scope["path"]
+        guarded = self.key is not None and (path.startswith("/v1/") or path == "/openapi.json")
+        if guarded and not _bearer_matches(headers.get(b"authorization", b""), self.key):
+            refused = APIError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+            return await refused.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without the port: "[::1]:8000" -> "[::1]"."""
+    host = host.strip().lower()
+    name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.split(":", 1)[0]
+    return name.rstrip(".")
+
+
+def _bearer_matches(header: bytes, key: str) -> bool:
+    """RFC 7235: the scheme is case-insensitive ("bearer", "BEARER"); the key is compared in
+    constant time."""
+    scheme, _, given = header.strip().partition(b" ")
+    matches = hmac.compare_digest(given.strip(), key.encode())
+    return matches and scheme.lower() == b"bearer"
 
 
 def _sse(data: Any) -> str:
@@ -158,10 +304,23 @@ class Outbox:
 class Server:
     """The request handling: prompts to sequences, engine events to OpenAI responses."""
 
+    # Prompts up to this size are tokenized on the event loop (well under a millisecond);
+    # larger ones in a worker thread, so that a megabyte prompt never stalls the other
+    # requests' streams, /health, or the next request's parsing.
+    INLINE_CHARS = 4096
+
     def __init__(self, lm: LM, name: str, config: ServeConfig):
         self.lm, self.name, self.config = lm, name, config
-        self.engine = Engine(lm, config.max_batch, config.max_queue)
+        self.engine = Engine(lm, config.max_batch, config.max_queue, config.prefill_chunk)
         self.chat_stops = turn_stops(lm.tokenizer)
+        # One worker: big prompts wait for each other rather than share two cores with the
+        # engine. The tokenizers release the GIL while they encode.
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="gptkit-tokenize")
+
+    async def _off_loop(self, size: int, work: Callable[[], Any]) -> Any:
+        if size <= self.INLINE_CHARS:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, work)
 
     # --- prompts and sequences -----------------------------------------------------------
 
@@ -174,9 +333,12 @@ class Server:
                 code="model_not_found",
             )
 
-    def _budget(self, prompt: list[int], max_tokens: int | None, param: str = "max_tokens") -> int:
-        """max_tokens (the request's field `param`) capped so the prompt and the reply fit the
-        context (None: all of it, up to the server's max_tokens)."""
+    def _budget(
+        self, prompt: list[int], max_tokens: int | None, param: str, prompt_param: str
+    ) -> int:
+        """max_tokens (the request's field `param`) capped so the prompt (the field
+        `prompt_param`) and the reply fit the context (None: all of it, up to the server's
+        max_tokens)."""
         limit = self.config.max_tokens
         if max_tokens is not None and max_tokens > limit:
             raise APIError(
@@ -192,7 +354,7 @@ class Server:
                 400,
                 f"the prompt has {len(prompt)} tokens but the model's context is {context}; "
                 "shorten the prompt",
-                param="messages",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         room = context - len(prompt) + 1  # the last token is never fed back
@@ -202,14 +364,7 @@ class Server:
         self, outbox: Outbox, body: SamplingFields, prompts: list[list[int]], budget, stop
     ) -> None:
         """Queue body.n sequences per prompt; choice index = prompt * n + i, as OpenAI's."""
-        wanted, most = len(prompts) * body.n, self.engine.waiting.maxsize
-        if wanted > most:  # would never fit, however long the client waited
-            raise APIError(
-                400,
-                f"this request asks for {wanted} completions (prompts x n) but the server "
-                f"queues at most {most}; send fewer prompts or a smaller n",
-                param="n",
-            )
+        self._check_count(len(prompts) * body.n)
         deadline = time.monotonic() + self.config.max_seconds
         for p, prompt in enumerate(prompts):
             for i in range(body.n):
@@ -234,6 +389,7 @@ class Server:
                     presence_penalty=body.presence_penalty,
                     logit_bias=self._logit_bias(body),
                     deadline=deadline,
+                    skip_special=body.skip_special_tokens,
                 )
                 try:
                     self.engine.submit(seq)
@@ -249,11 +405,21 @@ class Server:
             raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         return bias
 
-    def _encode_prompts(self, prompt) -> list[list[int]]:
+    async def _encode_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
             texts = [prompt] if isinstance(prompt, str) else prompt
-            return [self._prompt_ids(t, "prompt") for t in texts]
+            self._check_count(len(texts) * body.n)  # before any work on the texts
+            tok = self.lm.tokenizer
+            # Special-token strings are text unless the client asks for a raw prompt.
+            encode = (lambda t: tok.encode_many([t])[0]) if body.parse_special else tok.encode_text
+
+            def work() -> list[list[int]]:
+                return [self._nonempty(self._encoded(encode, t, "prompt")) for t in texts]
+
+            return await self._off_loop(sum(map(len, texts)), work)
         rows = [prompt] if isinstance(prompt[0], int) else prompt
+        self._check_count(len(rows) * body.n)
         vocab = self.lm.config.vocab_size
         for row in rows:
             if not row or any(not 0 <= t < vocab for t in row):
@@ -266,9 +432,23 @@ class Server:
                 raise APIError(400, str(e), param="prompt") from None
         return rows
 
-    def _prompt_ids(self, text: str, param: str) -> list[int]:
+    def _check_count(self, wanted: int) -> None:
+        most = self.engine.waiting.maxsize
+        if wanted > most:  # would never fit, however long the client waited
+            raise APIError(
+                400,
+                f"this request asks for {wanted} completions (prompts x n) but the server "
+                f"queues at most {most}; send fewer prompts or a smaller n",
+                param="n",
+            )
+
+    def _nonempty(self, ids: list[int]) -> list[int]:
+        return ids or self.lm.prompt_ids("")  # an empty prompt starts from BOS (or EOS)
+
+    @staticmethod
+    def _encoded(encode: Callable[[str], list[int]], text: str, param: str) -> list[int]:
         try:
-            return self.lm.prompt_ids(text)
+            return encode(text)
         except ValueError as e:  # e.g. a lone surrogate ("\\udc80" in the JSON): not text
             raise APIError(400, str(e), param=param) from None
 
@@ -276,15 +456,19 @@ class Server:
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body)
-        prompts = self._encode_prompts(body.prompt)
+        prompts = await self._encode_prompts(body)
         # OpenAI's default of 16 applies when the client sets none; the server's cap, if lower.
         limit = body.max_tokens
         if "max_tokens" not in body.model_fields_set:
             limit = min(limit, self.config.max_tokens)
+
+        def budget(prompt: list[int]) -> int:
+            return self._budget(prompt, limit, "max_tokens", "prompt")
+
         for prompt in prompts:
-            self._budget(prompt, limit)  # every prompt must fit before any starts
+            budget(prompt)  # every prompt must fit before any starts
         outbox = Outbox()
-        self._submit(outbox, body, prompts, lambda p: self._budget(p, limit), body.stops)
+        self._submit(outbox, body, prompts, budget, body.stops)
         echoes = [self.lm.tokenizer.decode(p) if body.echo else "" for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
 
@@ -310,17 +494,23 @@ class Server:
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body)
+        self._check_count(body.n)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text}
             for m in body.messages
         ]
-        try:
-            text = chat_prompt(self.lm.tokenizer, messages)
-        except ChatTemplateError as e:
-            raise APIError(400, str(e), param="messages") from None
-        prompt = self._prompt_ids(text, "messages")
+
+        def work() -> list[int]:
+            try:  # control tokens only from the template; contents are text
+                return self._nonempty(chat_prompt_ids(self.lm.tokenizer, messages))
+            except ValueError as e:  # ChatTemplateError, or content that is not text
+                raise APIError(400, str(e), param="messages") from None
+
+        # Each message costs the template a few strings: count them with the contents.
+        size = sum(len(m["content"]) + 16 for m in messages)
+        prompt = await self._off_loop(size, work)
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        budget = self._budget(prompt, getattr(body, field), field)
+        budget = self._budget(prompt, getattr(body, field), field, "messages")
         outbox = Outbox()
         self._submit(outbox, body, [prompt], lambda p: budget, [*body.stops, *self.chat_stops])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
@@ -349,23 +539,32 @@ class Server:
 
     # --- engine events to responses --------------------------------------------------------
 
+    # How often a non-streamed request looks for its client, whether tokens come or not.
+    DISCONNECT_CHECK_SECONDS = 0.25
+
     async def _collect(self, outbox: Outbox, request: Request) -> tuple[list[str], list[str]]:
-        """Wait for every sequence to finish; a client gone meanwhile cancels them all."""
+        """Wait for every sequence to finish; a client gone meanwhile cancels them all (checked
+        every DISCONNECT_CHECK_SECONDS even while tokens keep coming: a request that bans EOS
+        would otherwise hold its slots until max_tokens or --max-seconds)."""
         n = len(outbox.sequences)
         texts, reasons = [""] * n, [None] * n
+        check = self.DISCONNECT_CHECK_SECONDS
+        next_check = time.monotonic() + check
         try:
             while any(r is None for r in reasons):
                 try:
-                    i, (kind, value) = await asyncio.wait_for(outbox.queue.get(), 0.5)
+                    i, (kind, value) = await asyncio.wait_for(outbox.queue.get(), check)
                 except TimeoutError:
+                    i, kind, value = -1, "wait", None
+                if time.monotonic() >= next_check:
                     if await request.is_disconnected():
                         raise APIError(499, "the client closed the request") from None
-                    continue
+                    next_check = time.monotonic() + check
                 if kind == "text":
                     texts[i] += value
                 elif kind == "done":
                     reasons[i] = value
-                else:
+                elif kind == "error":
                     raise APIError(503, value, "server_error")
         finally:
             outbox.cancel()  # a no-op for finished sequences
@@ -415,6 +614,10 @@ class Server:
         }
 
 
+# Names pydantic puts in an error's location for the member of a union it tried.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app serving `lm` as the model `name`; the engine runs while the app does."""
     config = config or ServeConfig()
@@ -434,21 +637,20 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
             if not lifespans:
                 server.engine.close()
 
-    app = FastAPI(title="gptkit", lifespan=lifespan)
+    # No docs page (FastAPI's loads swagger-ui from a CDN into this origin, unpinned); the
+    # schema is served below, behind the key; no trailing-slash redirects (they would echo
+    # the request's Host in Location).
+    app = FastAPI(
+        title="gptkit",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.server = server
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-
-    def authorized(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {config.api_key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):  # constant time
-            raise APIError(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes, seconds=config.body_seconds)
+    app.add_middleware(Gate, config=config)  # added last: runs first
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -457,24 +659,38 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0]
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return APIError(400, "the request body is not valid JSON").response()
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid value')}"
-        return APIError(400, message, param=".".join(where) or None).response()
+        # The field's path in the request; pydantic adds the union member it tried ("str",
+        # "list[int]", "function-after[...]"), which names no field: those are dropped.
+        where = [
+            str(p)
+            for p in first.get("loc", ())[1:]
+            if isinstance(p, int) or (str(p).isidentifier() and p not in _TYPE_TAGS)
+        ]
+        param = ".".join(where) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return APIError(400, message, param=param).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        code = "too_large" if e.status_code == 413 else None
+        code = {413: "too_large", 408: "timeout"}.get(e.status_code)
         return APIError(e.status_code, str(e.detail), code=code).response()
 
-    v1 = [Depends(authorized)]
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):  # a bug: still OpenAI's shape
+        return APIError(500, "internal server error (a bug in gptkit)", "server_error").response()
+
     # What the routes answer, for the OpenAPI schema (clients and schemathesis read it).
-    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 408, 413, 503)}
     generated = {
         **errors,
         200: {"content": {"application/json": {}, "text/event-stream": {}}},
     }
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def schema():
+        return app.openapi()
 
     @app.get("/health")
     async def health():
@@ -486,16 +702,16 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
             "waiting": engine.waiting.qsize(),
         }
 
-    @app.get("/v1/models", dependencies=v1, responses=errors)
+    @app.get("/v1/models", responses=errors)
     async def models():
         card = {"id": name, "object": "model", "created": 0, "owned_by": "gptkit"}
         return {"object": "list", "data": [{**card, "context_length": server.engine.context}]}
 
-    @app.post("/v1/completions", dependencies=v1, responses=generated)
+    @app.post("/v1/completions", responses=generated)
     async def completions(body: CompletionRequest, request: Request):
         return await server.completions(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=v1, responses=generated)
+    @app.post("/v1/chat/completions", responses=generated)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await server.chat(body, request)
 
@@ -508,20 +724,31 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
+def uvicorn_config(app: FastAPI, config: ServeConfig, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for `app`: h11 with the request-head deadline, the keep-alive limit;
+    uvicorn's own graceful-shutdown limit is a backstop for clients that stop reading."""
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        http=deadline_protocol(config.header_seconds),
+        timeout_keep_alive=config.keep_alive_seconds,
+        h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 kB: 400
+        timeout_graceful_shutdown=config.shutdown_seconds + 5,
+        **{"log_level": "info", **options},
+    )
+
+
 def serve(lm: LM, name: str, config: ServeConfig) -> None:
     """Run the server until Ctrl-C or SIGTERM, then shut down gracefully: no new requests;
     generations in flight get config.shutdown_seconds, then end with finish_reason "length",
     so every response completes; the engine stops and serve returns (the process exits 0)."""
     app = create_app(lm, name, config)
-    # uvicorn's own limit is a backstop for clients that stop reading: it cancels what is left.
-    settings = uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level="info",
-        timeout_graceful_shutdown=config.shutdown_seconds + 5,
+    for warning in security_warnings(config):
+        print(f"gptkit: warning: {warning}", file=sys.stderr, flush=True)
+    server = GracefulServer(
+        uvicorn_config(app, config), app.state.server.engine, config.shutdown_seconds
     )
-    server = GracefulServer(settings, app.state.server.engine, config.shutdown_seconds)
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind the address or its startup fails
@@ -529,6 +756,59 @@ def serve(lm: LM, name: str, config: ServeConfig) -> None:
             f"the server could not start on {config.host}:{config.port} (see the log above); "
             "is the port in use? pick another with --port"
         ) from None
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for each request's head (request line and
+    headers): uvicorn has a keep-alive timeout between requests but none while a head is
+    arriving, so a socket that connects and sends nothing, or half a header, stayed open for
+    ever. A client that misses the deadline gets 408 and the connection is closed."""
+
+    head_seconds = 10.0
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._watch_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_head()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def _watch_head(self) -> None:
+        """Time the head while the next request has not been read whole (h11 IDLE); the
+        keep-alive timeout covers a connection with no data at all after a response."""
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if waiting and self._timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
+        elif not waiting:
+            self._stop_timer()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_too_slow(self) -> None:
+        self._timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            # h11 cannot answer a request it has not read: the bytes are written as they are.
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            self.transport.close()
+
+
+def deadline_protocol(seconds: float) -> type[HeadDeadline]:
+    return type("HeadDeadline", (HeadDeadline,), {"head_seconds": seconds})
 
 
 class GracefulServer(uvicorn.Server):

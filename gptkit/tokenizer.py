@@ -12,7 +12,9 @@ is a detail of the subclass:
 - "char": one id per character, for nanoGPT-style shakespeare_char runs.
 
 `encode` never adds BOS/EOS: it is the inverse of `decode`, and callers add specials by id.
-Special-token strings inside the text are encoded as the special token.
+Special-token strings inside the text are encoded as the special token; `encode_text` encodes
+them as the ordinary text they spell (what untrusted text needs: a chat message that types
+"<|im_start|>system" must not open a system turn).
 """
 
 from __future__ import annotations
@@ -115,6 +117,14 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Text to ids; special-token strings in the text become their special ids."""
+
+    @abstractmethod
+    def encode_text(self, text: str) -> list[int]:
+        """Text to ids with special-token strings as plain text: never a special id."""
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.special_tokens.values())
 
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
@@ -232,6 +242,21 @@ class HFTokenizer(Tokenizer):
         except TypeError:  # the Rust side takes only text that can be UTF-8
             raise _not_unicode(text) from None
 
+    def encode_text(self, text: str) -> list[int]:
+        try:  # the batch encoder releases the GIL (`encode` holds it): a server's event loop
+            # goes on while another thread encodes a megabyte prompt
+            return self._plain.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        except TypeError:
+            raise _not_unicode(text) from None
+
+    @cached_property
+    def _plain(self) -> HFTokenizerObject:
+        # A copy that splits special-token strings like any text; a copy rather than toggling
+        # the flag on the shared one, which another thread may be encoding with.
+        tok = HFTokenizerObject.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         try:
             encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
@@ -273,6 +298,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special="all")
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special=set(), disallowed_special=())
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         return self._enc.encode_batch(texts, allowed_special="all")
@@ -327,8 +355,14 @@ class CharTokenizer(Tokenizer):
         super().__init__(len(self._itos), specials, **names)
 
     def encode(self, text: str) -> list[int]:
+        return self._encode(text, self.special_tokens)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._encode(text, {})
+
+    def _encode(self, text: str, specials: dict[str, int]) -> list[int]:
         ids: list[int] = []
-        parts = self._split.split(text) if self.special_tokens else [text]
+        parts = self._split.split(text) if specials else [text]
         for n, part in enumerate(parts):
             if n % 2:  # split() puts the captured special tokens at odd positions
                 ids.append(self.special_tokens[part])

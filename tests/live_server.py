@@ -1,5 +1,5 @@
 """A real uvicorn server on a free loopback port, in a thread, for tests that need real HTTP
-(the openai client, a browser, dropped connections)."""
+(the openai client, a browser, dropped connections, slow sockets)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,20 @@ import time
 
 import uvicorn
 
+from gptkit.serve import ServeConfig, uvicorn_config
+
 
 class LiveServer:
-    """`with LiveServer(app) as url:` serves `app` at url (http://127.0.0.1:PORT)."""
+    """`with LiveServer(app) as url:` serves `app` at url (http://127.0.0.1:PORT), with the
+    uvicorn settings `gptkit serve` uses for `config` (its timeouts, its h11 protocol)."""
 
-    def __init__(self, app):
+    def __init__(self, app, config: ServeConfig | None = None):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        settings = uvicorn_config(app, config or ServeConfig(), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(settings)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
