@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import subprocess
@@ -130,7 +131,7 @@ def targets(results: dict, outputs: dict[str, str]) -> list[str]:
     if (d := results.get("decode")) is not None:
         r = d["rate"]
         ours, int8 = r["gptkit fp32"], r["gptkit int8"]
-        hf, cpp = r["transformers fp32"], r["llama.cpp Q4_1"]
+        hf, cpp = r["transformers fp32"], r.get("llama.cpp Q4_1", {"decode": math.nan})
         bound_d, bound_p = d["decode_bound"], d["prompt_bound"]
         rows += [
             (
