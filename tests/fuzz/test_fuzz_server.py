@@ -29,7 +29,15 @@ EXAMPLES = 30  # per operation, in the fuzzing phase
 APP = create_app(
     tiny_chat_lm(block_size=64),
     NAME,
-    ServeConfig(max_batch=4, max_queue=16, max_body_bytes=1 << 14, max_tokens=16),
+    # schemathesis' in-process client names the server "testserver"; a loopback-bound server
+    # answers only the Host names it is told to (tested in test_serve_hardening.py).
+    ServeConfig(
+        max_batch=4,
+        max_queue=16,
+        max_body_bytes=1 << 17,  # room for 2,049 messages: one past the schema's maxItems
+        max_tokens=16,
+        allowed_hosts=("testserver",),
+    ),
 )
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
 CHECKS = [
@@ -66,7 +74,7 @@ def test_the_server_is_still_up_after_fuzzing():
     """Runs after the fuzzing (file order): the same app still serves; and the fuzzing did
     generate text (200s on both generating routes), not only refusals."""
     assert sum(SEEN.values()) > 0, "run this file whole: the fuzzing test comes first"
-    with TestClient(APP) as client:
+    with TestClient(APP) as client:  # Host: testserver, allowed above
         assert client.get("/health").json()["status"] == "ok"
         body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         reply = client.post("/v1/chat/completions", json=body)
