@@ -122,10 +122,6 @@ class Tokenizer(ABC):
     def encode_text(self, text: str) -> list[int]:
         """Text to ids with special-token strings as plain text: never a special id."""
 
-    @cached_property
-    def special_ids(self) -> frozenset[int]:
-        return frozenset(self.special_tokens.values())
-
     @abstractmethod
     def _decode(self, ids: list[int]) -> str: ...
 
