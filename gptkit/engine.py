@@ -241,15 +241,18 @@ class Engine:
         self.stats.releases += 1
 
     def _admit(self) -> None:
-        """Admit waiting sequences into free rows (block briefly only when nothing runs), then
-        feed the long prompt being filled, if any, its next chunk."""
-        while self._free_rows() > 0:
+        """Admit waiting sequences into free rows (block briefly only when nothing runs), about
+        prefill_chunk prompt tokens of short prompts per iteration, then feed the long prompt
+        being filled, if any, its next chunk: the running rows decode between admissions."""
+        budget = self.prefill_chunk
+        while self._free_rows() > 0 and budget > 0:
             seq = self._next_waiting()
             if seq is None:
                 break
             if len(seq.prompt) > self.prefill_chunk:
                 self._filling = _Filling(seq)
                 continue
+            budget -= len(seq.prompt)
             try:  # a short prompt: prefilled at once, as a single chunk
                 self._prefill(_Filling(seq), len(self.running))
             except Exception as e:  # this request fails; the running ones go on
