@@ -296,8 +296,12 @@ def test_cli_refuses_an_oversized_batch_in_one_line(char_checkpoint, capsys, mon
     from gptkit.cli import main
 
     monkeypatch.delenv(SKIP_ENV, raising=False)
-    args = ["serve", "--model", str(char_checkpoint), "--max-batch", str(10**12), "--port", "0"]
-    assert main(args) == 2
+    with socket.socket() as taken:  # a busy port: a server that got past the check would stop
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = ["serve", "--model", str(char_checkpoint), "--max-batch", str(10**12)]
+        assert main([*args, "--port", port]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gptkit: error: max_batch") and len(err.strip().splitlines()) == 1
 
