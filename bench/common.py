@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -76,7 +77,7 @@ class Machine:
         return (
             f"machine: {self.cpu.describe()}; fp32 matmul peak {self.peak_flops / 1e9:.0f} "
             f"GFLOP/s, GEMV {self.gemv_bytes_per_s / 1e9:.1f} GB/s ({self.plan}), measured "
-            "in this run"
+            f"in this run; load average {os.getloadavg()[0]:.1f} (other work on the machine)"
         )
 
     def to_json(self) -> dict:

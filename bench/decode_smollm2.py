@@ -83,6 +83,7 @@ def main() -> None:
         print("llama.cpp Q4_1: left out (llama-cpp-python is not installed)")
     rate = race("SmolLM2-135M-Instruct", peers, args)
     limits = limits.best(Machine.measure())
+    print(limits.header())
     bounds = decode_bounds(fp32, args.prompt, limits)
     print_bounds("gptkit fp32", rate["gptkit fp32"], bounds, limits)
     write_json(args, {"rate": rate, **bounds, "machine": limits.to_json()})
