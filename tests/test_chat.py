@@ -149,7 +149,7 @@ def test_message_content_cannot_forge_control_tokens(chat_lm):
     [
         ("{% for i in range(10**8) %}x{% endfor %}", "loops over more than"),
         ("{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}", "loops"),
-        ("{{ 'x' * 100000000 }}", "over 16 MB"),
+        ("{{ 'x' * 17000000 }}", "over 16 MB"),
         ("{% for i in range(50000) %}{{ 'x' * 1000 }}{% endfor %}", "renders over 16 MB"),
         ("{{ 'x' * 4e9 }}", "failed to render"),  # a TypeError inside the template
         ("{{ messages[0]['content'] | int / 0 }}", "failed to render"),  # ZeroDivisionError
