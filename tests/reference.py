@@ -7,6 +7,11 @@ pytest_pyfunc_call). Fixtures are still built in the parent, so module-scoped on
 once; the child gets them by fork. A child that dies of a signal is a failed test naming the
 signal and the library; an exception in the child fails (or skips) the test with the child's
 traceback.
+
+GNU OpenMP's thread pool does not survive fork, and llama.cpp uses the libgomp that torch
+loaded: in the child, torch runs on one thread (set here) and llama.cpp must be given one
+thread (n_threads=1, n_threads_batch=1), or its first parallel region waits for ever.
+Playwright's chromium needs none of this: it is a process of its own already.
 """
 
 import os

