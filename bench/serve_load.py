@@ -4,9 +4,10 @@ Starts `python -m gptkit serve` on a free loopback port (or uses a running serve
 runs one client for a third of --seconds (the baseline), then N clients for --seconds; a
 client starts no request after the time is up and finishes the one in flight. During the
 N-client run another task sends, three times each, bad requests (malformed JSON, wrong types,
-empty messages, an unknown model, a body over --max-body-bytes, max_tokens 10**9) and
-streams it drops after the first chunk, and checks every answer; then /health must show no
-running or waiting sequence within 10 s. The server is always stopped at the end.
+empty messages, an unknown model, a body over --max-body-bytes, max_tokens 10**9: over the
+server's --max-tokens), a request with max_tokens unset (capped), and streams it drops after
+the first chunk, and checks every answer; then /health must show no running or waiting
+sequence within 10 s. The server is always stopped at the end.
 
 Then the hostile mix (issue 23), each for --hostile-seconds while one small request (a
 non-streamed 8-token completion) is sent again and again: idle (the baseline), abandoned
@@ -157,9 +158,9 @@ async def bad_requests(args, context: int, seconds: float, tally: dict, errors: 
 
         return send
 
-    async def huge(http) -> str | None:  # a short answer, so that it ends soon anyway
+    async def unset(http) -> str | None:  # a short answer, so that it ends soon anyway
         ask = [{"role": "user", "content": "Answer with one word: what color is the sky?"}]
-        r = await http.post(CHAT, json=chat(messages=ask, max_tokens=10**9, temperature=0))
+        r = await http.post(CHAT, json=chat(messages=ask, max_tokens=None, temperature=0))
         if r.status_code != 200:
             return f"status {r.status_code}: {r.text[:200]}"
         reason, used = r.json()["choices"][0]["finish_reason"], r.json()["usage"]
@@ -168,10 +169,10 @@ async def bad_requests(args, context: int, seconds: float, tally: dict, errors: 
         return None
 
     async def dropped(http) -> str | None:
-        # It asks for the whole context: its slot is empty at the end only if it was freed.
+        # It asks for all the room there is: its slot is empty at the end only if it was freed.
         async with (
             httpx.AsyncClient(base_url=args.url, timeout=60) as own,  # its own connection
-            own.stream("POST", CHAT, json=chat(stream=True, max_tokens=10**9)) as r,
+            own.stream("POST", CHAT, json=chat(stream=True, max_tokens=None)) as r,
         ):
             if r.status_code != 200:
                 return f"status {r.status_code}"
@@ -188,7 +189,8 @@ async def bad_requests(args, context: int, seconds: float, tally: dict, errors: 
         "messages [] -> 400": refused(400, chat(messages=[])),
         "unknown model -> 404": refused(404, chat(model="no-such-model")),
         f"body > {args.max_body_bytes} bytes -> 413": refused(413, chat(messages=big)),
-        "max_tokens 10**9 -> 200, capped": huge,
+        "max_tokens 10**9 -> 400": refused(400, chat(max_tokens=10**9)),
+        "max_tokens unset -> 200, capped": unset,
         "stream dropped after 1st chunk": dropped,
     }
     start = time.perf_counter()
@@ -225,10 +227,10 @@ async def probe_during(args, seconds: float, load, errors: list) -> dict:
     stop = asyncio.Event()
     side = asyncio.create_task(load(stop)) if load else None
     latencies: list[float] = []
-    start = time.perf_counter()
     async with httpx.AsyncClient(base_url=args.url, timeout=300) as http:
         await asyncio.sleep(1.0 if load else 0)  # the load is under way first
-        while time.perf_counter() < start + seconds:
+        end = time.perf_counter() + seconds
+        while not latencies or time.perf_counter() < end:  # at least one
             t = time.perf_counter()
             r = await http.post("/v1/completions", json=body)
             if r.status_code != 200:
@@ -313,7 +315,7 @@ ROWS = {  # label: (key, format)
     "wall seconds": ("seconds", "{:.1f}"),
     "requests completed": ("requests", "{:d}"),
     "requests/s": ("requests_per_s", "{:.2f}"),
-    "completion tokens/s": ("tokens_per_s", "{:.1f}"),
+    "completion tok/s": ("tokens_per_s", "{:.1f}"),
     "TTFT p50 (s)": ("ttft_p50", "{:.3f}"),
     "TTFT p99 (s)": ("ttft_p99", "{:.3f}"),
     "latency p50 (s)": ("latency_p50", "{:.3f}"),
