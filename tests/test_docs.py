@@ -405,7 +405,9 @@ def _argv(command: str, run: Run, ws: Path) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("command", [c for c, run in RUNS.items() if not run.elsewhere])
+@pytest.mark.parametrize(
+    "command", [c for c, run in RUNS.items() if not run.elsewhere], ids=lambda c: c[:90]
+)
 def test_documented_command(command, ws):
     run = RUNS[command]
     if run.skip:
