@@ -132,8 +132,8 @@ class TokenData:
         self._check(block_size)
         n_windows = (self.n_tokens - 1) // block_size
         n_batches = n_windows // batch_size
-        if max_batches:
-            n_batches = min(n_batches, max_batches)
+        if max_batches:  # at least one per rank: eval_batches=1 on 2 ranks scores 2
+            n_batches = min(n_batches, max(max_batches, world_size))
         n_batches -= n_batches % world_size
         if n_batches == 0:
             raise DataError(

@@ -58,6 +58,9 @@ def test_eval_windows_cover_the_split_in_order(data_dir):
     # two ranks split 3 batches as 0 | 1 (the odd one is dropped so both run the same count)
     ranks = [[b for b, _ in val.eval_windows(2, 32, 3, rank=r, world_size=2)] for r in (0, 1)]
     assert ranks == [[0], [1]]
+    # a cap below the number of ranks still gives each rank a batch (`eval_batches=1` on 2)
+    ranks = [[b for b, _ in val.eval_windows(2, 32, 1, rank=r, world_size=2)] for r in (0, 1)]
+    assert ranks == [[0], [1]]
 
 
 def test_clear_errors(data_dir, tmp_path):

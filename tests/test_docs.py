@@ -74,7 +74,8 @@ def ws(tmp_path_factory) -> Path:
     for name in ("a", "b", "c"):
         (d / "corpus" / f"{name}.txt").write_text(corpus_text(80))
     (d / "run.toml").write_text(
-        'data_dir = "data"\nout_dir = "runs/x"\nbatch_size = 2\nmax_steps = 2\neval_every = 0\n'
+        'data_dir = "data"\nout_dir = "runs/x"\nbatch_size = 2\ngrad_accum = 2\nmax_steps = 2\n'
+        "eval_every = 0\n"
         "eval_batches = 1\nprogress = false\n\n"
         '[model]\npreset = "tiny"\nn_layer = 1\nn_embd = 32\nn_head = 2\nblock_size = 32\n'
     )
@@ -99,9 +100,11 @@ def ws(tmp_path_factory) -> Path:
     _jsonl(d / "test-generate.jsonl", [{"prompt": f"say {w}", "response": w} for w in "ab"])
     for folder in ("domain-texts", "texts"):
         (d / folder).mkdir()
-        (d / folder / "one.txt").write_text(corpus_text(40))
+        (d / folder / "one.txt").write_text(corpus_text(600))  # a val split of a few windows
     (d / "text.txt").write_text(corpus_text(20))
-    items = [{"question": f"is {w} good", "choices": ["yes", "no"], "answer": 0} for w in "abc"]
+    items = [
+        {"question": f"is {w} good", "choices": ["yes", "no"], "answer": 0} for w in "abcdefgh"
+    ]
     _jsonl(d / "items.jsonl", items)
     _jsonl(d / "pool.jsonl", items)
     return d
@@ -233,7 +236,9 @@ RUNS: dict[str, Run] = {
         setup=lambda ws: pretrained(ws), add=("--overwrite",), check=file_made("runs/x/checkpoint")
     ),
     "gptkit pretrain run.toml lr=3e-4 model.n_layer=8 compile=true": Run(
-        setup=pretrained, add=("--overwrite",), check=file_made("runs/x/metrics.jsonl")
+        setup=pretrained,  # its own out_dir: runs/x keeps run.toml's shape for --resume
+        add=("out_dir=runs/compiled",),
+        check=file_made("runs/compiled/metrics.jsonl"),
     ),
     "gptkit pretrain run.toml --resume": Run(
         setup=pretrained, add=("max_steps=3",), check=file_made("runs/x/checkpoint")
