@@ -5,6 +5,7 @@ Small files built in tmp_path pin every format and every error message; the real
 """
 
 import csv
+import importlib.util
 import re
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from gptkit.taskdata import (
     tag_scheme,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 
 
 def shared(relative: str) -> Path:
@@ -601,14 +603,12 @@ def test_wnut17_counts_and_iob2_tags(name, n_sentences, n_tokens):
 
 
 def universalner(sentences: list[tuple[list[str], list[str]]]) -> str:
-    """Sentences in UniversalNER's .iob2 shape: comment lines, then index, token, tag, -, -."""
-    blocks = []
-    for n, (words, tags) in enumerate(sentences, start=1):
-        rows = [f"# sent_id = s-{n:04d}", f"# text = {' '.join(words)}"]
-        pairs = enumerate(zip(words, tags, strict=True), start=1)
-        rows += [f"{i}\t{w}\t{t}\t-\t-" for i, (w, t) in pairs]
-        blocks.append("\n".join(rows) + "\n")
-    return "\n".join(blocks)
+    """Sentences in UniversalNER's .iob2 shape, written by bench/universalner.py (the writer
+    of the closing run's files): comment lines, then index, token, tag, -, -."""
+    spec = importlib.util.spec_from_file_location("universalner", ROOT / "bench/universalner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.universalner(sentences, "s")
 
 
 def test_wnut17_in_universalner_shape_reads_the_same_words_and_tags(tmp_path):
