@@ -12,7 +12,6 @@ Hugging Face tensor rather than failing deep inside `load_state_dict`.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import pickle
@@ -618,15 +617,6 @@ def listing(label: str, items: list[str], limit: int = 6) -> str:
     return f"{label} {', '.join(items[:limit])}{more}"
 
 
-def _free_memory_function() -> Callable[[], object]:
-    """glibc's malloc_trim(0), or a no-op where there is none (macOS, musl)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
 class LazyTensors:
     """Named tensors, each read only when taken with `pop`.
 
@@ -636,7 +626,7 @@ class LazyTensors:
 
     # glibc keeps the pages of freed blocks resident unless asked: the holes dropped sources
     # and dequantization temporaries leave add ~10% to SmolLM2's loading peak without this.
-    _return_freed_pages = staticmethod(_free_memory_function())
+    _return_freed_pages = staticmethod(resources.return_freed_pages)
 
     def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]) -> None:
         self._readers = readers

@@ -38,11 +38,8 @@ import torch
 from . import resources
 from .api import LM, TextStream
 from .config import GPTConfig, SampleConfig
-from .convert import _free_memory_function
 from .generate import eval_mode, pick_next
 from .model import KVCache
-
-_free_memory = _free_memory_function()
 
 
 class EngineBusy(RuntimeError):
@@ -237,7 +234,7 @@ class Engine:
         """Nothing runs: drop the cache (it grew to the longest sequence) and hand the freed
         pages back, so one long prompt does not keep the process large for ever."""
         self._cache = None
-        _free_memory()
+        resources.return_freed_pages()
         self.stats.releases += 1
 
     def _admit(self) -> None:
@@ -432,8 +429,7 @@ def check_cache_memory(lm: LM, max_batch: int) -> None:
     values of every layer. The cache grows as sequences do, so without this check a server
     with --max-batch 100000 starts, then fails every request once the cache is large."""
     config, weight = lm.model.config, lm.model.tok_emb.weight
-    per_row = 2 * config.n_layer * config.n_kv_head * config.block_size * config.head_dim
-    per_row *= weight.element_size()
+    per_row = resources.kv_cache_bytes(config, 1, config.block_size, weight.dtype)
     need = per_row * max_batch
     available = resources.available_bytes(weight.device)
     if os.environ.get(resources.SKIP_ENV) or available is None or need <= available:

@@ -29,8 +29,10 @@ Set GPTKIT_NO_MEMORY_CHECK=1 to skip the check (say, with swap the estimate does
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,3 +276,15 @@ def check_inference(
 ) -> None:
     """Refuse loading `config` for inference on `device` in `dtype` when it cannot fit."""
     check_fits(inference_need(config, device, dtype), label)
+
+
+def _malloc_trim() -> Callable[[], object]:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # no glibc (macOS, musl): nothing to ask
+        return lambda: None
+    return lambda: trim(0)
+
+
+# glibc keeps the pages of freed blocks resident unless asked (malloc_trim(0)).
+return_freed_pages = _malloc_trim()
