@@ -149,6 +149,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
+        self.longest_hold = max((len(s) - 1 for s in stop), default=0)  # a stop's longest prefix
         self.ids: list[int] = []
         self.text = ""  # the decoded text of ids[:read]
         self.context = self.read = 0  # ids[context:read]: left context for the next decode
@@ -183,7 +184,7 @@ class TextStream:
         stop string. Holding max(len(stop)) - 1 instead would let one 100k-character stop
         string hold back a whole reply."""
         unsent = len(self.text) - self.sent
-        for k in range(min(unsent, max((len(s) - 1 for s in self.stop), default=0)), 0, -1):
+        for k in range(min(unsent, self.longest_hold), 0, -1):
             if any(s.startswith(self.text[-k:]) for s in self.stop):
                 return k
         return 0

@@ -153,7 +153,6 @@ class Engine:
         self.config: GPTConfig = lm.model.config
         check_cache_memory(lm, max_batch)
         tok = lm.tokenizer
-        self.eos_id = tok.eos_id
         self.special_names = {i: s for s, i in tok.special_tokens.items() if i != tok.eos_id}
         # A model may have more embedding rows than its tokenizer has tokens (vocabularies
         # padded for speed); those ids have no text, so they are never sampled.
@@ -163,6 +162,7 @@ class Engine:
         self.stats = EngineStats()
         self._cache: SlotCache | None = None  # allocated at the first request
         self._filling: _Filling | None = None
+        self._initial_columns = min(self.context, 256)  # the cache's first size per row
         self._closing = threading.Event()
         self._cutoff = float("inf")  # set by drain: when every generation is cut short
         self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
@@ -214,7 +214,7 @@ class Engine:
                     self._admit()
                     if self.running:
                         self._step()
-                    elif self._filling is None and self._cache is not None:
+                    elif self._filling is None and self._grown():
                         self._release()
                 except Exception as e:  # a bug must fail its requests, not kill the server
                     for seq in self._active():
@@ -230,9 +230,14 @@ class Engine:
         filling = [self._filling.seq] if self._filling is not None else []
         return [slot.seq for slot in self.running] + filling
 
+    def _grown(self) -> bool:
+        """The cache holds more positions than it starts with (a long sequence grew it)."""
+        return self._cache is not None and self._cache.max_len > self._initial_columns
+
     def _release(self) -> None:
-        """Nothing runs: drop the cache (it grew to the longest sequence) and hand the freed
-        pages back, so one long prompt does not keep the process large for ever."""
+        """Nothing runs and the cache grew: drop it and hand the freed pages back, so one long
+        prompt does not keep the process large for ever. A cache at its first size is kept:
+        one request at a time then costs no reallocation."""
         self._cache = None
         resources.return_freed_pages()
         self.stats.releases += 1
@@ -250,20 +255,19 @@ class Engine:
                 self._filling = _Filling(seq)
                 continue
             budget -= len(seq.prompt)
-            try:  # a short prompt: prefilled at once, as a single chunk
-                self._prefill(_Filling(seq), len(self.running))
-            except Exception as e:  # this request fails; the running ones go on
-                if self.running and self.running[-1].seq is seq:
-                    self.running.pop()
-                seq.emit(("error", f"generation failed: {e}"))
+            self._try_prefill(_Filling(seq), len(self.running))  # short: one chunk
         if self._filling is not None:
             filling, self._filling = self._filling, None
-            try:
-                self._prefill(filling, self.max_batch - 1)
-            except Exception as e:
-                if self.running and self.running[-1].seq is filling.seq:
-                    self.running.pop()
-                filling.seq.emit(("error", f"generation failed: {e}"))
+            self._try_prefill(filling, self.max_batch - 1)
+
+    def _try_prefill(self, filling: _Filling, row: int) -> None:
+        """_prefill; if it fails, this request fails and the running ones go on."""
+        try:
+            self._prefill(filling, row)
+        except Exception as e:
+            if self.running and self.running[-1].seq is filling.seq:
+                self.running.pop()
+            filling.seq.emit(("error", f"generation failed: {e}"))
 
     def _free_rows(self) -> int:
         return self.max_batch - len(self.running) - (self._filling is not None)
@@ -296,9 +300,10 @@ class Engine:
                 seq.emit(("done", "length"))
             return
         if self._cache is None:
-            size = min(self.context, 256)
             dtype = model.tok_emb.weight.dtype
-            self._cache = SlotCache(self.config, self.max_batch, size, device, dtype)
+            self._cache = SlotCache(
+                self.config, self.max_batch, self._initial_columns, device, dtype
+            )
         take = min(self.prefill_chunk, len(seq.prompt) - filling.done)
         self._reserve(filling.done + take)
         view = self._cache.row(row)

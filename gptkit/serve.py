@@ -212,13 +212,11 @@ class Gate:
     to a loopback address answers only loopback names, as Ollama does: a web page the user
     visits cannot reach it by DNS rebinding), then the API key on /v1/* and the schema."""
 
-    LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-
     def __init__(self, app, config: ServeConfig):
         self.app, self.key = app, config.api_key
         self.hosts = None  # None: any Host (bound to a public address: the key guards it)
         if config.loopback:
-            self.hosts = self.LOOPBACK_NAMES | {config.host.lower()} | set(config.allowed_hosts)
+            self.hosts = {config.host.lower(), *config.allowed_hosts}  # besides loopback names
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -226,7 +224,7 @@ class Gate:
         headers = dict(scope["headers"])
         if self.hosts is not None:
             host = _host_name(headers.get(b"host", b"").decode("latin-1"))
-            if host not in self.hosts:
+            if not (is_loopback(host) or host in self.hosts):
                 refused = APIError(
                     403,
                     f"the Host {host!r} is not served: this server listens on a loopback "
@@ -304,7 +302,7 @@ class Outbox:
 class Server:
     """The request handling: prompts to sequences, engine events to OpenAI responses."""
 
-    # Prompts up to this size are tokenized on the event loop (well under a millisecond);
+    # Prompts up to this size are tokenized on the event loop (cheap at this size);
     # larger ones in a worker thread, so that a megabyte prompt never stalls the other
     # requests' streams, /health, or the next request's parsing.
     INLINE_CHARS = 4096
