@@ -19,6 +19,7 @@ import torch
 from . import checkpoint, convert
 from .config import ConfigError, GPTConfig, SampleConfig
 from .generate import generate, stream
+from .machine import decode_plan
 from .model import GPT
 from .peft import load_adapter
 from .quantize import check as check_quantize
@@ -227,15 +228,18 @@ def load(
     if quantize is not None:
         check_quantize(quantize, device)  # before the slow part
     decode_layout = device.type == "cpu" and decode_layout and quantize is None
-    lm = _load(path_or_name, device, dtype, decode_layout, allow_pickle)
+    plan = decode_plan() if decode_layout else None
+    # Converters lay matrices out column-major as they copy them when the plan wants that,
+    # so use_decode_layout below finds them in place instead of copying every one again.
+    lm = _load(path_or_name, device, dtype, plan is not None and plan.column_major, allow_pickle)
     if adapter is not None:
         load_adapter(lm.model, adapter)
         if (Path(adapter) / "tokenizer").is_dir():
             lm.tokenizer = load_tokenizer(Path(adapter) / "tokenizer")
     if quantize is not None:
         quantize_model(lm.model, quantize)
-    elif decode_layout:  # converted models are laid out so already; checkpoints are not
-        lm.model.use_decode_layout()
+    elif plan is not None:  # converted models are laid out so already; checkpoints are not
+        lm.model.use_decode_layout(plan)
     return lm
 
 
