@@ -398,11 +398,11 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
         _check_manifest(checkpoint_dir, manifest)
     try:
         meta = read_json(meta_path)
-        skeleton = meta["state"]
-    except (MetadataError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{meta_path} cannot be read ({first_line(e, 120)}); {_DAMAGED}"
-        ) from None
+    except MetadataError as e:  # its message names the file
+        raise CheckpointError(f"{first_line(e, 200)}; {_DAMAGED}") from None
+    skeleton = meta.get("state") if isinstance(meta, dict) else None
+    if skeleton is None:
+        raise CheckpointError(f"{meta_path} has no 'state' entry; {_DAMAGED}")
     if not manifest.exists():
         # The format of 2026-12-01 kept only the tensors' sha256, in state.json; without
         # that either, the manifest was removed.

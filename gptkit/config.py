@@ -644,6 +644,8 @@ def load_train_config(
     if path is not None:
         try:
             d = read_toml(path)  # size- and depth-bounded, a regular file: see safeload.py
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found") from None
         except MetadataError as e:
             raise ConfigError(first_line(e)) from None
     for item in overrides:

@@ -37,10 +37,8 @@ class TokenData:
             raise DataError(
                 f"{meta_path} is missing: run `gptkit prepare` first, or let it finish"
             ) from None
-        except ValueError as e:  # truncated or damaged: JSON or UTF-8 errors, no file name
-            raise DataError(
-                f"{meta_path} is damaged ({first_line(e, 120)}); run `gptkit prepare` again"
-            ) from None
+        except ValueError as e:  # truncated or damaged; safeload's message names the file
+            raise DataError(f"{first_line(e, 300)}; run `gptkit prepare` again") from None
         splits = self.meta.get("splits") if isinstance(self.meta, dict) else None
         if not isinstance(splits, dict):
             raise DataError(f"{meta_path} has no splits; is it damaged? run `gptkit prepare` again")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, PeftConfig
+from .config import ConfigError, PeftConfig, first_line
 from .model import GPT
 from .safeload import read_json
 
@@ -237,8 +237,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         return read_json(path)  # size- and depth-bounded
     except FileNotFoundError:
         raise ConfigError(f"{path} is missing; is {directory} a gptkit adapter?") from None
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    except ValueError as e:  # safeload's message names the file and what is wrong with it
+        raise ConfigError(f"{first_line(e, 300)}; is {directory} a gptkit adapter?") from None
 
 
 def load_adapter(model: GPT, directory: str | Path) -> GPT:
