@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the model id clients send (default: the --model name)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or GPTKIT_API_KEY)")
-    p.add_argument("--api-key-file", help="the same, with the key read from a file (not in ps)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or GPTKIT_API_KEY)")
+    key.add_argument("--api-key-file", help="the same, with the key read from a file (not in ps)")
     p.add_argument(
         "--allowed-host",
         action="append",

@@ -114,7 +114,8 @@ def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 
     One read-only pass per tensor: its min and max are finite exactly when every value is
     (aminmax propagates NaN), with no temporary the tensor's size; `isfinite(t).all()` built
-    temporaries and was ~2.5x slower on a CPU. On a GPU: one sync per tensor."""
+    temporaries and was ~2.5x slower (108M values, AMD EPYC, 2 cores). On a GPU: one sync
+    per tensor."""
     import torch
 
     for name, tensor in tensors:

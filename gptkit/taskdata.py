@@ -354,7 +354,8 @@ PLACEHOLDERS = frozenset({"-", "_", ""})  # what formats write in an unused colu
 MAX_TAGS = 50
 MAX_NUMBER_LABELS = 20  # more distinct numbers than this number things (heads, offsets)
 FIX_COLUMNS = (
-    "set word_column= and tag_column= (counting from 0) to the columns of the words and the tags"
+    "set word_column= and tag_column= (gptkit eval tag: --word-column, --tag-column), counting "
+    "from 0, to the columns of the words and the tags"
 )
 ENTITY_SCHEMES = ("IOB1", "IOB2", "BIOES", "BILOU")
 

@@ -504,7 +504,8 @@ def test_an_untagged_column_is_refused_with_the_options_to_set():
     message = error(check_tags, tagged)
     assert message == (
         f"{tagged.path}: every tag (column 4) is '-', an unused column; set word_column= and "
-        "tag_column= (counting from 0) to the columns of the words and the tags"
+        "tag_column= (gptkit eval tag: --word-column, --tag-column), counting from 0, to the "
+        "columns of the words and the tags"
     )
     # The columns the old reader took (the index as the word, the last "-" as the tag).
     old = read_tagged_file(FIXTURES / "universalner.iob2", word_column=0, tag_column=4)
