@@ -375,6 +375,23 @@ RUNS: dict[str, Run] = {
     "gptkit eval classify --model runs/results/smollm2/sst2/checkpoint "
     "--data runs/results/data/sst2-test.jsonl": Run(
         swap={"runs/results/data/sst2-test.jsonl": "test.jsonl"},
+        setup=lambda ws: (
+            (ws / "runs/results/smollm2/sst2/checkpoint").is_dir()
+            or gptkit_run(
+                ws,
+                "finetune",
+                "classify",
+                "--model",
+                SMOLLM2,
+                "--data",
+                "train.jsonl",
+                "out_dir=runs/results/smollm2/sst2",
+                "peft.method=lora",
+                "max_steps=1",
+                "batch_size=2",
+                "progress=false",
+            )
+        ),  # fmt: skip
         smollm2=True,
         check=out_has("accuracy"),
     ),
