@@ -128,8 +128,7 @@ def seconds(fn: Callable[[], object]) -> float:
 
 def gptkit_peer(model, prompt: list[int], new: int) -> Peer:
     """A gptkit GPT: one prompt forward pass; `generate` for the greedy decode."""
-    from gptkit.config import SampleConfig
-    from gptkit.generate import generate
+    from gptkit.generation import SampleConfig, generate
 
     ids = torch.tensor([prompt])
     sample = SampleConfig(temperature=0, max_new_tokens=new)

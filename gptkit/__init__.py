@@ -11,8 +11,11 @@ finetune(gptkit.FinetuneConfig(...))          # the metric libraries)
 __version__ = "0.1.0"
 
 from .api import LM, load, pipeline  # noqa: E402
-from .config import FinetuneConfig, GPTConfig, PeftConfig, SampleConfig, preset  # noqa: E402
-from .generate import generate  # noqa: E402
+from .config import FinetuneConfig, GPTConfig, PeftConfig, preset
+from .generation import (
+    SampleConfig,  # noqa: E402
+    generate,  # noqa: E402
+)
 from .model import GPT  # noqa: E402
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 

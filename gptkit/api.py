@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from . import checkpoint, convert
-from .config import ConfigError, GPTConfig, SampleConfig
-from .generate import generate, stream
+from .config import ConfigError, GPTConfig
+from .generation import Completion, SampleConfig, TextStream, complete, stream
+from .generation.decode import reply_stream
 from .machine import decode_plan
 from .model import GPT
 from .peft import load_adapter
@@ -72,12 +73,6 @@ def sample_config(**sampling: Any) -> SampleConfig:
     return SampleConfig(**sampling)
 
 
-def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """Text before the earliest stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 @dataclass
 class LM:
     """A model with its tokenizer: what `gptkit.load` returns."""
@@ -103,28 +98,47 @@ class LM:
             ids = [start]
         return ids
 
-    def _text(self, ids: list[int], sample: SampleConfig) -> str:
-        ids = ids[:-1] if ids and ids[-1] == self.tokenizer.eos_id else ids
-        return truncate_at_stop(self.tokenizer.decode(ids), sample.stop)[0]
+    def specials(self) -> dict[int, str]:
+        """The special tokens other than EOS, id -> string: what skip_special leaves out."""
+        tok = self.tokenizer
+        return {i: s for s, i in tok.special_tokens.items() if i != tok.eos_id}
 
-    def generate(self, prompts: str | list[str], **sampling: Any) -> list[str]:
-        """Completions (without the prompt): num_return_sequences per prompt, prompt-major."""
+    def text_stream(self, sample: SampleConfig, skip_special: bool = False) -> TextStream:
+        """The detokenizer that ends a reply under these options (see generation/stopping.py)."""
+        skip = self.specials() if skip_special else None
+        return reply_stream(sample, self.tokenizer.eos_id, self.tokenizer.decode, skip)
+
+    def complete(
+        self, prompts: str | list[str], skip_special: bool = False, **sampling: Any
+    ) -> list[Completion]:
+        """Completions with their token ids, finish reasons and (with logprobs=k) the
+        log-probabilities of each token and its k best alternatives; prompt-major.
+        skip_special leaves special tokens out of the text (an end-of-turn one ends it)."""
         sample = sample_config(**sampling)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.prompt_ids(p) for p in prompts]
         tok = self.tokenizer
-        out = generate(self.model, ids, sample, tok.eos_id, tok.decode, tok.vocab_size)
-        return [self._text(row, sample) for row in out]
+        skip = self.specials() if skip_special else None
+        return complete(self.model, ids, sample, tok.eos_id, tok.decode, tok.vocab_size, skip)
 
-    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+    def generate(self, prompts: str | list[str], **sampling: Any) -> list[str]:
+        """Completions (without the prompt): num_return_sequences per prompt, prompt-major."""
+        return [c.text for c in self.complete(prompts, **sampling)]
+
+    def stream(self, prompt: str, skip_special: bool = False, **sampling: Any) -> Iterator[str]:
         """Yield the completion's text piece by piece as tokens are generated (see TextStream)."""
         sample = sample_config(**sampling)
-        text = TextStream(self.tokenizer, sample.stop)
-        # Stop strings are found in the text being released, so the token stream below need
-        # not decode the output a second time to look for them.
+        text = self.text_stream(sample, skip_special)
         tok = self.tokenizer
-        ids = self.prompt_ids(prompt)
-        tokens = stream(self.model, ids, replace(sample, stop=[]), tok.eos_id, None, tok.vocab_size)
+        # The stop rule is applied once, by `text`: the token stream runs until it says so.
+        tokens = stream(
+            self.model,
+            self.prompt_ids(prompt),
+            replace(sample, stop=[], stop_ids=[]),
+            None,
+            None,
+            tok.vocab_size,
+        )
         for token in tokens:
             piece = text.push(token)
             if piece:
@@ -133,74 +147,6 @@ class LM:
                 return
         if piece := text.flush():
             yield piece
-
-
-class TextStream:
-    """Token ids in, final text out: the detokenizer behind every streamed reply.
-
-    A piece is released only once it is final: never half a UTF-8 character (byte-level tokens
-    can split one), and never text that might be the start of a stop string. EOS or a completed
-    stop string sets `stopped`; the text before the stop string is all that is ever released.
-
-    Decoding is incremental, as in Hugging Face's text-generation-inference: each token decodes
-    only the few ids since the last complete character (with a little left context, which
-    tokenizers such as SentencePiece need to place spaces), so a long reply costs the same per
-    token as a short one.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.longest_hold = max((len(s) - 1 for s in stop), default=0)  # a stop's longest prefix
-        self.ids: list[int] = []
-        self.text = ""  # the decoded text of ids[:read]
-        self.context = self.read = 0  # ids[context:read]: left context for the next decode
-        self.sent = 0  # characters released so far
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        """Add one generated token; return the text that became final ("" if none)."""
-        if self.stopped:  # nothing after a stop string or EOS belongs to the reply
-            return ""
-        if token == self.tokenizer.eos_id:
-            return self.flush()
-        self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.context : self.read])
-        after = self.tokenizer.decode(self.ids[self.context :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):  # whole characters
-            self.text += after[len(before) :]
-            self.context, self.read = self.read, len(self.ids)
-        return self._release(len(self.text) - self._held())
-
-    def flush(self) -> str:
-        """The rest of the text (an unfinished character included), at the end of generation."""
-        if self.stopped:
-            return ""
-        self.text += self.tokenizer.decode(self.ids[self.read :])
-        self.read = len(self.ids)
-        self.stopped = True
-        return self._release(len(self.text))
-
-    def _held(self) -> int:
-        """How many final characters to hold back: the longest unsent tail that begins some
-        stop string. Holding max(len(stop)) - 1 instead would let one 100k-character stop
-        string hold back a whole reply."""
-        unsent = len(self.text) - self.sent
-        for k in range(min(unsent, self.longest_hold), 0, -1):
-            if any(s.startswith(self.text[-k:]) for s in self.stop):
-                return k
-        return 0
-
-    def _release(self, ready: int) -> str:
-        # A stop string starting before `sent` would have been complete, and found, by then.
-        cut = min(
-            (i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0), default=-1
-        )
-        if cut >= 0:
-            self.text, self.stopped, ready = self.text[:cut], True, cut
-        if ready <= self.sent:
-            return ""
-        piece, self.sent = self.text[self.sent : ready], ready
-        return piece
 
 
 def load(

@@ -26,6 +26,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .api import LM
+from .generation import prompt_room
 from .tokenizer import Tokenizer
 
 CHATML = (
@@ -185,9 +186,13 @@ class ChatSession:
     def prompt(self) -> str:
         return chat_prompt(self.lm.tokenizer, self.messages)
 
+    def _reply_tokens(self) -> int:
+        """max_new_tokens as asked; by default 256, or half the context of a small model."""
+        return self.sampling.get("max_new_tokens", min(256, self.lm.config.block_size // 2))
+
     def _fit_context(self) -> None:
         """Drop the oldest turns (never the system prompt) until the prompt leaves room."""
-        budget = self.lm.config.block_size - self.sampling.get("max_new_tokens", 256)
+        budget = prompt_room(self._reply_tokens(), self.lm.config.block_size)
         first = 1 if self.system else 0
         while (
             len(self.lm.tokenizer.encode(self.prompt())) > budget and len(self.messages) > first + 1
@@ -198,7 +203,7 @@ class ChatSession:
         """Add a user message and stream the reply; the reply joins the history at the end."""
         self.messages.append({"role": "user", "content": text})
         self._fit_context()
-        sampling = {"max_new_tokens": 256, **self.sampling}
+        sampling = {**self.sampling, "max_new_tokens": self._reply_tokens()}
         sampling["stop"] = [*sampling.get("stop", []), *self.stop]
         reply = []
         for piece in self.lm.stream(self.prompt(), **sampling):

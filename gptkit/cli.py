@@ -192,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _sampling(args),
         num_beams=args.num_beams,
         num_return_sequences=args.num_return_sequences,
-        stop=args.stop or [],
+        logprobs=args.logprobs,
     )
     sample_config(**sampling)  # validate flags before spending time on loading the model
     lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
@@ -206,10 +206,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(piece, end="", flush=True)
         print()
         return
-    for i, text in enumerate(lm.generate(args.prompt, **sampling)):
+    for i, c in enumerate(lm.complete(args.prompt, **sampling)):
         if args.num_return_sequences > 1:
             print(f"--- sequence {i + 1} ---")
-        print(args.prompt + text)
+        print(args.prompt + c.text)
+        if args.logprobs is not None:
+            _print_logprobs(lm.tokenizer.decode, c)
+
+
+def _print_logprobs(decode, c) -> None:
+    """One line per generated token: its log-probability, the token, the best alternatives."""
+    for token, logprob, top in zip(c.ids, c.logprobs, c.top_logprobs, strict=True):
+        others = "  ".join(f"{decode([t])!r} {lp:.3f}" for t, lp in top.items())
+        print(f"{logprob:9.4f}  {decode([token])!r}" + (f"   [{others}]" if others else ""))
 
 
 def _allow_pickle_flag(p: argparse.ArgumentParser) -> None:
@@ -229,19 +238,58 @@ def _quantize_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_new: int) -> None:
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_new: int | None) -> None:
+    """The sampling options every generating command takes (generation/sampling.py)."""
     p.add_argument("--max-new-tokens", type=int, default=max_new)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0.0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        metavar="ID=BIAS",
+        type=_logit_bias,
+        help="add BIAS to token ID's logit (repeatable; -100 bans it)",
+    )
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop-id", type=int, action="append", help="stop token id (repeatable)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS, e.g. 50256=-100") from None
+
+
+SAMPLING_FLAGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+)
+
+
 def _sampling(args: argparse.Namespace) -> dict:
-    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-    return {k: getattr(args, k) for k in keys}
+    sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    return dict(
+        sampling,
+        logit_bias=dict(args.logit_bias or []),
+        stop=args.stop or [],
+        stop_ids=args.stop_id or [],
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -433,7 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(p, temperature=0.8, max_new=64)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help="after the text, each token's log-probability and its K best alternatives",
+    )
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -445,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
-    _sampling_flags(p, temperature=0.7, max_new=256)
+    _sampling_flags(p, temperature=0.7, max_new=None)  # chat: 256, or half a small context
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_chat)
 

@@ -1,5 +1,6 @@
-"""Typed configuration: model shape (GPTConfig), sampling (SampleConfig), pretraining
-(TrainConfig, read from TOML), and named presets.
+"""Typed configuration: model shape (GPTConfig), pretraining (TrainConfig, read from TOML),
+fine-tuning (FinetuneConfig, PeftConfig) and named presets. Sampling options live with the
+sampler (generation/sampling.py).
 
 Every knob a GPT-family model needs lives in GPTConfig, so one `GPT` module covers GPT-1
 (post-norm, learned positions), GPT-2/3 (pre-norm, GELU, GPT-3's banded sparse layers) and
@@ -154,68 +155,6 @@ class GPTConfig:
             return cls(**d)
         except TypeError as e:  # a value of the wrong type, e.g. n_layer="abc" from a TOML file
             raise ConfigError(f"{_WRONG_TYPE}: {e}") from None
-
-
-@dataclass
-class SampleConfig:
-    """Decoding options. temperature=0 means greedy; num_beams>1 means beam search."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    repetition_penalty: float = 1.0  # 1.0: off (HF/CTRL definition)
-    num_return_sequences: int = 1
-    num_beams: int = 1
-    length_penalty: float = 1.0  # beam search: score = logprob / length**length_penalty
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self._check_types()
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_beams < 1 or self.num_return_sequences < 1:
-            raise ConfigError("num_beams and num_return_sequences must be >= 1")
-        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ConfigError(
-                f"num_return_sequences={self.num_return_sequences} cannot exceed "
-                f"num_beams={self.num_beams} in beam search"
-            )
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise ConfigError(f"seed must be in [-2**63, 2**64) or None, got {self.seed}")
-
-    def _check_types(self) -> None:
-        """Values from flags, TOML or JSON can be of any type: ints where counts are meant,
-        finite numbers for the rest (NaN compares false with every bound), non-empty stops."""
-        for name in ("max_new_tokens", "top_k", "num_return_sequences", "num_beams"):
-            if not _is_int(getattr(self, name)):
-                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
-            value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
-        if not isinstance(self.stop, list | tuple) or not all(
-            isinstance(s, str) and s for s in self.stop
-        ):
-            raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        self.stop = list(self.stop)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 _WRONG_TYPE = "a model config value has the wrong type"

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 
 from . import resources
-from .api import LM, TextStream
-from .config import GPTConfig, SampleConfig
-from .generate import eval_mode, pick_next
+from .api import LM
+from .config import GPTConfig
+from .generation import SampleConfig, Sampler, TextStream, eval_mode
 from .model import KVCache
 
 
@@ -49,14 +49,13 @@ class EngineBusy(RuntimeError):
 @dataclass
 class Sequence:
     """One completion to generate. `emit` is called from the engine thread with events:
-    ("text", piece), then exactly one ("done", finish_reason) or ("error", message)."""
+    ("text", piece), then exactly one ("done", finish_reason) or ("error", message). With
+    sample.logprobs set, each token's ("logprob", (token id, logprob, {id: logprob} of the top
+    k)) comes before the text it makes."""
 
     prompt: list[int]
     sample: SampleConfig  # max_new_tokens is already capped by the context
     emit: Callable[[tuple[str, Any]], None]
-    frequency_penalty: float = 0.0  # OpenAI's definitions, applied to the logits
-    presence_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
     deadline: float = float("inf")  # time.monotonic() after which generation is cut
     # Special tokens the model generates are left out of the text (vLLM's skip_special_tokens);
     # one whose string a stop sequence names (an end-of-turn token) ends the reply.
@@ -128,9 +127,7 @@ class _Slot:
     length: int  # cache columns filled
     token: int  # the last sampled token, fed in at the next step
     budget: int
-    generator: torch.Generator | None
-    counts: torch.Tensor | None  # [V] tokens generated so far, for the OpenAI penalties
-    seen: torch.Tensor | None  # [1, V] prompt + output tokens, for the repetition penalty
+    sampler: Sampler  # this row's sampling state (penalty counts, seeded generator)
 
 
 @dataclass
@@ -152,11 +149,9 @@ class Engine:
         self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
         self.config: GPTConfig = lm.model.config
         check_cache_memory(lm, max_batch)
-        tok = lm.tokenizer
-        self.special_names = {i: s for s, i in tok.special_tokens.items() if i != tok.eos_id}
         # A model may have more embedding rows than its tokenizer has tokens (vocabularies
         # padded for speed); those ids have no text, so they are never sampled.
-        self.vocab_size = min(lm.tokenizer.vocab_size, self.config.vocab_size)
+        self.vocab_size = lm.tokenizer.vocab_size
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self.running: list[_Slot] = []
         self.stats = EngineStats()
@@ -318,25 +313,14 @@ class Engine:
         r = len(self.running)
         if row != r:
             self._cache.move(row, r, filling.done)
-        V = logits.shape[-1]
         s = seq.sample
-        generator = None
-        if s.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(s.seed)
-        penalised = seq.frequency_penalty != 0 or seq.presence_penalty != 0
-        seen = None
-        if s.repetition_penalty != 1.0:
-            seen = torch.zeros(1, V, dtype=torch.bool, device=device)
-            seen[0, torch.tensor(seq.prompt, device=device)] = True
         slot = _Slot(
             seq=seq,
-            text=TextStream(self.lm.tokenizer, s.stop),
+            text=self.lm.text_stream(s, seq.skip_special),
             length=len(seq.prompt),
             token=-1,
             budget=s.max_new_tokens,
-            generator=generator,
-            counts=torch.zeros(V, device=device) if penalised else None,
-            seen=seen,
+            sampler=Sampler(s, [seq.prompt], self.config.vocab_size, self.vocab_size, device),
         )
         self.running.append(slot)
         self.stats.prefills += 1
@@ -373,25 +357,13 @@ class Engine:
         if seq.cancelled:
             self._finish(r, None)
             return
-        if self.vocab_size < logits.shape[-1]:  # a padded vocabulary (rare): no per-token op
-            logits[:, self.vocab_size :] = float("-inf")
-        if seq.logit_bias:
-            ids = torch.tensor(list(seq.logit_bias), device=logits.device)
-            logits[0, ids] += torch.tensor(list(seq.logit_bias.values()), device=logits.device)
-        if slot.counts is not None:
-            logits = (
-                logits
-                - seq.frequency_penalty * slot.counts
-                - seq.presence_penalty * (slot.counts > 0).float()
-            )
-        token = int(pick_next(logits, slot.seen, seq.sample, slot.generator))
+        picked = slot.sampler.pick(logits)
+        token = int(picked.tokens[0])
         slot.token, seq.generated = token, seq.generated + 1
         self.stats.tokens += 1
-        if slot.counts is not None:
-            slot.counts[token] += 1
-        if slot.seen is not None:
-            slot.seen[0, token] = True
-        piece = self._text(slot, token)
+        if picked.logprobs is not None:
+            seq.emit(("logprob", (token, float(picked.logprobs[0]), picked.top(0))))
+        piece = slot.text.push(token)
         if piece:
             seq.emit(("text", piece))
         if slot.text.stopped:
@@ -404,16 +376,6 @@ class Engine:
     def _reserve(self, columns: int) -> None:
         self._cache.reserve(columns, self.context)
         self.stats.cache_columns = max(self.stats.cache_columns, self._cache.max_len)
-
-    def _text(self, slot: _Slot, token: int) -> str:
-        """The text that `token` makes final. A skipped special token adds none; one whose
-        string a stop sequence names (say <|im_end|>) ends the reply as that stop would."""
-        name = self.special_names.get(token) if slot.seq.skip_special else None
-        if name is None:
-            return slot.text.push(token)
-        if any(stop in name for stop in slot.seq.sample.stop):
-            return slot.text.flush()  # sets `stopped`
-        return ""
 
     def _finish(self, r: int, reason: str | None) -> None:
         """Retire row r (reason None: the client left) and move the last row into its place."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import LM
-from .chat import CHATML, END_OF_TURN, render
+from .chat import CHATML, render, turn_stops
 from .config import ConfigError
 from .evaluate import (
     classification_metrics,
@@ -26,6 +26,8 @@ from .evaluate import (
     tagging_metrics,
 )
 from .finetune import predict_labels, predict_tags
+from .generation import prompt_room
+from .model import ContextLengthError
 from .taskdata import (
     check_tags,
     read_chat,
@@ -93,7 +95,7 @@ def generation_prompts(lm: LM, path, limit: int = 0, chat: bool = True):
         else:
             prompts.append("\n\n".join(m["content"] for m in context) + "\n\n")
         refs.append(messages[last]["content"])
-    stop = [s for s in END_OF_TURN if s in tok.special_tokens] if chat else ["\n\n"]
+    stop = turn_stops(tok) if chat else ["\n\n"]
     return prompts, refs, stop
 
 
@@ -109,9 +111,10 @@ def eval_generate(
     """Metrics of greedy replies, and the replies. A prompt too long for the context keeps its
     end (where the question and the generation prompt are); `truncated` counts them."""
     prompts, refs, stop = generation_prompts(lm, path, limit, chat)
-    budget = lm.config.block_size - max_new_tokens
-    if budget < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room in the context")
+    try:
+        budget = prompt_room(max_new_tokens, lm.config.block_size)
+    except ContextLengthError as e:
+        raise ConfigError(str(e)) from None
     truncated = 0
     for i, prompt in enumerate(prompts):
         ids = lm.tokenizer.encode(prompt)

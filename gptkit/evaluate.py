@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from seqeval import metrics as seqeval_metrics
 from sklearn import metrics as sklearn_metrics
 
-from .generate import eval_mode
+from .generation import eval_mode
 from .taskdata import ENTITY_SCHEMES, tag_scheme
 
 if TYPE_CHECKING:

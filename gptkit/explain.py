@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .generate import eval_mode
+from .generation import eval_mode
 from .model import GPT, ContextLengthError
 
 if TYPE_CHECKING:

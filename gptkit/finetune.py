@@ -36,7 +36,7 @@ from .chat import CHATML, render
 from .checkpoint import load_checkpoint
 from .config import ConfigError, FinetuneConfig
 from .evaluate import classification_metrics, save_results, tagging_metrics
-from .generate import eval_mode
+from .generation import eval_mode
 from .model import GPT
 from .peft import apply_peft, save_adapter
 from .prepare import prepare

@@ -2,15 +2,18 @@
 
 Field names, defaults and ranges follow OpenAI's API reference, so a request that OpenAI
 accepts is accepted here with the same meaning, and an out-of-range value is refused with the
-field named. `top_k` and `repetition_penalty` are the extensions vLLM and llama.cpp's server
-also take. Unknown fields are refused (as OpenAI does), so a typo never passes silently.
+field named. `top_k`, `min_p` and `repetition_penalty` are the extensions vLLM and
+llama.cpp's server also take. Unknown fields are refused (as OpenAI does), so a typo never
+passes silently.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+
+from .generation.sampling import MAX_TOP_LOGPROBS
 
 # OpenAI allows up to 4 stop sequences and up to 128 choices; a local server keeps n small.
 MAX_STOP = 4
@@ -53,6 +56,7 @@ class SamplingFields(_Strict):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
@@ -96,10 +100,16 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=0)] = 16  # OpenAI's default for completions
     echo: bool = False
+    # The legacy completions' logprobs: each token's, and the k most likely alternatives.
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     # Special-token strings in a text prompt are plain text, as OpenAI treats them; true makes
     # them control tokens (a raw prompt written in the model's own format). Token-id prompts
     # are always taken as they are.
     parse_special: bool = False
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -148,3 +158,16 @@ class ChatCompletionRequest(SamplingFields):
     # newer name for the same limit.
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:  # as OpenAI refuses it
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        """SampleConfig.logprobs: None, or how many alternatives to report per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None

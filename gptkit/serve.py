@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import json
 import re
 import sys
@@ -46,8 +47,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .api import LM
 from .chat import chat_prompt_ids, turn_stops
-from .config import ConfigError, SampleConfig
+from .config import ConfigError
 from .engine import Engine, EngineBusy, Sequence
+from .generation import SampleConfig, context_budget
+from .model import ContextLengthError
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
 from .tokenizer import TokenizerError
 
@@ -346,23 +349,20 @@ class Server:
                 param=param,
                 code="max_tokens_too_large",
             )
-        context = self.engine.context
-        if len(prompt) > context:
+        wanted = limit if max_tokens is None else max_tokens
+        try:
+            return context_budget(len(prompt), wanted, self.engine.context)
+        except ContextLengthError as e:
             raise APIError(
-                400,
-                f"the prompt has {len(prompt)} tokens but the model's context is {context}; "
-                "shorten the prompt",
-                param=prompt_param,
-                code="context_length_exceeded",
-            )
-        room = context - len(prompt) + 1  # the last token is never fed back
-        return min(limit if max_tokens is None else max_tokens, room)
+                400, str(e), param=prompt_param, code="context_length_exceeded"
+            ) from None
 
     def _submit(
         self, outbox: Outbox, body: SamplingFields, prompts: list[list[int]], budget, stop
     ) -> None:
         """Queue body.n sequences per prompt; choice index = prompt * n + i, as OpenAI's."""
         self._check_count(len(prompts) * body.n)
+        bias = self._logit_bias(body)
         deadline = time.monotonic() + self.config.max_seconds
         for p, prompt in enumerate(prompts):
             for i in range(body.n):
@@ -372,9 +372,14 @@ class Server:
                         temperature=body.temperature,
                         top_k=body.top_k,
                         top_p=body.top_p,
+                        min_p=body.min_p,
                         repetition_penalty=body.repetition_penalty,
+                        frequency_penalty=body.frequency_penalty,
+                        presence_penalty=body.presence_penalty,
+                        logit_bias=bias,
                         stop=stop,
                         seed=None if body.seed is None else body.seed + i,
+                        logprobs=body.logprob_count,
                     )
                 except ConfigError as e:  # the protocol's ranges should make this unreachable
                     outbox.cancel()
@@ -383,9 +388,6 @@ class Server:
                     prompt,
                     sample,
                     outbox.emitter(p * body.n + i),
-                    frequency_penalty=body.frequency_penalty,
-                    presence_penalty=body.presence_penalty,
-                    logit_bias=self._logit_bias(body),
                     deadline=deadline,
                     skip_special=body.skip_special_tokens,
                 )
@@ -465,27 +467,40 @@ class Server:
 
         for prompt in prompts:
             budget(prompt)  # every prompt must fit before any starts
+        if body.echo and body.logprobs is not None:
+            raise APIError(
+                400,
+                "echo with logprobs would need the prompt's log-probabilities, which this server "
+                "does not compute; drop one of them",
+                param="logprobs",
+            )
         outbox = Outbox()
         self._submit(outbox, body, prompts, budget, body.stops)
         echoes = [self.lm.tokenizer.decode(p) if body.echo else "" for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
 
-        def choice(i: int, text: str, reason: str | None) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        sent = [0] * len(outbox.sequences)  # characters of each choice so far (text_offset)
+
+        def choice(i: int, text: str, reason: str | None, tokens=None) -> dict:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = self._completion_logprobs(tokens or [], sent[i])
+            sent[i] += len(text)
+            return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
 
-            def chunk(i, piece, reason):
+            def chunk(i, piece, reason, tokens=None):
                 if piece is None:  # the opening chunk: the echoed prompt, if any
                     echo = echoes[i // body.n]
                     return [choice(i, echo, None)] if echo else None
-                return [choice(i, piece, reason)]
+                return [choice(i, piece, reason, tokens)]
 
             return EventStream(self._stream(outbox, body, head, chunk, prompt_tokens))
-        texts, reasons = await self._collect(outbox, request)
+        texts, reasons, tokens = await self._collect(outbox, request)
         choices = [
-            choice(i, echoes[i // body.n] + t, r)
+            choice(i, echoes[i // body.n] + t, r, tokens[i])
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
         ]
         return self._response(head, choices, outbox, prompt_tokens)
@@ -514,21 +529,22 @@ class Server:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
         if body.stream:
 
-            def chunk(i, piece, reason):
+            def chunk(i, piece, reason, tokens=None):
                 # The first chunk of a choice carries the role, as OpenAI's stream does.
                 delta = {"role": "assistant", "content": ""} if piece is None else {}
                 if piece:
                     delta["content"] = piece
-                return [{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}]
+                logprobs = self._chat_logprobs(tokens) if body.logprobs and tokens else None
+                return [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
 
             head = {**head, "object": "chat.completion.chunk"}
             return EventStream(self._stream(outbox, body, head, chunk, len(prompt)))
-        texts, reasons = await self._collect(outbox, request)
+        texts, reasons, tokens = await self._collect(outbox, request)
         choices = [
             {
                 "index": i,
                 "message": {"role": "assistant", "content": t},
-                "logprobs": None,
+                "logprobs": self._chat_logprobs(tokens[i]) if body.logprobs else None,
                 "finish_reason": r,
             }
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
@@ -540,12 +556,13 @@ class Server:
     # How often a non-streamed request looks for its client, whether tokens come or not.
     DISCONNECT_CHECK_SECONDS = 0.25
 
-    async def _collect(self, outbox: Outbox, request: Request) -> tuple[list[str], list[str]]:
-        """Wait for every sequence to finish; a client gone meanwhile cancels them all (checked
-        every DISCONNECT_CHECK_SECONDS even while tokens keep coming: a request that bans EOS
-        would otherwise hold its slots until max_tokens or --max-seconds)."""
+    async def _collect(self, outbox: Outbox, request: Request):
+        """(texts, finish reasons, logprob entries) of every sequence once all have finished;
+        a client gone meanwhile cancels them all (checked every DISCONNECT_CHECK_SECONDS even
+        while tokens keep coming: a request that bans EOS would otherwise hold its slots until
+        max_tokens or --max-seconds)."""
         n = len(outbox.sequences)
-        texts, reasons = [""] * n, [None] * n
+        texts, reasons, tokens = [""] * n, [None] * n, [[] for _ in range(n)]
         check = self.DISCONNECT_CHECK_SECONDS
         next_check = time.monotonic() + check
         try:
@@ -560,30 +577,36 @@ class Server:
                     next_check = time.monotonic() + check
                 if kind == "text":
                     texts[i] += value
+                elif kind == "logprob":
+                    tokens[i].append(value)
                 elif kind == "done":
                     reasons[i] = value
                 elif kind == "error":
                     raise APIError(503, value, "server_error")
         finally:
             outbox.cancel()  # a no-op for finished sequences
-        return texts, reasons
+        return texts, reasons, tokens
 
     async def _stream(self, outbox, body, head, chunk, prompt_tokens) -> AsyncIterator[str]:
         """OpenAI's server-sent events: a chunk per text piece, a finishing chunk per choice,
         the usage chunk when asked for, then [DONE]."""
         head = {**head, "created": int(time.time()), "model": self.name}
         n, live = len(outbox.sequences), len(outbox.sequences)
+        tokens = [[] for _ in range(n)]  # logprob entries not yet sent, per choice
         try:
             for i in range(n):
                 if opening := chunk(i, None, None):
                     yield _sse({**head, "choices": opening})
             while live:
                 i, (kind, value) = await outbox.queue.get()
-                if kind == "text":
-                    yield _sse({**head, "choices": chunk(i, value, None)})
+                if kind == "logprob":
+                    tokens[i].append(value)
+                elif kind == "text":
+                    yield _sse({**head, "choices": chunk(i, value, None, tokens[i])})
+                    tokens[i] = []
                 elif kind == "done":
                     live -= 1
-                    yield _sse({**head, "choices": chunk(i, "", value)})
+                    yield _sse({**head, "choices": chunk(i, "", value, tokens[i])})
                 else:
                     error = {"message": value, "type": "server_error", "param": None, "code": None}
                     yield _sse({"error": error})
@@ -593,6 +616,36 @@ class Server:
             yield "data: [DONE]\n\n"
         finally:
             outbox.cancel()
+
+    # --- log-probabilities in OpenAI's two shapes ---------------------------------------------
+    # entries: (token id, logprob, {alternative id: logprob}) per generated token. A token's
+    # string is its own decoded text (a byte-level piece of a character decodes to U+FFFD).
+
+    def _completion_logprobs(self, entries: list, offset: int) -> dict:
+        """The legacy completions' object: tokens, token_logprobs, top_logprobs, text_offset."""
+        decode = self.lm.tokenizer.decode
+        tokens = [decode([t]) for t, _, _ in entries]
+        offsets = list(itertools.accumulate(map(len, tokens), initial=offset))[:-1]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{decode([a]): b for a, b in top.items()} for _, _, top in entries],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprobs(self, entries: list) -> dict:
+        """The chat completions' object: content = [{token, logprob, bytes, top_logprobs}]."""
+        decode = self.lm.tokenizer.decode
+
+        def item(token: int, logprob: float) -> dict:
+            text = decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = [
+            {**item(t, lp), "top_logprobs": [item(a, b) for a, b in top.items()]}
+            for t, lp, top in entries
+        ]
+        return {"content": content, "refusal": None}
 
     def _usage(self, outbox: Outbox, prompt_tokens: int) -> dict[str, int]:
         completion = sum(seq.generated for seq in outbox.sequences)

@@ -78,7 +78,7 @@ def test_text_stream_releases_whole_characters_incrementally(stop):
     tok = CountingDecode(load_tokenizer("gpt2"))
     text = "日本語のテキスト 🤖 and more text, " * 20  # emoji and kanji span several byte tokens
     ids = tok.tokenizer.encode(text)
-    stream = gptkit.api.TextStream(tok, stop)
+    stream = gptkit.generation.TextStream(tok.decode, stop, [tok.eos_id])
     pieces = [stream.push(t) for t in ids]
     pieces.append(stream.flush())
     expected = text[: text.find(stop[0])] if stop else text

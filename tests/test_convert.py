@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptkit.config import SampleConfig, preset
+from gptkit.config import preset
 from gptkit.convert import (
     ConversionError,
     export_hf,
@@ -23,7 +23,7 @@ from gptkit.convert import (
     load_hf_state_dict,
     resolve_hf,
 )
-from gptkit.generate import generate
+from gptkit.generation import SampleConfig, generate
 from gptkit.model import GPT
 
 transformers = pytest.importorskip("transformers")

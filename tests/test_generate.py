@@ -4,9 +4,10 @@ transformers.generate on the same weights; batching, EOS, seeds, streaming."""
 import pytest
 import torch
 
-from gptkit.config import ConfigError, SampleConfig
+from gptkit.config import ConfigError
 from gptkit.convert import load_hf
-from gptkit.generate import apply_repetition_penalty, filter_logits, generate, stream
+from gptkit.generation import SampleConfig, generate, stream
+from gptkit.generation.sampling import apply_repetition_penalty, filter_logits
 from gptkit.model import ContextLengthError
 
 transformers = pytest.importorskip("transformers")

@@ -23,14 +23,13 @@ gguf = pytest.importorskip("gguf", reason="GGUF import needs the gguf package")
 
 from ggufkit import TINY_TOKENS, permute, tiny_weights, write_gguf  # noqa: E402
 
-from gptkit.config import SampleConfig  # noqa: E402
 from gptkit.convert_gguf import (  # noqa: E402
     GGUFError,
     load_gguf,
     read_gguf,
     unpermute_rope,
 )
-from gptkit.generate import generate  # noqa: E402
+from gptkit.generation import SampleConfig, generate  # noqa: E402
 from gptkit.tokenizer import load_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

@@ -22,8 +22,9 @@ from fastapi.testclient import TestClient
 from live_server import LiveServer
 
 from gptkit.chat import chat_prompt, turn_stops
-from gptkit.config import ConfigError, SampleConfig
+from gptkit.config import ConfigError
 from gptkit.engine import Engine, EngineBusy, Sequence
+from gptkit.generation import SampleConfig
 from gptkit.serve import ServeConfig, create_app
 
 NAME = "tiny"
@@ -536,8 +537,10 @@ def test_engine_drain_ends_generations_with_length_and_refuses_new_ones(lm):
     got = Collector(1)
     engine = Engine(lm).start()
     try:
-        sample = SampleConfig(max_new_tokens=400, temperature=0)
-        seq = Sequence([1], sample, got.emitter(0), logit_bias={lm.tokenizer.eos_id: -100.0})
+        sample = SampleConfig(
+            max_new_tokens=400, temperature=0, logit_bias={lm.tokenizer.eos_id: -100.0}
+        )
+        seq = Sequence([1], sample, got.emitter(0))
         engine.submit(seq)
         deadline = time.monotonic() + 30
         while seq.generated < 2 and time.monotonic() < deadline:

@@ -19,8 +19,9 @@ from live_server import LiveServer
 
 import gptkit.serve
 from gptkit.chat import chat_prompt, chat_prompt_ids
-from gptkit.config import ConfigError, SampleConfig
+from gptkit.config import ConfigError
 from gptkit.engine import Engine, Sequence
+from gptkit.generation import SampleConfig
 from gptkit.resources import SKIP_ENV, ResourceError
 from gptkit.serve import ServeConfig, create_app, read_api_key, security_warnings
 
@@ -178,9 +179,8 @@ def test_long_prompt_is_prefilled_in_chunks_between_decoding_steps(lm):
     try:
         short = Sequence(
             tok.encode("hello"),
-            SampleConfig(max_new_tokens=1500, temperature=0),
+            SampleConfig(max_new_tokens=1500, temperature=0, logit_bias={tok.eos_id: -100.0}),
             short_emit,
-            logit_bias={tok.eos_id: -100.0},
         )
         engine.submit(short)
         assert _wait(lambda: short.generated > 3)
@@ -495,8 +495,13 @@ def test_a_huge_stop_string_does_not_hold_back_the_stream(lm):
 
     engine = Engine(lm).start()
     try:
-        sample = SampleConfig(max_new_tokens=30, temperature=0, stop=["\x01" * 100_000])
-        engine.submit(Sequence(tok.encode("hello"), sample, emit, logit_bias={tok.eos_id: -100.0}))
+        sample = SampleConfig(
+            max_new_tokens=30,
+            temperature=0,
+            stop=["\x01" * 100_000],
+            logit_bias={tok.eos_id: -100.0},
+        )
+        engine.submit(Sequence(tok.encode("hello"), sample, emit))
         assert done.wait(60)
     finally:
         engine.close()

@@ -11,8 +11,8 @@ from conftest import tiny_chat_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptkit.api import TextStream
 from gptkit.chat import chat_prompt, chat_prompt_ids
+from gptkit.generation import TextStream
 
 LM = tiny_chat_lm(block_size=64)
 TOK = LM.tokenizer
@@ -39,7 +39,7 @@ def test_message_content_never_becomes_a_control_token(messages):
 @given(st.lists(st.integers(3, TOK.vocab_size - 1), max_size=40), st.lists(TEXT, max_size=3))
 def test_stream_releases_exactly_the_text_before_the_first_stop(ids, stops):
     stops = [s for s in stops if s]
-    stream = TextStream(TOK, stops)
+    stream = TextStream(TOK.decode, stops, [TOK.eos_id])
     out = "".join(stream.push(i) for i in ids) + stream.flush()
     text = TOK.decode(ids)
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))

@@ -16,9 +16,9 @@ from conftest import char_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptkit.config import ConfigError, SampleConfig
+from gptkit.config import ConfigError
 from gptkit.engine import Engine, Sequence
-from gptkit.generate import generate, stream
+from gptkit.generation import SampleConfig, generate, stream
 
 CONTEXT = 24
 
@@ -143,7 +143,7 @@ def test_extreme_but_valid_values_sample_instead_of_failing(tiny):
 @settings(max_examples=40, deadline=None)
 @given(kwargs=engine_options)
 def test_the_serving_engine_takes_any_valid_options(tiny, kwargs):
-    """The engine samples each row with its own options (pick_next, as generate does): every
+    """The engine samples each row with its own options (a Sampler, as generate does): every
     valid SampleConfig ends with "done", never "error", and its text decodes."""
     model, tok = tiny
     sample = config_or_error(kwargs)

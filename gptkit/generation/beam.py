@@ -1,0 +1,99 @@
+"""Beam search, scored as transformers scores it: 2 * num_beams candidates per step,
+hypotheses finish at an end token, a stop string or the length limit with
+score / generated_len ** length_penalty, and the search stops early once no running beam can
+beat the finished ones. Greedy-free and seed-free, so its output is token-identical to
+`transformers.generate(num_beams=...)` on the same weights."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import GPT
+from .decode import _budget, eval_mode, new_sampler
+from .sampling import SampleConfig
+from .stopping import Decode, completes_stop
+
+
+@torch.inference_mode()
+def beam_search(
+    model: GPT,
+    prompt: list[int],
+    sample: SampleConfig,
+    eos_id: int | None = None,
+    decode: Decode | None = None,
+    vocab_size: int | None = None,
+) -> list[list[int]]:
+    """The `num_return_sequences` best beams for one prompt, best first (HF's scoring);
+    the arguments as for decode.complete."""
+    max_new = _budget(model, [prompt], sample.max_new_tokens)
+    if max_new <= 0:
+        return [[] for _ in range(sample.num_return_sequences)]
+    if sample.stop and decode is None:
+        raise ValueError("stop strings need a decode function to read the generated text")
+    with eval_mode(model):
+        return _beam_search(model, prompt, sample, max_new, eos_id, decode, vocab_size)
+
+
+def _beam_search(
+    model: GPT,
+    prompt: list[int],
+    sample: SampleConfig,
+    max_new: int,
+    eos_id: int | None,
+    decode: Decode | None,
+    vocab_size: int | None,
+) -> list[list[int]]:
+    nb, device = sample.num_beams, model.tok_emb.weight.device
+    end_ids = {*sample.stop_ids, *([] if eos_id is None else [eos_id])}
+    cache = model.new_cache(1, len(prompt) + max_new - 1)
+    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
+    cache.reorder(torch.zeros(nb, dtype=torch.long, device=device))  # nb copies of the prefill
+    logits = logits.expand(nb, -1, -1)
+    beams: list[list[int]] = [[] for _ in range(nb)]
+    # Only beam 0 is live at first, so the first step picks nb distinct tokens.
+    scores = torch.full((nb,), -1e9, device=device)
+    scores[0] = 0.0
+    finished: list[tuple[float, list[int]]] = []  # (length-normalised score, tokens)
+    # transformers applies the logits processors (the penalties) to log-probabilities here.
+    sampler = new_sampler(model, [prompt] * nb, sample, vocab_size)
+
+    for step in range(max_new):
+        gen_len = step + 1
+        logprobs = sampler.penalise(sampler.mask(logits[:, -1].float()).log_softmax(dim=-1))
+        V = logprobs.size(-1)
+        total = (logprobs + scores[:, None]).view(-1)  # [nb * V]
+        top_scores, top_idx = torch.topk(total, 2 * nb)
+        next_beams, next_scores, parents = [], [], []
+        for rank, (score, flat) in enumerate(
+            zip(top_scores.tolist(), top_idx.tolist(), strict=True)
+        ):
+            parent, token = divmod(flat, V)
+            seq = beams[parent] + [token]
+            ends = (
+                token in end_ids or gen_len == max_new or completes_stop(decode, seq, sample.stop)
+            )
+            if ends:
+                if rank < nb:  # only the top nb candidates may become hypotheses
+                    finished.append((score / gen_len**sample.length_penalty, seq))
+            elif len(next_beams) < nb:
+                next_beams.append(seq)
+                next_scores.append(score)
+                parents.append(parent)
+        finished = sorted(finished, key=lambda h: -h[0])[:nb]
+        if len(next_beams) < nb or gen_len == max_new:
+            break
+        # transformers' default early stop: once nb hypotheses exist, stop when the best
+        # running beam, normalised at the current length, cannot beat the worst of them.
+        best_running = next_scores[0] / gen_len**sample.length_penalty
+        if len(finished) == nb and best_running <= finished[-1][0]:
+            break
+        beams = next_beams
+        scores = torch.tensor(next_scores, device=device)
+        index = torch.tensor(parents, device=device)
+        cache.reorder(index)
+        sampler.reorder(index)
+        token = torch.tensor([b[-1] for b in beams], device=device)
+        sampler.advance(token)
+        positions = torch.full((nb, 1), len(prompt) + step, device=device)
+        logits = model(token[:, None], cache=cache, positions=positions, last_only=True)
+    return [seq for _, seq in finished[: sample.num_return_sequences]]
