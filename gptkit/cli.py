@@ -252,7 +252,6 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_new: int
         "--logit-bias",
         action="append",
         metavar="ID=BIAS",
-        type=_logit_bias,
         help="add BIAS to token ID's logit (repeatable; -100 bans it)",
     )
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -262,11 +261,11 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_new: int
 
 
 def _logit_bias(text: str) -> tuple[int, float]:
-    token, sep, bias = text.partition("=")
+    token, _, bias = text.partition("=")
     try:
         return int(token), float(bias)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS, e.g. 50256=-100") from None
+        raise ConfigError(f"--logit-bias {text!r} is not ID=BIAS, e.g. 50256=-100") from None
 
 
 SAMPLING_FLAGS = (
@@ -286,7 +285,7 @@ def _sampling(args: argparse.Namespace) -> dict:
     sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     return dict(
         sampling,
-        logit_bias=dict(args.logit_bias or []),
+        logit_bias=dict(_logit_bias(b) for b in args.logit_bias or []),
         stop=args.stop or [],
         stop_ids=args.stop_id or [],
     )

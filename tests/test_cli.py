@@ -88,6 +88,34 @@ def test_generate_greedy_stream_and_sequences(capsys, ckpt):
     assert code == 0 and out.startswith("the ")
 
 
+def test_generate_takes_every_sampling_option_and_prints_logprobs(capsys, ckpt):
+    from gptkit.api import load
+
+    lm = load(ckpt, device="cpu")
+    greedy = lm.complete("the ", max_new_tokens=8, temperature=0)[0].ids
+    argv = ["generate", "--model", ckpt, "--prompt", "the ", "--device", "cpu"]
+    argv += ["--max-new-tokens", 8, "--temperature", 0, "--logprobs", 2]
+    argv += ["--logit-bias", f"{greedy[0]}=-100", "--stop-id", greedy[1]]
+    code, out, _ = run(capsys, *argv)
+    expected = lm.complete(
+        "the ",
+        max_new_tokens=8,
+        temperature=0,
+        logprobs=2,
+        logit_bias={greedy[0]: -100.0},
+        stop_ids=[greedy[1]],
+    )[0]
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "the " + expected.text
+    assert len(lines) == 1 + len(expected.ids)  # a line per token: logprob, token, the top 2
+    assert [float(line.split()[0]) for line in lines[1:]] == pytest.approx(
+        expected.logprobs, abs=1e-4
+    )
+    for flags in (["--min-p", 0.1], ["--frequency-penalty", 1.0, "--presence-penalty", 0.5]):
+        code, out, _ = run(capsys, "generate", "--model", ckpt, "--prompt", "the ", *flags)
+        assert code == 0 and out.startswith("the ")
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -95,6 +123,9 @@ def test_generate_greedy_stream_and_sequences(capsys, ckpt):
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--temperature", "-0.5"], "temperature must be >= 0"),
         (["--prompt", "x" * 40], "the prompt has 40 tokens but the model's context is 32"),
+        (["--min-p", "2"], "min_p must be in [0, 1]"),
+        (["--logprobs", "99"], "logprobs must be in [0, 20]"),
+        (["--logit-bias", "x"], "'x' is not ID=BIAS"),
     ],
 )
 def test_generate_bad_values_are_one_line(capsys, ckpt, flags, message):

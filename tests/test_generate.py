@@ -6,7 +6,7 @@ import torch
 
 from gptkit.config import ConfigError
 from gptkit.convert import load_hf
-from gptkit.generation import SampleConfig, generate, stream
+from gptkit.generation import SampleConfig, complete, generate, stream
 from gptkit.generation.sampling import apply_repetition_penalty, filter_logits
 from gptkit.model import ContextLengthError
 
@@ -146,6 +146,71 @@ def test_samplers_match_transformers_warpers():
         torch.testing.assert_close(
             filter_logits(logits, 0, p), hf.TopPLogitsWarper(p)(ids, logits.clone())
         )
+    for m in (0.01, 0.1, 0.5, 1.0):
+        torch.testing.assert_close(
+            filter_logits(logits, 0, 1.0, m), hf.MinPLogitsWarper(m)(ids, logits.clone())
+        )
+
+
+def test_greedy_with_logit_bias_matches_transformers_sequence_bias(pair):
+    # transformers' sequence_bias on one-token sequences is OpenAI's logit_bias.
+    ref, model = pair
+    prompt = [5, 17, 42, 8, 3]
+    plain = generate(model, [prompt], SampleConfig(temperature=0, max_new_tokens=6))[0]
+    others = [t for t in (9, 20, 31) if t != plain[0]]
+    bias = {plain[0]: -100.0, others[0]: 2.5, others[1]: 1.0}  # ban the first choice
+    sample = SampleConfig(temperature=0, max_new_tokens=20, logit_bias=bias)
+    ours = generate(model, [prompt], sample)
+    theirs = hf_generate(
+        ref, prompt, max_new_tokens=20, sequence_bias={(t,): b for t, b in bias.items()}
+    )
+    assert ours == theirs and ours[0][0] != plain[0]
+
+
+def test_logprobs_match_transformers_scores(pair):
+    # Each token's log-probability and its top alternatives are the model's own distribution
+    # (vLLM's raw logprobs): log_softmax of transformers' per-step logits.
+    ref, model = pair
+    prompt = [5, 17, 42, 8, 3]
+    sample = SampleConfig(temperature=0, max_new_tokens=10, logprobs=3)
+    ours = complete(model, [prompt], sample)[0]
+    out = ref.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=10,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    theirs = torch.stack(out.logits)[:, 0].log_softmax(-1)  # [steps, V]
+    chosen = out.sequences[0, len(prompt) :]
+    assert ours.ids == chosen.tolist()
+    torch.testing.assert_close(
+        torch.tensor(ours.logprobs), theirs.gather(1, chosen[:, None])[:, 0], atol=1e-4, rtol=0
+    )
+    for step, top in enumerate(ours.top_logprobs):
+        values, ids = theirs[step].topk(3)
+        assert list(top) == ids.tolist()
+        torch.testing.assert_close(torch.tensor(list(top.values())), values, atol=1e-4, rtol=0)
+
+
+def test_openai_penalties_and_stop_ids(pair):
+    _, model = pair
+    prompt = [5, 17, 42, 8, 3]
+    greedy = SampleConfig(temperature=0, max_new_tokens=30)
+    plain = generate(model, [prompt], greedy)[0]
+    assert len(set(plain)) < len(plain)  # a tiny random model repeats itself
+    # A presence penalty past any logit gap: no generated token comes twice.
+    fresh = generate(model, [prompt], SampleConfig(**{**vars(greedy), "presence_penalty": 1e4}))
+    assert len(set(fresh[0])) == len(fresh[0]) == 30
+    # frequency_penalty subtracts f per earlier use, so any f > 0 changes a repeating output.
+    freq = generate(model, [prompt], SampleConfig(**{**vars(greedy), "frequency_penalty": 2.0}))
+    assert freq[0] != plain
+    # A stop id ends the row as EOS does: kept in the ids, the row stops there.
+    stop_at = plain[3]
+    ended = generate(model, [prompt], SampleConfig(**{**vars(greedy), "stop_ids": [stop_at]}))
+    assert ended[0] == plain[: plain.index(stop_at) + 1]
 
 
 def test_sampling_follows_the_temperature_scaled_distribution(pair):

@@ -339,6 +339,66 @@ def test_openai_client_chat_and_completions(live, lm):
         client.completions.create(model=NAME, prompt="hello " * 600)
 
 
+def test_openai_client_logprobs_match_lm_complete(live, lm):
+    """logprobs / top_logprobs in OpenAI's shapes, streamed and not, are lm.complete's."""
+    openai = pytest.importorskip("openai")
+    url, _ = live
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    prompt = chat_prompt(lm.tokenizer, CHAT)
+    ref = lm.complete(
+        prompt, max_new_tokens=12, temperature=0, logprobs=2, stop=turn_stops(lm.tokenizer)
+    )[0]
+    kw = dict(model=NAME, messages=CHAT, max_tokens=12, temperature=0, logprobs=True)
+    chat = client.chat.completions.create(**kw, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == [lm.tokenizer.decode([t]) for t in ref.ids]
+    assert [c.logprob for c in content] == pytest.approx(ref.logprobs, abs=1e-5)
+    tops = [t.logprob for c in content for t in c.top_logprobs]
+    assert tops == pytest.approx([lp for top in ref.top_logprobs for lp in top.values()], abs=1e-5)
+    assert all(bytes(c.bytes).decode() == c.token for c in content)
+    stream = client.chat.completions.create(**kw, top_logprobs=2, stream=True)
+    streamed = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
+
+    done = client.completions.create(
+        model=NAME, prompt="hello", max_tokens=8, temperature=0, logprobs=3
+    )
+    ref = lm.complete("hello", max_new_tokens=8, temperature=0, logprobs=3)[0]
+    got = done.choices[0].logprobs
+    assert got.token_logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    # Keyed by token text (OpenAI's legacy shape), so ids with the same text share a key.
+    assert all(1 <= len(top) <= 3 for top in got.top_logprobs)
+    assert [max(top.values()) for top in got.top_logprobs] == got.token_logprobs  # greedy
+    assert got.text_offset[0] == 0 and "".join(got.tokens) == done.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=NAME, messages=CHAT, top_logprobs=2)
+
+
+def test_every_sampling_option_means_the_same_in_the_server_and_lm_generate(client, lm):
+    options = {
+        "temperature": 0.9,
+        "top_k": 40,
+        "top_p": 0.95,
+        "min_p": 0.05,
+        "frequency_penalty": 0.5,
+        "presence_penalty": 0.3,
+        "repetition_penalty": 1.1,
+        "seed": 3,
+    }
+    bias = {lm.tokenizer.eos_id: -100.0, 7: 3.0}
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 16, **options}
+    body["logit_bias"] = {str(t): b for t, b in bias.items()}
+    reply = client.post("/v1/completions", json=body).json()
+    expected = lm.generate("hello", max_new_tokens=16, logit_bias=bias, **options)[0]
+    assert reply["choices"][0]["text"] == expected
+    assert reply["choices"][0]["finish_reason"] == "length"  # EOS was banned
+
+
 def test_dropped_stream_frees_its_slot_and_concurrent_streams_batch(live, lm):
     url, app = live
     engine = app.state.server.engine
