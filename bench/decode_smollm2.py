@@ -32,7 +32,7 @@ from common import (
 )
 
 import gptkit
-from gptkit.api import named_model_path
+from gptkit.loading import named_model_path
 
 NAME = "smollm2-135m-instruct"
 

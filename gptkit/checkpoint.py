@@ -24,6 +24,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Iterable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__, resources
+from . import resources
 from .config import ConfigError, GPTConfig, PeftConfig, first_line
 from .convert import unpickling_problem
 from .model import GPT
@@ -190,7 +191,7 @@ def save_checkpoint(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta = {
             "format": FORMAT,
-            "gptkit_version": __version__,
+            "gptkit_version": version("gptkit"),
             "model": model.config.to_dict(),
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
             "tokenizer": tokenizer.kind if tokenizer is not None else None,

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .api import LM, load
 from .chat import CHATML, render
 from .checkpoint import load_checkpoint
 from .config import ConfigError, FinetuneConfig
 from .evaluate import classification_metrics, save_results, tagging_metrics
 from .generation import eval_mode
+from .loading import Pretrained, load_pretrained
 from .model import GPT
 from .peft import apply_peft, save_adapter
 from .prepare import prepare
@@ -205,7 +205,7 @@ class ExampleTask:
 
     causal = True
 
-    def __init__(self, config: FinetuneConfig, lm: LM):
+    def __init__(self, config: FinetuneConfig, lm: Pretrained):
         self.config = config
         self.name = config.objective
         self.model, self.tokenizer = lm.model, lm.tokenizer
@@ -345,7 +345,7 @@ def _split(
 class TextTask(PretrainTask):
     """Continued pretraining (objective lm): token windows from text, starting from `lm`."""
 
-    def __init__(self, config: FinetuneConfig, lm: LM):
+    def __init__(self, config: FinetuneConfig, lm: Pretrained):
         data = Path(config.data)
         if not (data / "meta.json").is_file():  # text: prepare it with the model's tokenizer
             data = Path(config.out_dir) / "data"
@@ -378,7 +378,7 @@ class Distill:
 
     def build_model(self, device: torch.device) -> GPT:
         student = self.inner.build_model(device)
-        teacher = load(self.config.teacher, device, decode_layout=False).model
+        teacher = load_pretrained(self.config.teacher, device).model
         teacher.requires_grad_(False)
         s, t = student.config, teacher.config
         if (s.head, s.labels) != (t.head, t.labels):
@@ -430,7 +430,7 @@ class FinetuneResult:
 def make_task(config: FinetuneConfig) -> ExampleTask | TextTask | Distill:
     """The task `config` describes, holding the model to fine-tune (loaded on the CPU; the
     Trainer moves it)."""
-    lm = load(config.init_from, "cpu", decode_layout=False)
+    lm = load_pretrained(config.init_from, "cpu")
     task = TextTask(config, lm) if config.task == "lm" else ExampleTask(config, lm)
     return Distill(task, config) if config.objective == "distill" else task
 

@@ -475,14 +475,10 @@ def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
     Directories: one written by `Tokenizer.save` (tokenizer_config.json has "kind"), an HF
     tokenizer directory (tokenizer.json, or vocab.json + merges.txt), GPT-2's original files
     (encoder.json + vocab.bpe), or a checkpoint holding a tokenizer/ directory. Files: a
-    tokenizer.json, or a GGUF model (its own vocabulary). Names: cl100k_base, o200k_base
-    and gpt2 / r50k_base (all through tiktoken).
+    tokenizer.json (a GGUF model's own vocabulary: gptkit.loading.load_tokenizer). Names:
+    cl100k_base, o200k_base and gpt2 / r50k_base (all through tiktoken).
     """
     path = Path(path_or_name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        from .convert_gguf import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(path)
     if path.is_file():
         return _load_hf(path.parent, _read_config(path.parent), tokenizer_json=path)
     if path.is_dir():

