@@ -57,8 +57,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from .loading import load_tokenizer
     from .prepare import prepare
-    from .tokenizer import load_tokenizer
 
     meta = prepare(
         args.sources,
