@@ -1,7 +1,7 @@
 """Beam search, scored as transformers scores it: 2 * num_beams candidates per step,
 hypotheses finish at an end token, a stop string or the length limit with
 score / generated_len ** length_penalty, and the search stops early once no running beam can
-beat the finished ones. Greedy-free and seed-free, so its output is token-identical to
+beat the finished ones. No draw is made, so its output is token-identical to
 `transformers.generate(num_beams=...)` on the same weights."""
 
 from __future__ import annotations
@@ -9,42 +9,25 @@ from __future__ import annotations
 import torch
 
 from ..model import GPT
-from .decode import _budget, eval_mode, new_sampler
-from .sampling import SampleConfig
+from .sampling import SampleConfig, Sampler
 from .stopping import Decode, completes_stop
 
 
-@torch.inference_mode()
 def beam_search(
     model: GPT,
     prompt: list[int],
     sample: SampleConfig,
-    eos_id: int | None = None,
-    decode: Decode | None = None,
-    vocab_size: int | None = None,
-) -> list[list[int]]:
-    """The `num_return_sequences` best beams for one prompt, best first (HF's scoring);
-    the arguments as for decode.complete."""
-    max_new = _budget(model, [prompt], sample.max_new_tokens)
-    if max_new <= 0:
-        return [[] for _ in range(sample.num_return_sequences)]
-    if sample.stop and decode is None:
-        raise ValueError("stop strings need a decode function to read the generated text")
-    with eval_mode(model):
-        return _beam_search(model, prompt, sample, max_new, eos_id, decode, vocab_size)
-
-
-def _beam_search(
-    model: GPT,
-    prompt: list[int],
-    sample: SampleConfig,
     max_new: int,
-    eos_id: int | None,
+    sampler: Sampler,
+    end_ids: set[int],
     decode: Decode | None,
-    vocab_size: int | None,
 ) -> list[list[int]]:
+    """The `num_return_sequences` best beams for one prompt, best first (HF's scoring).
+
+    max_new: the context budget (> 0); sampler: num_beams rows of this prompt (the penalties,
+    which transformers applies to log-probabilities here); end_ids: tokens that end a beam.
+    The caller (decode.complete) runs it in eval and inference mode."""
     nb, device = sample.num_beams, model.tok_emb.weight.device
-    end_ids = {*sample.stop_ids, *([] if eos_id is None else [eos_id])}
     cache = model.new_cache(1, len(prompt) + max_new - 1)
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
     cache.reorder(torch.zeros(nb, dtype=torch.long, device=device))  # nb copies of the prefill
@@ -54,8 +37,6 @@ def _beam_search(
     scores = torch.full((nb,), -1e9, device=device)
     scores[0] = 0.0
     finished: list[tuple[float, list[int]]] = []  # (length-normalised score, tokens)
-    # transformers applies the logits processors (the penalties) to log-probabilities here.
-    sampler = new_sampler(model, [prompt] * nb, sample, vocab_size)
 
     for step in range(max_new):
         gen_len = step + 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import GPT, ContextLengthError
+from .beam import beam_search
 from .sampling import Picked, SampleConfig, Sampler
 from .stopping import Decode, TextStream
 
@@ -139,8 +140,12 @@ def reply_stream(
     """The TextStream that ends a reply under these options (see stopping.py)."""
     if sample.stop and decode is None:
         raise ValueError("stop strings need a decode function to read the generated text")
-    end_ids = [*sample.stop_ids, *([] if eos_id is None else [eos_id])]
-    return TextStream(decode or (lambda ids: ""), sample.stop, end_ids, skip)
+    return TextStream(decode or (lambda ids: ""), sample.stop, _end_ids(sample, eos_id), skip)
+
+
+def _end_ids(sample: SampleConfig, eos_id: int | None) -> set[int]:
+    """The tokens that end a reply: EOS and sample.stop_ids."""
+    return {*sample.stop_ids, *([] if eos_id is None else [eos_id])}
 
 
 def complete(
@@ -159,14 +164,12 @@ def complete(
     tokenizer's, when the model's embedding has more rows (vocabularies padded for speed): ids
     past it have no text and are never chosen. skip: special tokens left out of the text.
     """
-    from .beam import beam_search
-
     if sample.num_beams > 1:
-        out = []
-        for p in prompts:
-            for ids in beam_search(model, p, sample, eos_id, decode, vocab_size):
-                out.append(_finished(Completion(), ids, reply_stream(sample, eos_id, decode, skip)))
-        return out
+        return [
+            _finished(Completion(), ids, reply_stream(sample, eos_id, decode, skip))
+            for p in prompts
+            for ids in _beams(model, p, sample, eos_id, decode, vocab_size)
+        ]
     rows = [p for p in prompts for _ in range(sample.num_return_sequences)]
     out = [Completion() for _ in rows]
     streams = [reply_stream(sample, eos_id, decode, skip) for _ in rows]
@@ -186,6 +189,21 @@ def complete(
         row.append(stream_.flush())
         c.text = "".join(row)
     return out
+
+
+@torch.inference_mode()
+def _beams(model, prompt, sample, eos_id, decode, vocab_size) -> list[list[int]]:
+    """beam_search's token ids for one prompt (num_return_sequences of them)."""
+    max_new = _budget(model, [prompt], sample.max_new_tokens)
+    if max_new <= 0:
+        return [[] for _ in range(sample.num_return_sequences)]
+    if sample.stop and decode is None:
+        raise ValueError("stop strings need a decode function to read the generated text")
+    sampler = new_sampler(model, [prompt] * sample.num_beams, sample, vocab_size)
+    with eval_mode(model):
+        return beam_search(
+            model, prompt, sample, max_new, sampler, _end_ids(sample, eos_id), decode
+        )
 
 
 def _finished(c: Completion, ids: list[int], text: TextStream) -> Completion:
