@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import LM
-from .chat import CHATML, render, turn_stops
+from .chat_template import CHATML, render, turn_stops
 from .config import ConfigError
 from .evaluate import (
     classification_metrics,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .chat import CHATML, render
+from .chat_template import CHATML, render
 from .checkpoint import load_checkpoint
 from .config import ConfigError, FinetuneConfig
 from .evaluate import classification_metrics, save_results, tagging_metrics

@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .api import LM
-from .chat import chat_prompt_ids, turn_stops
+from .chat_template import chat_prompt_ids, turn_stops
 from .config import ConfigError
 from .engine import Engine, EngineBusy, Sequence
 from .generation import SampleConfig, context_budget

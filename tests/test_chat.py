@@ -9,15 +9,8 @@ import pytest
 import torch
 
 import gptkit
-from gptkit.chat import (
-    CHATML,
-    ChatSession,
-    ChatTemplateError,
-    chat_loop,
-    chat_prompt,
-    chat_prompt_ids,
-    render,
-)
+from gptkit.chat import ChatSession, chat_loop
+from gptkit.chat_template import CHATML, ChatTemplateError, chat_prompt, chat_prompt_ids, render
 from gptkit.checkpoint import save_checkpoint
 from gptkit.config import preset
 from gptkit.model import GPT

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.api import load
-from gptkit.chat import CHATML
+from gptkit.chat_template import CHATML
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.config import ConfigError, FinetuneConfig, PeftConfig, preset
 from gptkit.evaltasks import eval_classify, eval_generate

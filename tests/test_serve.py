@@ -21,7 +21,7 @@ from conftest import tiny_chat_lm
 from fastapi.testclient import TestClient
 from live_server import LiveServer
 
-from gptkit.chat import chat_prompt, turn_stops
+from gptkit.chat_template import chat_prompt, turn_stops
 from gptkit.config import ConfigError
 from gptkit.engine import Engine, EngineBusy, Sequence
 from gptkit.generation import SampleConfig

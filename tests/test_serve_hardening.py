@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from live_server import LiveServer
 
 import gptkit.serve
-from gptkit.chat import chat_prompt, chat_prompt_ids
+from gptkit.chat_template import chat_prompt, chat_prompt_ids
 from gptkit.config import ConfigError
 from gptkit.engine import Engine, Sequence
 from gptkit.generation import SampleConfig

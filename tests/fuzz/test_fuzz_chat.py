@@ -11,7 +11,7 @@ from conftest import tiny_chat_lm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptkit.chat import chat_prompt, chat_prompt_ids
+from gptkit.chat_template import chat_prompt, chat_prompt_ids
 from gptkit.generation import TextStream
 
 LM = tiny_chat_lm(block_size=64)
