@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import first_line
-from .prepare import read_shard
 from .safeload import read_json
+from .shards import read_shard
 
 
 class DataError(ValueError):

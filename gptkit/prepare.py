@@ -22,26 +22,17 @@ a dead worker; multiprocessing.Pool silently replaced it and waited for ever).
 Output directory: `train_000000.bin`, `train_000001.bin`, ..., `val_000000.bin`, `meta.json`
 (written last: a directory without it is an unfinished run) and `tokenizer/`.
 
-Shard format, version 1: a 32-byte header, then the tokens, little-endian.
-
-    offset 0   8 bytes  magic b"GPTKTOK\\0"
-    offset 8   uint32   format version (1)
-    offset 12  uint32   bytes per token: 2 (uint16, when vocab_size <= 65536) or 4 (uint32)
-    offset 16  uint64   token count
-    offset 24  8 bytes  reserved (zero)
+The shard format: shards.py.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import csv
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -55,311 +46,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from . import sources as _sources  # its PIECE_BYTES read at call time (tests shrink it)
 from .config import first_line
+from .shards import VERSION, ShardWriter, shard_dtype
+from .sources import Piece, PrepareError, Reader, source_files
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
-MAGIC = b"GPTKTOK\0"
-VERSION = 1
-HEADER = struct.Struct("<8sIIQ8x")  # magic, version, bytes per token, token count, reserved
-DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-TEXT_SUFFIXES = (".txt", ".md")
-ROW_SUFFIXES = (".jsonl", ".csv", ".parquet")
-PIECE_BYTES = 1 << 18  # text is tokenized in pieces (and batches) of about 256 KB
 HOLD_BACK_TOKENS = 1 << 24  # the last train document is held back for val only if smaller
 SPILL_TOKENS = 1 << 20  # past this, a held document waits on disk (memory stays flat)
-
-
-class PrepareError(ValueError):
-    """A user-facing corpus problem (no documents, missing column, unreadable source)."""
-
-
-class ShardError(ValueError):
-    """A token shard that is not what its header promises; the message names file and fix."""
-
-
-def shard_dtype(vocab_size: int) -> np.dtype:
-    return DTYPES[2] if vocab_size <= 1 << 16 else DTYPES[4]
-
-
-def read_shard(path: str | Path) -> np.ndarray:
-    """The tokens of one shard as a read-only memmap, after checking its header."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(HEADER.size)
-    if len(head) < HEADER.size and MAGIC.startswith(head[:8]):  # empty, or cut in the header
-        raise ShardError(
-            f"{path} is truncated: {size} bytes, no {MAGIC!r} header of {HEADER.size} bytes; "
-            "prepare the corpus again"
-        )
-    if head[:8] != MAGIC:
-        raise ShardError(
-            f"{path} is not a gptkit token shard (no {MAGIC!r} header); damaged? prepare the "
-            "corpus again"
-        )
-    _, version, width, count = HEADER.unpack(head)
-    if version > VERSION:
-        raise ShardError(
-            f"{path} has format version {version}, written by a newer gptkit (or a damaged "
-            "header); upgrade gptkit or prepare the corpus again"
-        )
-    if version != VERSION:
-        raise ShardError(f"{path} has unknown format version {version}; prepare it again")
-    if width not in DTYPES:
-        raise ShardError(f"{path} has unknown token width {width} (expected 2 or 4); damaged?")
-    body = size - HEADER.size
-    if body != count * width:
-        # A damaged count in the header reads the same as a cut file: say both.
-        what = "truncated" if body < count * width else "has trailing bytes"
-        why = " (cut short, or its header is damaged)" if body < count * width else ""
-        raise ShardError(
-            f"{path} is {what}: header says {count} tokens, file holds {body / width:g}{why}; "
-            "prepare the corpus again"
-        )
-    if count == 0:
-        return np.zeros(0, DTYPES[width])
-    return np.memmap(path, dtype=DTYPES[width], mode="r", offset=HEADER.size, shape=(count,))
-
-
-class _ShardWriter:
-    """Writes one split's tokens into `{split}_NNNNNN.bin`, rolling over every `limit` tokens."""
-
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, limit: int) -> None:
-        self.out_dir, self.split, self.dtype, self.limit = out_dir, split, dtype, limit
-        self.shards: list[str] = []
-        self.tokens = self.documents = self._in_shard = 0
-        self._file: Any = None
-
-    def write(self, tokens: np.ndarray) -> None:
-        while len(tokens):
-            if self._file is None:
-                name = f"{self.split}_{len(self.shards):06d}.bin"
-                self._file = (self.out_dir / f"{name}.tmp").open("wb")
-                self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, 0))
-                self.shards.append(name)
-            part = tokens[: self.limit - self._in_shard]
-            self._file.write(part.astype(self.dtype, copy=False).tobytes())
-            self._in_shard += len(part)
-            self.tokens += len(part)
-            tokens = tokens[len(part) :]
-            if self._in_shard == self.limit:
-                self.close()
-
-    def close(self) -> None:
-        """Fill in the count and move the shard into place (a crash leaves only a .tmp)."""
-        if self._file is None:
-            return
-        self._file.seek(0)
-        self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self._in_shard))
-        self._file.close()
-        name = self.shards[-1]
-        os.replace(self.out_dir / f"{name}.tmp", self.out_dir / name)
-        self._file, self._in_shard = None, 0
-
-
-Piece = tuple[str, bool, int, str]  # text, ends a document, raw bytes consumed, where from
-
-
-class _Reader:
-    """Yields (text piece, ends a document, raw bytes consumed, where) from every source, in
-    order; `where` names the file (and line or row) for error messages."""
-
-    def __init__(self, text_column: str) -> None:
-        self.text_column = text_column
-        self.decode_errors: list[dict[str, Any]] = []
-
-    def pieces(self, files: list[Path]) -> Iterator[Piece]:
-        for path in files:
-            suffix = path.suffix.lower()
-            if suffix == ".parquet":
-                yield from _row_pieces(_parquet_rows(path, self.text_column), self.text_column)
-            elif suffix in (".jsonl", ".csv"):
-                yield from _row_pieces(self._table_rows(path, suffix), self.text_column)
-            else:
-                yield from self._text(path)
-
-    def dataset(self, name: str, split: str) -> Iterator[Piece]:
-        try:
-            import datasets
-        except ImportError as e:
-            raise PrepareError(
-                f"--dataset {name} needs the `datasets` package; pip install datasets"
-            ) from e
-        try:
-            rows = datasets.load_dataset(name, split=split, streaming=True)
-            column = self.text_column
-            yield from _row_pieces(
-                (
-                    (_column(r, column, f"dataset {name} row {n}"), f"dataset {name} row {n}")
-                    for n, r in enumerate(rows)
-                ),
-                column,
-            )
-        except (ConnectionError, OSError) as e:
-            raise PrepareError(f"cannot stream dataset {name!r} ({e}); is the network up?") from e
-
-    def _text(self, path: Path) -> Iterator[Piece]:
-        """One document, in pieces cut after a newline (in a huge line: before a character)."""
-        pending: tuple[str, int] | None = None
-        offset, carry = 0, b""
-        with path.open("rb") as f:
-            while data := carry + f.read(PIECE_BYTES):
-                data += b"" if data.endswith(b"\n") else f.readline(PIECE_BYTES)
-                carry = b""
-                if not data.endswith(b"\n") and f.peek(1):
-                    starts = range(len(data) - 1, max(len(data) - 5, 0), -1)
-                    cut = next((i for i in starts if data[i] & 0xC0 != 0x80), len(data))
-                    data, carry = data[:cut], data[cut:]
-                if pending is not None:
-                    yield pending[0], False, pending[1], _at_byte(path, offset - pending[1])
-                pending = self._decode(data, path, offset), len(data)
-                offset += len(data)
-        if pending is not None:
-            yield pending[0], True, pending[1], _at_byte(path, offset - pending[1])
-
-    def _table_rows(self, path: Path, suffix: str) -> Iterator[tuple[str | None, str]]:
-        lines = self._lines(path)
-        if suffix == ".csv":
-            csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # default: 128 KB
-            reader = csv.DictReader(lines)
-            try:
-                for row in reader:
-                    where = f"{path} line {reader.line_num}"
-                    yield _column(row, self.text_column, where), where
-            except csv.Error as e:
-                raise PrepareError(f"{path} line {reader.line_num} is not CSV: {e}") from e
-            return
-        for n, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path} line {n} is not JSON: {e}") from e
-                yield _column(row, self.text_column, f"{path} line {n}"), f"{path} line {n}"
-
-    def _lines(self, path: Path) -> Iterator[str]:
-        offset = 0
-        with path.open("rb") as f:
-            for line in f:
-                yield self._decode(line, path, offset)
-                offset += len(line)
-
-    def _decode(self, data: bytes, path: Path, offset: int) -> str:
-        """UTF-8 with replacement; the first bad byte of each file and a count are recorded."""
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            first = offset + e.start
-        _BAD_BYTES[0] = 0
-        text = data.decode("utf-8", errors=_count_errors_handler())
-        errors = self.decode_errors
-        if not errors or errors[-1]["file"] != str(path):
-            errors.append({"file": str(path), "offset": first, "bad_bytes": 0})
-            tqdm.write(
-                f"gptkit prepare: warning: {path}: bytes that are not UTF-8 at offset "
-                f"{first}; replaced with U+FFFD",
-                file=sys.stderr,
-            )
-        errors[-1]["bad_bytes"] += _BAD_BYTES[0]
-        return text
-
-
-_BAD_BYTES = [0]
-
-
-def _at_byte(path: Path, offset: int) -> str:
-    return f"{path} (from byte {offset})" if offset else str(path)
-
-
-def _count_errors_handler() -> str:
-    """The name of a codecs error handler that replaces like "replace" and counts bad bytes."""
-
-    def handler(e: UnicodeError) -> tuple[str, int]:
-        assert isinstance(e, UnicodeDecodeError)
-        _BAD_BYTES[0] += e.end - e.start
-        return "\ufffd", e.end
-
-    name = "gptkit-prepare-count"
-    try:
-        codecs.lookup_error(name)
-    except LookupError:
-        codecs.register_error(name, handler)
-    return name
-
-
-def _row_pieces(rows: Iterator[tuple[str | None, str]], column: str) -> Iterator[Piece]:
-    """Each non-empty row (text, where) is a whole document, in pieces of at most PIECE_BYTES
-    characters cut after a newline where there is one (as text files are read)."""
-    for text, where in rows:
-        start = 0
-        while text and start < len(text):
-            cut = len(text)
-            if cut - start > PIECE_BYTES:
-                cut = text.rfind("\n", start, start + PIECE_BYTES) + 1 or start + PIECE_BYTES
-            piece = text[start:cut]
-            try:
-                nbytes = len(piece.encode("utf-8"))
-            except UnicodeEncodeError as e:  # JSON's "\ud800" escape makes a lone surrogate
-                at = start + e.start
-                raise PrepareError(
-                    f"{where}: column {column!r} holds a lone surrogate "
-                    f"({ascii(text[at])} at character {at}), which is not text; fix that row"
-                ) from None
-            yield piece, cut == len(text), nbytes, where
-            start = cut
-
-
-def _column(row: Any, column: str, where: str) -> str | None:
-    if not isinstance(row, dict) or column not in row:
-        keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
-        raise PrepareError(
-            f"{where} has no {column!r} column (it has: {keys}); choose one with --text-column"
-        )
-    text = row[column]
-    if text is not None and not isinstance(text, str):
-        raise PrepareError(f"{where}: column {column!r} holds {type(text).__name__}, not text")
-    return text
-
-
-def _parquet_rows(path: Path, column: str) -> Iterator[tuple[str | None, str]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise PrepareError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from e
-    parquet = pq.ParquetFile(path)
-    if column not in parquet.schema_arrow.names:
-        names = ", ".join(parquet.schema_arrow.names)
-        raise PrepareError(
-            f"{path} has no {column!r} column (it has: {names}); choose one with --text-column"
-        )
-    kind = parquet.schema_arrow.field(column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise PrepareError(f"{path}: column {column!r} holds {kind}, not text")
-    row = 0
-    for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
-        for text in batch.column(0).to_pylist():
-            yield text, f"{path} row {row}"
-            row += 1
-
-
-def _source_files(sources: Sequence[str | Path]) -> list[Path]:
-    files: list[Path] = []
-    for source in map(Path, sources):
-        if source.is_dir():
-            found = sorted(
-                p
-                for p in source.rglob("*")
-                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + ROW_SUFFIXES
-            )
-            if not found:
-                raise PrepareError(f"folder {source} holds no .txt/.md/.jsonl/.csv/.parquet files")
-            files += found
-        elif source.is_file():
-            files.append(source)
-        else:
-            raise PrepareError(f"no such file or folder: {source}")
-    return files
 
 
 def _is_val(seed: int, index: int, fraction: float) -> bool:
@@ -392,8 +86,8 @@ def _encode(batch: Batch, tokenizer: Tokenizer | None = None) -> list[tuple[np.n
 def _batches(
     pieces: Iterator[Piece], meter: tqdm, read: list[int]
 ) -> Iterator[tuple[Batch, tuple[str, str]]]:
-    """Pieces grouped into batches of about PIECE_BYTES, each with where its first and last
-    pieces come from; `read[0]` counts the bytes read."""
+    """Pieces grouped into batches of about PIECE_BYTES (sources.py), each with where its
+    first and last pieces come from; `read[0]` counts the bytes read."""
     batch: Batch = []
     size, first, last = 0, "", ""
     for text, end, nbytes, where in pieces:
@@ -402,7 +96,7 @@ def _batches(
         size += nbytes
         read[0] += nbytes
         meter.update(nbytes)
-        if size >= PIECE_BYTES:
+        if size >= _sources.PIECE_BYTES:
             yield batch, (first, last)
             batch, size, first = [], 0, ""
     if batch:
@@ -464,7 +158,7 @@ class _Splitter:
     (while under HOLD_BACK_TOKENS) so that it can become the val split if no other did, or
     give its tail to val when it is the only document."""
 
-    def __init__(self, writers: dict[str, _ShardWriter], seed: int, fraction: float) -> None:
+    def __init__(self, writers: dict[str, ShardWriter], seed: int, fraction: float) -> None:
         self.writers, self.seed, self.fraction = writers, seed, fraction
         self.index, self.split, self.starting = 0, "train", True
         self.held: _Held | None = None  # None: the current document is not held
@@ -540,7 +234,7 @@ def prepare(
         raise PrepareError("nothing to prepare: give text files, folders or a dataset")
     if not str(out_dir).strip():  # "" would write the shards into the current directory
         raise PrepareError("the output directory is empty: name one with --out")
-    files = _source_files(sources)
+    files = source_files(sources)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("train_*.bin*"), *out.glob("val_*.bin*"), out / "meta.json"]:
@@ -549,9 +243,9 @@ def prepare(
     tokenizer.save(out / "tokenizer")
     workers = max(1, workers or os.cpu_count() or 1)
     dtype = shard_dtype(tokenizer.vocab_size)
-    writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
     splitter = _Splitter(writers, seed, val_fraction)
-    reader = _Reader(text_column)
+    reader = Reader(text_column)
     start, read = time.perf_counter(), [0]
     total = sum(f.stat().st_size for f in files) if dataset is None else None
     meter = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress)

@@ -195,7 +195,7 @@ def test_console_entry_point_runs_as_a_process(ckpt):
 
 
 def test_prepare_writes_shards_and_reports(capsys, tmp_path):
-    from gptkit.prepare import read_shard
+    from gptkit.shards import read_shard
 
     char_tokenizer(TEXT, special_tokens=["<|endoftext|>"]).save(tmp_path / "tok")
     docs = tmp_path / "docs"

@@ -7,7 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from gptkit.prepare import HEADER, MAGIC, PrepareError, ShardError, prepare, read_shard
+from gptkit import sources
+from gptkit.prepare import PrepareError, prepare
+from gptkit.shards import HEADER, MAGIC, ShardError, read_shard
 from gptkit.tokenizer import ENDOFTEXT, CharTokenizer, char_tokenizer, load_tokenizer
 
 DOCS = [f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(40)]
@@ -129,9 +131,8 @@ def test_non_utf8_reported_and_replaced(tmp_path, tok, capsys):
 
 def test_long_text_file_in_pieces(tmp_path, monkeypatch):
     """A file longer than a piece is still one document, decoded exactly (also a huge line)."""
-    import gptkit.prepare as prep
 
-    monkeypatch.setattr(prep, "PIECE_BYTES", 64)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 64)
     text = "".join(DOCS) + "é" * 300 + "\n" + "\xff".join(DOCS[:3])
     path = tmp_path / "long.txt"
     path.write_bytes(text.encode().replace("\xff".encode(), b"\xff"))
@@ -277,7 +278,7 @@ def test_long_rows_are_tokenized_in_pieces(tmp_path, monkeypatch):
     where there is one), like a text file, and is still one whole document."""
     import gptkit.prepare as prep
 
-    monkeypatch.setattr(prep, "PIECE_BYTES", 64)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 64)
     encoded: list[str] = []
     real_encode = prep._encode
 

@@ -31,7 +31,7 @@ from gptkit.cli import main
 from gptkit.config import load_train_config
 from gptkit.convert import ConversionError, export_hf
 from gptkit.data import DataError, TokenData
-from gptkit.prepare import ShardError
+from gptkit.shards import ShardError
 from gptkit.train import train
 
 CASES = {

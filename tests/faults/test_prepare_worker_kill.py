@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from faultkit import TEXT, start_gptkit
 
-from gptkit.prepare import PIECE_BYTES
+from gptkit.sources import PIECE_BYTES
 from gptkit.tokenizer import char_tokenizer
 
 POISON = "POISON"  # fault_run.py kills the worker given the piece that holds it
