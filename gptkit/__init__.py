@@ -13,9 +13,9 @@ from importlib.metadata import version
 from .api import LM, load, pipeline
 from .config import FinetuneConfig, GPTConfig, PeftConfig, preset
 from .generation import SampleConfig, generate
-from .loading import load_tokenizer
 from .model import GPT
 from .tokenizer import Tokenizer
+from .tokenizer_files import load_tokenizer
 
 __version__ = version("gptkit")
 

@@ -39,7 +39,8 @@ from .model import GPT
 from .peft import apply_peft, peft_config
 from .safeload import MetadataError, first_non_finite, read_json
 from .tensorfile import read_safetensors
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer_files import load_tokenizer
 
 FORMAT = 1
 CONFIG = "config.json"

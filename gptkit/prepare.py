@@ -50,7 +50,8 @@ from . import sources as _sources  # its PIECE_BYTES read at call time (tests sh
 from .config import first_line
 from .shards import VERSION, ShardWriter, shard_dtype
 from .sources import Piece, PrepareError, Reader, source_files
-from .tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer_files import load_tokenizer
 
 HOLD_BACK_TOKENS = 1 << 24  # the last train document is held back for val only if smaller
 SPILL_TOKENS = 1 << 20  # past this, a held document waits on disk (memory stays flat)

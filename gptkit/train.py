@@ -53,7 +53,8 @@ from .loading import load_pretrained, resolve_device
 from .metrics import MetricsLogger
 from .model import GPT
 from .objectives import make_objective
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
+from .tokenizer_files import load_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T] token ids, targets [B, T] (-100: skip)
 

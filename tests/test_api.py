@@ -9,7 +9,8 @@ from gptkit.checkpoint import CheckpointError, save_checkpoint
 from gptkit.config import ConfigError, preset
 from gptkit.convert import ConversionError
 from gptkit.model import GPT
-from gptkit.tokenizer import load_tokenizer, train_bpe
+from gptkit.tokenizer import train_bpe
+from gptkit.tokenizer_files import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
 from gptkit.config import preset
 from gptkit.model import GPT
-from gptkit.tokenizer import char_tokenizer, load_tokenizer
+from gptkit.tokenizer import char_tokenizer
+from gptkit.tokenizer_files import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ from gptkit.finetune import (
     tagging_example,
 )
 from gptkit.model import GPT
-from gptkit.tokenizer import char_tokenizer, load_tokenizer
+from gptkit.tokenizer import char_tokenizer
+from gptkit.tokenizer_files import load_tokenizer
 from gptkit.tune import tune
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,:?!\n#-'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"

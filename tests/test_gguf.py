@@ -30,7 +30,7 @@ from gptkit.convert_gguf import (  # noqa: E402
     unpermute_rope,
 )
 from gptkit.generation import SampleConfig, generate  # noqa: E402
-from gptkit.loading import load_tokenizer  # noqa: E402
+from gptkit.tokenizer_files import load_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 

@@ -10,7 +10,8 @@ import pytest
 from gptkit import sources
 from gptkit.prepare import PrepareError, prepare
 from gptkit.shards import HEADER, MAGIC, ShardError, read_shard
-from gptkit.tokenizer import ENDOFTEXT, CharTokenizer, char_tokenizer, load_tokenizer
+from gptkit.tokenizer import ENDOFTEXT, CharTokenizer, char_tokenizer
+from gptkit.tokenizer_files import load_tokenizer
 
 DOCS = [f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(40)]
 CHARS = "".join(DOCS) + "\ufffdé"
@@ -321,7 +322,7 @@ def test_a_long_row_is_tokenized_in_bounded_memory(tmp_path):
     script = f"""
 import resource, sys
 from gptkit.prepare import prepare
-from gptkit.tokenizer import load_tokenizer
+from gptkit.tokenizer_files import load_tokenizer
 tok = load_tokenizer({str(gpt2)!r})
 tok.encode_many(["warm up the tokenizer's own buffers"] * 64)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -18,15 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptkit.tokenizer import (
-    _OPENAI_ENCODINGS,
-    CharTokenizer,
-    Tokenizer,
-    TokenizerError,
-    char_tokenizer,
-    load_tokenizer,
-    train_bpe,
-)
+from gptkit.tokenizer import CharTokenizer, Tokenizer, TokenizerError, char_tokenizer, train_bpe
+from gptkit.tokenizer_files import _OPENAI_ENCODINGS, load_tokenizer
 
 DATA = Path(__file__).parents[1] / "../shared/data"
 GPT2_DIR = DATA / "gpt2-tokenizer"

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptkit.tokenizer import Tokenizer, TokenizerError, char_tokenizer, load_tokenizer, train_bpe
+from gptkit.tokenizer import Tokenizer, TokenizerError, char_tokenizer, train_bpe
+from gptkit.tokenizer_files import load_tokenizer
 
 GPT2_DIR = Path(__file__).parents[2] / "../shared/data/gpt2-tokenizer"
 KINDS = ["trained-bpe", "gpt2-hf", "gpt2-tiktoken", "cl100k-tiktoken", "char"]
