@@ -30,7 +30,8 @@ from gptkit.config import FinetuneConfig, PeftConfig  # noqa: E402
 from gptkit.evaltasks import eval_classify, eval_generate, eval_tag  # noqa: E402
 from gptkit.evaluate import classification_metrics, generation_metrics, tagging_metrics  # noqa: E402
 from gptkit.finetune import describe, finetune  # noqa: E402
-from gptkit.taskdata import read_chat, read_classification, read_tagged  # noqa: E402
+from gptkit.tagging import read_tagged  # noqa: E402
+from gptkit.taskdata import read_chat, read_classification  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 OUT = ROOT / "runs" / "results"

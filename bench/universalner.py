@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gptkit.taskdata import read_tagged  # noqa: E402
+from gptkit.tagging import read_tagged  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "wnut17"
 OUT = ROOT / "runs" / "uner"

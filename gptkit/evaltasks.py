@@ -28,14 +28,8 @@ from .evaluate import (
 from .finetune import predict_labels, predict_tags
 from .generation import prompt_room
 from .model import ContextLengthError
-from .taskdata import (
-    check_tags,
-    read_chat,
-    read_classification,
-    read_records,
-    read_tagged_file,
-    tag_scheme,
-)
+from .tagging import check_tags, read_tagged_file, tag_scheme
+from .taskdata import read_chat, read_classification, read_records
 
 TASKS = ("perplexity", "classify", "tag", "generate", "choice")
 

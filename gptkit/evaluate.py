@@ -37,7 +37,7 @@ from seqeval import metrics as seqeval_metrics
 from sklearn import metrics as sklearn_metrics
 
 from .generation import eval_mode
-from .taskdata import ENTITY_SCHEMES, tag_scheme
+from .tagging import ENTITY_SCHEMES, tag_scheme
 
 if TYPE_CHECKING:
     from .api import LM

@@ -40,7 +40,8 @@ from .loading import Pretrained, load_pretrained
 from .model import GPT
 from .peft import apply_peft, save_adapter
 from .prepare import prepare
-from .taskdata import check_tags, label_names, read_chat, read_classification, read_tagged_file
+from .tagging import check_tags, read_tagged_file
+from .taskdata import label_names, read_chat, read_classification
 from .tokenizer import Tokenizer
 from .train import Batch, PretrainTask, Trainer, TrainResult
 

@@ -11,17 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gptkit.taskdata import (
-    DataError,
-    check_tags,
-    label_names,
-    read_chat,
-    read_classification,
-    read_records,
-    read_tagged,
-    read_tagged_file,
-    tag_scheme,
-)
+from gptkit.tagging import check_tags, read_tagged, read_tagged_file, tag_scheme
+from gptkit.taskdata import DataError, label_names, read_chat, read_classification, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
