@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptkit.api import load  # noqa: E402
-from gptkit.config import FinetuneConfig, PeftConfig  # noqa: E402
 from gptkit.evaltasks import eval_classify, eval_generate, eval_tag  # noqa: E402
 from gptkit.evaluate import classification_metrics, generation_metrics, tagging_metrics  # noqa: E402
 from gptkit.finetune import describe, finetune  # noqa: E402
 from gptkit.tagging import read_tagged  # noqa: E402
 from gptkit.taskdata import read_chat, read_classification  # noqa: E402
+from gptkit.train_config import FinetuneConfig, PeftConfig  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 OUT = ROOT / "runs" / "results"

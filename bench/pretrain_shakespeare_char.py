@@ -370,7 +370,7 @@ def gptkit_flops_per_token(config, vocab_size: int) -> float:
 
 
 def run_gptkit(recipe: dict[str, Any], data_dir: Path, scratch: Path, seed: int, vocab: int):
-    from gptkit.config import TrainConfig
+    from gptkit.train_config import TrainConfig
 
     config = TrainConfig(
         data_dir=str(data_dir),

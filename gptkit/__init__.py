@@ -11,11 +11,12 @@ finetune(gptkit.FinetuneConfig(...))          # the metric libraries)
 from importlib.metadata import version
 
 from .api import LM, load, pipeline
-from .config import FinetuneConfig, GPTConfig, PeftConfig, preset
+from .config import GPTConfig, preset
 from .generation import SampleConfig, generate
 from .model import GPT
 from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
+from .train_config import FinetuneConfig, PeftConfig
 
 __version__ = version("gptkit")
 

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import resources
-from .config import ConfigError, GPTConfig, PeftConfig, first_line
+from .config import ConfigError, GPTConfig, first_line
 from .convert import unpickling_problem
 from .model import GPT
 from .peft import apply_peft, peft_config
@@ -41,6 +41,7 @@ from .safeload import MetadataError, first_non_finite, read_json
 from .tensorfile import read_safetensors
 from .tokenizer import Tokenizer, TokenizerError
 from .tokenizer_files import load_tokenizer
+from .train_config import PeftConfig
 
 FORMAT = 1
 CONFIG = "config.json"

@@ -1,6 +1,6 @@
-"""Typed configuration: model shape (GPTConfig), pretraining (TrainConfig, read from TOML),
-fine-tuning (FinetuneConfig, PeftConfig) and named presets. Sampling options live with the
-sampler (generation/sampling.py).
+"""Typed configuration of a model: its shape (GPTConfig) and the named presets, plus the
+ConfigError every config raises. Runs are configured in train_config.py (TrainConfig,
+FinetuneConfig, PeftConfig); sampling options live with the sampler (generation/sampling.py).
 
 Every knob a GPT-family model needs lives in GPTConfig, so one `GPT` module covers GPT-1
 (post-norm, learned positions), GPT-2/3 (pre-norm, GELU, GPT-3's banded sparse layers) and
@@ -12,13 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-from .safeload import MetadataError, check_depth, read_toml
 
 QUANTIZE_CHOICES = ("int8",)  # weight formats quantize.py makes for CPU inference
 
@@ -95,7 +90,7 @@ class GPTConfig:
             )
         for name in ("rope_theta", "norm_eps", "dropout", "init_std"):
             value = getattr(self, name)
-            if not _is_real(value):
+            if not is_real(value):
                 raise ConfigError(f"{_WRONG_TYPE}: {name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -150,7 +145,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        _check_keys(cls, d, "model config")
+        check_keys(cls, d, "model config")
         try:
             return cls(**d)
         except TypeError as e:  # a value of the wrong type, e.g. n_layer="abc" from a TOML file
@@ -168,7 +163,7 @@ MAX_TENSOR_ELEMENTS = 2**48  # 1 PiB of float32 in one tensor
 
 
 def _check_size(name: str, value: Any) -> None:
-    if not _is_int(value):
+    if not is_int(value):
         raise ConfigError(f"{_WRONG_TYPE}: {name} must be an integer, got {value!r}")
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
@@ -176,16 +171,16 @@ def _check_size(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value} is past any real model; at most {MAX_DIM}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """An integer (numpy's too), but not a bool: `n_layer = true` is a mistake, not 1."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_keys(
+def check_keys(
     cls: type, d: dict[str, Any], what: str, extra: set[str] = frozenset(), prefix: str = ""
 ) -> None:
     """A ConfigError naming the first key of `d` that is not a field of dataclass `cls`."""
@@ -297,312 +292,3 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return GPTConfig.from_dict({**PRESETS[name], **overrides})
-
-
-Objective = Literal["lm", "fim", "mlm"]
-DEFAULT_MODEL = {"preset": "small"}
-
-
-@dataclass
-class TrainConfig:
-    """One pretraining run: data, model, optimizer, schedule, evaluation, checkpoints.
-
-    Batch sizes are counted in micro-batches: one optimizer step sums the gradients of
-    `grad_accum` micro-batches of `batch_size` windows. Under torchrun the micro-batches of a
-    step are dealt out to the ranks (grad_accum must be a multiple of the world size), so a
-    step sees the same tokens whatever the number of processes.
-    """
-
-    data_dir: str = ""  # a `gptkit prepare` output directory
-    out_dir: str = "runs/pretrain"  # checkpoint/, metrics.jsonl, tensorboard/, loss.png
-    # "preset" names a PRESETS entry; the other keys override GPTConfig fields. vocab_size
-    # defaults to the data's tokenizer.
-    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
-    init_from: str | None = None  # start from this checkpoint's weights instead of random
-    objective: Objective = "lm"
-    fim_rate: float = 0.5  # fim: share of windows rearranged to prefix/suffix/middle
-    mask_rate: float = 0.15  # mlm: share of tokens to predict (BERT: 80/10/10 corruption)
-
-    batch_size: int = 12  # windows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step, over all ranks
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4  # cosine decay ends here
-    warmup_steps: int = 100
-    decay_steps: int | None = None  # where the cosine reaches min_lr (default: max_steps)
-    weight_decay: float = 0.1  # on matrices and embeddings; biases and norm gains get none
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0: off
-
-    eval_every: int = 250  # steps between validation passes (0: only at the end)
-    eval_batches: int = 100  # validation batches per pass (0: the whole val split)
-    checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
-    log_every: int = 10  # steps between metrics lines
-
-    seed: int = 1337
-    device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32, bfloat16
-    compile: bool = False  # torch.compile the model
-    fsdp: bool = False  # under torchrun: shard parameters (FSDP2) instead of replicating (DDP)
-    threads: int = 0  # CPU threads for torch (0: torch's default)
-    tensorboard: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        _check_types(self, optional={"init_from": str, "decay_steps": int})
-        if not self.data_dir:
-            raise ConfigError("data_dir is not set: point it at a `gptkit prepare` output")
-        self._validate_training()
-
-    def _validate_training(self) -> None:
-        if not self.out_dir.strip():  # "" would write the run into the current directory
-            raise ConfigError('out_dir is empty; name the run directory (out_dir="runs/x")')
-        positive = ("batch_size", "grad_accum", "max_steps")
-        non_negative = ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in (*non_negative, "log_every", "threads", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"need 0 < lr and 0 <= min_lr <= lr, got {self.lr}, {self.min_lr}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.objective not in self.objectives():
-            raise ConfigError(f"objective={self.objective!r} is not one of {self.objectives()}")
-        for name in ("fim_rate", "mask_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"dtype={self.dtype!r}: use auto, float32 or bfloat16")
-
-    @staticmethod
-    def objectives() -> tuple[str, ...]:
-        return Objective.__args__
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        _check_keys(cls, d, "training config")
-        d = dict(d)
-        if isinstance(d.get("model"), dict):
-            _check_keys(GPTConfig, d["model"], "model config", extra={"preset"}, prefix="model.")
-        if isinstance(d.get("peft"), dict):
-            d["peft"] = PeftConfig.from_dict(d["peft"])
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ConfigError(str(e)) from None
-
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        """The GPTConfig this run trains: the preset, the overrides, the data's vocabulary."""
-        keys = dict(self.model)
-        name = keys.pop("preset", None)
-        keys.setdefault("vocab_size", vocab_size)
-        return preset(name, **keys) if name else GPTConfig.from_dict(keys)
-
-
-def _check_types(config: Any, optional: dict[str, type]) -> None:
-    """TOML and overrides can hold any type: compare each value with its default's type (an
-    int is fine where a float is expected; a bool is not a number here). `optional` gives the
-    type of fields whose default is None."""
-    for f in dataclasses.fields(config):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        value = getattr(config, f.name)
-        if value is None and f.name in optional:
-            continue
-        kind = optional.get(f.name) or type(default)
-        if not (type(value) is kind or (kind is float and type(value) is int)):
-            names = {dict: "table", PeftConfig: "table", str: "string", int: "integer"}
-            name = names.get(kind, kind.__name__)
-            article = "an" if name[0] in "aeiou" else "a"
-            raise ConfigError(f"{f.name} must be {article} {name}, got {value!r}")
-        if kind is float and not math.isfinite(value):  # NaN passes every range check
-            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
-
-
-PeftMethod = Literal["none", "lora", "adapter", "prefix"]
-
-
-@dataclass
-class PeftConfig:
-    """Parameter-efficient fine-tuning: which small modules to add and train (peft.py).
-
-    lora     W x + (alpha / r) B A x on the target linear layers (Hu et al. 2021)
-    adapter  a bottleneck MLP after each sublayer's output projection (Houlsby et al. 2019)
-    prefix   learned keys and values before every layer's sequence (Li & Liang 2021)
-    Every other weight is frozen; a classify or tag head is trained too.
-    """
-
-    method: PeftMethod = "none"
-    r: int = 8  # lora: rank of the update B A
-    alpha: float = 16.0  # lora: the update is scaled by alpha / r
-    dropout: float = 0.0  # lora: dropout on the update's input
-    # lora: linear layers to adapt, matched against the end of their names
-    targets: list[str] = field(
-        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
-    )
-    adapter_size: int = 64  # adapter: bottleneck width
-    prefix_length: int = 16  # prefix: learned key/value positions per layer
-
-    def __post_init__(self) -> None:
-        _check_types(self, optional={})
-        if self.method not in PeftMethod.__args__:
-            raise ConfigError(f"peft.method={self.method!r} is not one of {PeftMethod.__args__}")
-        for name in ("r", "adapter_size", "prefix_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"peft.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ConfigError(f"peft.targets must name linear layers, got {self.targets!r}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PeftConfig:
-        _check_keys(cls, d, "peft config", prefix="peft.")
-        return cls(**d)
-
-
-FinetuneObjective = Literal["lm", "sft", "classify", "tag", "distill"]
-
-
-@dataclass
-class FinetuneConfig(TrainConfig):
-    """One fine-tuning run: a pretrained model (init_from), task data, an objective, and
-    optionally a parameter-efficient method; trained by the same Trainer as pretraining.
-
-    lm        continued pretraining on text (files, or a `gptkit prepare` directory)
-    sft       chat / instruction data; loss on the assistant's tokens only
-    classify  one label per text, read at its last token
-    tag       one label per word (CoNLL, CoNLL-U, IOB2)
-    distill   the student learns a teacher's temperature-softened outputs plus the hard
-              labels, on `distill_on` data
-    """
-
-    out_dir: str = "runs/finetune"
-    objective: FinetuneObjective = "sft"
-    data: str = ""  # training examples (file or directory)
-    val_data: str = ""  # held-out examples; "" holds out val_fraction of `data`
-    val_fraction: float = 0.1
-    text_field: str = "text"  # classify: the columns/keys holding the text and the label
-    label_field: str = "label"
-    # tag: the columns (from 0) of the words and the tags; None finds them from the data
-    word_column: int | None = None
-    tag_column: int | None = None
-    template: str = "auto"  # sft: "auto" (the tokenizer's chat template, else ChatML) or "chatml"
-    packing: bool = False  # sft: concatenate examples into full-length rows
-    epochs: float = 0.0  # > 0: max_steps covers this many passes over the training examples
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    teacher: str | None = None  # distill: the teacher model (same tokenizer / labels)
-    distill_on: FinetuneObjective = "lm"  # distill: the data the student learns from
-    temperature: float = 2.0  # distill: softens both distributions (Hinton et al. 2015)
-    distill_alpha: float = 0.5  # distill: weight of the soft loss; 1 - alpha on the hard labels
-
-    # fine-tuning defaults: a gentle learning rate and short runs
-    batch_size: int = 8
-    max_steps: int = 200
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    eval_batches: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 5
-
-    def validate(self) -> None:
-        optional = {
-            "init_from": str,
-            "decay_steps": int,
-            "teacher": str,
-            "word_column": int,
-            "tag_column": int,
-        }
-        _check_types(self, optional)
-        if not self.init_from:
-            raise ConfigError(
-                "init_from is not set: name the model to fine-tune (a gptkit checkpoint, a "
-                "Hugging Face directory or hub name, a .gguf file, or a named model)"
-            )
-        if not self.data:
-            raise ConfigError("data is not set: point it at the training examples")
-        if self.model != DEFAULT_MODEL:
-            raise ConfigError(
-                "model.* keys do not apply to fine-tuning: the model and its shape come from "
-                "init_from"
-            )
-        if self.objective == "distill":
-            if not self.teacher:
-                raise ConfigError("objective 'distill' needs teacher= (the teacher model)")
-            if self.distill_on == "distill":
-                raise ConfigError("distill_on names the data: lm, sft, classify or tag")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.template not in ("auto", "chatml"):
-            raise ConfigError(f"template={self.template!r}: use auto or chatml")
-        if self.temperature <= 0 or not 0 <= self.distill_alpha <= 1:
-            raise ConfigError("need temperature > 0 and distill_alpha in [0, 1]")
-        if self.epochs < 0:
-            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
-        self._validate_training()
-
-    @staticmethod
-    def objectives() -> tuple[str, ...]:
-        return FinetuneObjective.__args__
-
-    @property
-    def task(self) -> str:
-        """The kind of data and head: distill's is that of distill_on."""
-        return self.distill_on if self.objective == "distill" else self.objective
-
-
-def load_train_config(
-    path: str | Path | None, overrides: Sequence[str] = (), cls: type[TrainConfig] = TrainConfig
-) -> TrainConfig:
-    """A TrainConfig (or `cls`) from a TOML file (or none) plus `key=value` overrides.
-
-    Override values are read as TOML values (`lr=3e-4`, `compile=true`, `model.n_layer=6`);
-    anything that is not a valid TOML value is taken as a string (`out_dir=runs/x`).
-    """
-    d: dict[str, Any] = {}
-    if path is not None:
-        try:
-            d = read_toml(path)  # size- and depth-bounded, a regular file: see safeload.py
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found") from None
-        except MetadataError as e:
-            raise ConfigError(first_line(e)) from None
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. lr=3e-4)")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-            check_depth(value, f"override {key}")
-        except tomllib.TOMLDecodeError:
-            value = text
-        except (RecursionError, MetadataError):
-            raise ConfigError(f"override {key}: its value nests too deep") from None
-        *tables, leaf = key.strip().split(".")
-        target = d
-        for table in tables:
-            target = target.setdefault(table, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"override {item!r}: {table} is not a table")
-        target[leaf] = value
-    return cls.from_dict(d)

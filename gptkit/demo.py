@@ -17,11 +17,11 @@ from importlib import resources
 from pathlib import Path
 
 from .api import load
-from .config import load_train_config
 from .corpus import download_shakespeare, write_shakespeare_corpus
 from .prepare import prepare
 from .tokenizer import train_bpe
 from .train import train
+from .train_config import load_train_config
 
 CONFIG = resources.files("gptkit") / "configs" / "shakespeare.toml"
 VOCAB_SIZE = 2048

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .chat_template import CHATML, render
 from .checkpoint import load_checkpoint
-from .config import ConfigError, FinetuneConfig
+from .config import ConfigError
 from .evaluate import classification_metrics, save_results, tagging_metrics
 from .generation import eval_mode
 from .loading import Pretrained, load_pretrained
@@ -44,6 +44,7 @@ from .tagging import check_tags, read_tagged_file
 from .taskdata import label_names, read_chat, read_classification
 from .tokenizer import Tokenizer
 from .train import Batch, PretrainTask, Trainer, TrainResult
+from .train_config import FinetuneConfig
 
 IGNORE = -100
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")

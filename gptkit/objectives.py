@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
 from .tokenizer import Tokenizer
+from .train_config import TrainConfig
 
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 MASK_TOKEN = "<mask>"

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, PeftConfig, first_line
+from .config import ConfigError, first_line
 from .model import GPT
 from .safeload import read_json
+from .train_config import PeftConfig
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -46,7 +46,7 @@ from .checkpoint import (
     load_train_state,
     save_checkpoint,
 )
-from .config import ConfigError, GPTConfig, TrainConfig
+from .config import ConfigError, GPTConfig
 from .data import TokenData, batch_rng
 from .distributed import Distributed, full_state, load_full_state
 from .loading import load_pretrained, resolve_device
@@ -55,6 +55,7 @@ from .model import GPT
 from .objectives import make_objective
 from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
+from .train_config import TrainConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T] token ids, targets [B, T] (-100: skip)
 

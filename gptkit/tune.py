@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, FinetuneConfig
+from .config import ConfigError
+from .train_config import FinetuneConfig
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from gptkit.api import load
 from gptkit.chat_template import CHATML
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
-from gptkit.config import ConfigError, FinetuneConfig, PeftConfig, preset
+from gptkit.config import ConfigError, preset
 from gptkit.evaltasks import eval_classify, eval_generate
 from gptkit.finetune import (
     IGNORE,
@@ -31,6 +31,7 @@ from gptkit.finetune import (
 from gptkit.model import GPT
 from gptkit.tokenizer import char_tokenizer
 from gptkit.tokenizer_files import load_tokenizer
+from gptkit.train_config import FinetuneConfig, PeftConfig
 from gptkit.tune import tune
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .,:?!\n#-'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"

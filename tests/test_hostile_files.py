@@ -29,12 +29,13 @@ from safetensors.torch import load_file
 import gptkit
 from gptkit.checkpoint import CheckpointError, load_train_state
 from gptkit.cli import main
-from gptkit.config import load_train_config, preset
+from gptkit.config import preset
 from gptkit.convert import ConversionError, PickleNotAllowedError, export_hf, load_hf
 from gptkit.model import GPT
 from gptkit.resources import ResourceError
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train import train
+from gptkit.train_config import load_train_config
 
 TEXT = corpus_text()
 

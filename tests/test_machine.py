@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from conftest import corpus_text, prepare_corpus
 
 from gptkit import machine
-from gptkit.config import load_train_config
 from gptkit.machine import CANDIDATES, DecodePlan, plan_linear
 from gptkit.metrics import read_metrics
 from gptkit.train import train
+from gptkit.train_config import load_train_config
 
 CPU = torch.device("cpu")
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from gptkit.checkpoint import load_checkpoint
-from gptkit.config import ConfigError, TrainConfig
+from gptkit.config import ConfigError
 from gptkit.data import TokenData
 from gptkit.objectives import FillInTheMiddle, MaskedLM, make_objective
 from gptkit.prepare import prepare
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train import train
+from gptkit.train_config import TrainConfig
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<mask>"]

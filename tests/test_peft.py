@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
-from gptkit.config import ConfigError, PeftConfig, preset
+from gptkit.config import ConfigError, preset
 from gptkit.generation import SampleConfig, generate
 from gptkit.model import GPT
 from gptkit.peft import LoRALinear, apply_peft, load_adapter, merge_lora, save_adapter
+from gptkit.train_config import PeftConfig
 
 METHODS = ["lora", "adapter", "prefix"]
 

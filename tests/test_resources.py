@@ -15,11 +15,12 @@ from conftest import corpus_text, prepare_corpus
 
 from gptkit import resources
 from gptkit.checkpoint import FORMAT
-from gptkit.config import PRESETS, load_train_config, preset
+from gptkit.config import PRESETS, preset
 from gptkit.convert import gptkit_config_to_hf, load_hf
 from gptkit.model import GPT
 from gptkit.resources import ResourceError
 from gptkit.tokenizer import char_tokenizer
+from gptkit.train_config import load_train_config
 
 TEXT = corpus_text()
 # What the refusing processes may reach: Python, torch and the data, nothing model-sized

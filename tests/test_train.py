@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from gptkit.checkpoint import load_checkpoint, load_train_state
-from gptkit.config import ConfigError, TrainConfig, load_train_config
+from gptkit.config import ConfigError
 from gptkit.metrics import read_metrics
 from gptkit.prepare import prepare
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train import lr_at, train
+from gptkit.train_config import TrainConfig, load_train_config
 
 TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(400))
 # A tiny model and a short run, one thread so every run takes the same arithmetic path.
@@ -232,10 +233,11 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, fsdp):
 
 
 def test_flops_per_token_counts_matmul_weights_and_spares_frozen_gradients():
-    from gptkit.config import PeftConfig, preset
+    from gptkit.config import preset
     from gptkit.model import GPT
     from gptkit.peft import apply_peft
     from gptkit.train import flops_per_token
+    from gptkit.train_config import PeftConfig
 
     with torch.device("meta"):
         gpt2 = GPT(preset("gpt2"))

@@ -28,11 +28,11 @@ import gptkit.train as train_module
 from gptkit.api import load
 from gptkit.checkpoint import CheckpointError, load_checkpoint, load_train_state
 from gptkit.cli import main
-from gptkit.config import load_train_config
 from gptkit.convert import ConversionError, export_hf
 from gptkit.data import DataError, TokenData
 from gptkit.shards import ShardError
 from gptkit.train import train
+from gptkit.train_config import load_train_config
 
 CASES = {
     # target: damages

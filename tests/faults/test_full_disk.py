@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 import gptkit.checkpoint as checkpoint
 import gptkit.train as train_module
 from gptkit.checkpoint import CheckpointError, load_checkpoint
-from gptkit.config import load_train_config
 from gptkit.train import train
+from gptkit.train_config import load_train_config
 
 ARGS = [*TINY, "max_steps=8", "checkpoint_every=4", "eval_every=4"]
 STAGES = ["weights", "config", "tokenizer", "train_state", "fsync"]

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 import gptkit.train as train_module
 from gptkit.checkpoint import MANIFEST_COVERS, CheckpointError, load_train_state
 from gptkit.cli import main
-from gptkit.config import load_train_config
 from gptkit.train import train
+from gptkit.train_config import load_train_config
 
 
 @pytest.fixture(autouse=True)

@@ -19,15 +19,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from gptkit import resources
-from gptkit.config import (
-    PRESETS,
-    ConfigError,
-    FinetuneConfig,
-    GPTConfig,
-    PeftConfig,
-    TrainConfig,
-    load_train_config,
-)
+from gptkit.config import PRESETS, ConfigError, GPTConfig
+from gptkit.train_config import FinetuneConfig, PeftConfig, TrainConfig, load_train_config
 
 TRAIN_KEYS = sorted(f.name for f in dataclasses.fields(FinetuneConfig))  # a superset of Train's
 MODEL_KEYS = sorted(f.name for f in dataclasses.fields(GPTConfig)) + ["preset"]
