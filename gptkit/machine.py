@@ -251,21 +251,22 @@ def plan_linear(
     splits = plan.splits_per_thread * torch.get_num_threads()
     if splits < 2 or rows > plan.max_split_rows or rows == 0:
         return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, K)
+    out = (*x.shape[:-1], N)
     if plan.column_major and K % splits == 0 and weight.t().is_contiguous():
         # thread i multiplies x[:, K_i] by the rows K_i of W.T; the partial products are summed
-        x_parts = x2.view(rows, splits, K // splits).transpose(0, 1)  # [s, rows, K/s]
-        y = torch.bmm(x_parts, weight.t().view(splits, K // splits, N)).sum(0)  # [rows, N]
+        x_parts = x.reshape(rows, splits, K // splits).transpose(0, 1)  # [s, rows, K/s]
+        y = torch.bmm(x_parts, weight.t().view(splits, K // splits, N)).sum(0).view(out)
     elif not plan.column_major and N % splits == 0 and weight.is_contiguous():
         # thread i computes the outputs N_i from the rows N_i of W
         w_parts = weight.view(splits, N // splits, K).transpose(1, 2)  # [s, K, N/s]
-        y = torch.bmm(x2.expand(splits, rows, K), w_parts)  # [s, rows, N/s]
-        y = y.transpose(0, 1).reshape(rows, N)
+        y = torch.bmm(x.reshape(1, rows, K).expand(splits, rows, K), w_parts)  # [s, rows, N/s]
+        # One row's [s, 1, N/s] is [1, N] in memory already (a view); more rows need a copy.
+        y = y.view(out) if rows == 1 else y.transpose(0, 1).reshape(out)
     else:
         return F.linear(x, weight, bias)
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], N)
+    return y
 
 
 def lay_out(weight: torch.Tensor, plan: DecodePlan) -> torch.Tensor:

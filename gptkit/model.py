@@ -57,6 +57,13 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding drops the keys of
+        rejected draft tokens). Nothing is cleared: the next `update` writes over them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search keeps the caches of the surviving beams)."""
         self.k = self.k.index_select(1, index)
@@ -64,19 +71,23 @@ class KVCache:
 
 
 def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [block_size, D] in the half-split layout Llama checkpoints use."""
+    """cos, sin [block_size, D] in the half-split layout Llama checkpoints use, the first half
+    of sin negated (see apply_rope)."""
     D = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)  # [block_size, D]
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, heads, D] by position; cos/sin are [B, T, 1, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate x [B, T, heads, D] by position; cos/sin are [B, T, 1, D] (rope_tables).
+
+    Llama's rotate_half(x) = cat(-x2, x1) times sin equals roll(x, D/2) = cat(x2, x1) times
+    sin with its first half negated, to the bit; the table holds that sign, so a step costs
+    one roll instead of a chunk, a negation and a cat."""
+    y = x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
@@ -112,16 +123,19 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameters and results), faster on the CPU."""
+    """nn.RMSNorm (same parameters and results), with a faster backward on the CPU; forward
+    alone (inference) is F.rms_norm, one fused kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return super().forward(x)
-        if torch.is_grad_enabled():
+        if x.device.type == "cpu" and torch.is_grad_enabled():
             return _RMSNormFunction.apply(x, self.weight, self.eps)
-        # Inference: the formula itself. aten's composite adds casts and copies around it: in
-        # a decoding step's profile it spent ~40 us per call, this ~16 us.
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return super().forward(x)
+
+
+def _dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nothing at all when p is 0: an eval-mode Dropout is still an op per
+    call, and a decoding step would make 61 of them (2 per layer) for nothing."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -162,7 +176,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = _dropout(config.dropout)
         # Prefix tuning (peft.py) sets a module here that prepends learned keys and values.
         self.register_module("prefix", None)
         # explain.py sets a callable here to see each layer's queries, keys and mask.
@@ -205,7 +219,7 @@ class MLP(nn.Module):
         fc_out = 2 * hidden if config.activation == "swiglu" else hidden
         self.fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
         self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = _dropout(config.dropout)
 
     def forward(self, x):
         h = self.fc(x)
@@ -247,7 +261,7 @@ class GPT(nn.Module):
         if config.positions == "learned":
             self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self._make_buffers()
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = _dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config) if config.prenorm else nn.Identity()
         if config.head == "lm":
