@@ -223,7 +223,7 @@ def hf_to_gptkit_state_dict(
     ConversionError listing every missing, unexpected and mis-shaped Hugging Face tensor.
     Each tensor is taken out of `sd` when its rule is reached and dropped once fused or
     copied, so loading holds about one copy of the weights at a time. decode_layout=True
-    makes each matrix column-major as it is copied (GPT.use_decode_layout's layout, made here
+    makes each matrix column-major as it is copied (cpu.use_decode_layout's layout, made here
     with one tensor's sources in memory rather than later with the whole model's).
     """
     arch = arch_of(model_type)

@@ -1,4 +1,5 @@
 """The GPT nn.Module: embeddings, attention, MLP, norms, blocks, LM head, and a KV cache.
+(CPU decoding's weight layout lives in cpu.py, int8 layers in quantize.py, adapters in peft.py.)
 
 Shapes use B = batch, T = new tokens in this call, S = all key positions (cache + new),
 C = n_embd, H = query heads, Hkv = key/value heads, D = head_dim, V = vocab.
@@ -26,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .machine import DecodePlan, decode_plan, lay_out, plan_linear
 
 
 class ContextLengthError(ValueError):
@@ -142,25 +142,6 @@ def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd, eps=config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
-
-
-class DecodeLinear(nn.Linear):
-    """nn.Linear for CPU decoding, computed as this machine's `DecodePlan` says (see
-    GPT.use_decode_layout and machine.decode_plan).
-
-    A decoding step multiplies a few rows by every weight matrix, so it is bound by how fast
-    the weights stream from memory, and how to stream them fastest depends on the CPU: on an
-    AMD EPYC (AVX2, 2 cores) a column-major W split over K across the threads streamed ~24
-    GB/s against ~17 GB/s for one F.linear call on a row-major W. Rather than fix that choice,
-    the layout (column- or row-major), the split (none, or K / N in parts per thread) and up
-    to how many rows the split pays are measured once per machine and cached. Every plan
-    computes the same numbers up to the rounding of a split sum.
-    """
-
-    plan: DecodePlan = DecodePlan()  # use_decode_layout sets the machine's
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plan_linear(x, self.weight, self.bias, self.plan)
 
 
 class Attention(nn.Module):
@@ -355,22 +336,6 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.tok_emb.num_embeddings = vocab_size
         self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
-        return self
-
-    def use_decode_layout(self, plan: DecodePlan | None = None) -> GPT:
-        """Make every plain linear layer a `DecodeLinear` and lay every weight out as `plan`
-        (default: this machine's, measured on first use) wants: same shapes, names and
-        results, faster CPU decoding. Checkpoints are still written row-major."""
-        plan = plan or decode_plan()
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear | nn.Embedding):
-                    # idempotent, so a tied weight seen twice is fine
-                    module.weight.data = lay_out(module.weight.data, plan)
-                if type(module) in (nn.Linear, DecodeLinear):
-                    # Same parameters, hooks and ties; only forward changes.
-                    module.__class__ = DecodeLinear
-                    module.plan = plan
         return self
 
     def _make_buffers(self) -> None:

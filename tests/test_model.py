@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from gptkit.config import PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
+from gptkit.cpu import DecodeLinear, use_decode_layout
 from gptkit.machine import CANDIDATES
-from gptkit.model import GPT, ContextLengthError, DecodeLinear
+from gptkit.model import GPT, ContextLengthError
 
 # The GPT-3 paper's size column names models to two significant figures ("350M"), and its
 # Table 2.1 shapes give these exact counts (350M has GPT-2 medium's shape, which counts 355M
@@ -202,7 +203,7 @@ def test_decode_layout_changes_strides_not_results(variant, plan, tmp_path, monk
     model = tiny(**VARIANTS[variant])
     idx = torch.randint(0, 97, (2, 9))
     before = model(idx)
-    model.use_decode_layout(plan)
+    use_decode_layout(model, plan)
     plan = plan or machine.decode_plan()
     w = model.blocks[0].attn.qkv.weight
     assert w.t().is_contiguous() == plan.column_major and w.is_contiguous() != plan.column_major
