@@ -21,6 +21,10 @@ Chunked prefill (as in vLLM and llama.cpp's server): an 8,000-token prompt is fe
 iteration between decoding steps, so running streams keep getting tokens instead of freezing
 for the whole prefill, and its activations stay a chunk's worth. When nothing runs or waits,
 the cache is dropped and the freed pages go back to the system.
+
+Many LoRA adapters (peft.load_loras): each sequence names its `adapter`, and every forward
+pass runs inside the model's `multi_lora.select` with each row's adapter (a prefill: its one
+row), so requests for different adapters share a decoding step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +45,7 @@ from .api import LM
 from .config import GPTConfig
 from .generation import SampleConfig, Sampler, TextStream, eval_mode
 from .model import KVCache
+from .peft import MultiLoRA
 
 
 class EngineBusy(RuntimeError):
@@ -62,6 +68,7 @@ class Sequence:
     skip_special: bool = False
     cancelled: bool = False  # set by the HTTP side when the client disconnects
     generated: int = 0
+    adapter: int = 0  # the model's LoRA adapter for this sequence (peft.MultiLoRA); 0: none
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -148,6 +155,7 @@ class Engine:
     def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64):
         self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
         self.config: GPTConfig = lm.model.config
+        self.loras: MultiLoRA | None = getattr(lm.model, "multi_lora", None)
         check_cache_memory(lm, max_batch)
         # A model may have more embedding rows than its tokenizer has tokens (vocabularies
         # padded for speed); those ids have no text, so they are never sampled.
@@ -179,6 +187,9 @@ class Engine:
         return self
 
     def submit(self, seq: Sequence) -> None:
+        loaded = len(self.loras.names) if self.loras is not None else 0
+        if not 0 <= seq.adapter <= loaded:
+            raise ValueError(f"adapter {seq.adapter} is not loaded (the model has {loaded})")
         if self._closing.is_set() or self._cutoff < float("inf"):
             raise EngineBusy("the server is shutting down")
         try:
@@ -304,7 +315,8 @@ class Engine:
         view = self._cache.row(row)
         view.length = filling.done  # continue after the chunks already in
         chunk = torch.tensor([seq.prompt[filling.done : filling.done + take]], device=device)
-        logits = model(chunk, cache=view, last_only=True)[:, -1].float()  # [1, V]
+        with self._adapters([seq.adapter]):
+            logits = model(chunk, cache=view, last_only=True)[:, -1].float()  # [1, V]
         filling.done += take
         self.stats.prefill_chunks += 1
         if filling.done < len(seq.prompt):
@@ -338,9 +350,10 @@ class Engine:
         self._reserve(cache.length + 1)
         key_mask = torch.arange(cache.length + 1, device=device)[None, :] <= lengths[:, None]
         tokens = torch.tensor([[s.token] for s in self.running], device=device)  # [n, 1]
-        logits = self.lm.model(
-            tokens, cache=cache, positions=lengths[:, None], key_mask=key_mask, last_only=True
-        )[:, -1].float()  # [n, V]
+        with self._adapters([s.seq.adapter for s in self.running]):
+            logits = self.lm.model(
+                tokens, cache=cache, positions=lengths[:, None], key_mask=key_mask, last_only=True
+            )[:, -1].float()  # [n, V]
         self.stats.steps += 1
         self.stats.max_batch = max(self.stats.max_batch, n)
         for s in self.running:
@@ -349,6 +362,10 @@ class Engine:
         # rows still to visit where they were.
         for r in reversed(range(n)):
             self._take(r, logits[r : r + 1])
+
+    def _adapters(self, rows: list[int]) -> AbstractContextManager:
+        """Each batch row's LoRA adapter for the forward pass inside (rows[i]: row i's)."""
+        return self.loras.select(rows) if self.loras is not None else nullcontext()
 
     def _take(self, r: int, logits: torch.Tensor) -> None:
         """Sample row r's next token from its logits [1, V]; emit text; retire it if done."""

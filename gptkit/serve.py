@@ -10,6 +10,10 @@ page at /. Every error has OpenAI's shape, {"error": {"message", "type", "param"
 with the status code OpenAI uses. Handlers only validate and translate: the engine thread
 owns the model and batches every running request into each decoding step.
 
+Several LoRA adapters can be served on one base model (`adapters`, `gptkit serve --adapter
+NAME=DIR`): the request's `model` field picks one by name, the base model's name serves the
+base; requests for different adapters share the engine's decoding steps (peft.MultiLoRA).
+
 Hardening (docs/RELIABILITY.md, "Serving"): bound to a loopback address the server answers
 only loopback Host names (DNS rebinding); the API key is checked before a body is read, and
 covers the OpenAPI schema; there is no docs page (it would load a third-party script);
@@ -29,7 +33,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -51,8 +55,10 @@ from .config import ConfigError
 from .engine import Engine, EngineBusy, Sequence
 from .generation import SampleConfig, context_budget
 from .model import ContextLengthError
+from .peft import load_loras
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SamplingFields
-from .tokenizer import TokenizerError
+from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer_files import load_tokenizer
 
 
 @dataclass
@@ -302,6 +308,51 @@ class Outbox:
             seq.cancel()
 
 
+@dataclass(frozen=True)
+class Served:
+    """A model name the server answers to: the base model, or one LoRA adapter on it."""
+
+    adapter: int  # the engine's adapter index (peft.MultiLoRA); 0: the base model
+    tokenizer: Tokenizer  # renders its chat prompts: an SFT adapter may bring its own template
+    chat_stops: tuple[str, ...]  # its end-of-turn strings
+
+
+def served_models(lm: LM, name: str, adapters: Mapping[str, str | Path]) -> dict[str, Served]:
+    """{model name: Served}: the base model as `name`, then each LoRA adapter (a `gptkit
+    finetune` adapter directory) as its name, put on lm.model side by side (peft.load_loras).
+    Everything is checked before the model changes; a one-line ConfigError names the
+    directory refused."""
+    for adapter in adapters:
+        if not adapter:
+            raise ConfigError("an adapter's name is empty; give each one as NAME=DIR")
+        if adapter == name:
+            raise ConfigError(f"the adapter name {adapter!r} is the base model's; pick another")
+    tokenizers = [_adapter_tokenizer(lm, Path(d)) for d in adapters.values()]
+    if adapters:
+        load_loras(lm.model, adapters)
+    models = {name: Served(0, lm.tokenizer, tuple(turn_stops(lm.tokenizer)))}
+    for index, (adapter, tok) in enumerate(zip(adapters, tokenizers, strict=True), start=1):
+        models[adapter] = Served(index, tok, tuple(turn_stops(tok)))
+    return models
+
+
+def _adapter_tokenizer(lm: LM, directory: Path) -> Tokenizer:
+    """The tokenizer finetune saved with the adapter (`gptkit.load(base, adapter=...)` uses
+    it: its chat template), or the base model's when there is none. It must be the base's
+    vocabulary: the engine decodes every row's tokens with the base tokenizer."""
+    path, base = directory / "tokenizer", lm.tokenizer
+    if not path.is_dir():
+        return base
+    tok = load_tokenizer(path)
+    if tok.vocab_size != base.vocab_size or tok.special_tokens != base.special_tokens:
+        raise ConfigError(
+            f"{path} is not the base model's vocabulary ({tok.vocab_size} tokens, the base "
+            f"{base.vocab_size}; or other special tokens): serve this adapter alone with "
+            f"--adapter {directory}"
+        )
+    return tok
+
+
 class Server:
     """The request handling: prompts to sequences, engine events to OpenAI responses."""
 
@@ -310,10 +361,16 @@ class Server:
     # requests' streams, /health, or the next request's parsing.
     INLINE_CHARS = 4096
 
-    def __init__(self, lm: LM, name: str, config: ServeConfig):
+    def __init__(
+        self,
+        lm: LM,
+        name: str,
+        config: ServeConfig,
+        adapters: Mapping[str, str | Path] | None = None,
+    ):
         self.lm, self.name, self.config = lm, name, config
+        self.models = served_models(lm, name, adapters or {})  # before the engine sees lm
         self.engine = Engine(lm, config.max_batch, config.max_queue, config.prefill_chunk)
-        self.chat_stops = turn_stops(lm.tokenizer)
         # One worker: big prompts wait for each other rather than share two cores with the
         # engine. The tokenizers release the GIL while they encode.
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="gptkit-tokenize")
@@ -325,14 +382,17 @@ class Server:
 
     # --- prompts and sequences -----------------------------------------------------------
 
-    def _check_model(self, body: SamplingFields) -> None:
-        if body.model != self.name:
+    def _check_model(self, body: SamplingFields) -> Served:
+        served = self.models.get(body.model)
+        if served is None:
+            names = ", ".join(map(repr, self.models))
             raise APIError(
                 404,
-                f"the model {body.model!r} does not exist; this server serves {self.name!r}",
+                f"the model {body.model!r} does not exist; this server serves {names}",
                 param="model",
                 code="model_not_found",
             )
+        return served
 
     def _budget(
         self, prompt: list[int], max_tokens: int | None, param: str, prompt_param: str
@@ -363,6 +423,7 @@ class Server:
         """Queue body.n sequences per prompt; choice index = prompt * n + i, as OpenAI's."""
         self._check_count(len(prompts) * body.n)
         bias = self._logit_bias(body)
+        adapter = self.models[body.model].adapter
         deadline = time.monotonic() + self.config.max_seconds
         for p, prompt in enumerate(prompts):
             for i in range(body.n):
@@ -390,6 +451,7 @@ class Server:
                     outbox.emitter(p * body.n + i),
                     deadline=deadline,
                     skip_special=body.skip_special_tokens,
+                    adapter=adapter,
                 )
                 try:
                     self.engine.submit(seq)
@@ -477,7 +539,7 @@ class Server:
         outbox = Outbox()
         self._submit(outbox, body, prompts, budget, body.stops)
         echoes = [self.lm.tokenizer.decode(p) if body.echo else "" for p in prompts]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "model": body.model}
 
         sent = [0] * len(outbox.sequences)  # characters of each choice so far (text_offset)
 
@@ -506,7 +568,7 @@ class Server:
         return self._response(head, choices, outbox, prompt_tokens)
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
-        self._check_model(body)
+        served = self._check_model(body)
         self._check_count(body.n)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text}
@@ -515,7 +577,7 @@ class Server:
 
         def work() -> list[int]:
             try:  # control tokens only from the template; contents are text
-                return self._nonempty(chat_prompt_ids(self.lm.tokenizer, messages))
+                return self._nonempty(chat_prompt_ids(served.tokenizer, messages))
             except ValueError as e:  # ChatTemplateError, or content that is not text
                 raise APIError(400, str(e), param="messages") from None
 
@@ -525,8 +587,12 @@ class Server:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         budget = self._budget(prompt, getattr(body, field), field, "messages")
         outbox = Outbox()
-        self._submit(outbox, body, [prompt], lambda p: budget, [*body.stops, *self.chat_stops])
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+        self._submit(outbox, body, [prompt], lambda p: budget, [*body.stops, *served.chat_stops])
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "model": body.model,
+        }
         if body.stream:
 
             def chunk(i, piece, reason, tokens=None):
@@ -590,7 +656,7 @@ class Server:
     async def _stream(self, outbox, body, head, chunk, prompt_tokens) -> AsyncIterator[str]:
         """OpenAI's server-sent events: a chunk per text piece, a finishing chunk per choice,
         the usage chunk when asked for, then [DONE]."""
-        head = {**head, "created": int(time.time()), "model": self.name}
+        head = {**head, "created": int(time.time())}
         n, live = len(outbox.sequences), len(outbox.sequences)
         tokens = [[] for _ in range(n)]  # logprob entries not yet sent, per choice
         try:
@@ -659,7 +725,6 @@ class Server:
         return {
             **head,
             "created": int(time.time()),
-            "model": self.name,
             "choices": choices,
             "usage": self._usage(outbox, prompt_tokens),
         }
@@ -669,10 +734,16 @@ class Server:
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
-def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app serving `lm` as the model `name`; the engine runs while the app does."""
+def create_app(
+    lm: LM,
+    name: str,
+    config: ServeConfig | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `lm` as the model `name`, and each LoRA adapter directory of
+    `adapters` on it as its name (see served_models); the engine runs while the app does."""
     config = config or ServeConfig()
-    server = Server(lm, name, config)
+    server = Server(lm, name, config, adapters)
 
     lifespans = 0  # the engine runs while any lifespan of the app does
 
@@ -755,8 +826,14 @@ def create_app(lm: LM, name: str, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models", responses=errors)
     async def models():
-        card = {"id": name, "object": "model", "created": 0, "owned_by": "gptkit"}
-        return {"object": "list", "data": [{**card, "context_length": server.engine.context}]}
+        cards = []
+        for model, served in server.models.items():
+            card = {"id": model, "object": "model", "created": 0, "owned_by": "gptkit"}
+            card["context_length"] = server.engine.context
+            if served.adapter:  # an adapter names its base model, as vLLM's model cards do
+                card["parent"] = name
+            cards.append(card)
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/completions", responses=generated)
     async def completions(body: CompletionRequest, request: Request):
@@ -790,11 +867,13 @@ def uvicorn_config(app: FastAPI, config: ServeConfig, **options: Any) -> uvicorn
     )
 
 
-def serve(lm: LM, name: str, config: ServeConfig) -> None:
+def serve(
+    lm: LM, name: str, config: ServeConfig, adapters: Mapping[str, str | Path] | None = None
+) -> None:
     """Run the server until Ctrl-C or SIGTERM, then shut down gracefully: no new requests;
     generations in flight get config.shutdown_seconds, then end with finish_reason "length",
     so every response completes; the engine stops and serve returns (the process exits 0)."""
-    app = create_app(lm, name, config)
+    app = create_app(lm, name, config, adapters)
     for warning in security_warnings(config):
         print(f"gptkit: warning: {warning}", file=sys.stderr, flush=True)
     server = GracefulServer(

@@ -545,16 +545,20 @@ def test_no_request_can_name_a_file(client, char_checkpoint, monkeypatch):
     reaches the file system either."""
     import gptkit.api
     import gptkit.checkpoint
-    import gptkit.tokenizer
+    import gptkit.loading
+    import gptkit.serve
+    import gptkit.tokenizer_files
 
     def never(*args, **kwargs):
         raise AssertionError(f"a request made the server load {args}")
 
     for module, name in [
         (gptkit.api, "load"),
-        (gptkit.api, "_load"),
+        (gptkit.loading, "load_pretrained"),
         (gptkit.checkpoint, "load_checkpoint"),
-        (gptkit.tokenizer, "load_tokenizer"),
+        (gptkit.tokenizer_files, "load_tokenizer"),
+        (gptkit.serve, "load_tokenizer"),
+        (gptkit.serve, "load_loras"),
     ]:
         monkeypatch.setattr(module, name, never)
     paths = ["../../etc/passwd", "/etc/passwd", str(char_checkpoint), "file:///etc/passwd"]
