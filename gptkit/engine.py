@@ -41,9 +41,11 @@ from typing import Any
 import torch
 
 from . import resources
-from .api import LM
 from .config import GPTConfig
 from .generation import SampleConfig, Sampler, TextStream, eval_mode
+from .generation.decode import reply_stream
+from .generation.stopping import skippable
+from .loading import Pretrained
 from .model import KVCache
 from .peft import MultiLoRA
 
@@ -152,7 +154,9 @@ class EngineStats:
 class Engine:
     """Owns the model; `submit` from any thread, `start` once, `close` at shutdown."""
 
-    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64):
+    def __init__(
+        self, lm: Pretrained, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64
+    ):
         self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
         self.config: GPTConfig = lm.model.config
         self.loras: MultiLoRA | None = getattr(lm.model, "multi_lora", None)
@@ -160,6 +164,7 @@ class Engine:
         # A model may have more embedding rows than its tokenizer has tokens (vocabularies
         # padded for speed); those ids have no text, so they are never sampled.
         self.vocab_size = lm.tokenizer.vocab_size
+        self.specials = skippable(lm.tokenizer)  # what skip_special leaves out of the text
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self.running: list[_Slot] = []
         self.stats = EngineStats()
@@ -325,10 +330,11 @@ class Engine:
         r = len(self.running)
         if row != r:
             self._cache.move(row, r, filling.done)
-        s = seq.sample
+        s, tok = seq.sample, self.lm.tokenizer
+        skip = self.specials if seq.skip_special else None
         slot = _Slot(
             seq=seq,
-            text=self.lm.text_stream(s, seq.skip_special),
+            text=reply_stream(s, tok.eos_id, tok.decode, skip),
             length=len(seq.prompt),
             token=-1,
             budget=s.max_new_tokens,
@@ -408,7 +414,7 @@ class Engine:
         self.running.pop()
 
 
-def check_cache_memory(lm: LM, max_batch: int) -> None:
+def check_cache_memory(lm: Pretrained, max_batch: int) -> None:
     """Refuse a batch whose KV cache cannot fit: max_batch rows of the whole context, keys and
     values of every layer. The cache grows as sequences do, so without this check a server
     with --max-batch 100000 starts, then fails every request once the cache is large."""

@@ -14,6 +14,12 @@ from collections.abc import Callable, Iterable
 Decode = Callable[[list[int]], str]
 
 
+def skippable(tokenizer) -> dict[int, str]:
+    """A tokenizer's special tokens other than EOS, id -> string: what skip_special_tokens
+    leaves out of a reply's text (see TextStream's `skip`)."""
+    return {i: s for s, i in tokenizer.special_tokens.items() if i != tokenizer.eos_id}
+
+
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Text before the earliest stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
