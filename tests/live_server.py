@@ -9,7 +9,8 @@ import time
 
 import uvicorn
 
-from gptkit.serve import ServeConfig, uvicorn_config
+from gptkit.serve import ServeConfig
+from gptkit.serve_guard import uvicorn_config
 
 
 class LiveServer:

@@ -546,7 +546,7 @@ def test_no_request_can_name_a_file(client, char_checkpoint, monkeypatch):
     import gptkit.api
     import gptkit.checkpoint
     import gptkit.loading
-    import gptkit.serve
+    import gptkit.openai_api
     import gptkit.tokenizer_files
 
     def never(*args, **kwargs):
@@ -557,8 +557,8 @@ def test_no_request_can_name_a_file(client, char_checkpoint, monkeypatch):
         (gptkit.loading, "load_pretrained"),
         (gptkit.checkpoint, "load_checkpoint"),
         (gptkit.tokenizer_files, "load_tokenizer"),
-        (gptkit.serve, "load_tokenizer"),
-        (gptkit.serve, "load_loras"),
+        (gptkit.openai_api, "load_tokenizer"),
+        (gptkit.openai_api, "load_loras"),
     ]:
         monkeypatch.setattr(module, name, never)
     paths = ["../../etc/passwd", "/etc/passwd", str(char_checkpoint), "file:///etc/passwd"]
@@ -577,16 +577,16 @@ def test_no_request_can_name_a_file(client, char_checkpoint, monkeypatch):
 
 
 def test_api_key_is_compared_in_constant_time(lm, monkeypatch):
-    import gptkit.serve
+    import gptkit.serve_guard
 
     calls = []
-    real = gptkit.serve.hmac.compare_digest
+    real = gptkit.serve_guard.hmac.compare_digest
 
     def spy(a, b):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(gptkit.serve.hmac, "compare_digest", spy)
+    monkeypatch.setattr(gptkit.serve_guard.hmac, "compare_digest", spy)
     with local(create_app(lm, NAME, ServeConfig(api_key="sesame"))) as c:
         _error(c.get("/v1/models", headers={"Authorization": "Bearer sesam"}), 401)
         latin1 = {"Authorization": "Bearer s\xe9same".encode("latin-1")}  # not UTF-8: 401

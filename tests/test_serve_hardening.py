@@ -17,13 +17,14 @@ from conftest import tiny_chat_lm
 from fastapi.testclient import TestClient
 from live_server import LiveServer
 
-import gptkit.serve
+import gptkit.openai_api
 from gptkit.chat_template import chat_prompt, chat_prompt_ids
 from gptkit.config import ConfigError
 from gptkit.engine import Engine, Sequence
 from gptkit.generation import SampleConfig
 from gptkit.resources import SKIP_ENV, ResourceError
-from gptkit.serve import ServeConfig, create_app, read_api_key, security_warnings
+from gptkit.serve import ServeConfig, create_app
+from gptkit.serve_guard import read_api_key, security_warnings
 
 NAME = "tiny"
 CHAT = [{"role": "user", "content": "hello there"}]
@@ -142,7 +143,7 @@ def test_thousands_of_messages_are_refused_before_rendering(lm, monkeypatch):
     def never(*args):
         raise AssertionError("the template was rendered")
 
-    monkeypatch.setattr(gptkit.serve, "chat_prompt_ids", never)
+    monkeypatch.setattr(gptkit.openai_api, "chat_prompt_ids", never)
     app = create_app(lm, NAME, ServeConfig(max_body_bytes=1 << 20))
     body = {"model": NAME, "messages": [{"role": "user", "content": ""}] * 30_000}
     with local(app) as c:
