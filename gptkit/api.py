@@ -4,6 +4,7 @@ lm = gptkit.load("runs/demo/checkpoint")      # a gptkit checkpoint
 lm = gptkit.load("path/to/hf-model")          # a Hugging Face directory
 lm = gptkit.load("gpt2")                      # a hub name (downloads when a network is there)
 lm.generate("Once upon a time", max_new_tokens=40, temperature=0.8, top_p=0.95)
+lm.generate(prompt, temperature=0, prompt_lookup=8)  # the same text, sooner when it quotes
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from typing import Any
 import torch
 
 from .config import ConfigError, GPTConfig
+from .cpu import use_decode_layout
 from .generation import Completion, SampleConfig, TextStream, complete, stream
 from .generation.decode import reply_stream
+from .generation.speculative import speculates, speculative_complete, speculative_stream
 from .loading import Pretrained, load_pretrained, resolve_device
 from .machine import decode_plan
+from .model import GPT
 from .peft import load_adapter
 from .quantize import check as check_quantize
 from .quantize import quantize as quantize_model
-from .tokenizer import load_tokenizer
+from .tokenizer_files import load_tokenizer
 
 _SAMPLE_KEYS = {f.name for f in fields(SampleConfig)}
 
@@ -38,7 +42,16 @@ def sample_config(**sampling: Any) -> SampleConfig:
 
 @dataclass
 class LM(Pretrained):
-    """A model with its tokenizer, and generation: what `gptkit.load` returns."""
+    """A model with its tokenizer, and generation: what `gptkit.load` returns.
+
+    Speculative decoding (generation/speculative.py) gives the same text in fewer passes of
+    the model: `prompt_lookup=k` drafts k tokens a step from the text so far; a draft model
+    (`draft`, or `draft=` per call) drafts `draft_tokens` a step. It makes one sequence per
+    prompt: several prompts are decoded one after another, and a draft model is left unused
+    for beam search or num_return_sequences > 1 (prompt_lookup there is a ConfigError).
+    """
+
+    draft: GPT | None = None  # a small model sharing the tokenizer, used to draft tokens
 
     @property
     def config(self) -> GPTConfig:
@@ -68,37 +81,84 @@ class LM(Pretrained):
         skip = self.specials() if skip_special else None
         return reply_stream(sample, self.tokenizer.eos_id, self.tokenizer.decode, skip)
 
+    def draft_model(self, sample: SampleConfig, draft: LM | GPT | None = None) -> GPT | None:
+        """The draft model for a request: `draft` if given, else self.draft; None where it
+        cannot be used (beam search, several sequences per prompt)."""
+        draft = self.draft if draft is None else draft
+        if isinstance(draft, LM):
+            if draft.tokenizer.vocab_size != self.tokenizer.vocab_size:
+                raise ConfigError(
+                    f"the draft model's tokenizer has {draft.tokenizer.vocab_size} tokens, this "
+                    f"model's {self.tokenizer.vocab_size}: a draft must share the tokenizer"
+                )
+            draft = draft.model
+        if draft is None or sample.num_beams > 1 or sample.num_return_sequences > 1:
+            return None
+        if draft.config.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"the draft model has {draft.config.vocab_size} token ids, the tokenizer "
+                f"{self.tokenizer.vocab_size}: a draft must share the tokenizer"
+            )
+        return draft
+
     def complete(
-        self, prompts: str | list[str], skip_special: bool = False, **sampling: Any
+        self,
+        prompts: str | list[str],
+        skip_special: bool = False,
+        draft: LM | GPT | None = None,
+        **sampling: Any,
     ) -> list[Completion]:
         """Completions with their token ids, finish reasons and (with logprobs=k) the
         log-probabilities of each token and its k best alternatives; prompt-major.
-        skip_special leaves special tokens out of the text (an end-of-turn one ends it)."""
+        skip_special leaves special tokens out of the text (an end-of-turn one ends it).
+        Speculative completions (see the class) are speculative.Speculated, with `stats`."""
         sample = sample_config(**sampling)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.prompt_ids(p) for p in prompts]
         tok = self.tokenizer
         skip = self.specials() if skip_special else None
+        draft = self.draft_model(sample, draft)
+        if speculates(sample, draft):
+            return [
+                speculative_complete(
+                    self.model, p, sample, tok.eos_id, tok.decode, tok.vocab_size, skip, draft=draft
+                )
+                for p in ids
+            ]
         return complete(self.model, ids, sample, tok.eos_id, tok.decode, tok.vocab_size, skip)
 
     def generate(self, prompts: str | list[str], **sampling: Any) -> list[str]:
         """Completions (without the prompt): num_return_sequences per prompt, prompt-major."""
         return [c.text for c in self.complete(prompts, **sampling)]
 
-    def stream(self, prompt: str, skip_special: bool = False, **sampling: Any) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        skip_special: bool = False,
+        draft: LM | GPT | None = None,
+        **sampling: Any,
+    ) -> Iterator[str]:
         """Yield the completion's text piece by piece as tokens are generated (see TextStream)."""
         sample = sample_config(**sampling)
         text = self.text_stream(sample, skip_special)
         tok = self.tokenizer
         # The stop rule is applied once, by `text`: the token stream runs until it says so.
-        tokens = stream(
-            self.model,
-            self.prompt_ids(prompt),
-            replace(sample, stop=[], stop_ids=[]),
-            None,
-            None,
-            tok.vocab_size,
-        )
+        endless = replace(sample, stop=[], stop_ids=[])
+        draft = self.draft_model(sample, draft)
+        if speculates(sample, draft):
+            tokens = speculative_stream(
+                self.model,
+                self.prompt_ids(prompt),
+                endless,
+                None,
+                None,
+                tok.vocab_size,
+                draft=draft,
+            )
+        else:
+            tokens = stream(
+                self.model, self.prompt_ids(prompt), endless, None, None, tok.vocab_size
+            )
         for token in tokens:
             piece = text.push(token)
             if piece:
@@ -118,18 +178,22 @@ def load(
     decode_layout: bool = True,
     quantize: str | None = None,
     allow_pickle: bool | None = None,
+    draft: str | Path | None = None,
 ) -> LM:
     """Load a gptkit checkpoint, a Hugging Face directory or hub name, a GGUF file, or a
     named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct"), ready for generation.
 
     adapter: a `gptkit finetune` adapter directory (LoRA, adapters or prefix) to put on the
     model. decode_layout=False keeps the weights row-major, as training wants them (see
-    GPT.use_decode_layout). quantize="int8" makes the linear layers int8 for CPU generation
+    cpu.use_decode_layout). quantize="int8" makes the linear layers int8 for CPU generation
     (see quantize.py).
 
     Pickled weights (a Hugging Face pytorch_model.bin) are read only with allow_pickle=True,
     and then weights-only; None follows `convert.allowing_pickle` (default: refused). A model
-    that cannot fit in memory raises resources.ResourceError before any weight is read."""
+    that cannot fit in memory raises resources.ResourceError before any weight is read.
+
+    draft: a small model sharing this one's tokenizer (loaded the same way, without the
+    adapter) that drafts tokens for speculative decoding: `LM.draft`."""
     device = resolve_device(device)
     if quantize is not None:
         check_quantize(quantize, device)  # before the slow part
@@ -149,7 +213,17 @@ def load(
     if quantize is not None:
         quantize_model(lm.model, quantize)
     elif plan is not None:  # converted models are laid out so already; checkpoints are not
-        lm.model.use_decode_layout(plan)
+        use_decode_layout(lm.model, plan)
+    if draft is not None:
+        drafter = load(
+            draft,
+            device,
+            dtype,
+            decode_layout=decode_layout,
+            quantize=quantize,
+            allow_pickle=allow_pickle,
+        )
+        lm.draft = lm.draft_model(SampleConfig(), drafter)  # checks that it fits the tokenizer
     return lm
 
 

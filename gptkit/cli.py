@@ -57,8 +57,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .loading import load_tokenizer
     from .prepare import prepare
+    from .tokenizer_files import load_tokenizer
 
     meta = prepare(
         args.sources,
@@ -84,8 +84,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     import os
 
-    from .config import load_train_config
     from .train import train
+    from .train_config import load_train_config
 
     # An optional TOML file first, then KEY=VALUE overrides.
     path = args.settings[0] if args.settings and "=" not in args.settings[0] else None
@@ -102,7 +102,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _finetune_config(args: argparse.Namespace):
     """FinetuneConfig from [CONFIG.toml] KEY=VALUE..., the objective, --model and --data."""
-    from .config import FinetuneConfig, load_train_config
+    from .train_config import FinetuneConfig, load_train_config
 
     settings = list(args.settings)
     path = settings.pop(0) if settings and "=" not in settings[0] else None
@@ -187,15 +187,24 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load, sample_config
+    from .generation.speculative import Speculated
 
     sampling = dict(
         _sampling(args),
         num_beams=args.num_beams,
         num_return_sequences=args.num_return_sequences,
         logprobs=args.logprobs,
+        prompt_lookup=args.prompt_lookup,
+        draft_tokens=args.draft_tokens,
     )
     sample_config(**sampling)  # validate flags before spending time on loading the model
-    lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
+    lm = load(
+        args.model,
+        device=args.device,
+        adapter=args.adapter,
+        quantize=args.quantize,
+        draft=args.draft_model,
+    )
     if args.stream:
         if args.num_return_sequences > 1 or args.num_beams > 1:
             raise ConfigError(
@@ -212,6 +221,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + c.text)
         if args.logprobs is not None:
             _print_logprobs(lm.tokenizer.decode, c)
+        if isinstance(c, Speculated):
+            s = c.stats
+            print(
+                f"speculative decoding: {s.accepted} of {s.drafted} drafted tokens accepted "
+                f"({s.acceptance:.0%}), {s.tokens_per_pass:.2f} tokens per pass of the model",
+                file=sys.stderr,
+            )
 
 
 def _print_logprobs(decode, c) -> None:
@@ -301,10 +317,37 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(ChatSession(lm, system=args.system, **sampling))
 
 
+def _serve_adapters(specs: list[str]) -> tuple[str | None, dict[str, str]]:
+    """`gptkit serve --adapter` values: (the one adapter DIR to put on the model itself, as
+    before; {NAME: DIR} of the LoRA adapters to serve side by side, each as model NAME). A
+    value that is a directory is a DIR, whatever characters its path has; else NAME=DIR."""
+    plain, named = [], {}
+    for spec in specs:
+        name, equals, directory = spec.partition("=")
+        if not equals or Path(spec).is_dir():
+            plain.append(spec)
+        elif not name or not directory:
+            raise ConfigError(f"--adapter {spec!r}: give NAME=DIR, a model name for an adapter")
+        elif name in named:
+            raise ConfigError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        elif not Path(directory).is_dir():
+            raise ConfigError(f"--adapter {spec!r}: {directory} is not an adapter directory")
+        else:
+            named[name] = directory
+    if plain and (named or len(plain) > 1):
+        raise ConfigError(
+            f"--adapter {plain[0]} puts one adapter on the model itself; to serve several "
+            "side by side, name each: --adapter NAME=DIR --adapter NAME2=DIR2"
+        )
+    return (plain[0] if plain else None), named
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .api import load
-    from .serve import ServeConfig, read_api_key, serve
+    from .serve import ServeConfig, serve
+    from .serve_guard import read_api_key
 
+    single, adapters = _serve_adapters(args.adapter)
     key = read_api_key(args.api_key_file) if args.api_key_file else None
     config = ServeConfig(
         host=args.host,
@@ -327,11 +370,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     lm = load(
         args.model,
         device=args.device,
-        adapter=args.adapter,
+        adapter=single,
         decode_layout=not batched,
         quantize=args.quantize,
     )
-    serve(lm, args.name or Path(args.model.rstrip("/")).name, config)
+    serve(lm, args.name or Path(args.model.rstrip("/")).name, config, adapters)
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -489,6 +532,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding: draft K tokens a step by copying from the prompt and output "
+        "(the same text, faster when it quotes the prompt)",
+    )
+    p.add_argument(
+        "--draft-model",
+        help="speculative decoding: a small model with the same tokenizer drafts tokens",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft model drafts"
+    )
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_generate)
 
@@ -503,7 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a web chat page")
     p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
-    p.add_argument("--adapter", help="an adapter directory from a finetune run")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter from a finetune run, served beside the base model as the model "
+        "NAME (repeat for more: their requests are batched together); a plain DIR puts one "
+        "adapter of any kind on the model itself",
+    )
     _quantize_flag(p)
     p.add_argument("--name", help="the model id clients send (default: the --model name)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")

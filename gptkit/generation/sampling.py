@@ -17,12 +17,13 @@ request did to sample it.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ConfigError, _is_int, _is_real
+from ..config import ConfigError, is_int, is_real
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
@@ -47,6 +48,11 @@ class SampleConfig:
     stop_ids: list[int] = field(default_factory=list)  # ... or at any of these tokens (as EOS)
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: each token's and its k best alternatives'
+    # Speculative decoding (speculative.py): the same output from fewer passes of the model.
+    # api.LM's complete / generate / stream speculate; batched decoding (decode.complete, the
+    # serving engine) ignores these, which changes its speed only.
+    prompt_lookup: int = 0  # > 0: draft this many tokens per step by prompt lookup
+    draft_tokens: int = 4  # tokens a draft model (LM.draft) proposes per step; 0: do not use it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,12 +83,25 @@ class SampleConfig:
             raise ConfigError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if self.logprobs is not None and self.num_beams > 1:
             raise ConfigError("beam search scores whole beams; logprobs needs num_beams=1")
+        if self.prompt_lookup < 0 or self.draft_tokens < 0:
+            raise ConfigError("prompt_lookup and draft_tokens must be >= 0 (0 = off)")
+        if self.prompt_lookup > 0 and (self.num_beams > 1 or self.num_return_sequences > 1):
+            raise ConfigError(
+                "prompt_lookup speculates one sequence: use num_beams=1, num_return_sequences=1"
+            )
 
     def _check_types(self) -> None:
         """Values from flags, TOML or JSON can be of any type: ints where counts are meant,
         finite numbers for the rest (NaN compares false with every bound), non-empty stops."""
-        for name in ("max_new_tokens", "top_k", "num_return_sequences", "num_beams"):
-            if not _is_int(getattr(self, name)):
+        for name in (
+            "max_new_tokens",
+            "top_k",
+            "num_return_sequences",
+            "num_beams",
+            "prompt_lookup",
+            "draft_tokens",
+        ):
+            if not is_int(getattr(self, name)):
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in (
             "temperature",
@@ -94,11 +113,11 @@ class SampleConfig:
             "length_penalty",
         ):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         for name in ("seed", "logprobs"):
             value = getattr(self, name)
-            if value is not None and not _is_int(value):
+            if value is not None and not is_int(value):
                 raise ConfigError(f"{name} must be an integer or None, got {value!r}")
         if not isinstance(self.stop, list | tuple) or not all(
             isinstance(s, str) and s for s in self.stop
@@ -106,12 +125,12 @@ class SampleConfig:
             raise ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         self.stop = list(self.stop)
         if not isinstance(self.stop_ids, list | tuple) or not all(
-            _is_int(t) and t >= 0 for t in self.stop_ids
+            is_int(t) and t >= 0 for t in self.stop_ids
         ):
             raise ConfigError(f"stop_ids must be a list of token ids, got {self.stop_ids!r}")
         self.stop_ids = list(self.stop_ids)
         if not isinstance(self.logit_bias, dict) or not all(
-            _is_int(t) and t >= 0 and _is_real(b) and math.isfinite(b)
+            is_int(t) and t >= 0 and is_real(b) and math.isfinite(b)
             for t, b in self.logit_bias.items()
         ):
             raise ConfigError(
@@ -158,10 +177,9 @@ def filter_logits(
     return logits
 
 
-def choose(logits: torch.Tensor, sample: SampleConfig, generator) -> torch.Tensor:
-    """The next token [N] from processed logits [N, V] (float32): argmax, or a draw."""
-    if sample.greedy:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, sample: SampleConfig) -> torch.Tensor:
+    """Step 5 when sampling: the distribution [N, V] a token is drawn from, given processed
+    logits [N, V] (float32): temperature, then top-k, top-p and min-p, then softmax."""
     # Shift the best logit to 0 before scaling: with a tiny temperature (or a tiny repetition
     # penalty) the scaled logits would overflow to inf, and softmax of inf - inf is NaN. The
     # shift changes no probability; after it every scaled logit is <= 0 and the best one is 0.
@@ -170,8 +188,14 @@ def choose(logits: torch.Tensor, sample: SampleConfig, generator) -> torch.Tenso
     logits = logits - logits.amax(dim=-1, keepdim=True)
     temperature = max(sample.temperature, torch.finfo(logits.dtype).tiny)
     logits = filter_logits(logits / temperature, sample.top_k, sample.top_p, sample.min_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return logits.softmax(dim=-1)
+
+
+def choose(logits: torch.Tensor, sample: SampleConfig, generator) -> torch.Tensor:
+    """The next token [N] from processed logits [N, V] (float32): argmax, or a draw."""
+    if sample.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, sample), 1, generator=generator).squeeze(1)
 
 
 @dataclass
@@ -248,6 +272,15 @@ class Sampler:
             scores = apply_repetition_penalty(scores, self.seen, s.repetition_penalty)
         return scores
 
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities [N, V] that `pick` chooses from, given logits [N, V]: the whole
+        chain, in this state. Greedy puts all the mass on the argmax. Nothing is recorded."""
+        scores = self.penalise(self.mask(logits.float()))
+        if self.sample.greedy:
+            best = scores.argmax(dim=-1, keepdim=True)  # [N, 1]
+            return torch.zeros_like(scores).scatter_(1, best, 1.0)
+        return probabilities(scores, self.sample)
+
     def pick(self, logits: torch.Tensor) -> Picked:
         """Choose each row's next token from logits [N, V] and record it (see `advance`)."""
         logits = self.mask(logits.float())
@@ -272,6 +305,14 @@ class Sampler:
             self.seen[rows, tokens] = True
         if self.counts is not None:
             self.counts[rows, tokens] += 1
+
+    def fork(self) -> Sampler:
+        """A copy whose recorded tokens move on without changing this one's (a draft model
+        proposes tokens with it); it shares the generator, so draws stay one seeded stream."""
+        twin = copy.copy(self)
+        twin.seen = None if self.seen is None else self.seen.clone()
+        twin.counts = None if self.counts is None else self.counts.clone()
+        return twin
 
     def reorder(self, index: torch.Tensor) -> None:
         """Rows follow `index` [N'] (beam search keeps some beams and copies others)."""
