@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import QUANTIZE_CHOICES, ConfigError, first_line
+from .cli_generate import cmd_chat, cmd_generate, cmd_serve, sampling_flags
+from .config import QUANTIZE_CHOICES, first_line
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -82,7 +83,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    import os
 
     from .train import train
     from .train_config import load_train_config
@@ -120,7 +120,6 @@ def _toml_string(text: str) -> str:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    import os
 
     from .finetune import describe, finetune
 
@@ -185,58 +184,6 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_run(runs, args.out)}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from .api import load, sample_config
-    from .generation.speculative import Speculated
-
-    sampling = dict(
-        _sampling(args),
-        num_beams=args.num_beams,
-        num_return_sequences=args.num_return_sequences,
-        logprobs=args.logprobs,
-        prompt_lookup=args.prompt_lookup,
-        draft_tokens=args.draft_tokens,
-    )
-    sample_config(**sampling)  # validate flags before spending time on loading the model
-    lm = load(
-        args.model,
-        device=args.device,
-        adapter=args.adapter,
-        quantize=args.quantize,
-        draft=args.draft_model,
-    )
-    if args.stream:
-        if args.num_return_sequences > 1 or args.num_beams > 1:
-            raise ConfigError(
-                "--stream prints one sequence: drop --num-beams/--num-return-sequences"
-            )
-        print(args.prompt, end="", flush=True)
-        for piece in lm.stream(args.prompt, **sampling):
-            print(piece, end="", flush=True)
-        print()
-        return
-    for i, c in enumerate(lm.complete(args.prompt, **sampling)):
-        if args.num_return_sequences > 1:
-            print(f"--- sequence {i + 1} ---")
-        print(args.prompt + c.text)
-        if args.logprobs is not None:
-            _print_logprobs(lm.tokenizer.decode, c)
-        if isinstance(c, Speculated):
-            s = c.stats
-            print(
-                f"speculative decoding: {s.accepted} of {s.drafted} drafted tokens accepted "
-                f"({s.acceptance:.0%}), {s.tokens_per_pass:.2f} tokens per pass of the model",
-                file=sys.stderr,
-            )
-
-
-def _print_logprobs(decode, c) -> None:
-    """One line per generated token: its log-probability, the token, the best alternatives."""
-    for token, logprob, top in zip(c.ids, c.logprobs, c.top_logprobs, strict=True):
-        others = "  ".join(f"{decode([t])!r} {lp:.3f}" for t, lp in top.items())
-        print(f"{logprob:9.4f}  {decode([token])!r}" + (f"   [{others}]" if others else ""))
-
-
 def _allow_pickle_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-pickle",
@@ -252,129 +199,6 @@ def _quantize_flag(p: argparse.ArgumentParser) -> None:
         choices=QUANTIZE_CHOICES,
         help="int8 weights for the CPU: ~1.5x faster generation, ~5%% more perplexity",
     )
-
-
-def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_new: int | None) -> None:
-    """The sampling options every generating command takes (generation/sampling.py)."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new)
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0.0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument(
-        "--logit-bias",
-        action="append",
-        metavar="ID=BIAS",
-        help="add BIAS to token ID's logit (repeatable; -100 bans it)",
-    )
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--stop-id", type=int, action="append", help="stop token id (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-
-
-def _logit_bias(text: str) -> tuple[int, float]:
-    token, _, bias = text.partition("=")
-    try:
-        return int(token), float(bias)
-    except ValueError:
-        raise ConfigError(f"--logit-bias {text!r} is not ID=BIAS, e.g. 50256=-100") from None
-
-
-SAMPLING_FLAGS = (
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-)
-
-
-def _sampling(args: argparse.Namespace) -> dict:
-    sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
-    return dict(
-        sampling,
-        logit_bias=dict(_logit_bias(b) for b in args.logit_bias or []),
-        stop=args.stop or [],
-        stop_ids=args.stop_id or [],
-    )
-
-
-def cmd_chat(args: argparse.Namespace) -> None:
-    from .api import load, sample_config
-    from .chat import ChatSession, chat_loop
-
-    sampling = _sampling(args)
-    sample_config(**sampling)  # validate flags before spending time on loading the model
-    lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
-    chat_loop(ChatSession(lm, system=args.system, **sampling))
-
-
-def _serve_adapters(specs: list[str]) -> tuple[str | None, dict[str, str]]:
-    """`gptkit serve --adapter` values: (the one adapter DIR to put on the model itself, as
-    before; {NAME: DIR} of the LoRA adapters to serve side by side, each as model NAME). A
-    value that is a directory is a DIR, whatever characters its path has; else NAME=DIR."""
-    plain, named = [], {}
-    for spec in specs:
-        name, equals, directory = spec.partition("=")
-        if not equals or Path(spec).is_dir():
-            plain.append(spec)
-        elif not name or not directory:
-            raise ConfigError(f"--adapter {spec!r}: give NAME=DIR, a model name for an adapter")
-        elif name in named:
-            raise ConfigError(f"--adapter {spec!r}: the name {name!r} is given twice")
-        elif not Path(directory).is_dir():
-            raise ConfigError(f"--adapter {spec!r}: {directory} is not an adapter directory")
-        else:
-            named[name] = directory
-    if plain and (named or len(plain) > 1):
-        raise ConfigError(
-            f"--adapter {plain[0]} puts one adapter on the model itself; to serve several "
-            "side by side, name each: --adapter NAME=DIR --adapter NAME2=DIR2"
-        )
-    return (plain[0] if plain else None), named
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    from .api import load
-    from .serve import ServeConfig, serve
-    from .serve_guard import read_api_key
-
-    single, adapters = _serve_adapters(args.adapter)
-    key = read_api_key(args.api_key_file) if args.api_key_file else None
-    config = ServeConfig(
-        host=args.host,
-        port=args.port,
-        api_key=key or args.api_key or os.environ.get("GPTKIT_API_KEY"),
-        allowed_hosts=tuple(args.allowed_host),
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        max_body_bytes=args.max_body_bytes,
-        max_seconds=args.max_seconds,
-        max_tokens=args.max_tokens,
-        shutdown_seconds=args.shutdown_seconds,
-        **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
-    )  # validated before spending time on loading the model
-    # Row-major weights (the training layout) for batched decoding: on 2 cores a SmolLM2 step
-    # of 8 rows takes 144 ms with them against 243 ms with the column-major decode layout,
-    # which is faster only for a single row (70 vs 83 ms). bench/serve_load.py, 8 clients:
-    # 30.2 vs 25.6 tokens/s; 1 client: 10.6 vs 12.6.
-    batched = config.max_batch > 1
-    lm = load(
-        args.model,
-        device=args.device,
-        adapter=single,
-        decode_layout=not batched,
-        quantize=args.quantize,
-    )
-    serve(lm, args.name or Path(args.model.rstrip("/")).name, config, adapters)
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -520,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a model")
     p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or model name")
     p.add_argument("--prompt", required=True)
-    _sampling_flags(p, temperature=0.8, max_new=64)
+    sampling_flags(p, temperature=0.8, max_new=64)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument(
@@ -555,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
-    _sampling_flags(p, temperature=0.7, max_new=None)  # chat: 256, or half a small context
+    sampling_flags(p, temperature=0.7, max_new=None)  # chat: 256, or half a small context
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_chat)
 

@@ -206,6 +206,21 @@ def _beams(model, prompt, sample, eos_id, decode, vocab_size) -> list[list[int]]
         )
 
 
+def settle(c: Completion, picks: Iterator[Picked], text: TextStream) -> Completion:
+    """c with one sequence's tokens (Picked, one row each) until `text` ends the reply, and
+    its text and finish reason (speculative decoding's counterpart of complete's loop)."""
+    pieces = []
+    for picked in picks:
+        c.record(picked, 0)
+        pieces.append(text.push(c.ids[-1]))
+        if text.stopped:
+            c.finish_reason = "stop"
+            break
+    pieces.append(text.flush())
+    c.text = "".join(pieces)
+    return c
+
+
 def _finished(c: Completion, ids: list[int], text: TextStream) -> Completion:
     """c with the token ids of a finished sequence, its text and finish reason."""
     pieces = []

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import GPT
-from .decode import Completion, _budget, eval_mode, new_sampler, reply_stream
+from .decode import Completion, _budget, eval_mode, new_sampler, reply_stream, settle
 from .sampling import Picked, SampleConfig, Sampler
 from .stopping import Decode
 
@@ -344,16 +344,7 @@ def speculative_complete(
     sampler = new_sampler(model, [prompt], sample, vocab_size)
     drafter, k = drafter_for(model, prompt, sample, draft)
     steps = speculative_steps(model, prompt, sampler, sample.max_new_tokens, drafter, k, out.stats)
-    pieces = []
-    for picked in steps:
-        out.record(picked, 0)
-        pieces.append(text.push(out.ids[-1]))
-        if text.stopped:
-            out.finish_reason = "stop"
-            break
-    pieces.append(text.flush())
-    out.text = "".join(pieces)
-    return out
+    return settle(out, steps, text)
 
 
 def speculative_stream(
