@@ -49,7 +49,8 @@ class ChatSession:
         sampling = {**self.sampling, "max_new_tokens": self._reply_tokens()}
         sampling["stop"] = [*sampling.get("stop", []), *self.stop]
         reply = []
-        for piece in self.lm.stream(self.prompt(), **sampling):
+        # Special tokens are left out of the reply, as the server does (an end of turn ends it).
+        for piece in self.lm.stream(self.prompt(), skip_special=True, **sampling):
             reply.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(reply).strip()})

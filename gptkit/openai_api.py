@@ -186,6 +186,7 @@ class Server:
         """Queue body.n sequences per prompt; choice index = prompt * n + i, as OpenAI's."""
         self._check_count(len(prompts) * body.n)
         bias = self._logit_bias(body)
+        stop_ids = self._token_ids(body.stop_token_ids or [], "stop_token_ids")
         adapter = self.models[body.model].adapter
         deadline = time.monotonic() + self.config.max_seconds
         for p, prompt in enumerate(prompts):
@@ -202,6 +203,7 @@ class Server:
                         presence_penalty=body.presence_penalty,
                         logit_bias=bias,
                         stop=stop,
+                        stop_ids=stop_ids,
                         seed=None if body.seed is None else body.seed + i,
                         logprobs=body.logprob_count,
                     )
@@ -225,10 +227,15 @@ class Server:
 
     def _logit_bias(self, body: SamplingFields) -> dict[int, float]:
         bias = body.logit_bias or {}
-        vocab = self.lm.config.vocab_size
-        if any(not 0 <= t < vocab for t in bias):
-            raise APIError(400, f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        self._token_ids(bias, "logit_bias")
         return bias
+
+    def _token_ids(self, ids, param: str) -> list[int]:
+        """ids (a list, or a dict's keys) if every one is a token id of the model, else 400."""
+        vocab = self.lm.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"{param} token ids must be in [0, {vocab})", param=param)
+        return list(ids)
 
     async def _encode_prompts(self, body: CompletionRequest) -> list[list[int]]:
         prompt = body.prompt

@@ -17,6 +17,7 @@ from .generation.sampling import MAX_TOP_LOGPROBS
 
 # OpenAI allows up to 4 stop sequences and up to 128 choices; a local server keeps n small.
 MAX_STOP = 4
+MAX_STOP_IDS = 64
 MAX_N = 8
 # Refused before any rendering: a chat of thousands of turns never fits a context anyway, and
 # rendering 30,000 empty messages cost about a second of CPU (AMD EPYC, 2 cores).
@@ -67,6 +68,8 @@ class SamplingFields(_Strict):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    # vLLM's extension: token ids that end a reply as EOS does (left out of the text).
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_IDS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

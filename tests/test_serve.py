@@ -397,6 +397,17 @@ def test_every_sampling_option_means_the_same_in_the_server_and_lm_generate(clie
     expected = lm.generate("hello", max_new_tokens=16, logit_bias=bias, **options)[0]
     assert reply["choices"][0]["text"] == expected
     assert reply["choices"][0]["finish_reason"] == "length"  # EOS was banned
+    # A stop token id ends the reply where lm.generate's stop_ids does, before that token.
+    ids = lm.complete("hello", max_new_tokens=16, logit_bias=bias, **options)[0].ids
+    body["stop_token_ids"] = [ids[5]]
+    reply = client.post("/v1/completions", json=body).json()
+    expected = lm.generate(
+        "hello", max_new_tokens=16, logit_bias=bias, stop_ids=[ids[5]], **options
+    )[0]
+    assert reply["choices"][0]["text"] == expected
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    body["stop_token_ids"] = [10**9]
+    assert client.post("/v1/completions", json=body).status_code == 400
 
 
 def test_dropped_stream_frees_its_slot_and_concurrent_streams_batch(live, lm):
