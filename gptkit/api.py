@@ -21,6 +21,7 @@ from .cpu import use_decode_layout
 from .generation import Completion, SampleConfig, TextStream, complete, stream
 from .generation.decode import reply_stream
 from .generation.speculative import speculates, speculative_complete, speculative_stream
+from .generation.stopping import skippable
 from .loading import Pretrained, load_pretrained, resolve_device
 from .machine import decode_plan
 from .model import GPT
@@ -71,14 +72,9 @@ class LM(Pretrained):
             ids = [start]
         return ids
 
-    def specials(self) -> dict[int, str]:
-        """The special tokens other than EOS, id -> string: what skip_special leaves out."""
-        tok = self.tokenizer
-        return {i: s for s, i in tok.special_tokens.items() if i != tok.eos_id}
-
     def text_stream(self, sample: SampleConfig, skip_special: bool = False) -> TextStream:
         """The detokenizer that ends a reply under these options (see generation/stopping.py)."""
-        skip = self.specials() if skip_special else None
+        skip = skippable(self.tokenizer) if skip_special else None
         return reply_stream(sample, self.tokenizer.eos_id, self.tokenizer.decode, skip)
 
     def draft_model(self, sample: SampleConfig, draft: LM | GPT | None = None) -> GPT | None:
@@ -116,7 +112,7 @@ class LM(Pretrained):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.prompt_ids(p) for p in prompts]
         tok = self.tokenizer
-        skip = self.specials() if skip_special else None
+        skip = skippable(self.tokenizer) if skip_special else None
         draft = self.draft_model(sample, draft)
         if speculates(sample, draft):
             return [

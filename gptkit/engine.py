@@ -380,12 +380,11 @@ class Engine:
         if seq.cancelled:
             self._finish(r, None)
             return
-        picked = slot.sampler.pick(logits)
-        token = int(picked.tokens[0])
+        ((token, logprob, top),) = slot.sampler.pick(logits).rows()
         slot.token, seq.generated = token, seq.generated + 1
         self.stats.tokens += 1
-        if picked.logprobs is not None:
-            seq.emit(("logprob", (token, float(picked.logprobs[0]), picked.top(0))))
+        if logprob is not None:
+            seq.emit(("logprob", (token, logprob, top)))
         piece = slot.text.push(token)
         if piece:
             seq.emit(("text", piece))

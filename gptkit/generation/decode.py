@@ -124,11 +124,12 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)  # each token's, when asked
     top_logprobs: list[dict[int, float]] = field(default_factory=list)  # the k best, when asked
 
-    def record(self, picked: Picked, row: int) -> None:
-        self.ids.append(int(picked.tokens[row]))
-        if picked.logprobs is not None:
-            self.logprobs.append(float(picked.logprobs[row]))
-            self.top_logprobs.append(picked.top(row))
+    def record(self, token: int, logprob: float | None, top: dict[int, float]) -> None:
+        """Add one token (one of Picked.rows()); its log-probabilities when they were asked."""
+        self.ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.top_logprobs.append(top)
 
 
 def reply_stream(
@@ -176,11 +177,11 @@ def complete(
     pieces: list[list[str]] = [[] for _ in rows]
     sampler = new_sampler(model, rows, sample, vocab_size)
     for picked in decode_steps(model, rows, sampler, sample.max_new_tokens):
-        for i, stream_ in enumerate(streams):
+        for i, (stream_, row) in enumerate(zip(streams, picked.rows(), strict=True)):
             if stream_.stopped:
                 continue
-            out[i].record(picked, i)
-            pieces[i].append(stream_.push(out[i].ids[-1]))
+            out[i].record(*row)
+            pieces[i].append(stream_.push(row[0]))
             if stream_.stopped:
                 out[i].finish_reason = "stop"
         if all(s.stopped for s in streams):
@@ -211,8 +212,9 @@ def settle(c: Completion, picks: Iterator[Picked], text: TextStream) -> Completi
     its text and finish reason (speculative decoding's counterpart of complete's loop)."""
     pieces = []
     for picked in picks:
-        c.record(picked, 0)
-        pieces.append(text.push(c.ids[-1]))
+        (row,) = picked.rows()
+        c.record(*row)
+        pieces.append(text.push(row[0]))
         if text.stopped:
             c.finish_reason = "stop"
             break

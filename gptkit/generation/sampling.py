@@ -207,12 +207,18 @@ class Picked:
     top_ids: torch.Tensor | None = None  # [N, k]: the k most likely tokens
     top_logprobs: torch.Tensor | None = None  # [N, k]
 
-    def top(self, row: int) -> dict[int, float]:
-        """Row's k most likely tokens, id -> log-probability ({} unless asked for)."""
+    def rows(self) -> list[tuple[int, float | None, dict[int, float]]]:
+        """(token, its log-probability, {id: log-probability} of the top k) per row, read off
+        the tensors once per step (None and {} where not asked for)."""
+        tokens = self.tokens.tolist()
+        logprobs = self.logprobs.tolist() if self.logprobs is not None else [None] * len(tokens)
         if self.top_ids is None:
-            return {}
-        ids, logprobs = self.top_ids[row].tolist(), self.top_logprobs[row].tolist()
-        return dict(zip(ids, logprobs, strict=True))
+            return [(t, lp, {}) for t, lp in zip(tokens, logprobs, strict=True)]
+        tops = [
+            dict(zip(ids, lps, strict=True))
+            for ids, lps in zip(self.top_ids.tolist(), self.top_logprobs.tolist(), strict=True)
+        ]
+        return list(zip(tokens, logprobs, tops, strict=True))
 
 
 class Sampler:

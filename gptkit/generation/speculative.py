@@ -310,13 +310,6 @@ def commit(row: torch.Tensor, token: int, sampler: Sampler) -> Picked:
     return picked
 
 
-def one_sequence(sample: SampleConfig) -> None:
-    if sample.num_beams > 1 or sample.num_return_sequences > 1:
-        raise ValueError(
-            "speculative decoding makes one sequence: num_beams=1, num_return_sequences=1"
-        )
-
-
 @dataclass
 class Speculated(Completion):
     """A Completion with what speculation did to make it."""
@@ -338,13 +331,9 @@ def speculative_complete(
     """One completion of one prompt, as decode.complete makes it (the same end rules, text,
     finish reason and log-probabilities), decoded speculatively: prompt lookup when
     sample.prompt_lookup > 0, else the draft model."""
-    one_sequence(sample)
     out = Speculated()
-    text = reply_stream(sample, eos_id, decode, skip)
-    sampler = new_sampler(model, [prompt], sample, vocab_size)
-    drafter, k = drafter_for(model, prompt, sample, draft)
-    steps = speculative_steps(model, prompt, sampler, sample.max_new_tokens, drafter, k, out.stats)
-    return settle(out, steps, text)
+    steps = _speculation(model, prompt, sample, vocab_size, draft, out.stats)
+    return settle(out, steps, reply_stream(sample, eos_id, decode, skip))
 
 
 def speculative_stream(
@@ -360,14 +349,28 @@ def speculative_stream(
 ) -> Iterator[int]:
     """Yield one prompt's new tokens as they are settled, as decode.stream does; stats, when
     given, is filled in as they are."""
-    one_sequence(sample)
     text = reply_stream(sample, eos_id, decode)
-    sampler = new_sampler(model, [prompt], sample, vocab_size)
-    drafter, k = drafter_for(model, prompt, sample, draft)
-    steps = speculative_steps(model, prompt, sampler, sample.max_new_tokens, drafter, k, stats)
-    for picked in steps:
+    for picked in _speculation(model, prompt, sample, vocab_size, draft, stats):
         t = int(picked.tokens[0])
         yield t
         text.push(t)
         if text.stopped:
             return
+
+
+def _speculation(
+    model: GPT,
+    prompt: list[int],
+    sample: SampleConfig,
+    vocab_size: int | None,
+    draft: GPT | None,
+    stats: SpeculationStats | None,
+) -> Iterator[Picked]:
+    """speculative_steps for one prompt with the drafter the options ask for."""
+    if sample.num_beams > 1 or sample.num_return_sequences > 1:
+        raise ValueError(
+            "speculative decoding makes one sequence: num_beams=1, num_return_sequences=1"
+        )
+    sampler = new_sampler(model, [prompt], sample, vocab_size)
+    drafter, k = drafter_for(model, prompt, sample, draft)
+    return speculative_steps(model, prompt, sampler, sample.max_new_tokens, drafter, k, stats)
