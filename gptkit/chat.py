@@ -20,6 +20,7 @@ class ChatSession:
     def __init__(self, lm: LM, system: str | None = None, **sampling: Any):
         self.lm, self.system, self.sampling = lm, system, sampling
         self.stop = turn_stops(lm.tokenizer)
+        prompt_room(self._reply_tokens(), lm.config.block_size)  # refuse now, not at the reply
         self.messages: list[dict[str, str]] = []
         self.reset()
 
