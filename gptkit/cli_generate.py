@@ -172,9 +172,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shutdown_seconds=args.shutdown_seconds,
         **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
     )  # validated before spending time on loading the model
-    # Row-major weights (the training layout) for batched decoding: on 2 cores a SmolLM2 step
-    # of 8 rows takes 144 ms with them against 243 ms with the column-major decode layout,
-    # which is faster only for a single row (70 vs 83 ms). bench/serve_load.py, 8 clients:
+    # Row-major weights (the training layout) for batched decoding: on the 2-core AMD EPYC a
+    # SmolLM2 step of 8 rows takes 144 ms with them against 243 ms with the column-major decode
+    # layout, which is faster only for a single row (70 vs 83 ms). bench/serve_load.py, 8 clients:
     # 30.2 vs 25.6 tokens/s; 1 client: 10.6 vs 12.6.
     batched = config.max_batch > 1
     lm = load(
