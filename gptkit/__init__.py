@@ -10,10 +10,11 @@ finetune(gptkit.FinetuneConfig(...))          # the metric libraries)
 
 from importlib.metadata import version
 
-from .api import LM, load, pipeline
+from .api import LM, load
 from .config import GPTConfig, preset
 from .generation import SampleConfig, generate
 from .model import GPT
+from .pipelines import pipeline
 from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
 from .train_config import FinetuneConfig, PeftConfig

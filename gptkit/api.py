@@ -1,4 +1,5 @@
-"""The public, text-level API: `load` a model from anywhere, `LM.generate`, and `pipeline`.
+"""The public, text-level API: `load` a model from anywhere, then `LM.generate`, or
+`LM.classify` / `LM.tag` on a fine-tuned classifier or tagger (pipelines.py builds on these).
 
 lm = gptkit.load("runs/demo/checkpoint")      # a gptkit checkpoint
 lm = gptkit.load("path/to/hf-model")          # a Hugging Face directory
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 
+from . import predict
 from .config import ConfigError, GPTConfig
 from .cpu import use_decode_layout
-from .generation import Completion, SampleConfig, TextStream, complete, stream
+from .generation import Completion, SampleConfig, TextStream, complete, eval_mode, stream
 from .generation.decode import reply_stream
 from .generation.speculative import speculates, speculative_complete, speculative_stream
 from .generation.stopping import skippable
@@ -57,6 +59,24 @@ class LM(Pretrained):
     @property
     def config(self) -> GPTConfig:
         return self.model.config
+
+    def classify(
+        self, texts: str | list[str], top_k: int | None = None, batch_size: int = 32
+    ) -> list[dict[str, Any]]:
+        """A classifier's label, score and probability table per text (predict.classify)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return predict.classify(self.model, self.tokenizer, texts, top_k, batch_size)
+
+    def tag(self, texts: str | list[str], batch_size: int = 32) -> list[list[dict[str, Any]]]:
+        """A tagger's entities per text, with character spans (predict.tag)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return predict.tag(self.model, self.tokenizer, texts, batch_size)
+
+    def features(self, text: str) -> torch.Tensor:
+        """The final hidden states [tokens, n_embd] of the text's tokens (any head)."""
+        ids = torch.tensor([self.prompt_ids(text)], device=self.model.tok_emb.weight.device)
+        with torch.inference_mode(), eval_mode(self.model):
+            return self.model.features(ids)[0].float().cpu()
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's token ids; never empty (an empty prompt is the start token)."""
@@ -108,6 +128,7 @@ class LM(Pretrained):
         log-probabilities of each token and its k best alternatives; prompt-major.
         skip_special leaves special tokens out of the text (an end-of-turn one ends it).
         Speculative completions (see the class) are speculative.Speculated, with `stats`."""
+        predict.needs_head(self.model, "lm", "generating text")
         sample = sample_config(**sampling)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.prompt_ids(p) for p in prompts]
@@ -135,6 +156,7 @@ class LM(Pretrained):
         **sampling: Any,
     ) -> Iterator[str]:
         """Yield the completion's text piece by piece as tokens are generated (see TextStream)."""
+        predict.needs_head(self.model, "lm", "generating text")
         sample = sample_config(**sampling)
         text = self.text_stream(sample, skip_special)
         tok = self.tokenizer
@@ -221,33 +243,3 @@ def load(
         )
         lm.draft = lm.draft_model(SampleConfig(), drafter)  # checks that it fits the tokenizer
     return lm
-
-
-class TextGenerationPipeline:
-    """transformers-style `pipeline("text-generation")`: returns [{"generated_text": ...}]."""
-
-    def __init__(self, lm: LM):
-        self.lm = lm
-
-    def __call__(
-        self,
-        text: str | list[str],
-        max_length: int | None = None,
-        return_full_text: bool = True,
-        **sampling,
-    ):
-        if isinstance(text, list):
-            return [self(t, max_length, return_full_text, **sampling) for t in text]
-        if max_length is not None:  # transformers counts the prompt in max_length
-            sampling["max_new_tokens"] = max(0, max_length - len(self.lm.prompt_ids(text)))
-        completions = self.lm.generate(text, **sampling)
-        prefix = text if return_full_text else ""
-        return [{"generated_text": prefix + c} for c in completions]
-
-
-def pipeline(
-    task: str, model: str | Path | LM, device: str | None = None
-) -> TextGenerationPipeline:
-    if task != "text-generation":
-        raise ValueError(f"unsupported pipeline task {task!r}; gptkit offers 'text-generation'")
-    return TextGenerationPipeline(model if isinstance(model, LM) else load(model, device=device))

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from .cli_generate import cmd_chat, cmd_generate, cmd_serve, sampling_flags
+from .cli_monitor import add_monitor_parser
+from .cli_predict import add_predict_parser
 from .config import QUANTIZE_CHOICES, first_line
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
@@ -446,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["gptkit", "hf"], default="gptkit")
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_convert)
+
+    add_predict_parser(sub)
+    add_monitor_parser(sub)
 
     p = sub.add_parser("demo", help="the main job: a GPT trained on Shakespeare, then sampled")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pretrain settings")

@@ -61,6 +61,11 @@ class GPTConfig:
     # at its last token); "tag" one label per token. `labels` names the classes (HF's id2label).
     head: Head = "lm"
     labels: list[str] = field(default_factory=list)
+    # A classify head may predict several fields at once (topic and sentiment): label_fields
+    # names them and label_sizes says how many of `labels`, in turn, belong to each. Empty:
+    # one field, "label".
+    label_fields: list[str] = field(default_factory=list)
+    label_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("n_head", "n_embd"):  # checked first: the defaults below divide by them
@@ -119,13 +124,40 @@ class GPTConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if (self.head == "lm") != (not self.labels) or len(set(self.labels)) < len(self.labels):
+        groups = self.label_groups()
+        if (self.head == "lm") != (not self.labels) or any(
+            len(set(names)) < len(names) for _, names in groups
+        ):
             raise ConfigError(
                 f"head={self.head!r} with labels={self.labels}: classify and tag heads need "
                 "distinct label names, the lm head none"
             )
         if self.head != "lm" and self.tie_embeddings:
             raise ConfigError("only the lm head can be tied to the token embeddings")
+
+    def label_groups(self) -> list[tuple[str, list[str]]]:
+        """(field, its labels) for each field a classify head predicts; tag heads and
+        single-field classifiers have one, named "label" unless training named it."""
+        fields, sizes = self.label_fields, self.label_sizes
+        if not fields:
+            return [("label", list(self.labels))] if self.labels else []
+        if (
+            not isinstance(fields, list)
+            or not isinstance(sizes, list)
+            or not all(isinstance(f, str) and f for f in fields)
+            or len(set(fields)) < len(fields)
+            or len(sizes) != len(fields)
+            or not all(isinstance(n, int) and n > 0 for n in sizes)
+            or sum(sizes) != len(self.labels)
+            or (len(fields) > 1 and self.head != "classify")
+        ):
+            raise ConfigError(
+                f"label_fields={fields} with label_sizes={sizes} do not divide the "
+                f"{len(self.labels)} labels into one group per field (several fields need a "
+                "classify head)"
+            )
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [(f, self.labels[s : s + n]) for f, s, n in zip(fields, starts, sizes, strict=True)]
 
     def largest_tensor(self) -> int:
         """An upper bound on the values of any one weight or buffer (a table of rows of at

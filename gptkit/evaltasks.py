@@ -19,27 +19,19 @@ from .api import LM
 from .chat_template import CHATML, render, turn_stops
 from .config import ConfigError
 from .evaluate import (
-    classification_metrics,
+    classify_report,
     generation_metrics,
     multiple_choice,
     perplexity,
     tagging_metrics,
 )
-from .finetune import predict_labels, predict_tags
 from .generation import prompt_room
 from .model import ContextLengthError
+from .predict import needs_head, predict_labels, predict_tags
 from .tagging import check_tags, read_tagged_file, tag_scheme
-from .taskdata import read_chat, read_classification, read_records
+from .taskdata import read_chat, read_labelled, read_records
 
 TASKS = ("perplexity", "classify", "tag", "generate", "choice")
-
-
-def _needs_head(lm: LM, head: str) -> None:
-    if lm.config.head != head:
-        raise ConfigError(
-            f"eval {head} needs a model with a {head} head (from `gptkit finetune {head}`); "
-            f"this one has a {lm.config.head} head"
-        )
 
 
 def eval_perplexity(lm: LM, paths: Sequence[str | Path], stride: int | None = None) -> dict:
@@ -53,10 +45,18 @@ def eval_perplexity(lm: LM, paths: Sequence[str | Path], stride: int | None = No
 
 
 def eval_classify(lm: LM, path, limit: int = 0, text_field="text", label_field="label") -> dict:
-    _needs_head(lm, "classify")
-    records = read_classification(path, text_field, label_field)[: limit or None]
+    """Accuracy and macro-F1; a classifier of several fields is scored on each (label_field
+    names the data's fields in the model's order; "label" takes the model's own names)."""
+    needs_head(lm.model, "classify", "eval classify")
+    groups = lm.config.label_groups()
+    fields = [f.strip() for f in label_field.split(",")]
+    if len(groups) > 1 and fields == ["label"]:
+        fields = [f for f, _ in groups]
+    if len(fields) != len(groups):
+        raise ConfigError(f"the model predicts {len(groups)} field(s), label_field names {fields}")
+    records = read_labelled(path, text_field, fields)[: limit or None]
     pred = predict_labels(lm.model, lm.tokenizer, [text for text, _ in records])
-    return classification_metrics([label for _, label in records], pred)
+    return classify_report(pred, [labels for _, labels in records])
 
 
 def eval_tag(
@@ -64,7 +64,7 @@ def eval_tag(
 ) -> dict:
     """Token accuracy, entity P/R/F1 when the gold tags follow an entity scheme, and the
     scheme recognised ("IOB2", "BIOES", ..., "none (UPOS-like)")."""
-    _needs_head(lm, "tag")
+    needs_head(lm.model, "tag", "eval tag")
     tagged = read_tagged_file(path, word_column=word_column, tag_column=tag_column)
     check_tags(tagged)  # the same refusal as `gptkit finetune tag`: no score over garbage
     sentences = tagged.sentences[: limit or None]

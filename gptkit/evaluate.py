@@ -65,6 +65,17 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str]) -> dict[str
     }
 
 
+def classify_report(pred: dict[str, list[str]], gold: list[tuple[str, ...]]) -> dict[str, float]:
+    """classification_metrics of one field, or of each field with its name as prefix."""
+    if len(pred) == 1:
+        return classification_metrics([g[0] for g in gold], next(iter(pred.values())))
+    report = {}
+    for k, (field, labels) in enumerate(pred.items()):
+        metrics = classification_metrics([g[k] for g in gold], labels)
+        report |= {f"{field}_{name}": value for name, value in metrics.items() if name != "n"}
+    return {**report, "n": len(gold)}
+
+
 def tagging_metrics(
     gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]
 ) -> dict[str, float]:

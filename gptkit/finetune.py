@@ -8,7 +8,8 @@ scored, so the Trainer needs no per-objective loop:
               tokens (each reply and its end-of-turn token), so the model learns to answer,
               not to write prompts
     classify  the text, then EOS; the label is the target at the last token (GPT-1 reads the
-              class off the final position the same way)
+              class off the final position the same way). label_field=topic,sentiment
+              trains one head per field on the shared body, their losses summed
     tag       the words, space-separated; each word's tag is the target at its LAST sub-token,
               the first position of a causal model that has seen the whole word
     distill   any of the above, with the loss mixing the teacher's softened distribution
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,172 +32,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .chat_template import CHATML, render
+from .chat_template import CHATML
 from .checkpoint import load_checkpoint
 from .config import ConfigError
-from .evaluate import classification_metrics, save_results, tagging_metrics
-from .generation import eval_mode
+from .evaluate import classify_report, save_results, tagging_metrics
+from .examples import (
+    IGNORE,
+    Example,
+    chat_example,
+    classification_example,
+    collate,
+    pack,
+    tagging_example,
+)
 from .loading import Pretrained, load_pretrained
 from .model import GPT
 from .peft import apply_peft, save_adapter
+from .predict import predict_labels, predict_tags
 from .prepare import prepare
 from .tagging import check_tags, read_tagged_file
-from .taskdata import label_names, read_chat, read_classification
-from .tokenizer import Tokenizer
+from .taskdata import label_names, read_chat, read_labelled
 from .train import Batch, PretrainTask, Trainer, TrainResult
 from .train_config import FinetuneConfig
 
-IGNORE = -100
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-
-
-@dataclass
-class Example:
-    ids: list[int]  # model inputs
-    targets: list[int]  # per input position: the id or label to predict there, or IGNORE
-
-
-# -- examples ------------------------------------------------------------------------------
-
-
-def chat_example(
-    tokenizer: Tokenizer, messages: list[dict[str, str]], template: str, block_size: int
-) -> Example | None:
-    """A conversation as one example scored on the assistant's turns; None when truncation
-    to the context leaves no assistant token.
-
-    Each assistant turn's text is found by rendering the conversation up to it twice, with
-    the generation prompt and with the turn, so it works for any template that renders
-    conversations incrementally (ChatML, Llama 3, SmolLM2, ...).
-    """
-    names = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-    pieces: list[tuple[str, bool]] = []  # (text, scored), in order
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render(messages[:i], template, add_generation_prompt=True, **names)
-        after = render(messages[: i + 1], template, add_generation_prompt=False, **names)
-        if not (before.startswith(done) and after.startswith(before)):
-            raise ConfigError(
-                "the chat template does not render conversations incrementally, so the "
-                "assistant's tokens cannot be found; use template=chatml"
-            )
-        pieces += [(before[len(done) :], False), (after[len(before) :], True)]
-        done = after
-    ids: list[int] = []
-    scored: list[bool] = []
-    for text, is_scored in pieces:
-        piece = tokenizer.encode(text)
-        ids += piece
-        scored += [is_scored] * len(piece)
-    ids, scored = ids[: block_size + 1], scored[: block_size + 1]
-    if not any(scored[1:]):
-        return None
-    targets = [t if s else IGNORE for t, s in zip(ids[1:], scored[1:], strict=True)]
-    return Example(ids[:-1], targets)
-
-
-def classification_example(tokenizer: Tokenizer, text: str, label: int, block_size: int) -> Example:
-    """The text (its start, if too long), then EOS; `label` is the target at the last token."""
-    end = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    ids = tokenizer.encode(text)[: block_size - len(end)] + end
-    if not ids:
-        raise ConfigError(f"the text {text!r} has no tokens to classify")
-    return Example(ids, [IGNORE] * (len(ids) - 1) + [label])
-
-
-def tagging_example(
-    tokenizer: Tokenizer, words: Sequence[str], tags: Sequence[int], block_size: int
-) -> Example:
-    """Words joined by spaces; each tag is the target at its word's last sub-token. Words
-    past the context are dropped (the example then has fewer targets than words)."""
-    ids: list[int] = []
-    targets: list[int] = []
-    for i, (word, tag) in enumerate(zip(words, tags, strict=True)):
-        piece = tokenizer.encode(word if i == 0 else " " + word)
-        if len(ids) + len(piece) > block_size:
-            break
-        ids += piece
-        targets += [IGNORE] * (len(piece) - 1) + [tag]
-    return Example(ids, targets)
-
-
-def pack(examples: Sequence[Example], block_size: int) -> list[Example]:
-    """Concatenate examples and cut the stream into rows of block_size (the last one shorter):
-    no padding, at the price of attention across example boundaries (TRL's packing)."""
-    ids = [t for e in examples for t in e.ids]
-    targets = [t for e in examples for t in e.targets]
-    return [
-        Example(ids[i : i + block_size], targets[i : i + block_size])
-        for i in range(0, len(ids), block_size)
-        if any(t != IGNORE for t in targets[i : i + block_size])
-    ]
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Right-padded inputs [B, T] and targets [B, T] (IGNORE on padding). Causal attention
-    keeps padding after a row's tokens from changing them, so no attention mask is needed."""
-    T = max(len(e.ids) for e in examples)
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for row, e in enumerate(examples):
-        x[row, : len(e.ids)] = torch.tensor(e.ids)
-        y[row, : len(e.targets)] = torch.tensor(e.targets)
-    return x, y
-
-
-# -- predictions ---------------------------------------------------------------------------
-
-
-def _batched_logits(
-    model: GPT, examples: list[Example], pad_id: int, batch_size: int
-) -> Iterator[tuple[Example, torch.Tensor]]:
-    """(example, logits [T, L]) for each example, in order; batches of similar lengths."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    out: list[Any] = [None] * len(examples)
-    device = model.tok_emb.weight.device
-    with torch.no_grad(), eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            x, _ = collate([examples[i] for i in rows], pad_id)
-            logits = model(x.to(device)).float().cpu()  # [B, T, L]
-            for b, i in enumerate(rows):
-                out[i] = logits[b, : len(examples[i].ids)]
-    yield from zip(examples, out, strict=True)
-
-
-def predict_labels(
-    model: GPT, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 16
-) -> list[str]:
-    """The classify head's label for each text."""
-    c = model.config
-    examples = [classification_example(tokenizer, t, 0, c.block_size) for t in texts]
-    pad = tokenizer.pad_id or 0
-    return [
-        c.labels[int(logits[-1].argmax())]
-        for _, logits in _batched_logits(model, examples, pad, batch_size)
-    ]
-
-
-def predict_tags(
-    model: GPT, tokenizer: Tokenizer, sentences: Sequence[Sequence[str]], batch_size: int = 16
-) -> list[list[str]]:
-    """The tag head's tag for each word; words past the context get "O" (or the first label)."""
-    c = model.config
-    fallback = "O" if "O" in c.labels else c.labels[0]
-    examples = [
-        tagging_example(tokenizer, words, [0] * len(words), c.block_size) for words in sentences
-    ]
-    pad = tokenizer.pad_id or 0
-    predictions = []
-    for (example, logits), words in zip(
-        _batched_logits(model, examples, pad, batch_size), sentences, strict=True
-    ):
-        positions = [j for j, t in enumerate(example.targets) if t != IGNORE]
-        tags = [c.labels[int(k)] for k in logits[positions].argmax(-1)]
-        predictions.append(tags + [fallback] * (len(words) - len(tags)))
-    return predictions
 
 
 # -- tasks ---------------------------------------------------------------------------------
@@ -212,6 +71,7 @@ class ExampleTask:
         self.name = config.objective
         self.model, self.tokenizer = lm.model, lm.tokenizer
         kind = config.task
+        self.fields = [f.strip() for f in config.label_field.split(",")]
         if kind == "sft":
             self._prepare_chat()
         train = self._read(config.data)
@@ -250,7 +110,7 @@ class ExampleTask:
         if c.task == "sft":
             return read_chat(path)
         if c.task == "classify":
-            return read_classification(path, c.text_field, c.label_field)
+            return read_labelled(path, c.text_field, self.fields)
         tagged = read_tagged_file(path, word_column=c.word_column, tag_column=c.tag_column)
         check_tags(tagged)  # words or "-" as tags: refuse before training on them
         return tagged.sentences
@@ -260,27 +120,34 @@ class ExampleTask:
         if self.config.task == "sft":
             return chat_example(tok, record, self.template, block_size)
         if self.config.task == "classify":
-            text, label = record
-            return classification_example(tok, text, self.label_ids[label], block_size)
+            text, labels = record
+            ids = [self.label_ids[k][label] for k, label in enumerate(labels)]
+            return classification_example(tok, text, ids[0] if len(ids) == 1 else ids, block_size)
         words, tags = record
-        return tagging_example(tok, words, [self.label_ids[t] for t in tags], block_size)
+        return tagging_example(tok, words, [self.label_ids[0][t] for t in tags], block_size)
 
     def _set_labels(self, records: list[Any]) -> None:
+        """self.groups: (field, its labels) per field; self.label_ids: label -> id per field."""
         kind, config = self.config.task, self.model.config
-        found = (
-            label_names(r[1] for r in records)
-            if kind == "classify"
-            else label_names(t for r in records for t in r[1])
-        )
-        self.labels = found
+        if kind == "classify":
+            names = self.fields
+            found = [label_names(r[1][k] for r in records) for k in range(len(names))]
+        else:
+            names, found = ["label"], [label_names(t for r in records for t in r[1])]
+        self.groups = list(zip(names, found, strict=True))
         if config.head == kind:  # fine-tuning a classifier / tagger further: keep its labels
-            unknown = sorted(set(found) - set(config.labels))
-            if unknown:
-                raise ConfigError(f"labels {unknown} are not among the model's {config.labels}")
-            self.labels = config.labels
+            theirs = config.label_groups()
+            if len(theirs) != len(names) or (len(names) > 1 and [f for f, _ in theirs] != names):
+                fields = [f for f, _ in theirs]
+                raise ConfigError(f"the model predicts the fields {fields}; set label_field= so")
+            for (_, mine), (_, labels) in zip(self.groups, theirs, strict=True):
+                unknown = sorted(set(mine) - set(labels))
+                if unknown:
+                    raise ConfigError(f"labels {unknown} are not among the model's {labels}")
+            self.groups = theirs
         elif config.head != "lm":
             raise ConfigError(f"{self.config.init_from} has a {config.head} head, not {kind}")
-        self.label_ids = {name: i for i, name in enumerate(self.labels)}
+        self.label_ids = [{name: i for i, name in enumerate(labels)} for _, labels in self.groups]
 
     # Task ----------------------------------------------------------------------------------
 
@@ -288,7 +155,10 @@ class ExampleTask:
         """The model with its new head (initialised here, from the Trainer's seed) and the
         parameter-efficient method applied."""
         if self.config.task in ("classify", "tag") and self.model.config.head == "lm":
-            self.model.set_head(self.config.task, self.labels)
+            labels = [name for _, names in self.groups for name in names]
+            fields = [f for f, _ in self.groups] if self.config.task == "classify" else []
+            sizes = [len(names) for _, names in self.groups] if fields else []
+            self.model.set_head(self.config.task, labels, fields, sizes)
         return apply_peft(self.model.to(device).train(), self.config.peft)
 
     def epoch_size(self) -> int:
@@ -322,11 +192,12 @@ class ExampleTask:
         return model(x, y)[1]
 
     def val_metrics(self, model: GPT) -> dict[str, float]:
-        """Accuracy / macro-F1 (classify) or entity F1 and token accuracy (tag) on val."""
+        """Accuracy / macro-F1 (classify; per field as FIELD_accuracy ... when there are
+        several) or entity F1 and token accuracy (tag) on val."""
         val = self.records["val"]
         if self.config.task == "classify":
             pred = predict_labels(model, self.tokenizer, [text for text, _ in val])
-            return classification_metrics([label for _, label in val], pred)
+            return classify_report(pred, [labels for _, labels in val])
         pred = predict_tags(model, self.tokenizer, [words for words, _ in val])
         return tagging_metrics([tags for _, tags in val], pred)
 
@@ -383,6 +254,8 @@ class Distill:
         teacher = load_pretrained(self.config.teacher, device).model
         teacher.requires_grad_(False)
         s, t = student.config, teacher.config
+        if len(s.label_groups()) > 1:
+            raise ConfigError("distill learns one label field; train each field on its own")
         if (s.head, s.labels) != (t.head, t.labels):
             raise ConfigError(
                 f"the teacher's head ({t.head}, labels {t.labels}) differs from the student's "

@@ -294,12 +294,25 @@ class GPT(nn.Module):
         """The output layer: lm_head, or score for classify / tag models."""
         return self.lm_head if self.config.head == "lm" else self.score
 
-    def set_head(self, head: str, labels: list[str]) -> GPT:
+    def set_head(
+        self,
+        head: str,
+        labels: list[str],
+        label_fields: list[str] | None = None,
+        label_sizes: list[int] | None = None,
+    ) -> GPT:
         """Replace the LM head with a freshly initialised classify / tag head over `labels`
-        (the body is kept: this is how a pretrained LM becomes a classifier or tagger)."""
+        (the body is kept: this is how a pretrained LM becomes a classifier or tagger).
+        label_fields / label_sizes split the labels into fields predicted together (see
+        GPTConfig)."""
         tied = self.config.tie_embeddings and head == "lm"
         config = dataclasses.replace(
-            self.config, head=head, labels=list(labels), tie_embeddings=tied
+            self.config,
+            head=head,
+            labels=list(labels),
+            label_fields=list(label_fields or []),
+            label_sizes=list(label_sizes or []),
+            tie_embeddings=tied,
         )
         weight = self.tok_emb.weight
         for name in ("lm_head", "score"):
@@ -452,7 +465,8 @@ class GPT(nn.Module):
         """Logits [B, T, V]; with targets [B, T] (-100 = ignore), returns (logits, loss).
 
         Every head is trained through this one loss: a classifier's target is its label at
-        the sequence's last token (-100 elsewhere), a tagger's a label per scored token.
+        the sequence's last token (-100 elsewhere), a tagger's a label per scored token. A
+        classifier of F fields takes targets [B, T, F], each within its field's labels.
 
         last_only computes logits for the last position only ([B, 1, V]), which is all a
         generation step needs and saves a [T, V] matmul on long prompts.
@@ -463,6 +477,13 @@ class GPT(nn.Module):
         logits = self.head(x)  # [B, T, V], or [B, T, L] for a classify / tag head
         if targets is None:
             return logits
+        if targets.dim() == 3:  # [B, T, F]: F label fields, a cross-entropy each, summed
+            parts = logits.float().split(self.config.label_sizes, dim=-1)
+            loss = sum(
+                F.cross_entropy(part.flatten(0, 1), targets[..., k].flatten(), ignore_index=-100)
+                for k, part in enumerate(parts)
+            )
+            return logits, loss
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
         )

@@ -231,6 +231,8 @@ def save_adapter(model: GPT, directory: str | Path, base: str, tokenizer=None) -
         "peft": config.to_dict(),
         "head": model.config.head,
         "labels": model.config.labels,
+        "label_fields": model.config.label_fields,
+        "label_sizes": model.config.label_sizes,
         "vocab_size": model.config.vocab_size,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -263,7 +265,8 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
             f"has {model.config.vocab_size}: load the adapter onto {meta['base_model']}"
         )
     if meta["head"] != "lm":
-        model.set_head(meta["head"], meta["labels"])
+        fields, sizes = meta.get("label_fields"), meta.get("label_sizes")
+        model.set_head(meta["head"], meta["labels"], fields, sizes)
     apply_peft(model, PeftConfig.from_dict(meta["peft"]))
     try:
         state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.tok_emb.weight.device))

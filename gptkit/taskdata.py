@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -207,29 +207,53 @@ def _field(record: dict[str, Any], name: str, where: str, argument: str) -> Any:
         fields = ", ".join(repr(key) for key in record) or "none"
         raise DataError(
             f"{where}: no field {name!r} (its fields: {fields}); "
-            f"pass {argument}= to name the field to use"
+            f"pass {argument} to name the field to use"
         )
     return record[name]
+
+
+def _text_field(record: dict[str, Any], name: str, where: str, argument="text_field=") -> str:
+    text = _field(record, name, where, argument)
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {name!r} holds {_kind(text)}, not text")
+    if not text.strip():
+        raise DataError(f"{where}: field {name!r} is empty; every example needs text")
+    return text
+
+
+def read_texts(
+    path: str | Path, text_field: str = "text", argument: str = "text_field="
+) -> list[tuple[dict[str, Any], str]]:
+    """(record, its text) for each record of a file: what a model is to label. `argument`
+    is how the caller's user names the field (an error message suggests it)."""
+    return [(r, _text_field(r, text_field, where, argument)) for where, r in _load(path)]
+
+
+def read_labelled(
+    path: str | Path, text_field: str = "text", label_fields: Sequence[str] = ("label",)
+) -> list[tuple[str, tuple[str, ...]]]:
+    """(text, one label per field) pairs. Labels become strings, so JSON 0/1 and CSV "0"/"1"
+    agree."""
+    pairs = []
+    for where, record in _load(path):
+        text = _text_field(record, text_field, where)
+        labels = []
+        for name in label_fields:
+            label = _field(record, name, where, "label_field=")
+            # str() of a list or an object would make a label nobody meant; null or "" is none.
+            if isinstance(label, dict | list) or label is None or label == "":
+                shown = "empty" if label == "" else f"{_kind(label)}, not a label"
+                raise DataError(f"{where}: field {name!r} is {shown}")
+            labels.append(str(label))
+        pairs.append((text, tuple(labels)))
+    return pairs
 
 
 def read_classification(
     path: str | Path, text_field: str = "text", label_field: str = "label"
 ) -> list[tuple[str, str]]:
-    """(text, label) pairs. Labels become strings, so JSON 0/1 and CSV "0"/"1" agree."""
-    pairs = []
-    for where, record in _load(path):
-        text = _field(record, text_field, where, "text_field")
-        label = _field(record, label_field, where, "label_field")
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field {text_field!r} holds {_kind(text)}, not text")
-        if not text.strip():
-            raise DataError(f"{where}: field {text_field!r} is empty; every example needs text")
-        # str() of a list or an object would make a label nobody meant; null or "" is no label.
-        if isinstance(label, dict | list) or label is None or label == "":
-            shown = "empty" if label == "" else f"{_kind(label)}, not a label"
-            raise DataError(f"{where}: field {label_field!r} is {shown}")
-        pairs.append((text, str(label)))
-    return pairs
+    """(text, label) pairs of one label field (see read_labelled)."""
+    return [(text, labels[0]) for text, labels in read_labelled(path, text_field, [label_field])]
 
 
 # --- chat ---------------------------------------------------------------------------------

@@ -18,16 +18,8 @@ from gptkit.chat_template import CHATML
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.config import ConfigError, preset
 from gptkit.evaltasks import eval_classify, eval_generate
-from gptkit.finetune import (
-    IGNORE,
-    Distill,
-    chat_example,
-    classification_example,
-    finetune,
-    make_task,
-    pack,
-    tagging_example,
-)
+from gptkit.examples import IGNORE, chat_example, classification_example, pack, tagging_example
+from gptkit.finetune import Distill, finetune, make_task
 from gptkit.model import GPT
 from gptkit.tokenizer import char_tokenizer
 from gptkit.tokenizer_files import load_tokenizer

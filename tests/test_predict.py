@@ -1,0 +1,264 @@
+"""Using a fine-tuned classifier or tagger (issue 18): lm.classify / lm.tag, classifiers of
+several fields at once, `gptkit predict`, the transformers-shaped pipelines, and the clear
+refusal to generate text with a classify or tag head."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gptkit
+from gptkit.checkpoint import save_checkpoint
+from gptkit.config import ConfigError, preset
+from gptkit.evaltasks import eval_classify
+from gptkit.finetune import finetune
+from gptkit.model import GPT
+from gptkit.predict import entities, predict_labels
+from gptkit.tokenizer import char_tokenizer
+from gptkit.train_config import FinetuneConfig
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,:?!\n#-'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+TOPICS = {"film": ["film", "movie", "show"], "food": ["soup", "bread", "cake"]}
+POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
+FAST = dict(lr=3e-3, batch_size=16, eval_every=0, progress=False, tensorboard=False, threads=1)
+
+
+def gptkit_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gptkit", *args], input=stdin, capture_output=True, text=True
+    )
+
+
+def example(rng: random.Random) -> dict[str, str]:
+    topic, positive = rng.choice(sorted(TOPICS)), rng.random() < 0.5
+    text = f"the {rng.choice(TOPICS[topic])} was {rng.choice(POS if positive else NEG)}"
+    return {"text": text, "topic": topic, "sentiment": "positive" if positive else "negative"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny base model, a two-field classifier (topic, sentiment), a one-field one and a
+    tagger, each fine-tuned from the base for a few dozen steps."""
+    d = tmp_path_factory.mktemp("predict")
+    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    save_checkpoint(
+        d / "base", GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64)), tok
+    )
+    rng = random.Random(0)
+    rows = [example(rng) for _ in range(320)]
+    (d / "news.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    sentences = [rng.sample(POS + NEG, 4) for _ in range(120)]
+    tagged = ["\n".join(f"{w}\t{'B-POS' if w in POS else 'O'}" for w in s) for s in sentences]
+    (d / "tag.conll").write_text("\n\n".join(tagged) + "\n")
+    runs = {
+        "multi": ("classify", "news.jsonl", {"label_field": "topic,sentiment"}),
+        "single": ("classify", "news.jsonl", {"label_field": "sentiment"}),
+        "tagger": ("tag", "tag.conll", {}),
+    }
+    out = {"dir": d}
+    for name, (objective, data, settings) in runs.items():
+        config = FinetuneConfig(
+            objective=objective,
+            init_from=str(d / "base"),
+            data=str(d / data),
+            out_dir=str(d / name),
+            max_steps=60,
+            **FAST,
+            **settings,
+        )
+        result = finetune(config, overwrite=True)
+        out[name] = result.train.checkpoint
+        out[f"{name}_metrics"] = result.metrics
+    return out
+
+
+def test_a_classifier_of_two_fields_learns_both_in_one_pass(models):
+    metrics = models["multi_metrics"]
+    assert metrics["topic_accuracy"] >= 0.9 and metrics["sentiment_accuracy"] >= 0.9, metrics
+    lm = gptkit.load(models["multi"])
+    assert lm.config.label_fields == ["topic", "sentiment"]
+    assert lm.config.label_groups() == [
+        ("topic", ["film", "food"]),
+        ("sentiment", ["negative", "positive"]),
+    ]
+    (result,) = lm.classify(["the soup was awful"])
+    assert set(result) == {"topic", "sentiment"}
+    assert result["topic"]["label"] == "food" and result["sentiment"]["label"] == "negative"
+    for field in result.values():  # each field is its own distribution
+        assert sum(field["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert field["score"] == max(field["probs"].values())
+    scores = eval_classify(lm, models["dir"] / "news.jsonl")  # the model's own field names
+    assert scores["topic_accuracy"] >= 0.9 and scores["sentiment_accuracy"] >= 0.9
+    done = gptkit_cli(
+        "eval", "classify", "--model", str(models["multi"]),
+        "--data", str(models["dir"] / "news.jsonl"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "topic_macro_f1" in done.stdout and "sentiment_macro_f1" in done.stdout
+
+
+def test_classify_gives_the_same_answer_alone_and_in_a_padded_batch(models):
+    lm = gptkit.load(models["single"])
+    texts = ["the film was great", "the cake was sad", "the show was fine indeed, yes", "bad"]
+    batched = lm.classify(texts, batch_size=4)  # padded to the longest
+    for text, together in zip(texts, batched, strict=True):
+        (alone,) = lm.classify(text)
+        assert alone["label"] == together["label"]
+        for label, p in alone["probs"].items():
+            assert together["probs"][label] == pytest.approx(p, abs=1e-5)
+    assert [r["label"] for r in batched[:2]] == ["positive", "negative"]
+    assert list(lm.classify(texts[0], top_k=1)[0]["probs"]) == [batched[0]["label"]]
+    with pytest.raises(ConfigError, match="top_k"):
+        lm.classify(texts, top_k=0)
+    # the label table predict_labels reads agrees with classify
+    assert predict_labels(lm.model, lm.tokenizer, texts)["sentiment"] == [
+        r["label"] for r in batched
+    ]
+
+
+def test_tag_finds_entities_with_character_spans(models):
+    lm = gptkit.load(models["tagger"])
+    text = "bad  great nice sad"
+    (found,) = lm.tag(text)
+    # great and nice are adjacent B-POS words: B starts a new entity each time
+    assert [(e["entity_group"], e["word"]) for e in found] == [("POS", "great"), ("POS", "nice")]
+    for e in found:
+        assert text[e["start"] : e["end"]] == e["word"] and 0 < e["score"] <= 1
+
+
+def test_entities_merge_tags_as_the_simple_strategy_does():
+    text = "Ada Lovelace met Charles Babbage in London today"
+    spans = [(0, 3), (4, 12), (13, 16), (17, 24), (25, 32), (33, 35), (36, 42), (43, 48)]
+    tags = ["B-PER", "I-PER", "O", "B-PER", "I-PER", "O", "I-LOC", "O"]
+    found = entities(text, spans, [(t, 0.5 + i / 20) for i, t in enumerate(tags)])
+    assert [(e["entity_group"], e["word"]) for e in found] == [
+        ("PER", "Ada Lovelace"),
+        ("PER", "Charles Babbage"),
+        ("LOC", "London"),  # an I- after O starts an entity, as transformers does
+    ]
+    assert found[0]["score"] == pytest.approx((0.5 + 0.55) / 2)
+    # BIOES: S- is a whole entity, E- closes one; a change of type starts a new one
+    bioes = ["S-PER", "B-ORG", "E-ORG", "O", "B-LOC", "I-PER", "O", "O"]
+    found = entities(text, spans, [(t, 1.0) for t in bioes])
+    assert [(e["entity_group"], e["start"], e["end"]) for e in found] == [
+        ("PER", 0, 3),
+        ("ORG", 4, 16),
+        ("LOC", 25, 32),
+        ("PER", 33, 35),
+    ]
+
+
+def test_a_classifier_refuses_to_generate_in_one_line(models):
+    lm = gptkit.load(models["single"])
+    with pytest.raises(ConfigError, match="needs a language model; this one has a classify head"):
+        lm.generate("the film")
+    done = gptkit_cli("generate", "--model", str(models["single"]), "--prompt", "the film")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "classify head" in done.stderr
+
+
+def test_predict_streams_a_file_out_in_input_order(models, tmp_path):
+    rng = random.Random(1)
+    rows = [{"id": i, **example(rng)} for i in range(40)]
+    rows[3]["text"] = "the film was great, it was nice and fine and good all along"  # longest
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(json.dumps({"id": r["id"], "text": r["text"]}) for r in rows))
+    out = tmp_path / "out.jsonl"
+    model = str(models["multi"])
+    done = gptkit_cli("predict", "--model", model, "--data", str(data), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["id"] for w in written] == list(range(40))  # input order, though batched by length
+    right = sum(
+        w["prediction"]["topic"]["label"] == r["topic"]
+        and w["prediction"]["sentiment"]["label"] == r["sentiment"]
+        for w, r in zip(written, rows, strict=True)
+    )
+    assert right >= 36  # the same model scored >= 0.9 on each field
+    # CSV out, the two best labels kept
+    out_csv = tmp_path / "out.csv"
+    args = ["--data", str(data), "--out", str(out_csv), "--top-k", "1"]
+    done = gptkit_cli("predict", "--model", model, *args)
+    assert done.returncode == 0, done.stderr
+    table = list(csv.DictReader(out_csv.open()))
+    assert len(table) == 40 and table[0]["id"] == "0"
+    first = written[0]["prediction"]
+    assert table[0]["topic_label"] == first["topic"]["label"]
+    assert table[0]["sentiment_label"] == first["sentiment"]["label"]
+    assert f"topic_p_{first['topic']['label']}" in table[0]
+
+
+def test_predict_reads_stdin_lines_and_refuses_bad_input_in_one_line(models, tmp_path):
+    model = str(models["single"])
+    done = gptkit_cli(
+        "predict", "--model", model, "--data", "-", "--format", "csv",
+        stdin="the movie was great\n\nthe bread was awful\n",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert [r["text"] for r in table] == ["the movie was great", "the bread was awful"]
+    assert [r["sentiment_label"] for r in table] == ["positive", "negative"]
+    assert float(table[0]["sentiment_p_positive"]) > 0.5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text here"}\n')
+    cases = {
+        ("--data", str(bad)): "(line 2): no field 'text' (its fields: 'body'); pass --text-field",
+        ("--data", str(tmp_path / "missing.jsonl")): "no such file",
+        ("--data", str(bad), "--top-k", "0"): "--top-k must be at least 1",
+        ("--data", str(bad), "--out", str(tmp_path / "x.xml")): "write .jsonl, .csv or .tsv",
+    }
+    for args, message in cases.items():
+        done = gptkit_cli("predict", "--model", model, *args)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr
+    done = gptkit_cli("predict", "--model", str(models["dir"] / "base"), "--data", str(bad))
+    assert done.returncode == 2 and "predict needs a classifier or tagger" in done.stderr
+
+
+def test_predict_with_a_tagger_writes_entities(models, tmp_path):
+    data = tmp_path / "in.csv"
+    data.write_text("text\nbad great sad\nnice poor\n")
+    done = gptkit_cli("predict", "--model", str(models["tagger"]), "--data", str(data))
+    assert done.returncode == 0, done.stderr
+    written = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [[e["word"] for e in w["prediction"]] for w in written] == [["great"], ["nice"]]
+
+
+def test_pipelines_answer_in_transformers_shapes(models):
+    classifier = gptkit.pipeline("sentiment-analysis", models["single"])
+    one = classifier("the film was great")
+    assert isinstance(one, list) and set(one[0]) == {"label", "score"}
+    assert one[0]["label"] == "positive"
+    many = classifier(["the film was great", "the soup was bad"])
+    assert [m["label"] for m in many] == ["positive", "negative"]
+    table = classifier("the film was great", top_k=None)
+    assert sorted(t["label"] for t in table) == ["negative", "positive"]
+    assert sum(t["score"] for t in table) == pytest.approx(1.0, abs=1e-5)
+    both = gptkit.pipeline("text-classification", models["multi"])("the cake was nice")
+    assert {(e["field"], e["label"]) for e in both} == {
+        ("topic", "food"),
+        ("sentiment", "positive"),
+    }
+
+    ner = gptkit.pipeline("ner", models["tagger"])
+    assert [e["word"] for e in ner("sad nice")] == ["nice"]
+
+    lm = gptkit.load(models["multi"])
+    extract = gptkit.pipeline("feature-extraction", lm)
+    (features,) = extract("the film")
+    ids = torch.tensor([lm.tokenizer.encode("the film")])
+    expected = lm.model.eval().features(ids)[0]
+    assert torch.allclose(torch.tensor(features), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unsupported pipeline task"):
+        gptkit.pipeline("fill-mask", lm)
+    with pytest.raises(ConfigError, match="needs a model with a classify head"):
+        gptkit.pipeline("text-classification", models["tagger"])("x")
