@@ -12,12 +12,14 @@ from typing import Any
 from .api import LM
 from .chat_template import chat_prompt, turn_stops
 from .generation import prompt_room
+from .predict import needs_head
 
 
 class ChatSession:
     """A conversation with a model: each `send` streams the assistant's reply."""
 
     def __init__(self, lm: LM, system: str | None = None, **sampling: Any):
+        needs_head(lm.model, "lm", "chat")  # a classifier or tagger has no replies to give
         self.lm, self.system, self.sampling = lm, system, sampling
         self.stop = turn_stops(lm.tokenizer)
         prompt_room(self._reply_tokens(), lm.config.block_size)  # refuse now, not at the reply

@@ -174,3 +174,32 @@ class ChatCompletionRequest(SamplingFields):
     def logprob_count(self) -> int | None:
         """SampleConfig.logprobs: None, or how many alternatives to report per token."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# Inputs of one /v1/classify request: each is one row of a batch the model runs.
+MAX_CLASSIFY_INPUTS = 256
+
+
+class ClassifyRequest(_Strict):
+    """POST /v1/classify, vLLM's shape: `input` is one text or a list of texts."""
+
+    model: str
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_CLASSIFY_INPUTS),
+        ]
+    )
+    user: str | None = None
+
+    @field_validator("input", "user")
+    @classmethod
+    def _is_text(cls, value):
+        for text in value if isinstance(value, list) else [value]:
+            _text(text, "input")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

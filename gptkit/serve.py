@@ -6,9 +6,12 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream
 server-sent events with `"stream": true`, in OpenAI's chunk format), GET /health, and the chat
-page at /. Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}},
-with the status code OpenAI uses. Handlers only validate and translate: the engine thread
-owns the model and batches every running request into each decoding step.
+page at /. A classifier (from `gptkit finetune classify`) is served on POST /v1/classify
+instead (classify_api.py), and its completion routes answer 400 saying so.
+
+Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the
+status code OpenAI uses. Handlers only validate and translate: the engine thread owns the
+model and batches every running request into each decoding step.
 
 The layers: serve_guard.py (settings and HTTP-level defences), openai_api.py (requests to
 engine sequences, engine events to OpenAI responses), this module (routes, app, process).
@@ -40,10 +43,11 @@ from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException
 
 from .api import LM
+from .classify_api import ClassifyServer
 from .config import ConfigError
 from .engine import Engine
 from .openai_api import Server
-from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from .protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, ErrorResponse
 from .serve_guard import (
     APIError,
     BodyLimit,
@@ -68,7 +72,14 @@ def create_app(
     """The FastAPI app serving `lm` as the model `name`, and each LoRA adapter directory of
     `adapters` on it as its name (see served_models); the engine runs while the app does."""
     config = config or ServeConfig()
-    server = Server(lm, name, config, adapters)
+    head = lm.config.head
+    if head == "tag":
+        raise ConfigError("serving a tagger is not supported; label files with `gptkit predict`")
+    if head == "classify" and adapters:
+        raise ConfigError("--adapter puts LoRA adapters on a language model, not a classifier")
+    # A language model generates through the engine; a classifier answers /v1/classify.
+    server = Server(lm, name, config, adapters) if head == "lm" else None
+    classifier = ClassifyServer(lm, name, config) if head == "classify" else None
 
     lifespans = 0  # the engine runs while any lifespan of the app does
 
@@ -76,13 +87,18 @@ def create_app(
     async def lifespan(app: FastAPI):
         nonlocal lifespans
         lifespans += 1
-        server.engine.start()
+        if server:
+            server.engine.start()
+        if classifier:
+            classifier.start()
         try:
             yield
         finally:
             lifespans -= 1
-            if not lifespans:
+            if not lifespans and server:
                 server.engine.close()
+            if not lifespans and classifier:
+                classifier.close()
 
     # No docs page (FastAPI's loads swagger-ui from a CDN into this origin, unpinned); the
     # schema is served below, behind the key; no trailing-slash redirects (they would echo
@@ -95,7 +111,7 @@ def create_app(
         openapi_url=None,
         redirect_slashes=False,
     )
-    app.state.server = server
+    app.state.server = server  # None for a classifier
     app.add_middleware(BodyLimit, limit=config.max_body_bytes, seconds=config.body_seconds)
     app.add_middleware(Gate, config=config)  # added last: runs first
 
@@ -141,6 +157,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
+        if classifier:
+            return {"status": "ok", "model": name, "waiting": classifier.waiting}
         engine = server.engine
         return {
             "status": "ok",
@@ -149,8 +167,22 @@ def create_app(
             "waiting": engine.waiting.qsize(),
         }
 
+    def generating() -> Server:
+        if server is None:
+            raise APIError(
+                400,
+                f"the model {name!r} is a classifier ({head} head) and generates no text; "
+                "POST /v1/classify",
+                code="wrong_model_type",
+            )
+        return server
+
     @app.get("/v1/models", responses=errors)
     async def models():
+        if classifier:
+            card = {"id": name, "object": "model", "created": 0, "owned_by": "gptkit"}
+            card["context_length"] = lm.config.block_size
+            return {"object": "list", "data": [{**card, **classifier.card()}]}
         cards = []
         for model, served in server.models.items():
             card = {"id": model, "object": "model", "created": 0, "owned_by": "gptkit"}
@@ -162,11 +194,22 @@ def create_app(
 
     @app.post("/v1/completions", responses=generated)
     async def completions(body: CompletionRequest, request: Request):
-        return await server.completions(body, request)
+        return await generating().completions(body, request)
 
     @app.post("/v1/chat/completions", responses=generated)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await server.chat(body, request)
+        return await generating().chat(body, request)
+
+    @app.post("/v1/classify", responses=errors)
+    async def classify(body: ClassifyRequest):
+        if classifier is None:
+            raise APIError(
+                400,
+                f"the model {name!r} is a language model; /v1/classify needs a classifier "
+                "(from `gptkit finetune classify`)",
+                code="wrong_model_type",
+            )
+        return await classifier.classify(body)
 
     page = files("gptkit").joinpath("static/chat.html").read_text()
 
@@ -186,8 +229,9 @@ def serve(
     app = create_app(lm, name, config, adapters)
     for warning in security_warnings(config):
         print(f"gptkit: warning: {warning}", file=sys.stderr, flush=True)
+    generating = app.state.server
     server = GracefulServer(
-        uvicorn_config(app, config), app.state.server.engine, config.shutdown_seconds
+        uvicorn_config(app, config), generating and generating.engine, config.shutdown_seconds
     )
     try:
         server.run()
@@ -202,12 +246,13 @@ class GracefulServer(uvicorn.Server):
     """uvicorn's server; a stop signal also starts the engine's drain, and a completed graceful
     stop is a normal exit (uvicorn would re-raise the signal: exit status 143 for SIGTERM)."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, grace: float):
+    def __init__(self, config: uvicorn.Config, engine: Engine | None, grace: float):
         super().__init__(config)
-        self.engine, self.grace = engine, grace
+        self.engine, self.grace = engine, grace  # engine None: a classifier, nothing to drain
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.drain(self.grace)
+        if self.engine is not None:
+            self.engine.drain(self.grace)
         super().handle_exit(sig, frame)
         captured = getattr(self, "_captured_signals", None)  # uvicorn >= 0.29 re-raises these
         if captured is not None:

@@ -114,7 +114,7 @@ def test_pipeline_like_transformers(hf_gpt2):
     batch = generator(["a", "b"], max_new_tokens=3, num_return_sequences=2)
     assert [len(b) for b in batch] == [2, 2]
     with pytest.raises(ValueError, match="unsupported pipeline task"):
-        gptkit.pipeline("summarization", model=generator.lm)
+        gptkit.pipeline("fill-mask", model=generator.lm)
 
 
 def test_bad_requests_raise_clear_exceptions(char_lm, tmp_path):

@@ -164,6 +164,8 @@ def test_a_classifier_refuses_to_generate_in_one_line(models):
     done = gptkit_cli("generate", "--model", str(models["single"]), "--prompt", "the film")
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "classify head" in done.stderr
+    done = gptkit_cli("chat", "--model", str(models["single"]), stdin="hello\n")
+    assert done.returncode == 2 and "chat needs a language model" in done.stderr, done.stderr
 
 
 def test_predict_streams_a_file_out_in_input_order(models, tmp_path):
@@ -262,3 +264,73 @@ def test_pipelines_answer_in_transformers_shapes(models):
         gptkit.pipeline("fill-mask", lm)
     with pytest.raises(ConfigError, match="needs a model with a classify head"):
         gptkit.pipeline("text-classification", models["tagger"])("x")
+
+
+def test_a_served_classifier_answers_v1_classify_in_vllms_shape(models):
+    from fastapi.testclient import TestClient
+
+    from gptkit.serve import ServeConfig, create_app
+
+    lm = gptkit.load(models["multi"])
+    config = ServeConfig(api_key="k", max_queue=4, allowed_hosts=("testserver",))
+    key = {"Authorization": "Bearer k"}
+    with TestClient(create_app(lm, "news", config)) as client:
+        texts = ["the soup was awful", "the film was great", "the cake was nice"]
+        reply = client.post("/v1/classify", json={"model": "news", "input": texts}, headers=key)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["object"] == "list" and body["model"] == "news"
+        assert body["id"].startswith("classify-") and body["usage"]["completion_tokens"] == 0
+        assert body["usage"]["prompt_tokens"] == sum(len(t) + 1 for t in texts)  # chars + EOS
+        expected = lm.classify(texts)
+        for i, (entry, want) in enumerate(zip(body["data"], expected, strict=True)):
+            assert entry["index"] == i and entry["object"] == "classify"
+            assert entry["label"] == want["topic"]["label"]  # the first field at the top
+            assert entry["fields"]["sentiment"]["label"] == want["sentiment"]["label"]
+            assert entry["num_classes"] == 2 and sum(entry["probs"]) == pytest.approx(1, abs=1e-5)
+            assert entry["fields"]["sentiment"]["probs"] == pytest.approx(
+                list(want["sentiment"]["probs"].values()), abs=1e-5
+            )
+        one = client.post("/v1/classify", json={"model": "news", "input": "bad"}, headers=key)
+        assert one.status_code == 200 and len(one.json()["data"]) == 1
+        card = client.get("/v1/models", headers=key).json()["data"][0]
+        assert card["labels"] == {"topic": ["film", "food"], "sentiment": ["negative", "positive"]}
+        refused = {
+            "/v1/completions": {"model": "news", "prompt": "the film"},
+            "/v1/chat/completions": {
+                "model": "news",
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        }
+        for route, request in refused.items():
+            reply = client.post(route, json=request, headers=key)
+            assert reply.status_code == 400, reply.text
+            assert "is a classifier" in reply.json()["error"]["message"]
+        bad = [
+            ({"model": "other", "input": "x"}, 404),
+            ({"model": "news", "input": []}, 400),
+            ({"model": "news", "input": ""}, 400),
+            ({"model": "news", "input": ["x"] * 257}, 400),
+            ({"model": "news", "input": 3}, 400),
+            ({"model": "news", "input": "x", "extra": 1}, 400),
+        ]
+        for request, status in bad:
+            reply = client.post("/v1/classify", json=request, headers=key)
+            assert reply.status_code == status, (request, reply.text)
+            assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+        assert client.post("/v1/classify", json={"model": "news", "input": "x"}).status_code == 401
+        assert client.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_serve_refuses_classify_on_a_language_model_and_any_tagger(models):
+    from fastapi.testclient import TestClient
+
+    from gptkit.serve import ServeConfig, create_app
+
+    config = ServeConfig(allowed_hosts=("testserver",))
+    base = gptkit.load(models["dir"] / "base")
+    with TestClient(create_app(base, "base", config)) as client:
+        reply = client.post("/v1/classify", json={"model": "base", "input": "x"})
+        assert reply.status_code == 400 and "needs a classifier" in reply.text
+    with pytest.raises(ConfigError, match="serving a tagger is not supported"):
+        create_app(gptkit.load(models["tagger"]), "tagger", config)
