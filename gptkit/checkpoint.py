@@ -283,6 +283,8 @@ def load_checkpoint(
     meta = read_meta(directory)
     try:
         config = GPTConfig.from_dict(meta["model"])
+        if config.head != "lm" and "score_bias" not in meta["model"]:
+            config.score_bias = True  # written before heads lost their bias: they had one
         peft = PeftConfig.from_dict(meta["peft"]) if meta.get("peft") else None
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{directory / CONFIG}: bad model config: {e}") from None

@@ -216,13 +216,15 @@ def cmd_explain(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .api import load
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .convert import export_hf
+    from .convert import classifier_padding, export_hf
 
     if args.to == "hf":
         model, tokenizer, _ = load_checkpoint(args.source)
         ids = {}
         if tokenizer is not None:  # so transformers' generate() knows where text ends
             ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+            if model.config.head == "classify":
+                ids["pad_token_id"] = classifier_padding(tokenizer)
         out = export_hf(model, args.out, **ids)
         if tokenizer is not None:
             tokenizer.save(out)

@@ -66,6 +66,9 @@ class GPTConfig:
     # one field, "label".
     label_fields: list[str] = field(default_factory=list)
     label_sizes: list[int] = field(default_factory=list)
+    # A bias on the classify / tag head. Hugging Face's *ForSequenceClassification heads have
+    # none, so new heads have none either (and export as they are); older checkpoints do.
+    score_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_head", "n_embd"):  # checked first: the defaults below divide by them

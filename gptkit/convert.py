@@ -39,6 +39,7 @@ from .hf_arch import (
 from .model import GPT
 from .safeload import MetadataError, first_non_finite, read_json
 from .tensorfile import read_safetensors
+from .tokenizer import Tokenizer
 
 
 class PickleNotAllowedError(ConversionError):
@@ -166,7 +167,7 @@ def load_hf_state_dict(
 
 def _canonical_name(name: str, arch: Arch) -> str:
     """Base-model checkpoints (GPT2Model, original gpt2) lack the wrapper prefix: add it."""
-    return name if name.startswith((arch.prefix, "lm_head.")) else arch.prefix + name
+    return name if name.startswith((arch.prefix, "lm_head.", "score.")) else arch.prefix + name
 
 
 def _part_shapes(rule: Rule, shape: torch.Size, config: GPTConfig) -> list[tuple[int, ...]]:
@@ -343,20 +344,35 @@ def export_hf(
     *,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
+    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads
+    (a classifier: AutoModelForSequenceClassification, which pools at the last token that is
+    not pad_token_id, so give the text its EOS as gptkit does and pad with pad_token_id).
 
     Raises ConversionError naming the knob when the model has no Hugging Face equivalent.
     Tokenizer files are not written (gptkit.tokenizer owns them).
     """
     dtype = model.tok_emb.weight.dtype
-    hf = gptkit_config_to_hf(model.config, dtype, bos_token_id, eos_token_id)
+    hf = gptkit_config_to_hf(model.config, dtype, bos_token_id, eos_token_id, pad_token_id)
     tensors = gptkit_to_hf_state_dict(model, hf["model_type"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return out
+
+
+def classifier_padding(tokenizer: Tokenizer) -> int:
+    """An id to pad an exported classifier's batches with: Hugging Face's classifier reads
+    the last token that is not padding, which must be the EOS gptkit appends, so padding
+    cannot be EOS. The tokenizer's pad token if it is not EOS, else a special token that is
+    neither BOS nor EOS, else the last id."""
+    ends = {tokenizer.eos_id, tokenizer.bos_id}
+    if tokenizer.pad_id is not None and tokenizer.pad_id != tokenizer.eos_id:
+        return tokenizer.pad_id
+    spare = sorted(i for i in tokenizer.special_tokens.values() if i not in ends)
+    return spare[0] if spare else tokenizer.vocab_size - 1
 
 
 # Files a model needs: config, weights and tokenizer (no optimizer states, no other formats).

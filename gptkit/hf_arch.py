@@ -74,6 +74,7 @@ GPT2 = Arch(
         _r("norm_f.weight", "transformer.ln_f.weight"),
         _r("norm_f.bias", "transformer.ln_f.bias"),
         _r("lm_head.weight", "lm_head.weight"),
+        _r("score.weight", "score.weight"),  # GPT2ForSequenceClassification
     ),
     layer_rules=(
         _r("blocks.{i}.norm1.weight", "transformer.h.{i}.ln_1.weight"),
@@ -101,6 +102,7 @@ LLAMA = Arch(
         _r("tok_emb.weight", "model.embed_tokens.weight"),
         _r("norm_f.weight", "model.norm.weight"),
         _r("lm_head.weight", "lm_head.weight"),
+        _r("score.weight", "score.weight"),  # LlamaForSequenceClassification
     ),
     layer_rules=(
         _r("blocks.{i}.norm1.weight", _L + "input_layernorm.weight"),
@@ -148,7 +150,14 @@ _BY_ARCHITECTURE = {
     "LlamaModel": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "GPT2ForSequenceClassification": "gpt2",
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "Qwen2ForSequenceClassification": "qwen2",
 }
+# A sequence classifier's head is `score`, read at the last token that is not padding (the
+# same position gptkit reads: the EOS it appends).
+_CLASSIFIER = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
 
 
 def arch_of(model_type: str) -> Arch:
@@ -167,8 +176,9 @@ def expand_rules(arch: Arch, config: GPTConfig, present: set[str]) -> Iterator[R
         for i in range(config.n_layer)
         for r in arch.layer_rules
     )
+    other = "lm_head." if config.head == "classify" else "score."  # a head it does not have
     for rule in (*arch.rules, *layer_rules):
-        if rule.ours in present:
+        if rule.ours in present and not rule.ours.startswith(other):
             yield rule
 
 
@@ -258,9 +268,16 @@ def hf_config_to_gptkit(hf: dict[str, Any]) -> GPTConfig:
     arch_of(model_type)  # an unsupported model_type fails here, before any key is read
     get = {**_HF_DEFAULTS[model_type], **hf}.get
     try:
-        if model_type == "gpt2":
-            return _gpt2_config(get)
-        return _llama_config(get, model_type)
+        config = _gpt2_config(get) if model_type == "gpt2" else _llama_config(get, model_type)
+        if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+            names = hf.get("id2label") or {}
+            if not isinstance(names, dict) or not names:
+                raise ConversionError("a sequence classifier's config.json needs its id2label")
+            labels = [str(names.get(str(i), f"LABEL_{i}")) for i in range(len(names))]
+            config = dataclasses.replace(
+                config, head="classify", labels=labels, tie_embeddings=False
+            )
+        return config
     except ConfigError as e:
         raise ConversionError(f"Hugging Face {model_type} config: {e}") from None
 
@@ -398,8 +415,12 @@ def _export_checks(c: GPTConfig) -> str:
             problems.append(f"head_dim={c.head_dim} (GPT-2 needs n_embd // n_head)")
     elif c.n_embd % c.n_head:
         problems.append(f"n_head={c.n_head} (Llama needs n_embd divisible by n_head)")
-    if c.head != "lm":
-        problems.append(f"head={c.head!r} (only language-model heads export)")
+    if c.head == "tag":
+        problems.append("head='tag' (language-model and classify heads export)")
+    if len(c.label_groups()) > 1:
+        problems.append(f"label_fields={c.label_fields} (a Hugging Face classifier has one)")
+    if c.score_bias:
+        problems.append("score_bias=True (Hugging Face's classifier head has no bias)")
     if problems:
         raise ConversionError(
             f"cannot export to Hugging Face {model_type} (positions={c.positions!r}): "
@@ -413,12 +434,17 @@ def gptkit_config_to_hf(
     dtype: torch.dtype = torch.float32,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
 ) -> dict[str, Any]:
-    """The config.json dict of the Hugging Face model computing the same function as `c`."""
+    """The config.json dict of the Hugging Face model computing the same function as `c`.
+    A classifier needs pad_token_id: the id its batches are padded with, never in a text."""
     model_type = _export_checks(c)
     dtype_name = str(dtype).removeprefix("torch.")
+    classify = c.head == "classify"
+    if classify and pad_token_id is None:
+        raise ConversionError("a classifier exports with a pad_token_id (a batch's padding)")
     common = dict(
-        architectures=[ARCHES[model_type].architecture],
+        architectures=[_CLASSIFIER[model_type] if classify else ARCHES[model_type].architecture],
         model_type=model_type,
         vocab_size=c.vocab_size,
         tie_word_embeddings=c.tie_embeddings,
@@ -428,6 +454,12 @@ def gptkit_config_to_hf(
         dtype=dtype_name,  # transformers 5
         torch_dtype=dtype_name,  # transformers 4
     )
+    if classify:
+        common |= dict(
+            id2label={str(i): label for i, label in enumerate(c.labels)},
+            label2id={label: i for i, label in enumerate(c.labels)},
+            pad_token_id=pad_token_id,
+        )
     if model_type == "gpt2":
         return dict(
             common,

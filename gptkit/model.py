@@ -14,7 +14,7 @@ Parameter names (what checkpoints store):
   blocks.{i}.mlp.proj.weight          [C, I]
   norm_f                              final norm (pre-norm models only)
   lm_head.weight                      [V, C]   (shares tok_emb.weight when tied; not stored then)
-  score.weight, score.bias            [L, C], [L]   instead of lm_head for classify / tag heads
+  score.weight (score.bias)           [L, C] ([L])  instead of lm_head for classify / tag heads
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ class GPT(nn.Module):
             if config.tie_embeddings:
                 self.lm_head.weight = self.tok_emb.weight
         else:  # "score" is the name Hugging Face's classification heads use
-            self.score = nn.Linear(config.n_embd, len(config.labels))
+            self.score = nn.Linear(config.n_embd, len(config.labels), bias=config.score_bias)
         if self.tok_emb.weight.device.type != "meta":  # a shape-only model has nothing to init
             self.init_weights()
 
@@ -300,11 +300,12 @@ class GPT(nn.Module):
         labels: list[str],
         label_fields: list[str] | None = None,
         label_sizes: list[int] | None = None,
+        bias: bool = False,
     ) -> GPT:
         """Replace the LM head with a freshly initialised classify / tag head over `labels`
         (the body is kept: this is how a pretrained LM becomes a classifier or tagger).
         label_fields / label_sizes split the labels into fields predicted together (see
-        GPTConfig)."""
+        GPTConfig); bias=True only for adapters trained on a head with one."""
         tied = self.config.tie_embeddings and head == "lm"
         config = dataclasses.replace(
             self.config,
@@ -312,6 +313,7 @@ class GPT(nn.Module):
             labels=list(labels),
             label_fields=list(label_fields or []),
             label_sizes=list(label_sizes or []),
+            score_bias=bias and head != "lm",
             tie_embeddings=tied,
         )
         weight = self.tok_emb.weight
@@ -324,7 +326,7 @@ class GPT(nn.Module):
             if config.tie_embeddings:
                 self.lm_head.weight = weight
         else:
-            self.score = nn.Linear(config.n_embd, len(labels))
+            self.score = nn.Linear(config.n_embd, len(labels), bias=config.score_bias)
         self.head.to(device=weight.device, dtype=weight.dtype)
         if not (head == "lm" and config.tie_embeddings):
             self._init_weights(self.head)

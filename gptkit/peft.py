@@ -233,6 +233,7 @@ def save_adapter(model: GPT, directory: str | Path, base: str, tokenizer=None) -
         "labels": model.config.labels,
         "label_fields": model.config.label_fields,
         "label_sizes": model.config.label_sizes,
+        "score_bias": model.config.score_bias,
         "vocab_size": model.config.vocab_size,
     }
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -266,7 +267,8 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
         )
     if meta["head"] != "lm":
         fields, sizes = meta.get("label_fields"), meta.get("label_sizes")
-        model.set_head(meta["head"], meta["labels"], fields, sizes)
+        bias = meta.get("score_bias", True)  # adapters saved before it was recorded had one
+        model.set_head(meta["head"], meta["labels"], fields, sizes, bool(bias))
     apply_peft(model, PeftConfig.from_dict(meta["peft"]))
     try:
         state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.tok_emb.weight.device))

@@ -385,3 +385,37 @@ def test_is_hf_dir_and_resolve_local(tmp_path):
     assert resolve_hf(str(tmp_path)) == tmp_path
     with pytest.raises(ConversionError, match="no such directory"):
         resolve_hf(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-llama"])
+def test_a_classifier_exports_to_transformers_sequence_classification(base, tmp_path):
+    """Issue 18: a classify head exports as *ForSequenceClassification (score, id2label) and
+    gives gptkit's probabilities on padded batches: transformers reads the last token that is
+    not padding, the EOS gptkit appends; and it loads back as the same classifier."""
+    torch.manual_seed(0)
+    ours = perturb(GPT(preset(base, vocab_size=VOCAB, block_size=32)))
+    ours.set_head("classify", ["neg", "neutral", "pos"])
+    perturb(ours.score)
+    eos, pad = 1, 0
+    out = export_hf(ours, tmp_path / "cls", eos_token_id=eos, pad_token_id=pad)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out, attn_implementation="eager"
+    ).eval()
+    rows = [torch.randint(2, VOCAB, (n,)).tolist() + [eos] for n in (5, 11, 8)]
+    ids = torch.full((3, 12), pad)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    with torch.no_grad():
+        want = hf(ids).logits  # [3, labels]
+        got = torch.stack([ours(torch.tensor([row]))[0, -1] for row in rows])
+    assert max_diff(want, got) <= TOL, max_diff(want, got)
+    again = load_hf(out)
+    assert (again.config.head, again.config.labels) == ("classify", ["neg", "neutral", "pos"])
+    assert torch.equal(again.score.weight, ours.score.weight)
+    two = GPT(preset(base, vocab_size=VOCAB))
+    two.set_head("classify", ["a", "b", "x", "y"], ["first", "second"], [2, 2])
+    with pytest.raises(ConversionError, match="a Hugging Face classifier has one"):
+        export_hf(two, tmp_path / "two", pad_token_id=pad)

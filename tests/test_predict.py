@@ -334,3 +334,19 @@ def test_serve_refuses_classify_on_a_language_model_and_any_tagger(models):
         assert reply.status_code == 400 and "needs a classifier" in reply.text
     with pytest.raises(ConfigError, match="serving a tagger is not supported"):
         create_app(gptkit.load(models["tagger"]), "tagger", config)
+
+
+def test_a_classifier_saved_before_heads_lost_their_bias_still_loads(tmp_path):
+    """Checkpoints from before score_bias existed have score.bias and no such config key."""
+    from gptkit.checkpoint import load_checkpoint
+
+    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
+    model = GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64))
+    model.set_head("classify", ["neg", "pos"], bias=True)
+    torch.nn.init.normal_(model.score.bias)
+    save_checkpoint(tmp_path / "old", model, tok)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["model"]["score_bias"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded, _, _ = load_checkpoint(tmp_path / "old")
+    assert loaded.config.score_bias and torch.equal(loaded.score.bias, model.score.bias)
