@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .config import ConfigError
+from .config import QUANTIZE_CHOICES, ConfigError
 from .taskdata import read_texts
 
 CHUNK = 1024  # rows read, labelled and written at a time
@@ -95,7 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    lm = load(args.model, device=args.device)
+    lm = load(args.model, device=args.device, quantize=args.quantize)
     head = lm.config.head
     if head == "lm":
         raise ConfigError(
@@ -132,4 +132,9 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, help="keep the k most likely labels (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help="int8 weights for the CPU: faster, probabilities within about 1e-2",
+    )
     p.set_defaults(func=cmd_predict)

@@ -26,6 +26,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -68,7 +69,7 @@ class MonitorConfig:
     def alerts_path(self) -> Path:
         return Path(self.alerts or f"{self.db}.alerts.jsonl")
 
-    def checked(self) -> tuple[Duration, Any, Duration, AlertPolicy]:
+    def checked(self) -> tuple[Duration, datetime, Duration, AlertPolicy]:
         """(window, origin, lateness, policy), or MonitorError naming the bad setting."""
         window = Duration.parse(self.window, "--window")
         origin = parse_origin(self.origin, window)
@@ -121,8 +122,12 @@ class Labeller:
         self.classify, self.config, self.store, self.known = classify, config, store, known
         self.field = config.sentiment_field
         self.negative = set(config.negative)
+        self.chosen = False
+        if known:  # the model says which fields it has: check the flags before any reading
+            self._choose_field(list(known))
 
-    def _choose_field(self, fields: list[str]) -> str:
+    def _choose_field(self, fields: list[str]) -> None:
+        """Settle the sentiment field (and check --negative against its labels, when known)."""
         if self.field is None:
             others = [f for f in fields if f != self.config.topic_field]
             if "sentiment" in fields or len(others) != 1:
@@ -143,7 +148,7 @@ class Labeller:
             )
         with self.store.transaction():  # a later run must read the same field
             self.store.settle("sentiment_field", self.field)
-        return self.field
+        self.chosen = True
 
     def rows(self, items: list[Item]) -> list[Row]:
         if not items:
@@ -152,13 +157,14 @@ class Labeller:
         if not isinstance(answers, list) or len(answers) != len(items):
             got = len(answers) if isinstance(answers, list) else type(answers).__name__
             raise MonitorError(f"the classifier returned {got} answers for {len(items)} texts")
+        if not self.chosen:
+            self._choose_field(list(answers[0]))
         rows = []
         for item, labels in zip(items, answers, strict=True):
-            field = self._choose_field(list(labels)) if not rows else self.field
-            if field not in labels:
-                raise MonitorError(f"the classifier gave no {field!r} label for a text")
+            if self.field not in labels:
+                raise MonitorError(f"the classifier gave no {self.field!r} label for a text")
             topic = item.topic or labels.get(self.config.topic_field) or "all"
-            sentiment = str(labels[field])
+            sentiment = str(labels[self.field])
             labels = {str(k): str(v) for k, v in labels.items()}
             rows.append(Row(item, str(topic), sentiment, sentiment in self.negative, labels))
         return rows
@@ -179,32 +185,41 @@ class AlertOutputs:
         self.path, self.webhook, self.timeout = path, webhook, timeout
         self.echo, self.warn = echo, warn
 
-    def _in_file(self) -> set[tuple[Any, Any, Any]]:
-        """(id, topic, window) of the alerts already in the file: what a killed run wrote."""
+    def _recover_file(self) -> set[tuple[Any, Any, Any]]:
+        """(id, topic, window) of the alerts already in the file, after cutting off a last
+        line that a killed run left half-written (lines are written whole, newline last)."""
         if not self.path.is_file():
             return set()
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+            data = data[: data.rfind(b"\n") + 1]
         seen = set()
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in data.decode("utf-8", errors="replace").splitlines():
             try:
                 a = json.loads(line)
                 seen.add((a["id"], a["topic"], a["window_start"]))
             except (ValueError, TypeError, KeyError):
-                continue  # a line cut by a crash, or not ours
+                continue  # not an alert record
         return seen
 
     def deliver(self, store: Store, alerts: list[tuple[dict[str, Any], bool, str | None]]) -> None:
-        in_file = self._in_file() if any(not written for _, written, _ in alerts) else set()
+        in_file = self._recover_file() if any(not written for _, written, _ in alerts) else set()
         for record, written, webhook in alerts:
             if not written:
                 if (record["id"], record["topic"], record["window_start"]) not in in_file:
-                    with open(self.path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
+                    self._append(json.dumps(record, ensure_ascii=False))
                 self.echo(describe_alert(record))
             if webhook is None:
                 webhook = self._post(record) if self.webhook else "off"
             store.delivered(record["id"], True, webhook)
+
+    def _append(self, line: str) -> None:
+        with open(self.path, "ab") as f:
+            f.write(line.encode("utf-8") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the database says it is
 
     def _post(self, record: dict[str, Any]) -> str:
         request = urllib.request.Request(
@@ -292,7 +307,9 @@ def run_monitor(
                     if not line.data.strip():
                         continue  # blank lines are not items, nor errors
                     try:
-                        batch.append(parse_item(line, fields))
+                        item = parse_item(line, fields)
+                        store.window_of(item.time)
+                        batch.append(item)
                     except BadLine as e:
                         bad[line.source] += 1
                         where = f"the line at byte {line.start} of {line.source}"

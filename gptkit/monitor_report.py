@@ -73,17 +73,16 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _topic_plot(topic: str, windows: list[dict], alerts: list[dict]) -> str:
+def _topic_plot(windows: list[dict], alerts: list[dict]) -> str:
     """A base64 PNG: negative share (top) and items (bottom) per window of one topic."""
     starts = [datetime.fromisoformat(w["window_start"]) for w in windows]
     ends = [datetime.fromisoformat(w["window_end"]) for w in windows]
     mids = [s + (e - s) / 2 for s, e in zip(starts, ends, strict=True)]
     shares = [w["negatives"] / w["n"] for w in windows]
 
-    fig = Figure(figsize=(9, 3.8), layout="constrained")
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     share_ax, volume_ax = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
-    share_ax.set_title(topic, loc="left", fontsize=11)
     judged = [i for i, w in enumerate(windows) if w["baseline_mean"] is not None]
     if judged:  # the band each window was judged against: mean ± std of the windows before
         low = [windows[i]["baseline_mean"] - windows[i]["baseline_std"] for i in judged]
@@ -106,7 +105,7 @@ def _topic_plot(topic: str, windows: list[dict], alerts: list[dict]) -> str:
             [mids[i] for i in hits], [shares[i] for i in hits], "v", color="tab:red", ms=9,
             label="alert",
         )  # fmt: skip
-    share_ax.set_ylim(0, max(1.0, *shares) * 1.02)
+    share_ax.set_ylim(0, 1.02)
     share_ax.set_ylabel("negative share")
     share_ax.legend(loc="upper left", fontsize=8, frameon=False)
     share_ax.grid(alpha=0.3)
@@ -117,6 +116,11 @@ def _topic_plot(topic: str, windows: list[dict], alerts: list[dict]) -> str:
     volume_ax.set_ylabel("items")
     volume_ax.grid(alpha=0.3, axis="y")
     return _png(fig)
+
+
+def _when(iso: str | None) -> str:
+    """An ISO time as the report shows it: midnight is left out (windows start at one)."""
+    return html.escape((iso or "–").removesuffix("T00:00:00"))
 
 
 def _number(value: float | None, fmt: str) -> str:
@@ -136,7 +140,7 @@ def _alert_rows(alerts: list[dict]) -> str:
         reasons = "; ".join(json.loads(a["reasons"]))
         rows.append(
             f'<tr class="alert"><td>{html.escape(a["topic"])}</td>'
-            f"<td>{html.escape(a['window_start'])}<br>{html.escape(a['window_end'])}</td>"
+            f"<td>{_when(a['window_start'])} to {_when(a['window_end'])}</td>"
             f'<td class="num">{a["n"]:,}</td>'
             f'<td class="num">{a["negative_share"]:.1%}</td>'
             f'<td class="num">{html.escape(baseline)}</td>'
@@ -160,7 +164,7 @@ def render(db_name: str, meta: dict, windows: list[dict], alerts: list[dict], st
     )
     sections = []
     for topic in order[:MAX_TOPICS]:
-        png = _topic_plot(topic, by_topic[topic], alerts_by_topic[topic])
+        png = _topic_plot(by_topic[topic], alerts_by_topic[topic])
         name = html.escape(topic)
         sections.append(
             f'<section class="topic"><h3>{name}</h3><img alt="negative share and items per '
@@ -171,8 +175,8 @@ def render(db_name: str, meta: dict, windows: list[dict], alerts: list[dict], st
             f'<p class="muted">{len(order) - MAX_TOPICS} quieter topics are not drawn.</p>'
         )
     e = html.escape
-    span = f"from {e(stats['first'] or '–')} to {e(stats['last'] or '–')}"
-    window = f"{e(meta.get('window', '?'))} windows from {e(meta.get('origin', '?'))}"
+    span = f"from {_when(stats['first'])} to {_when(stats['last'])}"
+    window = f"{e(meta.get('window', '?'))} windows from {_when(meta.get('origin'))}"
     generated = datetime.now(UTC).isoformat(timespec="seconds")
     alert_table = (
         '<table id="alerts"><thead><tr><th>topic</th><th>window</th><th>n</th>'

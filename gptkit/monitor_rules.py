@@ -48,15 +48,22 @@ class Duration:
 
     @classmethod
     def parse(cls, text: str, flag: str = "--window", zero_ok: bool = False) -> Duration:
+        """`7d`, `4y`, ...; with zero_ok, also `0` (no lateness)."""
         match = re.fullmatch(r"\s*(\d+)\s*(h|d|w|mo|y)?\s*", str(text))
-        if match and match[1].isdigit() and int(match[1]) == 0 and zero_ok:
+        count = int(match[1]) if match else -1
+        if count == 0 and zero_ok:
             return cls(0, "")
-        if not match or not match[2] or int(match[1]) == 0:
+        if count <= 0 or not match or not match[2]:
             raise MonitorError(
                 f"{flag} {text!r}: give a positive whole number and a unit, "
                 f"{UNIT_HELP}, e.g. 7d or 4y"
             )
-        return cls(int(match[1]), match[2])
+        duration = cls(count, match[2])
+        try:
+            duration.add(datetime(2000, 1, 1))
+        except (OverflowError, ValueError):
+            raise MonitorError(f"{flag} {text!r} is longer than the calendar") from None
+        return duration
 
     def __str__(self) -> str:
         return f"{self.count}{self.unit}"

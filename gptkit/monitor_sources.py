@@ -185,7 +185,7 @@ class StdinSource:
 
     def __init__(self, stream: BinaryIO):
         self.fd = stream.fileno()
-        started = datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+        started = datetime.now(UTC).replace(tzinfo=None).isoformat()
         self.key = f"stdin {started}"  # a new source each run: offsets restart at 0
         self.splitter = _Splitter(self.key, 0)
         self.eof = False

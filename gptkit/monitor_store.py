@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .monitor_rules import AlertPolicy, Duration, MonitorError
-from .monitor_sources import Item, Progress
+from .monitor_sources import BadLine, Item, Progress
 
 APPLICATION_ID = 0x67706B6D  # "gpkm": PRAGMA application_id marks the file as a monitor db
 SCHEMA_VERSION = 1  # PRAGMA user_version; a database of another version is refused
@@ -243,9 +243,17 @@ class Store:
                 alerts += self._add(row)
         return alerts
 
+    def window_of(self, t: datetime) -> tuple[datetime, datetime]:
+        """The (start, end) of the window holding `t`; BadLine when it falls off the calendar
+        (a window ending after the year 9999)."""
+        try:
+            start = self.window.floor(t, self.origin)
+            return start, self.window.add(start)
+        except (OverflowError, ValueError):
+            raise BadLine(f"the time {t.isoformat()} has no {self.window} window") from None
+
     def _add(self, row: Row) -> list[int]:
-        start = self.window.floor(row.item.time, self.origin)
-        end = self.window.add(start)
+        start, end = self.window_of(row.item.time)
         late = self.closed_through is not None and end <= self.closed_through
         self.conn.execute(
             "INSERT INTO items (item_id, source, byte_offset, time, window_start, topic, text, "
@@ -275,7 +283,10 @@ class Store:
         self.conn.execute("REPLACE INTO meta VALUES ('watermark', ?)", (iso(self.watermark),))
         # every window ending at or before the start of the window holding (watermark -
         # lateness) is closed: the grid makes that one comparison
-        line = self.window.floor(self.lateness.add(self.watermark, -1), self.origin)
+        try:
+            line = self.window.floor(self.lateness.add(self.watermark, -1), self.origin)
+        except (OverflowError, ValueError):
+            return []  # watermark - lateness is before the year 1: nothing can close yet
         if self.closed_through is not None and line <= self.closed_through:
             return []
         self.closed_through = line
@@ -320,7 +331,7 @@ class Store:
         if not verdict.hit or (before is not None and before[0]):
             return None
         examples = [
-            r[0][:EXAMPLE_CHARS]
+            r[0] if len(r[0]) <= EXAMPLE_CHARS else r[0][: EXAMPLE_CHARS - 1] + "…"
             for r in self.conn.execute(
                 "SELECT text FROM items WHERE topic = ? AND window_start = ? AND negative = 1 "
                 "ORDER BY seq LIMIT ?",

@@ -1,0 +1,131 @@
+"""Classifier throughput: `gptkit predict`'s path (lm.classify) vs transformers'
+`pipeline("text-classification")`, on the same weights, in the same process.
+
+The classifier: SmolLM2-135M-Instruct with a 2-label classify head and a LoRA (r=16, random
+B so that merging changes the weights), merged (peft.merge_lora) and saved as a gptkit
+checkpoint; the peer loads that checkpoint exported by `gptkit convert CKPT OUT --to hf`
+(LlamaForSequenceClassification). Inputs: the first --texts sentences of SST-2's test split
+(../shared/data/sst2; about 25 tokens each), each given its EOS as gptkit appends it, batch
+32 for both. Both give the same labels (checked; the largest probability difference is
+printed). gptkit runs as `gptkit predict` loads it: fp32, length-sorted batches, no
+attention mask (causal attention keeps right padding from reaching the text).
+
+`gptkit predict --quantize int8` (int8 weights) runs too, its labels compared the same way.
+Medians of --rounds, the peers interleaved after a warm-up; target: gptkit >= 1.5x the
+pipeline's texts/s. The output starts with the machine (CPU, SIMD flags, cores; load).
+
+    .venv/bin/python bench/predict.py [--texts 256] [--rounds 3] [--smoke] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import gptkit  # noqa: E402
+from gptkit import machine  # noqa: E402
+from gptkit.checkpoint import save_checkpoint  # noqa: E402
+from gptkit.loading import load_pretrained  # noqa: E402
+from gptkit.peft import apply_peft, merge_lora  # noqa: E402
+from gptkit.train_config import PeftConfig  # noqa: E402
+
+SST2 = ROOT.parent / "shared" / "data" / "sst2" / "stsa.binary.test"
+BATCH = 32
+
+
+def make_classifier(out: Path) -> Path:
+    """SmolLM2 + classify head + LoRA (random B), merged, saved as a gptkit checkpoint."""
+    torch.manual_seed(0)
+    lm = load_pretrained("smollm2-135m-instruct", "cpu")
+    lm.model.set_head("classify", ["negative", "positive"])
+    apply_peft(lm.model, PeftConfig(method="lora", r=16, alpha=32))
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    save_checkpoint(out, merge_lora(lm.model).eval(), lm.tokenizer)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--texts", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="16 texts, 1 round (tests)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.smoke:
+        args.texts, args.rounds = 16, 1
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    texts = [line.split(" ", 1)[1].strip() for line in SST2.read_text().splitlines()]
+    texts = texts[: args.texts]
+    load = os.getloadavg()[0]
+    print(f"machine: {machine.cpu().describe()}; load {load:.1f}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = make_classifier(Path(tmp) / "cls")
+        exported = Path(tmp) / "hf"
+        convert = [sys.executable, "-m", "gptkit", "convert", str(checkpoint), str(exported)]
+        subprocess.run([*convert, "--to", "hf"], check=True, capture_output=True)
+        ours = gptkit.load(checkpoint, device="cpu")
+        int8 = gptkit.load(checkpoint, device="cpu", quantize="int8")  # predict --quantize int8
+        eos = ours.tokenizer.eos_token
+        hf_tok = AutoTokenizer.from_pretrained(exported)
+        hf_model = AutoModelForSequenceClassification.from_pretrained(exported).eval()
+        hf_tok.pad_token_id = hf_model.config.pad_token_id  # padding read as "not the text"
+        theirs = pipeline(
+            "text-classification", model=hf_model, tokenizer=hf_tok, device="cpu", top_k=None
+        )
+        with_eos = [t + eos for t in texts]  # the position gptkit reads the class at
+
+        def run_ours():
+            return ours.classify(texts, batch_size=BATCH)
+
+        def run_int8():
+            return int8.classify(texts, batch_size=BATCH)
+
+        def run_theirs():
+            with torch.inference_mode():
+                return theirs(with_eos, batch_size=BATCH)
+
+        runs = {"gptkit": run_ours, "gptkit int8": run_int8, "transformers": run_theirs}
+        found = {name: run() for name, run in runs.items()}  # warm-up, and the agreement check
+        peer = [{e["label"]: e["score"] for e in p} for p in found["transformers"]]
+        agree, diff = {}, {}
+        for name in ("gptkit", "gptkit int8"):
+            pairs = list(zip(found[name], peer, strict=True))
+            agree[name] = sum(m["label"] == max(p, key=p.get) for m, p in pairs)
+            diff[name] = max(abs(m["probs"][k] - v) for m, p in pairs for k, v in p.items())
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    rate = {name: len(texts) / statistics.median(t) for name, t in times.items()}
+    ratio = {name: r / rate["transformers"] for name, r in rate.items()}
+    print(f"{len(texts)} SST-2 test sentences, batch {BATCH}, {args.rounds} rounds (medians)")
+    print("| peer | texts/s | / transformers | labels as transformers | max prob. diff |")
+    print("|---|---|---|---|---|")
+    for name, r in rate.items():
+        same = f"{agree[name]}/{len(texts)} | {diff[name]:.1e}" if name in agree else "- | -"
+        print(f"| {name} | {r:.1f} | {ratio[name]:.2f}x | {same} |")
+    print(f"gptkit fp32 / transformers: {ratio['gptkit']:.2f}x (target >= 1.5x)")
+    if args.json:
+        args.json.write_text(json.dumps({"texts_per_s": rate, "ratio": ratio, "agree": agree}))
+
+
+if __name__ == "__main__":
+    main()
