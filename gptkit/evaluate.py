@@ -65,14 +65,19 @@ def classification_metrics(gold: Sequence[str], pred: Sequence[str]) -> dict[str
     }
 
 
-def classify_report(pred: dict[str, list[str]], gold: list[tuple[str, ...]]) -> dict[str, float]:
-    """classification_metrics of one field, or of each field with its name as prefix."""
+def classify_report(
+    pred: dict[str, list[str]], gold: list[tuple[str | None, ...]]
+) -> dict[str, float]:
+    """classification_metrics of one field, or of each field with its name as prefix, over
+    the rows labelled for it (FIELD_n of them)."""
     if len(pred) == 1:
         return classification_metrics([g[0] for g in gold], next(iter(pred.values())))
     report = {}
     for k, (field, labels) in enumerate(pred.items()):
-        metrics = classification_metrics([g[k] for g in gold], labels)
-        report |= {f"{field}_{name}": value for name, value in metrics.items() if name != "n"}
+        rows = [(g[k], p) for g, p in zip(gold, labels, strict=True) if g[k] is not None]
+        if rows:
+            metrics = classification_metrics(*map(list, zip(*rows, strict=True)))
+            report |= {f"{field}_{name}": value for name, value in metrics.items()}
     return {**report, "n": len(gold)}
 
 

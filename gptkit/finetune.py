@@ -121,7 +121,10 @@ class ExampleTask:
             return chat_example(tok, record, self.template, block_size)
         if self.config.task == "classify":
             text, labels = record
-            ids = [self.label_ids[k][label] for k, label in enumerate(labels)]
+            ids = [
+                IGNORE if label is None else self.label_ids[k][label]  # a field it lacks
+                for k, label in enumerate(labels)
+            ]
             return classification_example(tok, text, ids[0] if len(ids) == 1 else ids, block_size)
         words, tags = record
         return tagging_example(tok, words, [self.label_ids[0][t] for t in tags], block_size)
@@ -131,7 +134,10 @@ class ExampleTask:
         kind, config = self.config.task, self.model.config
         if kind == "classify":
             names = self.fields
-            found = [label_names(r[1][k] for r in records) for k in range(len(names))]
+            found = [
+                label_names(r[1][k] for r in records if r[1][k] is not None)
+                for k in range(len(names))
+            ]
         else:
             names, found = ["label"], [label_names(t for r in records for t in r[1])]
         self.groups = list(zip(names, found, strict=True))
@@ -346,7 +352,9 @@ def describe(result: FinetuneResult) -> str:
     parts = [f"{r.steps} steps", f"train loss {r.train_loss:.4f}"]
     if r.val_loss is not None:
         parts.append(f"val loss {r.val_loss:.4f}")
-    parts += [f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "n"]
+    parts += [
+        f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "n" and not k.endswith("_n")
+    ]
     return (
         ", ".join(parts)
         + f"; checkpoint in {r.checkpoint}"

@@ -481,10 +481,12 @@ class GPT(nn.Module):
             return logits
         if targets.dim() == 3:  # [B, T, F]: F label fields, a cross-entropy each, summed
             parts = logits.float().split(self.config.label_sizes, dim=-1)
-            loss = sum(
-                F.cross_entropy(part.flatten(0, 1), targets[..., k].flatten(), ignore_index=-100)
-                for k, part in enumerate(parts)
-            )
+            loss = logits.new_zeros((), dtype=torch.float32)
+            for k, part in enumerate(parts):
+                y = targets[..., k].flatten()
+                # a mean over the rows labelled for this field (a batch may have none)
+                total = F.cross_entropy(part.flatten(0, 1), y, ignore_index=-100, reduction="sum")
+                loss = loss + total / (y != -100).sum().clamp(min=1)
             return logits, loss
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100

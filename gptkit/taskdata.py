@@ -231,20 +231,27 @@ def read_texts(
 
 def read_labelled(
     path: str | Path, text_field: str = "text", label_fields: Sequence[str] = ("label",)
-) -> list[tuple[str, tuple[str, ...]]]:
+) -> list[tuple[str, tuple[str | None, ...]]]:
     """(text, one label per field) pairs. Labels become strings, so JSON 0/1 and CSV "0"/"1"
-    agree."""
+    agree. With several fields a record may lack some (None: a sentiment set and a topic set
+    mixed), but not all."""
     pairs = []
+    several = len(label_fields) > 1
     for where, record in _load(path):
         text = _text_field(record, text_field, where)
-        labels = []
+        labels: list[str | None] = []
         for name in label_fields:
+            if several and record.get(name) is None:
+                labels.append(None)
+                continue
             label = _field(record, name, where, "label_field=")
             # str() of a list or an object would make a label nobody meant; null or "" is none.
             if isinstance(label, dict | list) or label is None or label == "":
                 shown = "empty" if label == "" else f"{_kind(label)}, not a label"
                 raise DataError(f"{where}: field {name!r} is {shown}")
             labels.append(str(label))
+        if all(label is None for label in labels):
+            raise DataError(f"{where}: none of the fields {list(label_fields)} holds a label")
         pairs.append((text, tuple(labels)))
     return pairs
 
