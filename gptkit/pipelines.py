@@ -78,7 +78,8 @@ class TextClassificationPipeline(Pipeline):
 
         def entries(result: dict[str, Any], field: str | None) -> list[dict[str, Any]]:
             named = {"field": field} if field else {}
-            return [{**named, "label": k, "score": p} for k, p in result["probs"].items()]
+            best_first = sorted(result["probs"].items(), key=lambda kv: -kv[1])
+            return [{**named, "label": k, "score": p} for k, p in best_first]
 
         rows = [
             [e for f, r in result.items() for e in entries(r, f)]

@@ -148,7 +148,9 @@ def news(ws: Path) -> None:
 def classifier(ws: Path) -> None:
     """runs/finetune (a 2-step classifier) and the news files."""
     news(ws)
-    if not (ws / "runs" / "finetune" / "checkpoint").is_dir():
+    config = ws / "runs" / "finetune" / "checkpoint" / "config.json"
+    # other documented commands fine-tune runs/finetune for other objectives: check its head
+    if not config.is_file() or json.loads(config.read_text())["model"]["head"] != "classify":
         finetuned(ws, "classify", "train.jsonl")
 
 
