@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .api import LM
-from .predict import class_probs
+from .predict import class_probs, classification_rows
 from .protocol import ClassifyRequest
 from .serve_guard import APIError, ServeConfig, overloaded
 
@@ -45,9 +45,10 @@ class ClassifyServer:
 
     def _run(self, texts: list[str]) -> tuple[list[tuple[str, list[str], list]], int]:
         """(field, labels, probability rows) per field, and the tokens the model read."""
-        groups = class_probs(self.lm.model, self.lm.tokenizer, texts, self.config.max_batch)
-        block = self.lm.config.block_size
-        tokens = sum(min(block, len(self.lm.tokenizer.encode(t)) + 1) for t in texts)
+        model, tok = self.lm.model, self.lm.tokenizer
+        rows = classification_rows(tok, texts, model.config.block_size)  # encoded once
+        groups = class_probs(model, tok, texts, self.config.max_batch, rows)
+        tokens = sum(len(row.ids) for row in rows)
         return [(f, labels, probs.tolist()) for f, labels, probs in groups], tokens
 
     async def classify(self, body: ClassifyRequest) -> dict[str, Any]:

@@ -135,6 +135,6 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quantize",
         choices=QUANTIZE_CHOICES,
-        help="int8 weights for the CPU: faster, probabilities within about 1e-2",
+        help="int8 weights for the CPU: faster; probabilities move (see docs/RESULTS.md)",
     )
     p.set_defaults(func=cmd_predict)

@@ -68,14 +68,27 @@ def batched_logits(
     yield from out
 
 
+def classification_rows(
+    tokenizer: Tokenizer, texts: Sequence[str], block_size: int
+) -> list[Example]:
+    """The rows a classifier reads: each text (its start, if too long) and EOS."""
+    return [classification_example(tokenizer, t, 0, block_size) for t in texts]
+
+
 def class_probs(
-    model: GPT, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32
+    model: GPT,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    examples: Sequence[Example] | None = None,
 ) -> list[tuple[str, list[str], torch.Tensor]]:
     """(field, its labels, probabilities [N, labels]) for each field the classifier predicts:
-    a softmax per field over the last position's outputs."""
+    a softmax per field over the last position's outputs. `examples`: the texts' rows
+    (classification_rows) when the caller has them already."""
     needs_head(model, "classify", "classifying")
     c = model.config
-    examples = [classification_example(tokenizer, t, 0, c.block_size) for t in texts]
+    if examples is None:
+        examples = classification_rows(tokenizer, texts, c.block_size)
     pad = tokenizer.pad_id or 0
     last = [logits[-1] for logits in batched_logits(model, examples, pad, batch_size)]
     outputs = torch.stack(last) if last else torch.empty(0, len(c.labels))  # [N, L]

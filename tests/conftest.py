@@ -54,6 +54,19 @@ def char_checkpoint(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", model, tok)
 
 
+# The characters the fine-tuning tests' toy data are written in.
+FINETUNE_CHARS = "abcdefghijklmnopqrstuvwxyz .,:?!\n#-'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def save_finetune_base(path: Path) -> Path:
+    """A random tiny Llama-style checkpoint (char tokenizer over FINETUNE_CHARS with
+    <|endoftext|>, a 64-token context), seeded: the base the fine-tuning tests start from."""
+    tok = char_tokenizer(FINETUNE_CHARS, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64))
+    return save_checkpoint(path, model, tok)
+
+
 def corpus_text(lines: int = 100) -> str:
     """Numbered lines of a pangram: a small corpus a tiny model learns something from."""
     return "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(lines))

@@ -12,21 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FINETUNE_CHARS, save_finetune_base
 
 from gptkit.api import load
 from gptkit.chat_template import CHATML
-from gptkit.checkpoint import load_checkpoint, save_checkpoint
-from gptkit.config import ConfigError, preset
+from gptkit.checkpoint import load_checkpoint
+from gptkit.config import ConfigError
 from gptkit.evaltasks import eval_classify, eval_generate
 from gptkit.examples import IGNORE, chat_example, classification_example, pack, tagging_example
 from gptkit.finetune import Distill, finetune, make_task
-from gptkit.model import GPT
 from gptkit.tokenizer import char_tokenizer
 from gptkit.tokenizer_files import load_tokenizer
 from gptkit.train_config import FinetuneConfig, PeftConfig
 from gptkit.tune import tune
 
-CHARS = "abcdefghijklmnopqrstuvwxyz .,:?!\n#-'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 # Short runs on a tiny model, one thread so repeated runs take the same arithmetic path.
 FAST = dict(lr=3e-3, batch_size=16, eval_every=0, progress=False, tensorboard=False, threads=1)
@@ -36,11 +35,7 @@ FAST = dict(lr=3e-3, batch_size=16, eval_every=0, progress=False, tensorboard=Fa
 def data(tmp_path_factory) -> Path:
     """A random tiny-llama base model (char tokenizer) and toy task files."""
     d = tmp_path_factory.mktemp("finetune")
-    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
-    torch.manual_seed(0)
-    save_checkpoint(
-        d / "base", GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64)), tok
-    )
+    save_finetune_base(d / "base")
     rng = random.Random(0)
     rows = []
     for _ in range(240):
@@ -95,7 +90,7 @@ def run(data: Path, objective: str, file: str, out: str, **settings):
 
 
 def test_sft_scores_the_assistant_turns_and_nothing_else():
-    tok = char_tokenizer(CHARS, special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok = char_tokenizer(FINETUNE_CHARS, special_tokens=["<|im_start|>", "<|im_end|>"])
     messages = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hi"},

