@@ -14,7 +14,8 @@ from pathlib import Path
 from .cli_generate import cmd_chat, cmd_generate, cmd_serve, sampling_flags
 from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
-from .config import QUANTIZE_CHOICES, first_line
+from .cli_rag import add_rag_parsers
+from .config import QUANTIZE_CHOICES, ConfigError, first_line
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -147,6 +148,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaltasks import run_eval
     from .evaluate import format_table, save_results
 
+    if args.task in ("retrieval", "rag"):
+        from .rag_eval import cmd_eval_rag
+
+        return cmd_eval_rag(args)
+    if not args.model:
+        raise ConfigError(f"eval {args.task} needs --model")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     options = dict(
         limit=args.limit,
@@ -316,8 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("eval", help="score a model: perplexity, classify, tag, generate, choice")
-    p.add_argument("task", choices=["perplexity", "classify", "tag", "generate", "choice"])
-    p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or name")
+    p.add_argument(
+        "task", choices=["perplexity", "classify", "tag", "generate", "choice", "retrieval", "rag"]
+    )
+    p.add_argument("--model", help="checkpoint, HF dir/hub name, GGUF or name")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
     p.add_argument("--data", required=True, nargs="+", help="data file(s)")
@@ -334,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="generate: plain prompts")
     p.add_argument("--shots", type=int, default=0, help="choice: examples in the prompt")
     p.add_argument("--train", help="choice: file to draw the shots from")
+    p.add_argument("--index", type=Path, help="retrieval, rag: the index (from gptkit index)")
+    p.add_argument("--mode", help="retrieval: dense,bm25,hybrid; rag: closed-book|retrieved|oracle")
+    p.add_argument("-k", type=int, help="retrieval: ranks scored; rag: sources in the prompt")
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -457,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(sub)
     add_monitor_parser(sub)
+    add_rag_parsers(sub)
 
     p = sub.add_parser("demo", help="the main job: a GPT trained on Shakespeare, then sampled")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pretrain settings")
