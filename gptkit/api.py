@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import predict
@@ -71,6 +72,14 @@ class LM(Pretrained):
         """A tagger's entities per text, with character spans (predict.tag)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         return predict.tag(self.model, self.tokenizer, texts, batch_size)
+
+    def embed(self, texts: str | list[str], batch_size: int = 16) -> np.ndarray:
+        """One unit-length vector [n_embd] per text: the final hidden states, mean-pooled
+        (embed.ModelEmbedder; `gptkit index --embedder MODEL` indexes with it)."""
+        from .embed import ModelEmbedder
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return ModelEmbedder(self, batch_size=batch_size).encode(texts)  # [N, n_embd]
 
     def features(self, text: str) -> torch.Tensor:
         """The final hidden states [tokens, n_embd] of the text's tokens (any head)."""

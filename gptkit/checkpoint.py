@@ -180,11 +180,7 @@ def save_checkpoint(
     FSDP shards; `model` then only supplies the config).
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(directory)
     try:
         state = {k: v.detach().contiguous() for k, v in (state or model.state_dict()).items()}
         if model.config.tie_embeddings:
@@ -204,35 +200,56 @@ def save_checkpoint(
             tokenizer.save(tmp / TOKENIZER)
         if train_state is not None:
             _write_train_state(tmp, train_state)
-        _fsync_tree(tmp)
     except BaseException as e:
         error = _write_error(directory, e)  # first: it may look at the free space left
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
         if error is not None:  # a full disk is the user's to fix: one line, not a traceback
             raise error from None
         raise
-    # Swap in the new directory. Between the two renames only the backup exists, and
-    # load_checkpoint falls back to it, so there is no moment without a loadable checkpoint.
+    swap_in(tmp, directory)
+    return directory
+
+
+def staging_dir(directory: Path) -> Path:
+    """An empty hidden directory beside `directory` to write its next version into."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def swap_in(tmp: Path, directory: Path) -> None:
+    """Make the fully written `tmp` (from staging_dir) the new `directory`, atomically as far
+    as readers go: between the two renames only the backup exists, and resolve_directory falls
+    back to it, so there is no moment without a whole copy (a checkpoint, an index)."""
+    _fsync_tree(tmp)
+    backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
         os.replace(directory, backup)
     os.replace(tmp, directory)
     shutil.rmtree(backup, ignore_errors=True)
     _remove_stale(directory)
-    return directory
+
+
+def resolve_directory(directory: Path) -> Path | None:
+    """`directory`, or the backup that a crash between swap_in's renames left; None if
+    neither is there. swap_in removes stale backups after each success, so there is normally
+    one; if not, the newest."""
+    if directory.is_dir():
+        return directory
+    backups = sorted(
+        directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime
+    )
+    return backups[-1] if backups else None
 
 
 def resolve_checkpoint(directory: Path) -> Path:
     """`directory`, or the backup that a crash between save_checkpoint's renames left."""
-    if directory.is_dir():
-        return directory
-    # A crash between the two renames of save_checkpoint. save_checkpoint removes stale
-    # backups after each successful save, so there is normally one; if not, the newest.
-    backups = sorted(
-        directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime
-    )
-    if backups:
-        return backups[-1]
-    raise CheckpointError(f"no checkpoint at {directory} (directory not found)")
+    found = resolve_directory(directory)
+    if found is None:
+        raise CheckpointError(f"no checkpoint at {directory} (directory not found)")
+    return found
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
