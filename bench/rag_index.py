@@ -1,0 +1,148 @@
+"""Retrieval speed: `gptkit index` and `gptkit search` vs sentence-transformers + FAISS used
+directly, on the same model, the same texts, in the same process.
+
+Corpus: the 2,067 paragraphs of SQuAD v1.1 dev (../shared/data/squad-dev), one document
+each. The embedder: all-MiniLM-L6-v2 (the gptkit[rag] default), loaded once and shared.
+
+- Indexing. gptkit: rag_index.build_index (read the JSONL, chunk by tokens, embed, write
+  FAISS + BM25 + SQLite, check the files by reading them back). Peer: model.encode() of the
+  very strings gptkit embedded (its chunks, each with its title) + faiss.IndexFlatIP.add, so
+  the difference is gptkit's own overhead. Target: <= 60 s on 2 cores, overhead <= 10%.
+- Search latency, p50 and p99 over --queries SQuAD questions, one at a time and 32 in flight
+  (a thread pool, as a server's handlers are), k = 5. gptkit: Index.search in dense and hybrid
+  mode (dense + BM25 + fusion); peer: model.encode + faiss search (dense only).
+
+Medians of --rounds for indexing, peers interleaved. The output starts with the machine.
+
+    .venv/bin/python bench/rag_index.py [--rounds 3] [--queries 200] [--smoke] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gptkit import machine  # noqa: E402
+from gptkit.embed import load_embedder  # noqa: E402
+from gptkit.rag_index import Index, build_index  # noqa: E402
+
+SQUAD = ROOT.parent / "shared" / "data" / "squad-dev" / "squaddev_v1.1.json"
+
+
+def squad(limit: int) -> tuple[list[dict], list[str]]:
+    """(paragraph documents, questions), in file order."""
+    data = json.loads(SQUAD.read_text())["data"]
+    docs, questions = [], []
+    for article in data:
+        for n, paragraph in enumerate(article["paragraphs"]):
+            title = article["title"].replace("_", " ")
+            docs.append({"id": f"{article['title']}/{n}", "title": title,
+                         "text": paragraph["context"]})  # fmt: skip
+            questions += [qa["question"] for qa in paragraph["qas"]]
+    return (docs[:limit], questions[: limit * 5]) if limit else (docs, questions)
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    ms = np.array(seconds) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def latencies(search, queries: list[str], workers: int) -> list[float]:
+    """Each query's own latency, `workers` of them in flight at once."""
+
+    def timed(query: str) -> float:
+        start = time.perf_counter()
+        search(query)
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(timed, queries))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--smoke", action="store_true", help="60 paragraphs, 1 round (tests)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    import faiss
+
+    rounds, limit = (1, 60) if args.smoke else (args.rounds, 0)
+    print(f"machine: {machine.cpu().describe()}; load {os.getloadavg()[0]:.1f}; "
+          f"torch {torch.__version__}, faiss {faiss.__version__}")  # fmt: skip
+    docs, questions = squad(limit)
+    queries = questions[: min(args.queries, len(questions))]
+    embedder = load_embedder("minilm")
+    embedder.encode(["warm up"] * 8)
+    scratch = Path(tempfile.mkdtemp(prefix="rag-bench-"))
+    source = scratch / "paragraphs.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+    ours, theirs = [], []
+    for r in range(rounds):
+        start = time.perf_counter()
+        index = build_index([source], scratch / f"idx{r}", embedder)
+        ours.append(time.perf_counter() - start)
+        texts = [c.embedded_text() for c in index.chunks()]
+        start = time.perf_counter()
+        vectors = embedder.model.encode(texts, batch_size=32, normalize_embeddings=True)
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(np.asarray(vectors, dtype=np.float32))
+        theirs.append(time.perf_counter() - start)
+    t_ours, t_theirs = statistics.median(ours), statistics.median(theirs)
+    overhead = t_ours / t_theirs - 1
+    print(f"\nIndexing {len(docs)} paragraphs -> {len(index)} chunks (median of {rounds}):")
+    print(f"  gptkit index            {t_ours:6.1f} s   (target <= 60 s)")
+    print(f"  sentence-transformers + FAISS {t_theirs:6.1f} s")
+    print(f"  gptkit overhead: {100 * overhead:+.1f}% (target <= 10%)")
+
+    index = Index.open(scratch / f"idx{rounds - 1}", embedder)
+    model = embedder.model
+
+    def peer(query: str):
+        q = model.encode([query], normalize_embeddings=True)
+        return flat.search(np.asarray(q, dtype=np.float32), 5)
+
+    searches = {
+        "gptkit dense": lambda q: index.search(q, 5, "dense"),
+        "gptkit hybrid": lambda q: index.search(q, 5, "hybrid"),
+        "sentence-transformers + FAISS": peer,
+    }
+    results: dict = {
+        "paragraphs": len(docs),
+        "chunks": len(index),
+        "index_s": t_ours,
+        "peer_index_s": t_theirs,
+        "overhead": overhead,
+    }
+    print(f"\nSearch latency, k=5, {len(queries)} SQuAD questions (ms):")
+    print(f"  {'':32s} {'1 at a time':>18s} {'32 in flight':>18s}")
+    for name, search in searches.items():
+        search(queries[0])  # warm
+        row = []
+        for workers in (1, 32):
+            p50, p99 = percentiles(latencies(search, queries, workers))
+            row.append(f"p50 {p50:5.1f} p99 {p99:6.1f}")
+            results[f"{name} x{workers}"] = {"p50_ms": p50, "p99_ms": p99}
+        print(f"  {name:32s} {row[0]:>18s} {row[1]:>18s}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
