@@ -108,12 +108,24 @@ class ExampleTask:
     def _read(self, path: str) -> list[Any]:
         c = self.config
         if c.task == "sft":
-            return read_chat(path)
+            return self._grounded(read_chat(path)) if c.retrieval else read_chat(path)
         if c.task == "classify":
             return read_labelled(path, c.text_field, self.fields)
         tagged = read_tagged_file(path, word_column=c.word_column, tag_column=c.tag_column)
         check_tags(tagged)  # words or "-" as tags: refuse before training on them
         return tagged.sentences
+
+    def _grounded(self, chats: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
+        """Each conversation with sources for its last user turn in its system message, as
+        `serve --retrieval` builds prompts, so the model learns to answer from numbered
+        sources and cite them. Every example gets k sources, relevant or not (no threshold):
+        it also learns to pass over sources that do not answer."""
+        from .rag import RetrievalConfig, Retriever, grounded_messages
+        from .rag_index import Index
+
+        settings = RetrievalConfig(k=self.config.retrieval_k, min_score=-1.0)
+        retriever = Retriever(Index.open(self.config.retrieval), settings)
+        return [grounded_messages(chat, retriever.retrieve(chat)) for chat in chats]
 
     def _encode(self, record: Any) -> Example | None:
         tok, block_size = self.tokenizer, self.model.config.block_size

@@ -229,6 +229,10 @@ class FinetuneConfig(TrainConfig):
     tag_column: int | None = None
     template: str = "auto"  # sft: "auto" (the tokenizer's chat template, else ChatML) or "chatml"
     packing: bool = False  # sft: concatenate examples into full-length rows
+    # sft: an index (`gptkit index`); each example's last user turn gets retrieval_k sources in
+    # its prompt, as `chat --retrieval` / `serve --retrieval` put them (rag.py)
+    retrieval: str = ""
+    retrieval_k: int = 3
     epochs: float = 0.0  # > 0: max_steps covers this many passes over the training examples
     peft: PeftConfig = field(default_factory=PeftConfig)
     teacher: str | None = None  # distill: the teacher model (same tokenizer / labels)
@@ -282,6 +286,10 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("need temperature > 0 and distill_alpha in [0, 1]")
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        if self.retrieval and self.task != "sft":
+            raise ConfigError("retrieval= puts sources in chat prompts: it is for sft data only")
+        if self.retrieval_k < 1:
+            raise ConfigError(f"retrieval_k must be >= 1, got {self.retrieval_k}")
         self._validate_training()
 
     @staticmethod

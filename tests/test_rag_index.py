@@ -302,3 +302,27 @@ def test_banking_knowledge_base_indexes_and_answers(tmp_path, embedder):
         hits = index.search(doc["title"].lower(), k=5)
         found += doc["id"] in {h.doc_id for h in hits}
     assert found >= 36  # a title finds its own document in the top 5 nearly always
+
+
+def test_finetune_sft_puts_retrieved_sources_in_each_prompt(index, tmp_path):
+    """retrieval=INDEX renders each training conversation as serve --retrieval prompts it."""
+    from gptkit.finetune import ExampleTask
+    from gptkit.rag import grounded_messages
+    from gptkit.train_config import FinetuneConfig
+
+    rows = [{"prompt": q, "response": f"See [1] ({doc})."} for q, doc in QUERIES.items()]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = FinetuneConfig(
+        init_from="tiny", data=str(data), val_data=str(data), retrieval=str(index.path),
+        retrieval_k=2,
+    )  # fmt: skip
+    task = ExampleTask(config, tiny_chat_lm())
+    for (query, doc_id), chat in zip(QUERIES.items(), task.records["train"], strict=True):
+        hits = index.search(query, k=2)
+        assert chat == grounded_messages([chat[1], chat[2]], hits)  # the same prompt as serving
+        assert chat[0]["role"] == "system" and "[2] " in chat[0]["content"]
+        assert doc_id in {h.doc_id for h in hits}
+    config.objective = "classify"
+    with pytest.raises(ValueError, match="for sft data only"):
+        config.validate()
