@@ -2,6 +2,12 @@
 
 Prompts are rendered with the model's chat template (chat_template.py); the oldest turns give
 way when the conversation outgrows the context, the system prompt never does.
+
+With a retriever (`gptkit chat --retrieval INDEX`), each user turn is retrieved for and the
+reply's prompt shows the sources, numbered, asking for [n] citations (rag.py); the sources
+are printed under the reply. The history keeps only what was said: a turn's sources are in
+its own prompt, not in the ones after it. When no source reaches min_score, the reply is the
+retriever's no_answer, and the model does not run.
 """
 
 from __future__ import annotations
@@ -13,14 +19,24 @@ from .api import LM
 from .chat_template import chat_prompt, turn_stops
 from .generation import prompt_room
 from .predict import needs_head
+from .rag import Retriever, grounded_messages, source_cards
+from .rag_index import Hit
 
 
 class ChatSession:
     """A conversation with a model: each `send` streams the assistant's reply."""
 
-    def __init__(self, lm: LM, system: str | None = None, **sampling: Any):
+    def __init__(
+        self,
+        lm: LM,
+        system: str | None = None,
+        retriever: Retriever | None = None,
+        **sampling: Any,
+    ):
         needs_head(lm.model, "lm", "chat")  # a classifier or tagger has no replies to give
         self.lm, self.system, self.sampling = lm, system, sampling
+        self.retriever = retriever
+        self.sources: list[Hit] = []  # the latest user turn's, in its prompt
         self.stop = turn_stops(lm.tokenizer)
         prompt_room(self._reply_tokens(), lm.config.block_size)  # refuse now, not at the reply
         self.messages: list[dict[str, str]] = []
@@ -28,9 +44,13 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.sources = []
 
     def prompt(self) -> str:
-        return chat_prompt(self.lm.tokenizer, self.messages)
+        messages = self.messages
+        if self.sources:
+            messages = grounded_messages(messages, self.sources)
+        return chat_prompt(self.lm.tokenizer, messages)
 
     def _reply_tokens(self) -> int:
         """max_new_tokens as asked; by default 256, or half the context of a small model."""
@@ -48,6 +68,13 @@ class ChatSession:
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the reply; the reply joins the history at the end."""
         self.messages.append({"role": "user", "content": text})
+        if self.retriever is not None:
+            self.sources = self.retriever.retrieve(self.messages)
+            if not self.sources:  # nothing relevant: say so rather than let the model invent
+                reply = self.retriever.config.no_answer
+                yield reply
+                self.messages.append({"role": "assistant", "content": reply})
+                return
         self._fit_context()
         sampling = {**self.sampling, "max_new_tokens": self._reply_tokens()}
         sampling["stop"] = [*sampling.get("stop", []), *self.stop]
@@ -80,3 +107,18 @@ def chat_loop(session: ChatSession, read=input, write=print) -> None:
         for piece in session.send(text):
             write(piece, end="", flush=True)
         write("")
+        if session.retriever is not None:
+            for line in source_lines(session):
+                write(line)
+
+
+def source_lines(session: ChatSession) -> list[str]:
+    """What the terminal prints under a retrieved reply: its numbered sources, each with its
+    chunk's id (document id#n: two chunks of one document are told apart) and score."""
+    if not session.sources:
+        least = session.retriever.config.min_score
+        return [f"     (no source in the index scored {least:g} or more)"]
+    return [
+        f"     [{c['index']}] {c['title'] or c['doc_id']}  ({c['id']}, score {c['score']:.2f})"
+        for c in source_cards(session.sources)
+    ]

@@ -1,5 +1,6 @@
 """The generating subcommands of `gptkit` (cli.py builds their parsers): generate, chat and
-serve, with the sampling flags they share (every option of generation/sampling.py).
+serve, with the sampling flags they share (every option of generation/sampling.py) and the
+retrieval flags of chat and serve (rag.py: replies grounded in an index's documents).
 """
 
 from __future__ import annotations
@@ -8,8 +9,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .rag import RetrievalConfig, Retriever
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -117,14 +122,77 @@ def _sampling(args: argparse.Namespace) -> dict:
     )
 
 
+def retrieval_flags(p: argparse.ArgumentParser, serve: bool = False) -> None:
+    """`--retrieval INDEX` and its settings (rag.RetrievalConfig), for chat and serve."""
+    p.add_argument(
+        "--retrieval",
+        metavar="INDEX",
+        type=Path,
+        help="answer from this index's documents (from gptkit index): each user turn retrieves "
+        "sources, the prompt shows them numbered, the reply cites them as [1], [2]",
+    )
+    p.add_argument(
+        "--sources", type=int, metavar="K", help="--retrieval: sources per reply (default 3)"
+    )
+    p.add_argument(
+        "--min-score",
+        type=float,
+        metavar="S",
+        help="--retrieval: the least cosine similarity a source needs (default 0.3); when none "
+        "has it, the reply says the documents do not cover the question",
+    )
+    p.add_argument(
+        "--no-answer",
+        metavar="TEXT",
+        help="--retrieval: that reply (default: I could not find that in the documents.)",
+    )
+    if serve:
+        p.add_argument(
+            "--embedder",
+            metavar="SPEC",
+            help="the model of /v1/embeddings: minilm, a sentence-transformers directory or "
+            "any model gptkit.load takes (default: the index's with --retrieval, else the "
+            "served model, mean-pooled)",
+        )
+
+
+def _retrieval_config(args: argparse.Namespace) -> RetrievalConfig | None:
+    """rag.RetrievalConfig from the flags (checked before any model loads), or None."""
+    given = {"k": args.sources, "min_score": args.min_score, "no_answer": args.no_answer}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.retrieval is None:
+        if given:
+            raise ConfigError("--sources, --min-score and --no-answer set up retrieval: give "
+                              "--retrieval INDEX too")  # fmt: skip
+        return None
+    if args.no_answer is not None and not args.no_answer.strip():
+        raise ConfigError("--no-answer is empty; give the reply to send when nothing matches")
+    from .rag import RetrievalConfig
+
+    return RetrievalConfig(**given)
+
+
+def _retriever(args: argparse.Namespace, config: RetrievalConfig) -> Retriever:
+    """The rag.Retriever of --retrieval, its embedder loaded now: a missing one is an error at
+    the start, not at the first question."""
+    from .rag import Retriever
+    from .rag_index import Index
+
+    index = Index.open(args.retrieval, device=args.device)
+    index.embedder()
+    return Retriever(index, config)
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     from .api import load, sample_config
     from .chat import ChatSession, chat_loop
 
     sampling = _sampling(args)
     sample_config(**sampling)  # validate flags before spending time on loading the model
+    retrieval = _retrieval_config(args)
+    retriever = _retriever(args, retrieval) if retrieval else None  # a bad index fails first
     lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
-    chat_loop(ChatSession(lm, system=args.system, **sampling))
+    chat_loop(ChatSession(lm, system=args.system, retriever=retriever, **sampling))
 
 
 def _serve_adapters(specs: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -172,6 +240,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shutdown_seconds=args.shutdown_seconds,
         **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}),
     )  # validated before spending time on loading the model
+    retrieval = _retrieval_config(args)
+    if retrieval and args.embedder:
+        raise ConfigError("with --retrieval, /v1/embeddings embeds with the index's embedder "
+                          "(its vectors compare with the index's): drop --embedder")  # fmt: skip
+    retriever = _retriever(args, retrieval) if retrieval else None  # a bad index fails first
     # Row-major weights (the training layout) for batched decoding: on the 2-core AMD EPYC a
     # SmolLM2 step of 8 rows takes 144 ms with them against 243 ms with the column-major decode
     # layout, which is faster only for a single row (70 vs 83 ms). bench/serve_load.py, 8 clients:
@@ -184,4 +257,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         decode_layout=not batched,
         quantize=args.quantize,
     )
-    serve(lm, args.name or Path(args.model.rstrip("/")).name, config, adapters)
+    embedder = None
+    if args.embedder:
+        from .embed import load_embedder
+
+        embedder = load_embedder(args.embedder, device=args.device)
+    name = args.name or Path(args.model.rstrip("/")).name
+    serve(lm, name, config, adapters, retriever, embedder)

@@ -23,11 +23,13 @@ from fastapi.responses import StreamingResponse
 from .api import LM
 from .chat_template import chat_prompt_ids, turn_stops
 from .config import ConfigError
+from .embed_api import Worker
 from .engine import Engine, EngineBusy, Sequence
 from .generation import SampleConfig, context_budget
 from .model import ContextLengthError
 from .peft import load_loras
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, _text
+from .rag import Retriever, grounded_messages, source_cards
 from .serve_guard import APIError, ServeConfig, overloaded
 from .tokenizer import Tokenizer, TokenizerError
 from .tokenizer_files import load_tokenizer
@@ -57,6 +59,20 @@ class Outbox:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, tuple[str, Any]]] = asyncio.Queue()
         self.sequences: list[Sequence] = []
+        self.canned = 0  # choices answered without the model (canned_replies)
+
+    @property
+    def size(self) -> int:
+        """The response's choices."""
+        return len(self.sequences) or self.canned
+
+    def canned_replies(self, n: int, text: str) -> None:
+        """n choices that are `text`, finished ("stop"), with no sequence behind them: they
+        go through the same response code as generated ones."""
+        self.canned = n
+        for i in range(n):
+            self.queue.put_nowait((i, ("text", text)))
+            self.queue.put_nowait((i, ("done", "stop")))
 
     def emitter(self, index: int):
         def emit(event: tuple[str, Any]) -> None:
@@ -130,9 +146,17 @@ class Server:
         name: str,
         config: ServeConfig,
         adapters: Mapping[str, str | Path] | None = None,
+        retriever: Retriever | None = None,
+        retrieving: Worker | None = None,
     ):
         self.lm, self.name, self.config = lm, name, config
         self.models = served_models(lm, name, adapters or {})  # before the engine sees lm
+        # `gptkit serve --retrieval`: each chat turn is grounded in the index's best chunks,
+        # retrieved on the `retrieving` worker (the embedder's thread, shared with
+        # /v1/embeddings). Raw prompts (/v1/completions) are the client's own: left as sent.
+        if (retriever is None) != (retrieving is None):
+            raise ValueError("a retriever needs its worker, and a worker a retriever")
+        self.retriever, self.retrieving = retriever, retrieving
         self.engine = Engine(lm, config.max_batch, config.max_queue, config.prefill_chunk)
         # One worker: big prompts wait for each other rather than share two cores with the
         # engine. The tokenizers release the GIL while they encode.
@@ -163,6 +187,17 @@ class Server:
         """max_tokens (the request's field `param`) capped so the prompt (the field
         `prompt_param`) and the reply fit the context (None: all of it, up to the server's
         max_tokens)."""
+        self._check_max_tokens(max_tokens, param)
+        limit = self.config.max_tokens
+        wanted = limit if max_tokens is None else max_tokens
+        try:
+            return context_budget(len(prompt), wanted, self.engine.context)
+        except ContextLengthError as e:
+            raise APIError(
+                400, str(e), param=prompt_param, code="context_length_exceeded"
+            ) from None
+
+    def _check_max_tokens(self, max_tokens: int | None, param: str) -> None:
         limit = self.config.max_tokens
         if max_tokens is not None and max_tokens > limit:
             raise APIError(
@@ -172,13 +207,6 @@ class Server:
                 param=param,
                 code="max_tokens_too_large",
             )
-        wanted = limit if max_tokens is None else max_tokens
-        try:
-            return context_budget(len(prompt), wanted, self.engine.context)
-        except ContextLengthError as e:
-            raise APIError(
-                400, str(e), param=prompt_param, code="context_length_exceeded"
-            ) from None
 
     def _submit(
         self, outbox: Outbox, body: SamplingFields, prompts: list[list[int]], budget, stop
@@ -344,6 +372,26 @@ class Server:
             {"role": "system" if m.role == "developer" else m.role, "content": m.text}
             for m in body.messages
         ]
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        extra = {}  # top-level fields beside OpenAI's: the sources of a retrieving server
+        if self.retriever is not None:
+            # A request is valid or not whatever the retrieval finds: what _submit would
+            # refuse is refused before a no_answer could skip it.
+            self._check_max_tokens(getattr(body, field), field)
+            self._logit_bias(body)
+            self._token_ids(body.stop_token_ids or [], "stop_token_ids")
+            for m in messages:  # what the embedder cannot read: 400 here, as the template's
+                try:
+                    _text(m["content"], "a message's content")
+                except ValueError as e:
+                    raise APIError(400, str(e), param="messages") from None
+            hits = await self.retrieving.run("retrieval", self.retriever.retrieve, messages)
+            extra["sources"] = source_cards(hits)
+            if not hits:  # nothing in the documents passed min_score: say so, invent nothing
+                outbox = Outbox()
+                outbox.canned_replies(body.n, self.retriever.config.no_answer)
+                return await self._chat_response(body, request, outbox, 0, extra)
+            messages = grounded_messages(messages, hits)
 
         def work() -> list[int]:
             try:  # control tokens only from the template; contents are text
@@ -354,10 +402,13 @@ class Server:
         # Each message costs the template a few strings: count them with the contents.
         size = sum(len(m["content"]) + 16 for m in messages)
         prompt = await self._off_loop(size, work)
-        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         budget = self._budget(prompt, getattr(body, field), field, "messages")
         outbox = Outbox()
         self._submit(outbox, body, [prompt], lambda p: budget, [*body.stops, *served.chat_stops])
+        return await self._chat_response(body, request, outbox, len(prompt), extra)
+
+    async def _chat_response(self, body, request, outbox: Outbox, prompt_tokens: int, extra):
+        """The chat completion of outbox's choices: streamed or whole."""
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -374,7 +425,7 @@ class Server:
                 return [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]
 
             head = {**head, "object": "chat.completion.chunk"}
-            return EventStream(self._stream(outbox, body, head, chunk, len(prompt)))
+            return EventStream(self._stream(outbox, body, head, chunk, prompt_tokens, extra))
         texts, reasons, tokens = await self._collect(outbox, request)
         choices = [
             {
@@ -385,7 +436,7 @@ class Server:
             }
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
         ]
-        return self._response(head, choices, outbox, len(prompt))
+        return {**self._response(head, choices, outbox, prompt_tokens), **extra}
 
     # --- engine events to responses --------------------------------------------------------
 
@@ -397,7 +448,7 @@ class Server:
         a client gone meanwhile cancels them all (checked every DISCONNECT_CHECK_SECONDS even
         while tokens keep coming: a request that bans EOS would otherwise hold its slots until
         max_tokens or --max-seconds)."""
-        n = len(outbox.sequences)
+        n = outbox.size
         texts, reasons, tokens = [""] * n, [None] * n, [[] for _ in range(n)]
         check = self.DISCONNECT_CHECK_SECONDS
         next_check = time.monotonic() + check
@@ -423,26 +474,36 @@ class Server:
             outbox.cancel()  # a no-op for finished sequences
         return texts, reasons, tokens
 
-    async def _stream(self, outbox, body, head, chunk, prompt_tokens) -> AsyncIterator[str]:
+    async def _stream(
+        self, outbox, body, head, chunk, prompt_tokens, first: dict | None = None
+    ) -> AsyncIterator[str]:
         """OpenAI's server-sent events: a chunk per text piece, a finishing chunk per choice,
-        the usage chunk when asked for, then [DONE]."""
+        the usage chunk when asked for, then [DONE]. `first`: fields the first chunk alone
+        carries besides OpenAI's (a retrieving server's sources)."""
         head = {**head, "created": int(time.time())}
-        n, live = len(outbox.sequences), len(outbox.sequences)
+        n = live = outbox.size
         tokens = [[] for _ in range(n)]  # logprob entries not yet sent, per choice
+        extra = dict(first or {})
+
+        def event(choices: list) -> str:
+            nonlocal extra
+            data, extra = {**head, "choices": choices, **extra}, {}
+            return _sse(data)
+
         try:
             for i in range(n):
                 if opening := chunk(i, None, None):
-                    yield _sse({**head, "choices": opening})
+                    yield event(opening)
             while live:
                 i, (kind, value) = await outbox.queue.get()
                 if kind == "logprob":
                     tokens[i].append(value)
                 elif kind == "text":
-                    yield _sse({**head, "choices": chunk(i, value, None, tokens[i])})
+                    yield event(chunk(i, value, None, tokens[i]))
                     tokens[i] = []
                 elif kind == "done":
                     live -= 1
-                    yield _sse({**head, "choices": chunk(i, "", value, tokens[i])})
+                    yield event(chunk(i, "", value, tokens[i]))
                 else:
                     error = {"message": value, "type": "server_error", "param": None, "code": None}
                     yield _sse({"error": error})

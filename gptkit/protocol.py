@@ -203,3 +203,79 @@ class ClassifyRequest(_Strict):
     @property
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+# Inputs of one /v1/embeddings request (OpenAI takes 2,048): each is one row the embedder
+# runs, all in one call, so the cap bounds a request's time and memory as for /v1/classify.
+MAX_EMBEDDING_INPUTS = 256
+
+
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings, OpenAI's shape: `input` is one text or a list of texts."""
+
+    model: str
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]],
+            Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS),
+        ]
+    )
+    # base64: the vector's little-endian float32 bytes, as OpenAI sends them (a third of the
+    # JSON's size; the official client asks for it by default).
+    encoding_format: Literal["float", "base64"] = "float"
+    # OpenAI shortens text-embedding-3 vectors to `dimensions`; these models were not trained
+    # for that, so only their own size is accepted (else 400).
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _plain_refusals(cls, value):
+        # Said in words: the union's own errors would read "Input should be a valid string".
+        if value == [] or value == "":
+            raise ValueError("input is empty; send a text or a list of texts")
+        if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input has {len(value)} texts; this server embeds at most "
+                             f"{MAX_EMBEDDING_INPUTS} per request: split them")  # fmt: skip
+        if isinstance(value, list):
+            # OpenAI also takes token ids; they are ids of its own tokenizer, which mean
+            # nothing to a local embedder.
+            if any(isinstance(v, int | list) and not isinstance(v, bool) for v in value):
+                raise ValueError("token-id arrays are not accepted here; send text (a string "
+                                 "or a list of strings)")  # fmt: skip
+            if "" in value:
+                raise ValueError(f"input[{value.index('')}] is an empty string; every input "
+                                 "needs some text")  # fmt: skip
+        for text in value if isinstance(value, list) else [value]:
+            _text(text, "input")  # before the str check, whose words would be pydantic's
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user_is_text(cls, user):
+        return _text(user, "user")
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """What POST /v1/embeddings answers (documented in the OpenAPI schema)."""
+
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

