@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_generate import cmd_chat, cmd_generate, cmd_serve, sampling_flags
+from .cli_generate import cmd_chat, cmd_generate, cmd_serve, retrieval_flags, sampling_flags
 from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
 from .cli_rag import add_rag_parsers
@@ -400,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     _quantize_flag(p)
     sampling_flags(p, temperature=0.7, max_new=None)  # chat: 256, or half a small context
+    retrieval_flags(p)
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_chat)
 
@@ -446,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM or Ctrl-C, generations still running are cut after this long",
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    retrieval_flags(p, serve=True)
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_serve)
 
