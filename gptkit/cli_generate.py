@@ -180,6 +180,11 @@ def _retriever(args: argparse.Namespace, config: RetrievalConfig) -> Retriever:
 
     index = Index.open(args.retrieval, device=args.device)
     index.embedder()
+    print(
+        f"gptkit: answering from {args.retrieval}: {index.summary()}; sources per reply: "
+        f"{config.k}, min score {config.min_score:g}",
+        file=sys.stderr,
+    )
     return Retriever(index, config)
 
 

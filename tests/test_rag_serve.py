@@ -460,7 +460,9 @@ def test_gptkit_chat_retrieval_prints_sources_under_each_reply(
     argv = ["chat", "--model", str(checkpoint), "--retrieval", str(index.path), "--sources", "1"]
     argv += ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"answering from {index.path}: 4 documents, 4 chunks" in err
+    assert "sources per reply: 1, min score 0.3" in err
     assert "     [1] International wire transfers  (wire#0, score " in out
     assert "     [2]" not in out  # --sources 1
 
