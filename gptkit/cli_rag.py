@@ -40,6 +40,10 @@ def cmd_index(args: argparse.Namespace) -> None:
             text_field=args.text_field,
             overwrite=args.overwrite,
         )
+    if index.skipped:
+        names = ", ".join(p.name for p in index.skipped[:5])
+        more = f" and {len(index.skipped) - 5} more" if len(index.skipped) > 5 else ""
+        print(f"skipped {len(index.skipped)} file(s) that hold no documents: {names}{more}")
     print(f"{args.out}: {index.summary()}")
 
 

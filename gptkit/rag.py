@@ -70,9 +70,19 @@ class Retriever:
         query = self.query(messages)
         if not query.strip():
             return []
+        least = self.config.min_score
         hits = self.index.search(query, k=self.config.k, mode=self.config.mode)
         # BM25-only search has no cosine to judge by: its hits all count.
-        return [h for h in hits if h.dense is None or h.dense >= self.config.min_score]
+        hits = [h for h in hits if h.dense is None or h.dense >= least]
+        last = _text(next(m for m in reversed(messages) if m.get("role") == "user"))
+        if hits and hits[0].dense is not None and last != query:
+            # The earlier turns in the query carry a change of subject past the threshold
+            # ("Who won the 1998 World Cup?" after a card question: 0.09 alone, 0.54 joined),
+            # so the last turn must also reach half of it alone. Follow-ups do ("And how long
+            # does that take?": 0.31 alone), since they share the conversation's words.
+            alone = self.index.similarities(last, hits)
+            hits = [h for h, s in zip(hits, alone, strict=True) if s >= least / 2]
+        return hits
 
 
 def source_block(hits: list[Hit]) -> str:

@@ -38,6 +38,11 @@ class DocumentError(ConfigError):
     """Documents that cannot be read or indexed: one line naming the file."""
 
 
+class NotDocumentsError(DocumentError):
+    """A JSON file whose first row has no text field: data of another kind (a folder's
+    tasks.json beside its documents), skipped in a folder, refused when named."""
+
+
 @dataclass(frozen=True)
 class Document:
     id: str
@@ -140,9 +145,8 @@ def _json_documents(path: Path, name: str, text_field: str | None) -> Iterator[D
         field = text_field or ("text" if "text" in row else "content")
         text = row.get(field)
         if not isinstance(text, str):
-            raise DocumentError(
-                f"{where}: no text in field {field!r}; name the field with --text-field"
-            )
+            error = NotDocumentsError if n == 1 else DocumentError
+            raise error(f"{where}: no text in field {field!r}; name the field with --text-field")
         doc_id = str(row["id"]) if row.get("id") is not None else f"{name}:{n}"
         yield Document(doc_id, str(row.get("title") or ""), str(path), text)
 
@@ -165,18 +169,24 @@ def read_file(path: Path, name: str, text_field: str | None = None) -> Iterator[
                             f"known: {', '.join(SUFFIXES)} (optionally .gz)")  # fmt: skip
 
 
-def read_documents(paths: list[Path], text_field: str | None = None) -> tuple[list[Document], int]:
-    """Every document under `paths` (files and folders) and how many files were skipped."""
+def read_documents(
+    paths: list[Path], text_field: str | None = None
+) -> tuple[list[Document], list[Path]]:
+    """Every document under `paths` (files and folders), and the files of folders skipped:
+    of other kinds, hidden, or JSON without text (NotDocumentsError)."""
     documents: list[Document] = []
-    skipped = 0
+    skipped: list[Path] = []
     for root in map(Path, paths):
         if root.is_dir():
             files = sorted(p for p in root.rglob("*") if p.is_file())
             for path in files:
                 if _suffix(path) not in SUFFIXES or path.name.startswith("."):
-                    skipped += 1
+                    skipped.append(path)
                     continue
-                documents += read_file(path, path.relative_to(root).as_posix(), text_field)
+                try:
+                    documents += read_file(path, path.relative_to(root).as_posix(), text_field)
+                except NotDocumentsError:
+                    skipped.append(path)
         elif root.is_file():
             documents += read_file(root, root.name, text_field)
         else:

@@ -178,12 +178,14 @@ def build_index(
     check_chunking(chunk_tokens, overlap, embedder.max_tokens)
     if out.exists() and not overwrite:
         raise IndexFileError(f"{out} exists; pass --overwrite to replace it, or --add to add to it")
-    documents, _ = read_documents(sources, text_field)
+    documents, skipped = read_documents(sources, text_field)
     chunks = _chunks(documents, embedder, chunk_tokens, overlap)
     vectors = embedder.encode([c.embedded_text() for c in chunks], progress=True)
     settings = {"chunk_tokens": chunk_tokens, "overlap": overlap, "text_field": text_field}
     _write(out, chunks, vectors, documents, {"embedder": embedder.identity, **settings})
-    return Index.open(out, embedder)
+    index = Index.open(out, embedder)
+    index.skipped = skipped
+    return index
 
 
 def add_documents(
@@ -192,7 +194,7 @@ def add_documents(
     """The index at `path` with the documents under `sources` added (only they are embedded)."""
     index = Index.open(path, embedder)
     settings = index.manifest
-    documents, _ = read_documents(sources, text_field or settings.get("text_field"))
+    documents, skipped = read_documents(sources, text_field or settings.get("text_field"))
     clash = sorted({d.id for d in documents} & set(index.document_ids()))
     if clash:
         raise IndexFileError(
@@ -209,7 +211,9 @@ def add_documents(
         index.documents() + documents,
         {k: settings[k] for k in SETTINGS},
     )
-    return Index.open(path, embedder)
+    index = Index.open(path, embedder)
+    index.skipped = skipped
+    return index
 
 
 def delete_documents(path: Path, doc_ids: list[str]) -> Index:
@@ -249,8 +253,10 @@ class Index:
         finally:
             db.close()
         self._chunks = [Chunk(*row[1:]) for row in rows]
+        self._positions = {c.id: pos for pos, c in enumerate(self._chunks)}
         self._documents = docs
         self._lock = threading.Lock()  # one embedder call at a time (server threads)
+        self.skipped: list[Path] = []  # files of folders that build/add passed over
         if len(self._chunks) != self._vectors.ntotal:
             raise IndexFileError(
                 f"{path}: {len(self._chunks)} chunks but {self._vectors.ntotal} vectors; "
@@ -348,6 +354,11 @@ class Index:
                                 float(score), rank, cosine, bm25[i].get(pos)))  # fmt: skip
             out.append(hits)
         return out
+
+    def similarities(self, text: str, hits: list[Hit]) -> list[float]:
+        """The cosine similarity of `text` to each hit's chunk."""
+        q = self.embed([text])[0]  # [dim]
+        return [self._cos(q, self._positions[h.id]) for h in hits]
 
     def _cos(self, query: np.ndarray, pos: int) -> float:
         return float(self._vectors.reconstruct(pos) @ query)

@@ -81,9 +81,12 @@ def test_read_documents_of_every_format(tmp_path):
         json.dump([{"id": 7, "title": "T", "content": "from content"}], f)
     (tmp_path / "e.jsonl").write_text('{"text": "row one"}\n\n{"text": "row two", "id": "x"}\n')
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    (tmp_path / "tasks.json").write_text('[{"id": 1, "question": "not a document"}]')
     docs, skipped = read_documents([tmp_path])
     by_id = {d.id: d for d in docs}
-    assert skipped == 1
+    assert sorted(p.name for p in skipped) == ["image.png", "tasks.json"]
+    with pytest.raises(DocumentError, match="no text in field 'content'"):
+        read_documents([tmp_path / "tasks.json"])  # named: refused, not skipped
     assert by_id["a.md"].title == "Fees and limits" and by_id["b.txt"].title == "b"
     page = by_id["c.html"]
     assert page.title == "Card help" and "hidden" not in page.text and "p {}" not in page.text
@@ -326,3 +329,22 @@ def test_finetune_sft_puts_retrieved_sources_in_each_prompt(index, tmp_path):
     config.objective = "classify"
     with pytest.raises(ValueError, match="for sft data only"):
         config.validate()
+
+
+def test_a_follow_up_keeps_its_sources_and_a_change_of_subject_finds_none(index):
+    """The query joins the turn before (follow-ups need it), but the last turn must still
+    reach half the threshold alone, so an off-topic question is not carried past it."""
+    from gptkit.rag import Retriever
+
+    retriever = Retriever(index)
+    before = [
+        {"role": "user", "content": "I can't remember the code for my debit card"},
+        {"role": "assistant", "content": "Reset it in the app [1]."},
+    ]
+    for follow_up in ("and how do I reset it?", "does the new one work at cash machines?"):
+        hits = retriever.retrieve([*before, {"role": "user", "content": follow_up}])
+        assert [h.doc_id for h in hits] == ["pin"]
+    for off_topic in ("What is the capital of France?", "Who won the 1998 World Cup?"):
+        turn = {"role": "user", "content": off_topic}
+        assert index.search(retriever.query([*before, turn]), k=1)[0].dense >= 0.3  # joined
+        assert retriever.retrieve([*before, turn]) == []
