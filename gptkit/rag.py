@@ -15,6 +15,7 @@ The query is the last user turn plus the `history` user turns before it, so a fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
@@ -105,14 +106,15 @@ def grounded_messages(messages: list[dict[str, Any]], hits: list[Hit]) -> list[d
 
 def source_cards(hits: list[Hit]) -> list[dict[str, Any]]:
     """The sources as HTTP responses and the chat page show them; `index` is the number the
-    reply cites."""
+    reply cites. `source` is the file's name only: where the server keeps its documents is
+    not the clients' business."""
     return [
         {
             "index": n,
             "id": h.id,
             "doc_id": h.doc_id,
             "title": h.title,
-            "source": h.source,
+            "source": Path(h.source).name,
             "text": h.text,
             "score": h.dense if h.dense is not None else h.score,
         }
