@@ -25,6 +25,7 @@ import math
 import random
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,22 @@ def normalize_answer(text: str) -> str:
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
+
+
+def squad_scores(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
+    """(exact match, F1) of one answer against its gold answers, each the best over them, on
+    a 0-1 scale, as the official SQuAD v1.1 script scores: F1 over the bags of normalised
+    words (normalize_answer)."""
+    pred = normalize_answer(prediction).split()
+    best_em = best_f1 = 0.0
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        best_em = max(best_em, float(pred == gold))
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(pred), common / len(gold)
+            best_f1 = max(best_f1, 2 * precision * recall / (precision + recall))
+    return best_em, best_f1
 
 
 def generation_metrics(

@@ -1,0 +1,129 @@
+"""The retrieval assistant measured on real data, for docs/RESULTS.md:
+
+1. banking-kb (../shared/data/banking-kb): a bank's 698 support documents, indexed as
+   shipped; the 97 customer scenarios of tasks.json are the queries (each scenario's
+   `user_scenario.instructions`, less the sentence every one of them opens with), and the
+   documents each names in `required_documents` are its relevant ones.
+   `gptkit eval retrieval`: recall@1/5/10, MRR, nDCG@10 for dense, BM25 and hybrid search.
+2. SQuAD v1.1 dev (../shared/data/squad-dev): all 2,067 paragraphs indexed, one document each
+   (id "Title/n"); a fixed subset of 500 questions (random.Random(0).sample of the 10,570),
+   each with its paragraph as the one relevant document. `gptkit eval retrieval` as above,
+   then `gptkit eval rag` with SmolLM2-135M-Instruct: closed-book, retrieved (top 3) and
+   oracle (the gold paragraph), SQuAD exact match and F1.
+
+Every step is the documented command, run as a subprocess and printed; everything is written
+under runs/rag (never into the repo). `--smoke` cuts each set to a few rows (tests).
+
+    .venv/bin/python bench/rag_eval.py [--questions 500] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+BANK = SHARED / "banking-kb"
+SQUAD = SHARED / "squad-dev" / "squaddev_v1.1.json"
+OUT = ROOT / "runs" / "rag"
+PREAMBLE = (
+    "You are playing the role of a customer contacting a customer service representative agent."  # noqa: E501
+)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def bank(smoke: bool) -> tuple[Path, Path]:
+    """(the documents to index, the queries)."""
+    tasks = json.loads((BANK / "tasks.json").read_text())
+    queries = [
+        {"query": t["user_scenario"]["instructions"].replace(PREAMBLE, "").strip(),
+         "relevant": t["required_documents"]}
+        for t in tasks if t["required_documents"]
+    ]  # fmt: skip
+    if not smoke:
+        return BANK / "documents.json.gz", write_jsonl(OUT / "bank-queries.jsonl", queries)
+    queries = queries[:5]
+    with gzip.open(BANK / "documents.json.gz", "rt") as f:
+        docs = json.load(f)
+    needed = {d for q in queries for d in q["relevant"]}
+    docs = [d for d in docs if d["id"] in needed] + [d for d in docs if d["id"] not in needed][:20]
+    return write_jsonl(OUT / "bank-docs.jsonl", docs), write_jsonl(
+        OUT / "bank-queries.jsonl", queries
+    )
+
+
+def squad(questions: int, smoke: bool) -> tuple[Path, Path, Path]:
+    """(paragraphs, retrieval queries, QA rows) of the fixed question subset."""
+    docs, qas = [], []
+    for article in json.loads(SQUAD.read_text())["data"]:
+        title = article["title"].replace("_", " ")
+        for n, paragraph in enumerate(article["paragraphs"]):
+            doc_id = f"{article['title']}/{n}"
+            docs.append({"id": doc_id, "title": title, "text": paragraph["context"]})
+            for qa in paragraph["qas"]:
+                row = {"question": qa["question"], "answers": [a["text"] for a in qa["answers"]]}
+                qas.append(
+                    {**row, "context": paragraph["context"], "title": title, "doc_id": doc_id}
+                )
+    subset = random.Random(0).sample(qas, questions)
+    if smoke:
+        subset = subset[:6]
+        kept = {q["doc_id"] for q in subset}
+        docs = [d for d in docs if d["id"] in kept] + [d for d in docs if d["id"] not in kept][:30]
+    queries = [{"query": q["question"], "relevant": [q["doc_id"]]} for q in subset]
+    return (
+        write_jsonl(OUT / "squad-docs.jsonl", docs),
+        write_jsonl(OUT / "squad-queries.jsonl", queries),
+        write_jsonl(OUT / "squad-qa.jsonl", subset),
+    )
+
+
+def gptkit(*args: str) -> str:
+    """Run a documented gptkit command, print it and its output's end, return its stdout."""
+    command = [sys.executable, "-m", "gptkit", *args]
+    print("$ gptkit " + shlex.join(args), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        print(done.stderr[-2000:])
+        raise SystemExit(f"failed with status {done.returncode}")
+    print(done.stdout.rstrip() + f"\n  ({time.perf_counter() - start:.0f} s)\n", flush=True)
+    return done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=500, help="SQuAD questions")
+    parser.add_argument("--smoke", action="store_true", help="a few rows of each set (tests)")
+    args = parser.parse_args()
+    rel = lambda p: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)  # noqa: E731
+
+    docs, queries = bank(args.smoke)
+    gptkit("index", rel(docs), "--out", "runs/rag/bank-idx", "--text-field", "content",
+           "--overwrite")  # fmt: skip
+    gptkit("eval", "retrieval", "--index", "runs/rag/bank-idx", "--data", rel(queries))
+
+    docs, queries, qa = squad(args.questions, args.smoke)
+    gptkit("index", rel(docs), "--out", "runs/rag/squad-idx", "--overwrite")
+    gptkit("eval", "retrieval", "--index", "runs/rag/squad-idx", "--data", rel(queries))
+    for mode in ("closed-book", "retrieved", "oracle"):
+        gptkit("eval", "rag", "--model", "smollm2-135m-instruct", "--index", "runs/rag/squad-idx",
+               "--data", rel(qa), "--mode", mode, "-k", "3", "--max-new-tokens", "24",
+               "--out", f"runs/rag/squad-{mode}.json")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
