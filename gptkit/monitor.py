@@ -47,7 +47,11 @@ class MonitorConfig:
     db: str  # the SQLite database; created when missing
     follow: bool = False  # keep waiting for new lines (files), instead of stopping at the end
     poll: float = 1.0  # seconds between looks for new lines when there are none
-    batch_size: int = 32  # texts classified (and committed) together
+    batch_size: int = 32  # texts classified together
+    # Lines read, labelled and committed as one transaction. The classifier sorts them by
+    # length into batches, so a long line pads few others: on the SOTU sentences, 256 at a
+    # time pads to 1.7x the tokens where 32 padded to 3.4x.
+    read_size: int = 256
     text_field: str = "text"
     time_field: str = "date"
     id_field: str = "id"
@@ -78,6 +82,8 @@ class MonitorConfig:
         policy = AlertPolicy(self.z, rule, self.baseline, self.std_floor)
         if self.batch_size < 1:
             raise MonitorError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.read_size < 1:
+            raise MonitorError(f"read_size must be at least 1, got {self.read_size}")
         if not self.poll > 0:
             raise MonitorError(f"--poll must be a positive number of seconds, got {self.poll}")
         if not self.negative or not all(isinstance(x, str) and x for x in self.negative):
@@ -296,7 +302,7 @@ def run_monitor(
             source = open_source(config.source, config.follow, offsets, done, stdin)
             labeller = Labeller(classify, config, store, known_labels)
             while not stop.is_set():
-                chunk = source.read(config.batch_size)
+                chunk = source.read(config.read_size)
                 if chunk is None:
                     break
                 if not chunk.progress:
