@@ -348,3 +348,17 @@ def test_a_follow_up_keeps_its_sources_and_a_change_of_subject_finds_none(index)
         turn = {"role": "user", "content": off_topic}
         assert index.search(retriever.query([*before, turn]), k=1)[0].dense >= 0.3  # joined
         assert retriever.retrieve([*before, turn]) == []
+
+
+def test_a_query_longer_than_the_embedder_reads_is_embedded_whole(index):
+    """A customer's story of 300+ tokens with the question last: the embedder alone would keep
+    only the story's start; the windows' mean keeps the question."""
+    story = "Yesterday I walked my dog along the river and we watched the ducks. " * 30
+    query = story + "Anyway: I forgot the secret code of my card, how do I reset my PIN?"
+    embedder = index.embedder()
+    assert sum(embedder.count_tokens(query.split())) > embedder.max_tokens
+    assert index.search(query, k=1, mode="dense")[0].doc_id == "pin"
+    cut = embedder.encode([query])[0]  # what the model alone makes of it: the story
+    assert index.similarities(query, [index.search(query, k=1, mode="dense")[0]])[0] > float(
+        index.vectors()[0] @ cut
+    )
