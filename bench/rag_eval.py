@@ -12,7 +12,7 @@
    oracle (the gold paragraph), SQuAD exact match and F1.
 
 Every step is the documented command, run as a subprocess and printed; everything is written
-under runs/rag (never into the repo). `--smoke` cuts each set to a few rows (tests).
+under --out (runs/rag; never into the repo). `--smoke` cuts each set to a few rows (tests).
 
     .venv/bin/python bench/rag_eval.py [--questions 500] [--smoke]
 """
@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 BANK = SHARED / "banking-kb"
 SQUAD = SHARED / "squad-dev" / "squaddev_v1.1.json"
-OUT = ROOT / "runs" / "rag"
 PREAMBLE = (
     "You are playing the role of a customer contacting a customer service representative agent."  # noqa: E501
 )
@@ -45,7 +44,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def bank(smoke: bool) -> tuple[Path, Path]:
+def bank(out: Path, smoke: bool) -> tuple[Path, Path]:
     """(the documents to index, the queries)."""
     tasks = json.loads((BANK / "tasks.json").read_text())
     queries = [
@@ -54,18 +53,18 @@ def bank(smoke: bool) -> tuple[Path, Path]:
         for t in tasks if t["required_documents"]
     ]  # fmt: skip
     if not smoke:
-        return BANK / "documents.json.gz", write_jsonl(OUT / "bank-queries.jsonl", queries)
+        return BANK / "documents.json.gz", write_jsonl(out / "bank-queries.jsonl", queries)
     queries = queries[:5]
     with gzip.open(BANK / "documents.json.gz", "rt") as f:
         docs = json.load(f)
     needed = {d for q in queries for d in q["relevant"]}
     docs = [d for d in docs if d["id"] in needed] + [d for d in docs if d["id"] not in needed][:20]
-    return write_jsonl(OUT / "bank-docs.jsonl", docs), write_jsonl(
-        OUT / "bank-queries.jsonl", queries
+    return write_jsonl(out / "bank-docs.jsonl", docs), write_jsonl(
+        out / "bank-queries.jsonl", queries
     )
 
 
-def squad(questions: int, smoke: bool) -> tuple[Path, Path, Path]:
+def squad(out: Path, questions: int, smoke: bool) -> tuple[Path, Path, Path]:
     """(paragraphs, retrieval queries, QA rows) of the fixed question subset."""
     docs, qas = [], []
     for article in json.loads(SQUAD.read_text())["data"]:
@@ -85,9 +84,9 @@ def squad(questions: int, smoke: bool) -> tuple[Path, Path, Path]:
         docs = [d for d in docs if d["id"] in kept] + [d for d in docs if d["id"] not in kept][:30]
     queries = [{"query": q["question"], "relevant": [q["doc_id"]]} for q in subset]
     return (
-        write_jsonl(OUT / "squad-docs.jsonl", docs),
-        write_jsonl(OUT / "squad-queries.jsonl", queries),
-        write_jsonl(OUT / "squad-qa.jsonl", subset),
+        write_jsonl(out / "squad-docs.jsonl", docs),
+        write_jsonl(out / "squad-queries.jsonl", queries),
+        write_jsonl(out / "squad-qa.jsonl", subset),
     )
 
 
@@ -108,21 +107,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=500, help="SQuAD questions")
     parser.add_argument("--smoke", action="store_true", help="a few rows of each set (tests)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "rag")
     args = parser.parse_args()
-    rel = lambda p: str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)  # noqa: E731
+    out = args.out.resolve()
 
-    docs, queries = bank(args.smoke)
-    gptkit("index", rel(docs), "--out", "runs/rag/bank-idx", "--text-field", "content",
-           "--overwrite")  # fmt: skip
-    gptkit("eval", "retrieval", "--index", "runs/rag/bank-idx", "--data", rel(queries))
+    def rel(path: Path) -> str:  # the shorter spelling, for the printed commands
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
-    docs, queries, qa = squad(args.questions, args.smoke)
-    gptkit("index", rel(docs), "--out", "runs/rag/squad-idx", "--overwrite")
-    gptkit("eval", "retrieval", "--index", "runs/rag/squad-idx", "--data", rel(queries))
+    docs, queries = bank(out, args.smoke)
+    bank_idx = rel(out / "bank-idx")
+    gptkit("index", rel(docs), "--out", bank_idx, "--text-field", "content", "--overwrite")
+    gptkit("eval", "retrieval", "--index", bank_idx, "--data", rel(queries))
+
+    docs, queries, qa = squad(out, args.questions, args.smoke)
+    squad_idx = rel(out / "squad-idx")
+    gptkit("index", rel(docs), "--out", squad_idx, "--overwrite")
+    gptkit("eval", "retrieval", "--index", squad_idx, "--data", rel(queries))
     for mode in ("closed-book", "retrieved", "oracle"):
-        gptkit("eval", "rag", "--model", "smollm2-135m-instruct", "--index", "runs/rag/squad-idx",
+        gptkit("eval", "rag", "--model", "smollm2-135m-instruct", "--index", squad_idx,
                "--data", rel(qa), "--mode", mode, "-k", "3", "--max-new-tokens", "24",
-               "--out", f"runs/rag/squad-{mode}.json")  # fmt: skip
+               "--out", rel(out / f"squad-{mode}.json"))  # fmt: skip
 
 
 if __name__ == "__main__":

