@@ -34,7 +34,7 @@ from .config import ConfigError
 from .evaluate import format_table, save_results, squad_scores
 from .rag import grounded_messages
 from .rag_index import MODES, Hit, Index
-from .taskdata import read_records
+from .taskdata import _load  # (where, record): errors name the file and line
 
 KS = (1, 5, 10)
 DEPTH = 50  # chunks searched per query: enough to fill 10 distinct documents
@@ -48,12 +48,18 @@ def ranked_documents(hits: list[Hit]) -> list[str]:
     return list(dict.fromkeys(h.doc_id for h in hits))
 
 
-def retrieval_metrics(ranked: list[list[str]], relevant: list[set[str]]) -> dict[str, float]:
-    """recall@1/5/10, MRR and nDCG@10 of ranked document ids, averaged over queries."""
+def retrieval_metrics(
+    ranked: list[list[str]], relevant: list[set[str]], ks: tuple[int, ...] = KS
+) -> dict[str, float]:
+    """recall@k for each of `ks`, MRR and nDCG@10 of ranked document ids (each query's best
+    first, each id once), averaged over queries. A relevant id the ranking never reaches
+    counts as missed, so recall@k cannot exceed min(k, |relevant|) / |relevant|."""
+    if not ranked or len(ranked) != len(relevant):
+        raise ValueError(f"{len(ranked)} rankings for {len(relevant)} relevance sets")
     n = len(ranked)
-    totals = dict.fromkeys([*(f"recall@{k}" for k in KS), "mrr", "ndcg@10"], 0.0)
+    totals = dict.fromkeys([*(f"recall@{k}" for k in ks), "mrr", "ndcg@10"], 0.0)
     for docs, gold in zip(ranked, relevant, strict=True):
-        for k in KS:
+        for k in ks:
             totals[f"recall@{k}"] += len(gold.intersection(docs[:k])) / len(gold)
         first = next((i for i, d in enumerate(docs, 1) if d in gold), None)
         totals["mrr"] += 1 / first if first else 0.0
@@ -64,16 +70,17 @@ def retrieval_metrics(ranked: list[list[str]], relevant: list[set[str]]) -> dict
 
 
 def read_queries(path: str) -> list[tuple[str, set[str]]]:
+    """(query, relevant document ids) of each row; a bad row is a one-line error naming it."""
     rows = []
-    for n, row in enumerate(read_records(Path(path)), 1):
+    for where, row in _load(path):
         query, relevant = row.get("query"), row.get("relevant")
         if not isinstance(query, str) or not query.strip():
-            raise ConfigError(f"{path} row {n}: no 'query' text")
+            raise ConfigError(f"{where}: no 'query' text")
+        if isinstance(relevant, str | int):  # one id written bare
+            relevant = [relevant]
         if not isinstance(relevant, list) or not relevant:
-            raise ConfigError(f"{path} row {n}: 'relevant' must list the relevant document ids")
+            raise ConfigError(f"{where}: 'relevant' must list the relevant document ids")
         rows.append((query, {str(r) for r in relevant}))
-    if not rows:
-        raise ConfigError(f"{path}: no queries")
     return rows
 
 
@@ -93,79 +100,131 @@ class Question:
     answers: list[str]
     context: str | None  # the gold passage (oracle mode)
     title: str = ""
+    doc_id: str | None = None  # the gold document's id: oracle mode reads it from the index
 
 
 def read_questions(path: str, limit: int = 0) -> list[Question]:
+    """The QA rows; a bad row is a one-line error naming it."""
     rows = []
-    for n, row in enumerate(read_records(Path(path))[: limit or None], 1):
-        question, answers = row.get("question"), row.get("answers")
+    for where, row in _load(path)[: limit or None]:
+        question, answers, context = row.get("question"), row.get("answers"), row.get("context")
         if not isinstance(question, str) or not question.strip():
-            raise ConfigError(f"{path} row {n}: no 'question' text")
+            raise ConfigError(f"{where}: no 'question' text")
         if isinstance(answers, str):
             answers = [answers]
         if not isinstance(answers, list) or not answers:
-            raise ConfigError(f"{path} row {n}: 'answers' must list the gold answers")
-        rows.append(Question(question, [str(a) for a in answers], row.get("context"),
-                             str(row.get("title") or "")))  # fmt: skip
-    if not rows:
-        raise ConfigError(f"{path}: no questions")
+            raise ConfigError(f"{where}: 'answers' must list the gold answers")
+        if context is not None and not isinstance(context, str):
+            raise ConfigError(f"{where}: 'context' must be the gold passage's text")
+        doc_id = row.get("doc_id")
+        rows.append(Question(question, [str(a) for a in answers], context,
+                             str(row.get("title") or ""),
+                             None if doc_id is None else str(doc_id)))  # fmt: skip
     return rows
 
 
-def rag_messages(
-    rows: list[Question], mode: str, index: Index | None, k: int
-) -> list[list[dict[str, str]]]:
-    """Each question's chat messages in `mode`."""
+def gold_passages(rows: list[Question], index: Index | None) -> list[Hit]:
+    """Each row's gold passage as the one source of oracle mode: its `context`, else its
+    `doc_id`'s whole text rebuilt from the index's chunks (by their offsets: chunks overlap)."""
+    need = {r.doc_id for r in rows if r.context is None}
+    if None in need:
+        raise ConfigError("--mode oracle needs each row's gold passage in 'context' or 'doc_id'")
+    texts: dict[str, tuple[str, str]] = {}  # doc id -> (title, text)
+    if need:
+        if index is None:
+            raise ConfigError("--mode oracle with 'doc_id' rows (no 'context') needs --index")
+        reached: dict[str, int] = {}  # doc id -> the offset its text so far ends at
+        chunks = sorted((c for c in index.chunks() if c.doc_id in need), key=lambda c: c.start)
+        for c in chunks:
+            title, text = texts.get(c.doc_id, (c.title, ""))
+            end = reached.get(c.doc_id, 0)
+            if c.end > end or not text:
+                tail = c.text[max(0, end - c.start) :]  # past the overlap with what we have
+                text = f"{text} {tail}" if text and c.start >= end else text + tail
+                reached[c.doc_id] = c.end
+            texts[c.doc_id] = (title, text)
+        missing = sorted(str(d) for d in need - texts.keys())
+        if missing:
+            raise ConfigError(f"{index.path} has no document {missing[0]!r} (oracle 'doc_id')")
+    out = []
+    for r in rows:
+        title, text = (r.title, r.context) if r.context is not None else texts[str(r.doc_id)]
+        out.append(Hit("gold", r.doc_id or "gold", title or r.title, "", 0, len(text), text,
+                       1.0, 1, None, None))  # fmt: skip
+    return out
+
+
+def rag_sources(rows: list[Question], mode: str, index: Index | None, k: int) -> list[list[Hit]]:
+    """Each question's sources in `mode`: none (closed-book), its k best chunks (retrieved) or
+    its gold passage (oracle)."""
     if mode not in RAG_MODES:
         raise ConfigError(f"--mode for eval rag is one of {', '.join(RAG_MODES)}, got {mode!r}")
-    asks = [[{"role": "user", "content": QUESTION.format(question=r.question)}] for r in rows]
     if mode == "closed-book":
-        return asks
+        return [[] for _ in rows]
     if mode == "oracle":
-        if any(r.context is None for r in rows):
-            raise ConfigError("--mode oracle needs each row's gold passage in 'context'")
-        gold = [Hit("gold", "gold", r.title, "", 0, 0, r.context, 1.0, 1, None, None) for r in rows]
-        return [grounded_messages(m, [g]) for m, g in zip(asks, gold, strict=True)]
+        return [[g] for g in gold_passages(rows, index)]
     if index is None:
         raise ConfigError("--mode retrieved needs --index")
     # Every question gets its k best chunks (hybrid search, as serving does), with no
     # threshold: that is a server's choice of when to refuse, and would hide what is found.
-    hits = index.search_many([r.question for r in rows], k=k, mode="hybrid")
-    return [grounded_messages(m, h) for m, h in zip(asks, hits, strict=True)]
+    return index.search_many([r.question for r in rows], k=k, mode="hybrid")
+
+
+def rag_messages(
+    rows: list[Question], mode: str, index: Index | None, k: int
+) -> tuple[list[list[dict[str, str]]], list[list[Hit]]]:
+    """Each question's chat messages in `mode` (the prompt `chat/serve --retrieval` build,
+    the question alone in closed-book mode), and its sources."""
+    sources = rag_sources(rows, mode, index, k)
+    asks = [[{"role": "user", "content": QUESTION.format(question=r.question)}] for r in rows]
+    if mode == "closed-book":
+        return asks, sources
+    return [grounded_messages(m, h) for m, h in zip(asks, sources, strict=True)], sources
 
 
 def eval_rag(
     lm, rows: list[Question], mode: str, index: Index | None, k: int, max_new_tokens: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(EM, F1 on a 0-100 scale, n), and each question's answer."""
+    """(EM and F1 on a 0-100 scale, n, and in retrieved mode the share of questions whose
+    gold document is among the sources), and each question's answer and sources."""
     from .chat_template import CHATML, render, turn_stops
 
     tok = lm.tokenizer
     names = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
     template = tok.chat_template or CHATML
-    prompts = [
-        render(m, template, add_generation_prompt=True, **names)
-        for m in rag_messages(rows, mode, index, k)
-    ]
-    answers: list[str] = []
+    messages, sources = rag_messages(rows, mode, index, k)
+    prompts = [render(m, template, add_generation_prompt=True, **names) for m in messages]
+    # Batches of similar length pad little: generate shortest first, answer in row order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
     batch = 8
-    for start in tqdm(range(0, len(prompts), batch), desc=f"rag {mode}", unit="batch"):
-        answers += lm.generate(
-            prompts[start : start + batch],
+    for start in tqdm(range(0, len(order), batch), desc=f"rag {mode}", unit="batch"):
+        part = order[start : start + batch]
+        texts = lm.generate(
+            [prompts[i] for i in part],
             max_new_tokens=max_new_tokens,
             temperature=0.0,
             stop=turn_stops(tok),
         )
+        for i, text in zip(part, texts, strict=True):
+            answers[i] = text
     em = f1 = 0.0
     out = []
-    for row, answer in zip(rows, answers, strict=True):
+    for row, answer, hits in zip(rows, answers, sources, strict=True):
         answer = CITATION.sub("", answer).strip()
         e, f = squad_scores(answer, row.answers)
         em, f1 = em + e, f1 + f
         out.append({"question": row.question, "answer": answer, "gold": row.answers,
-                    "exact_match": e, "f1": f})  # fmt: skip
+                    "exact_match": e, "f1": f, "doc_id": row.doc_id,
+                    "sources": [h.doc_id for h in hits]})  # fmt: skip
     n = len(rows)
-    return {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "n": n}, out
+    results: dict[str, Any] = {"exact_match": 100 * em / n, "f1": 100 * f1 / n, "n": n}
+    known = [a for a in out if a["doc_id"] is not None]
+    if mode == "retrieved" and known:
+        # Retrieved can only beat closed-book where the gold passage was found.
+        found = sum(a["doc_id"] in a["sources"] for a in known)
+        results[f"gold_in_top{k}"] = 100 * found / len(known)
+    return results, out
 
 
 def cmd_eval_rag(args: argparse.Namespace) -> None:
@@ -197,12 +256,13 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
         raise ConfigError("eval rag needs --model")
     rows = read_questions(data, args.limit)
     k = args.k or 3
-    index = (
-        Index.open(args.index, device=args.device) if args.index and mode == "retrieved" else None
-    )
+    # The index serves retrieved mode, and oracle rows that name their gold document by id.
+    wanted = mode == "retrieved" or (mode == "oracle" and any(r.context is None for r in rows))
+    index = Index.open(args.index, device=args.device) if args.index and wanted else None
     lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
     results, answers = eval_rag(lm, rows, mode, index, k, args.max_new_tokens)
-    print(format_table(results, title=f"rag ({mode}{f', k={k}' if index else ''}): {data}"))
+    shown = f", k={k}" if mode == "retrieved" else ""
+    print(format_table(results, title=f"rag ({mode}{shown}): {data}"))
     if args.out:
         save_results({"task": "rag", "mode": mode, "model": args.model, **results}, args.out)
         Path(args.out).with_suffix(".answers.jsonl").write_text(
