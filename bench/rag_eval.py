@@ -133,9 +133,9 @@ def summary(out: Path) -> None:
             print(f"  {m}: hybrid {verdict} the better of dense and bm25")
     rag = {mode: load(f"squad-{mode}.json") for mode in ("closed-book", "retrieved", "oracle")}
     print(f"\nSQuAD QA, smollm2-135m-instruct (n={rag['oracle']['n']})")
-    print("| mode | EM | F1 |\n|---|---|---|")
+    print("| mode | EM | F1 | contains |\n|---|---|---|---|")
     for mode, r in rag.items():
-        print(f"| {mode} | {r['exact_match']:.1f} | {r['f1']:.1f} |")
+        print(f"| {mode} | {r['exact_match']:.1f} | {r['f1']:.1f} | {r['contains']:.1f} |")
     found = rag["retrieved"].get("gold_in_top3")
     if found is not None:
         print(f"  the gold paragraph is among the 3 retrieved sources for {found:.1f}%")

@@ -14,6 +14,7 @@ from gptkit.cli import main
 from gptkit.evaluate import squad_scores
 from gptkit.rag_eval import (
     Question,
+    contains_answer,
     gold_passages,
     rag_messages,
     ranked_documents,
@@ -64,6 +65,21 @@ def test_ranked_documents_keep_each_documents_best_rank():
 )
 def test_squad_scores(prediction, answers, em, f1):
     assert squad_scores(prediction, answers) == (em, pytest.approx(f1))
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        ("The currency of Mongolia is the tögrög.", ["tögrög"], True),
+        ("It was the Eiffel Tower, in Paris.", ["Eiffel Tower"], True),
+        ("Six Grammys", ["six", "Lady Gaga"], True),
+        ("Sixteen", ["six"], False),  # whole words only
+        ("Tower Eiffel", ["Eiffel Tower"], False),  # in order
+        ("the", ["the"], False),  # a gold answer that normalises to nothing matches nothing
+    ],
+)
+def test_contains_answer(prediction, answers, expected):
+    assert contains_answer(prediction, answers) is expected
 
 
 def test_rag_prompts_of_each_mode():
@@ -166,6 +182,7 @@ def test_eval_rag_cli_scores_every_mode(small_index, capsys):
         answers = [json.loads(line) for line in out.with_suffix(".answers.jsonl").open()]
         assert [a["gold"] for a in answers] == [["25 dollars"], ["9am"]]
         assert all(isinstance(a["answer"], str) and 0 <= a["f1"] <= 1 for a in answers)
+        assert 0 <= saved["contains"] <= 100 and "contains" in printed
         sources = [a["sources"] for a in answers]
         if mode == "closed-book":
             assert sources == [[], []] and "gold_in_top2" not in saved
