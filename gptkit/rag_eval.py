@@ -273,11 +273,17 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
     mode = args.mode or "retrieved"
     if not args.model:
         raise ConfigError("eval rag needs --model")
+    if mode not in RAG_MODES:  # checked before the model loads, as is everything below
+        raise ConfigError(f"--mode for eval rag is one of {', '.join(RAG_MODES)}, got {mode!r}")
+    if mode == "retrieved" and not args.index:
+        raise ConfigError("--mode retrieved needs --index")
     rows = read_questions(data, args.limit)
     k = args.k or 3
     # The index serves retrieved mode, and oracle rows that name their gold document by id.
     wanted = mode == "retrieved" or (mode == "oracle" and any(r.context is None for r in rows))
     index = Index.open(args.index, device=args.device) if args.index and wanted else None
+    if mode == "oracle":
+        gold_passages(rows, index)  # a gold passage missing fails here, not after loading
     lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
     results, answers = eval_rag(lm, rows, mode, index, k, args.max_new_tokens)
     shown = f", k={k}" if mode == "retrieved" else ""

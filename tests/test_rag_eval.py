@@ -193,3 +193,9 @@ def test_eval_rag_cli_scores_every_mode(small_index, capsys):
             assert sources == [["wire"], ["gold"]]
     assert main([*argv[:-2], "--mode", "open-book"]) == 2
     assert "closed-book, retrieved, oracle" in capsys.readouterr().err
+    qa.write_text(json.dumps({"question": "q", "answers": ["a"], "doc_id": "nope"}) + "\n")
+    assert main([*argv[:-2], "--mode", "oracle"]) == 2
+    assert "has no document 'nope'" in capsys.readouterr().err
+    qa.write_text(json.dumps({"question": "q", "answers": []}) + "\n")
+    assert main(argv) == 2
+    assert "qa.jsonl record 1 (line 1): 'answers' must list" in capsys.readouterr().err
