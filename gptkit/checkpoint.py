@@ -155,7 +155,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for path in [*root.rglob("*"), root]:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -200,6 +200,7 @@ def save_checkpoint(
             tokenizer.save(tmp / TOKENIZER)
         if train_state is not None:
             _write_train_state(tmp, train_state)
+        fsync_tree(tmp)  # a full disk may only show here (delayed allocation)
     except BaseException as e:
         error = _write_error(directory, e)  # first: it may look at the free space left
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
@@ -220,10 +221,10 @@ def staging_dir(directory: Path) -> Path:
 
 
 def swap_in(tmp: Path, directory: Path) -> None:
-    """Make the fully written `tmp` (from staging_dir) the new `directory`, atomically as far
-    as readers go: between the two renames only the backup exists, and resolve_directory falls
-    back to it, so there is no moment without a whole copy (a checkpoint, an index)."""
-    _fsync_tree(tmp)
+    """Make `tmp` (from staging_dir, written and flushed with fsync_tree) the new `directory`,
+    atomically as far as readers go: between the two renames only the backup exists, and
+    resolve_directory falls back to it, so there is no moment without a whole copy (a
+    checkpoint, an index)."""
     backup = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
         os.replace(directory, backup)

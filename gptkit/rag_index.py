@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import resolve_directory, staging_dir, swap_in
+from .checkpoint import fsync_tree, resolve_directory, staging_dir, swap_in
 from .config import ConfigError
 from .embed import Embedder, load_embedder
 from .rag_docs import Chunk, Document, check_chunking, chunk_document, read_documents
@@ -151,6 +151,7 @@ def _write(
             },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -112,14 +112,14 @@ def install(fault: str) -> None:
 
         checkpoint.save_file = save_file
     elif kind == "fsync":
-        real_fsync_tree, hit = checkpoint._fsync_tree, nth(n)
+        real_fsync_tree, hit = checkpoint.fsync_tree, nth(n)
 
         def fsync_tree(root):
             real_fsync_tree(root)
             if hit():
                 die()
 
-        checkpoint._fsync_tree = fsync_tree
+        checkpoint.fsync_tree = fsync_tree
     elif kind == "swap":
         real_replace, hit = os.replace, nth(n)
 
