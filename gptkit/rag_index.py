@@ -347,6 +347,8 @@ class Index:
         """The k best chunks for each query, best first."""
         if mode not in MODES:
             raise ConfigError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
+        if not all(q.strip() for q in queries):
+            raise ConfigError("a search query is empty; give some words to search for")
         n = len(self._chunks)
         depth = min(n, k if mode != "hybrid" else max(4 * k, 50))  # fusion looks deeper
         q = self.embed(queries) if mode != "bm25" else None  # [Q, dim]

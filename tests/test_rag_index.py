@@ -160,6 +160,8 @@ def test_bm25_matches_words_and_ignores_unknown_ones(index):
     hits = index.search("SWIFT transfer fee", k=3, mode="bm25")
     assert hits[0].doc_id == "wire" and hits[0].bm25 > 0 and hits[0].dense is None
     assert index.search("zzzqqq", k=3, mode="bm25") == []
+    with pytest.raises(ValueError, match="query is empty"):
+        index.search("  ", k=3)
     assert index.search("the of and", k=3, mode="bm25") == []  # stop words only
 
 
