@@ -323,11 +323,11 @@ def test_cli_forms_of_adapter(monkeypatch, dirs):
     calls = []
     monkeypatch.setattr(gptkit.serve, "serve", lambda *args: calls.append(args))
     assert main(["serve", "--model", str(dirs[BASE]), "--adapter", str(dirs["a"])]) == 0
-    lm, name, _, adapters = calls[-1]
+    lm, name, _, adapters, *_retrieval = calls[-1]
     assert name == BASE and adapters == {}
     assert peft_config(lm.model).method == "lora"
     argv = ["serve", "--model", str(dirs[BASE]), "--name", "m"]
     assert main([*argv, "--adapter", f"a={dirs['a']}", "--adapter", f"b={dirs['b']}"]) == 0
-    lm, name, _, adapters = calls[-1]
+    lm, name, _, adapters, *_retrieval = calls[-1]
     assert name == "m" and adapters == {"a": str(dirs["a"]), "b": str(dirs["b"])}
     assert peft_config(lm.model) is None
