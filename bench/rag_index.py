@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -142,6 +143,7 @@ def main() -> None:
         print(f"  {name:32s} {row[0]:>18s} {row[1]:>18s}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -425,6 +425,12 @@ RUNS: dict[str, Run] = {
         repo_root=True,
         check=out_has("recall@5", "rag (retrieved, k=3)", "rag (oracle)"),
     ),
+    ".venv/bin/python bench/rag_index.py": Run(
+        add=("--smoke",),
+        shared_data=True,
+        repo_root=True,
+        check=out_has("gptkit overhead", "32 in flight"),
+    ),
     ".venv/bin/python bench/predict.py": Run(
         add=("--smoke",),
         smollm2=True,
