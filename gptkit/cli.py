@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="choice: file to draw the shots from")
     p.add_argument("--index", type=Path, help="retrieval, rag: the index (from gptkit index)")
     p.add_argument("--mode", help="retrieval: dense,bm25,hybrid; rag: closed-book|retrieved|oracle")
-    p.add_argument("-k", type=int, help="retrieval: ranks scored; rag: sources in the prompt")
+    p.add_argument("-k", type=int, help="rag: sources in the prompt (default 3)")
     _allow_pickle_flag(p)
     p.set_defaults(func=cmd_eval)
 

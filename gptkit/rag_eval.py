@@ -41,7 +41,7 @@ from .config import ConfigError
 from .evaluate import format_table, normalize_answer, save_results, squad_scores
 from .rag import grounded_messages
 from .rag_index import MODES, Hit, Index
-from .taskdata import _load  # (where, record): errors name the file and line
+from .taskdata import located_records
 
 KS = (1, 5, 10)
 DEPTH = 50  # chunks searched per query: enough to fill 10 distinct documents
@@ -85,7 +85,7 @@ def retrieval_metrics(
 def read_queries(path: str) -> list[tuple[str, set[str]]]:
     """(query, relevant document ids) of each row; a bad row is a one-line error naming it."""
     rows = []
-    for where, row in _load(path):
+    for where, row in located_records(path):
         query, relevant = row.get("query"), row.get("relevant")
         if not isinstance(query, str) or not query.strip():
             raise ConfigError(f"{where}: no 'query' text")
@@ -119,7 +119,7 @@ class Question:
 def read_questions(path: str, limit: int = 0) -> list[Question]:
     """The QA rows; a bad row is a one-line error naming it."""
     rows = []
-    for where, row in _load(path)[: limit or None]:
+    for where, row in located_records(path)[: limit or None]:
         question, answers, context = row.get("question"), row.get("answers"), row.get("context")
         if not isinstance(question, str) or not question.strip():
             raise ConfigError(f"{where}: no 'question' text")
@@ -200,13 +200,11 @@ def eval_rag(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(EM and F1 on a 0-100 scale, n, and in retrieved mode the share of questions whose
     gold document is among the sources), and each question's answer and sources."""
-    from .chat_template import CHATML, render, turn_stops
+    from .chat_template import chat_prompt, turn_stops
 
     tok = lm.tokenizer
-    names = {"bos_token": tok.bos_token or "", "eos_token": tok.eos_token or ""}
-    template = tok.chat_template or CHATML
     messages, sources = rag_messages(rows, mode, index, k)
-    prompts = [render(m, template, add_generation_prompt=True, **names) for m in messages]
+    prompts = [chat_prompt(tok, m) for m in messages]
     # Batches of similar length pad little: generate shortest first, answer in row order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
@@ -257,6 +255,8 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
         for mode in modes:
             if mode not in MODES:
                 raise ConfigError(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
+        if args.k is not None:
+            raise ConfigError("eval retrieval scores recall@1/5/10 and MRR over the top 50: no -k")
         queries = read_queries(data)[: args.limit or None]
         index = Index.open(args.index, device=args.device)
         results = {mode: eval_retrieval(index, queries, mode) for mode in modes}
@@ -277,8 +277,10 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
         raise ConfigError(f"--mode for eval rag is one of {', '.join(RAG_MODES)}, got {mode!r}")
     if mode == "retrieved" and not args.index:
         raise ConfigError("--mode retrieved needs --index")
+    k = 3 if args.k is None else args.k
+    if k < 1:
+        raise ConfigError(f"-k (sources per question) must be at least 1, got {k}")
     rows = read_questions(data, args.limit)
-    k = args.k or 3
     # The index serves retrieved mode, and oracle rows that name their gold document by id.
     wanted = mode == "retrieved" or (mode == "oracle" and any(r.context is None for r in rows))
     index = Index.open(args.index, device=args.device) if args.index and wanted else None

@@ -224,11 +224,12 @@ def delete_documents(path: Path, doc_ids: list[str]) -> Index:
     if missing:
         raise IndexFileError(f"no document {missing[0]!r} in {path} ({len(missing)} not found)")
     gone = set(doc_ids)
-    keep = [i for i, c in enumerate(index.chunks()) if c.doc_id not in gone]
+    chunks = index.chunks()
+    keep = [i for i, c in enumerate(chunks) if c.doc_id not in gone]
     settings = index.manifest
     _write(
         Path(path),
-        [index.chunks()[i] for i in keep],
+        [chunks[i] for i in keep],
         index.vectors()[keep],
         [d for d in index.documents() if d.id not in gone],
         {k: settings[k] for k in SETTINGS},

@@ -170,7 +170,7 @@ def _csv_records(path: Path, text: str, dialect: str) -> Iterator[tuple[str, dic
             ) from None
 
 
-def _load(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+def located_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """The records of a file, each with where it is (for error messages)."""
     path = Path(path)
     suffix = path.suffix.lower()
@@ -196,7 +196,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
     CSV and TSV values are strings; JSON values keep their JSON types.
     """
-    return [record for _, record in _load(path)]
+    return [record for _, record in located_records(path)]
 
 
 # --- classification -----------------------------------------------------------------------
@@ -226,7 +226,7 @@ def read_texts(
 ) -> list[tuple[dict[str, Any], str]]:
     """(record, its text) for each record of a file: what a model is to label. `argument`
     is how the caller's user names the field (an error message suggests it)."""
-    return [(r, _text_field(r, text_field, where, argument)) for where, r in _load(path)]
+    return [(r, _text_field(r, text_field, where, argument)) for where, r in located_records(path)]
 
 
 def read_labelled(
@@ -237,7 +237,7 @@ def read_labelled(
     mixed), but not all."""
     pairs = []
     several = len(label_fields) > 1
-    for where, record in _load(path):
+    for where, record in located_records(path):
         text = _text_field(record, text_field, where)
         labels: list[str | None] = []
         for name in label_fields:
@@ -340,7 +340,7 @@ def _conversations(record: dict[str, Any], where: str) -> list[list[dict[str, st
 def read_chat(path: str | Path) -> list[list[dict[str, str]]]:
     """Conversations, each a list of {"role", "content"} messages; see CHAT_SHAPES for records."""
     conversations = []
-    for where, record in _load(path):
+    for where, record in located_records(path):
         for conversation in _conversations(record, where):
             # Nothing to learn from a conversation without an answer: an empty target.
             if not any(m["role"] == "assistant" and m["content"].strip() for m in conversation):
