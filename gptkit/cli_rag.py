@@ -28,6 +28,9 @@ def cmd_index(args: argparse.Namespace) -> None:
     elif args.add:
         index = add_documents(args.out, args.docs, text_field=args.text_field)
     else:
+        missing = [str(p) for p in args.docs if not p.exists()]
+        if missing:  # before the embedder takes its seconds to load
+            raise ConfigError(f"{missing[0]}: no such file or folder")
         from .embed import load_embedder
 
         embedder = load_embedder(args.embedder, device=args.device)
