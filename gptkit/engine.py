@@ -4,7 +4,7 @@ HTTP handlers `submit` a `Sequence` and receive its text through the sequence's 
 callback; they never call the model. The engine thread loops:
 
 1. admit waiting sequences while a row is free: a short prompt (at most `prefill_chunk`
-   tokens) is prefilled at once into its row of a shared KV cache (`SlotCache`); a longer
+   tokens) is prefilled at once into its row of a shared KV cache (kv_cache.py); a longer
    one gets the next `prefill_chunk` of its tokens fed in this iteration and the rest in the
    next ones (one long prompt at a time). A prompt whose last chunk is in samples its first
    token and joins the running rows;
@@ -15,7 +15,7 @@ callback; they never call the model. The engine thread loops:
 
 This is continuous batching: a request joins the running batch at the next step instead of
 waiting for the batch to drain. Rows keep their own lengths, so a new short prompt and an old
-long conversation share a step; a key mask hides each row's unused cache columns.
+long conversation share a step; the cache's key mask hides each row's unused columns.
 
 Chunked prefill (as in vLLM and llama.cpp's server): an 8,000-token prompt is fed a chunk per
 iteration between decoding steps, so running streams keep getting tokens instead of freezing
@@ -45,8 +45,8 @@ from .config import GPTConfig
 from .generation import SampleConfig, Sampler, TextStream, eval_mode
 from .generation.decode import reply_stream
 from .generation.stopping import skippable
+from .kv_cache import KVCache
 from .loading import Pretrained
-from .model import KVCache
 from .peft import MultiLoRA
 
 
@@ -76,50 +76,6 @@ class Sequence:
         self.cancelled = True
 
 
-class SlotCache(KVCache):
-    """A KV cache whose rows are independent sequences, each filled to its own length.
-
-    Before a decoding step the engine sets `columns` [n] (where each row writes its new key
-    and value) and `length` (the longest row), so attention reads columns [0, length] and a
-    key mask hides what a shorter row has not filled.
-    """
-
-    columns: torch.Tensor
-
-    def reserve(self, columns: int, limit: int) -> None:
-        """Grow to hold `columns` positions per row (doubling, at most `limit`): memory follows
-        the longest running sequence, not the context (8192 positions x 8 rows of SmolLM2
-        would hold 3 GB from the first request on)."""
-        if columns <= self.max_len:
-            return
-        size = min(max(columns, 2 * self.max_len), limit)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], size, old.shape[4])
-            new[:, :, :, : old.shape[3]] = old
-            setattr(self, name, new)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v [n, Hkv, 1, D]: one new position per running row (rows 0..n-1)."""
-        n = k.shape[0]
-        rows = torch.arange(n, device=k.device)
-        self.k[layer][rows, :, self.columns] = k[:, :, 0]  # [n, Hkv, D] into per-row columns
-        self.v[layer][rows, :, self.columns] = v[:, :, 0]
-        end = self.length + 1
-        return self.k[layer, :n, :, :end], self.v[layer, :n, :, :end]
-
-    def row(self, r: int) -> KVCache:
-        """Row r as an ordinary, empty KV cache (a view: a prefill through it fills row r)."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v, view.length = self.k[:, r : r + 1], self.v[:, r : r + 1], 0
-        return view
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy row src's first `length` columns into row dst (compacting the running rows)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-
 @dataclass
 class _Filling:
     """A long prompt being prefilled, a chunk per iteration, into the cache's last row (the
@@ -133,7 +89,6 @@ class _Filling:
 class _Slot:
     seq: Sequence
     text: TextStream
-    length: int  # cache columns filled
     token: int  # the last sampled token, fed in at the next step
     budget: int
     sampler: Sampler  # this row's sampling state (penalty counts, seeded generator)
@@ -168,7 +123,7 @@ class Engine:
         self.waiting: queue.Queue[Sequence] = queue.Queue(maxsize=max_queue)
         self.running: list[_Slot] = []
         self.stats = EngineStats()
-        self._cache: SlotCache | None = None  # allocated at the first request
+        self._cache: KVCache | None = None  # allocated at the first request
         self._filling: _Filling | None = None
         self._initial_columns = min(self.context, 256)  # the cache's first size per row
         self._closing = threading.Event()
@@ -311,14 +266,12 @@ class Engine:
                 seq.emit(("done", "length"))
             return
         if self._cache is None:
-            dtype = model.tok_emb.weight.dtype
-            self._cache = SlotCache(
-                self.config, self.max_batch, self._initial_columns, device, dtype
-            )
+            self._cache = model.new_cache(self.max_batch, self._initial_columns)
+        if filling.done == 0:
+            self._cache.clear(row)
         take = min(self.prefill_chunk, len(seq.prompt) - filling.done)
         self._reserve(filling.done + take)
-        view = self._cache.row(row)
-        view.length = filling.done  # continue after the chunks already in
+        view = self._cache.rows(row, 1)  # continues after the chunks already in
         chunk = torch.tensor([seq.prompt[filling.done : filling.done + take]], device=device)
         with self._adapters([seq.adapter]):
             logits = model(chunk, cache=view, last_only=True)[:, -1].float()  # [1, V]
@@ -329,13 +282,12 @@ class Engine:
             return
         r = len(self.running)
         if row != r:
-            self._cache.move(row, r, filling.done)
+            self._cache.move(row, r)
         s, tok = seq.sample, self.lm.tokenizer
         skip = self.specials if seq.skip_special else None
         slot = _Slot(
             seq=seq,
             text=reply_stream(s, tok.eos_id, tok.decode, skip),
-            length=len(seq.prompt),
             token=-1,
             budget=s.max_new_tokens,
             sampler=Sampler(s, [seq.prompt], self.config.vocab_size, self.vocab_size, device),
@@ -349,21 +301,14 @@ class Engine:
 
     def _step(self) -> None:
         """One forward pass for every running row, then each row's next token."""
-        cache, device = self._cache, self.lm.model.tok_emb.weight.device
-        n = len(self.running)
-        lengths = torch.tensor([s.length for s in self.running], device=device)  # [n]
-        cache.columns, cache.length = lengths, int(lengths.max())
-        self._reserve(cache.length + 1)
-        key_mask = torch.arange(cache.length + 1, device=device)[None, :] <= lengths[:, None]
+        device, n = self.lm.model.tok_emb.weight.device, len(self.running)
+        self._reserve(max(self._cache.lengths[:n]) + 1)
+        rows = self._cache.rows(0, n)  # each writes its token at its own column
         tokens = torch.tensor([[s.token] for s in self.running], device=device)  # [n, 1]
         with self._adapters([s.seq.adapter for s in self.running]):
-            logits = self.lm.model(
-                tokens, cache=cache, positions=lengths[:, None], key_mask=key_mask, last_only=True
-            )[:, -1].float()  # [n, V]
+            logits = self.lm.model(tokens, cache=rows, last_only=True)[:, -1].float()  # [n, V]
         self.stats.steps += 1
         self.stats.max_batch = max(self.stats.max_batch, n)
-        for s in self.running:
-            s.length += 1
         # Backwards, so that retiring row r (which moves the last row into it) leaves the
         # rows still to visit where they were.
         for r in reversed(range(n)):
@@ -396,7 +341,7 @@ class Engine:
             self._finish(r, "length")
 
     def _reserve(self, columns: int) -> None:
-        self._cache.reserve(columns, self.context)
+        self._cache.grow(columns, self.context)
         self.stats.cache_columns = max(self.stats.cache_columns, self._cache.max_len)
 
     def _finish(self, r: int, reason: str | None) -> None:
@@ -408,7 +353,7 @@ class Engine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         last = len(self.running) - 1
         if r != last:
-            self._cache.move(last, r, self.running[last].length)
+            self._cache.move(last, r)
             self.running[r] = self.running[last]
         self.running.pop()
 

@@ -1,5 +1,6 @@
-"""The GPT nn.Module: embeddings, attention, MLP, norms, blocks, LM head, and a KV cache.
-(CPU decoding's weight layout lives in cpu.py, int8 layers in quantize.py, adapters in peft.py.)
+"""The GPT nn.Module: embeddings, attention, MLP, norms, blocks and LM head.
+(The KV cache lives in kv_cache.py, CPU decoding's weight layout in cpu.py, int8 layers in
+quantize.py, adapters in peft.py.)
 
 Shapes use B = batch, T = new tokens in this call, S = all key positions (cache + new),
 C = n_embd, H = query heads, Hkv = key/value heads, D = head_dim, V = vocab.
@@ -27,47 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .kv_cache import KVCache
 
 
 class ContextLengthError(ValueError):
     """More tokens than the model's context (block_size) can hold."""
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
-
-    Writing the new step's keys into a fixed buffer (instead of concatenating) keeps decoding
-    free of per-token reallocation. `length` is how many positions are filled.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, Hkv, T, D] after the filled part; return all keys/values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def truncate(self, length: int) -> None:
-        """Forget every position from `length` on (speculative decoding drops the keys of
-        rejected draft tokens). Nothing is cleared: the next `update` writes over them."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        self.length = length
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search keeps the caches of the surviving beams)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
 
 
 def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,30 +344,45 @@ class GPT(nn.Module):
                 n -= self.pos_emb.weight.numel()
         return n
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.tok_emb.weight
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, pad: list[int] | None = None
+    ) -> KVCache:
+        """An empty cache for batch_size rows of max_len positions (default: the context);
+        pad: each row's leading padding columns (left-padded prompts, see kv_cache.py)."""
+        c, p = self.config, self.tok_emb.weight
+        max_len = max_len or c.block_size
         return KVCache(
-            self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype
+            c.n_layer, batch_size, c.n_kv_head, c.head_dim, max_len, p.device, p.dtype, pad
         )
 
     def _masks(
-        self, B: int, T: int, start: int, key_mask: torch.Tensor | None, device, causal=True
+        self,
+        B: int,
+        T: int,
+        start: int,
+        key_mask: torch.Tensor | None,
+        device,
+        causal=True,
+        columns: torch.Tensor | None = None,
     ):
         """(mask, is_causal) for dense layers and for banded layers, shared by all blocks.
 
         The common cases need no mask tensor: a prefill from position 0 is plain causal, a
         single decode step may attend to every cached key, and a bidirectional (masked-LM)
         pass sees everything. Otherwise we build a boolean [B or 1, 1, T, S] mask
-        (True = may attend).
+        (True = may attend). columns [B, T]: where each row's new tokens sit in a cache whose
+        rows have different lengths (default start..S-1 for every row).
         """
         S = start + T
         banded = self.config.attention == "alternating" and self.config.local_window < S
         if key_mask is None and not banded and (start == 0 or T == 1 or not causal):
             plain = (None, causal and start == 0 and T > 1)
             return {False: plain, True: plain}
-        q_pos = torch.arange(start, S, device=device)[:, None]  # [T, 1]
-        k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
-        allowed = (k_pos <= q_pos if causal else k_pos >= 0)[None, None]  # [1, 1, T, S]
+        if columns is None:
+            columns = torch.arange(start, S, device=device)[None]  # [1, T]
+        q_pos = columns[:, None, :, None]  # [B or 1, 1, T, 1]
+        k_pos = torch.arange(S, device=device)  # [S]
+        allowed = k_pos <= q_pos if causal else (k_pos >= 0) & (q_pos >= 0)  # [B|1, 1, T, S]
         if key_mask is not None:
             # Padding keys are hidden. A query that would then see nothing (a padding query)
             # sees itself, since an all-masked softmax row would be NaN.
@@ -422,12 +402,15 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [B, T, C] for token ids idx [B, T].
 
-        cache: continue after the cache's filled positions (and fill it with this call).
-        positions: [B, T] position ids (left-padded batches); default start..start+T-1.
-        key_mask: [B, S] bool, False for padding slots that no query may attend to.
+        cache: continue after the cache's filled positions (and fill it with this call); the
+          cache gives the position ids and key mask.
+        positions: without a cache, [B, T] position ids; default 0..T-1.
+        key_mask: without a cache, [B, T] bool, False for padding that no query may attend to.
         causal: False lets every token attend to every other (the masked-LM objective).
         """
         B, T = idx.shape
+        if cache is not None and (positions is not None or key_mask is not None):
+            raise ValueError("a pass through a KV cache takes its positions and mask from it")
         start = cache.length if cache is not None else 0
         limit = min(self.config.block_size, cache.max_len if cache is not None else math.inf)
         if start + T > limit:
@@ -435,8 +418,12 @@ class GPT(nn.Module):
                 f"{start + T} tokens do not fit the context of {limit} positions; "
                 "shorten the prompt or max_new_tokens"
             )
-        if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        columns = None
+        if cache is not None:
+            positions, key_mask = cache.positions(T), cache.key_mask(T)
+            columns = cache.columns(T)
+        elif positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
         x = self.tok_emb(idx)  # [B, T, C]
         rope = None
         if self.config.positions == "learned":
@@ -446,11 +433,9 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         x = self.drop(x)
-        masks = self._masks(B, T, start, key_mask, idx.device, causal)
+        masks = self._masks(B, T, start, key_mask, idx.device, causal, columns)
         for block in self.blocks:
             x = block(x, rope, masks, cache)
-        if cache is not None:
-            cache.length += T
         return self.norm_f(x)
 
     def forward(

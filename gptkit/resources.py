@@ -136,7 +136,7 @@ def inference_need(
 def kv_cache_bytes(
     config: GPTConfig, rows: int, positions: int, dtype: torch.dtype = torch.float32
 ) -> int:
-    """Keys and values of every layer for `rows` sequences of `positions` tokens (model.KVCache)."""
+    """Keys and values of every layer for `rows` sequences of `positions` tokens (kv_cache.py)."""
     per_position = 2 * config.n_layer * config.n_kv_head * config.head_dim
     return rows * min(positions, config.block_size) * per_position * _itemsize(dtype)
 

@@ -75,6 +75,5 @@ def beam_search(
         sampler.reorder(index)
         token = torch.tensor([b[-1] for b in beams], device=device)
         sampler.advance(token)
-        positions = torch.full((nb, 1), len(prompt) + step, device=device)
-        logits = model(token[:, None], cache=cache, positions=positions, last_only=True)
+        logits = model(token[:, None], cache=cache, last_only=True)
     return [seq for _, seq in finished[: sample.num_return_sequences]]

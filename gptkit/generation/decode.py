@@ -78,40 +78,30 @@ def decode_steps(
     """Yield every prompt's next token (with log-probabilities when asked), once per step; no
     end-token handling here.
 
-    Prompts of different lengths are left-padded: a key mask hides the padding and position ids
-    restart at 0 where each prompt begins, so every row computes what it would alone.
+    Prompts of different lengths are left-padded; the cache is told each row's padding, so its
+    key mask hides it and its position ids restart at 0 where each prompt begins: every row
+    computes what it would alone.
     """
     device = model.tok_emb.weight.device
     max_new = _budget(model, prompts, max_new_tokens)
     if max_new <= 0:
         return
-    N, lengths = len(prompts), torch.tensor([len(p) for p in prompts], device=device)
-    L = int(lengths.max())
-    pad = L - lengths  # [N]
-    cache = model.new_cache(N, L + max_new - 1)
-    idx = torch.zeros(N, L, dtype=torch.long, device=device)
+    lengths = [len(p) for p in prompts]
+    L = max(lengths)
+    pad = [L - n for n in lengths]
+    cache = model.new_cache(len(prompts), L + max_new - 1, pad=pad)
+    idx = torch.zeros(len(prompts), L, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        idx[i, L - len(p) :] = torch.tensor(p, device=device)
-    key_mask = None
-    if bool(pad.any()):
-        key_mask = torch.arange(cache.max_len, device=device)[None, :] >= pad[:, None]  # [N, S]
-    positions = (torch.arange(L, device=device)[None, :] - pad[:, None]).clamp(min=0)  # [N, L]
+        idx[i, pad[i] :] = torch.tensor(p, device=device)
 
     with eval_mode(model):
-        logits = model(idx, cache=cache, positions=positions, key_mask=key_mask, last_only=True)
+        logits = model(idx, cache=cache, last_only=True)
         for step in range(max_new):
             picked = sampler.pick(logits[:, -1])
             yield picked
             if step == max_new - 1:
                 return
-            positions = (lengths + step)[:, None]  # [N, 1]
-            logits = model(
-                picked.tokens[:, None],
-                cache=cache,
-                positions=positions,
-                key_mask=key_mask,
-                last_only=True,
-            )
+            logits = model(picked.tokens[:, None], cache=cache, last_only=True)
 
 
 @dataclass
