@@ -113,6 +113,17 @@ def self_instruct():
     )
 
 
+def alpaca_zh():
+    """Chinese instructions (LLaMA-Factory's Alpaca demo, 1,000 records): train on the first
+    800, val the next 100, test the last 100."""
+    rows = json.loads((SHARED / "alpaca-demo" / "alpaca_zh_demo.json").read_text("utf-8"))
+    return (
+        _write_jsonl(OUT / "data" / "zh-train.jsonl", rows[:800]),
+        _write_jsonl(OUT / "data" / "zh-val.jsonl", rows[800:900]),
+        _write_jsonl(OUT / "data" / "zh-test.jsonl", rows[900:]),
+    )
+
+
 def dialogsum():
     """DialogSum has no train file here: train on dev (400), val (100), test on test's
     summary1 (the first of its three references)."""
@@ -159,6 +170,7 @@ TASKS = {
     "wnut17": ("tag", wnut17, {}, 0),
     "ud-upos": ("tag", ud_ewt, {}, 1000),
     "self-instruct": ("sft", self_instruct, LONG, 100),
+    "alpaca-zh": ("sft", alpaca_zh, LONG, 100),
     "dialogsum": ("sft", dialogsum, LONG, 50),
     "multi30k": ("sft", multi30k, {}, 100),
 }
@@ -282,6 +294,7 @@ HEADLINE = {
     "wnut17": ("entity_f1", 100),
     "ud-upos": ("token_accuracy", 100),
     "self-instruct": ("rougeL", 1),
+    "alpaca-zh": ("rougeL", 1),
     "dialogsum": ("rougeL", 1),
     "multi30k": ("bleu", 1),
 }

@@ -165,6 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics=metrics,
         max_new_tokens=args.max_new_tokens,
         chat=not args.no_chat_template,
+        lang=args.lang,
         shots=args.shots,
         train=args.train,
     )
@@ -265,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     t.add_argument("--input", nargs="+", required=True, type=Path, help="text files")
     t.add_argument("--vocab-size", type=int, default=8192)
-    t.add_argument("--special", nargs="*", default=["<|endoftext|>"], help="special tokens")
+    t.add_argument(
+        "--special",
+        nargs="*",
+        default=[],
+        help="special tokens besides <|endoftext|>, which every gptkit tokenizer has",
+    )
     t.add_argument("--out", required=True, type=Path, help="output directory")
     t.set_defaults(func=cmd_tokenizer_train)
 
@@ -341,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="bleu,chrf,rouge,exact_match", help="generate: metrics")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat-template", action="store_true", help="generate: plain prompts")
+    p.add_argument(
+        "--lang",
+        choices=["en", "zh"],
+        help="generate: how BLEU and ROUGE split words (default: told from the references)",
+    )
     p.add_argument("--shots", type=int, default=0, help="choice: examples in the prompt")
     p.add_argument("--train", help="choice: file to draw the shots from")
     p.add_argument("--index", type=Path, help="retrieval, rag: the index (from gptkit index)")

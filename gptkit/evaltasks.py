@@ -19,11 +19,13 @@ from .api import LM
 from .chat_template import CHATML, render, turn_stops
 from .config import ConfigError
 from .evaluate import (
+    TOKENIZATION,
     classify_report,
     generation_metrics,
     multiple_choice,
     perplexity,
     tagging_metrics,
+    text_language,
 )
 from .generation import prompt_room
 from .model import ContextLengthError
@@ -101,9 +103,12 @@ def eval_generate(
     max_new_tokens: int = 64,
     chat: bool = True,
     batch_size: int = 8,
+    lang: str | None = None,
 ) -> tuple[dict, list[str]]:
     """Metrics of greedy replies, and the replies. A prompt too long for the context keeps its
-    end (where the question and the generation prompt are); `truncated` counts them."""
+    end (where the question and the generation prompt are); `truncated` counts them. lang:
+    how BLEU and ROUGE split words ("en", "zh"; default: told from the references); the
+    results say which was used."""
     prompts, refs, stop = generation_prompts(lm, path, limit, chat)
     try:
         budget = prompt_room(max_new_tokens, lm.config.block_size)
@@ -120,7 +125,9 @@ def eval_generate(
         batch = prompts[start : start + batch_size]
         preds += lm.generate(batch, max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     preds = [p.strip() for p in preds]
-    return {**generation_metrics(preds, refs, metrics), "truncated": truncated}, preds
+    lang = lang or text_language(refs)
+    scores = generation_metrics(preds, refs, metrics, lang)
+    return {**scores, "truncated": truncated, "lang": lang, **TOKENIZATION[lang]}, preds
 
 
 def eval_choice(lm: LM, path, limit: int = 0, shots: int = 0, train=None, seed=0) -> dict:
@@ -144,6 +151,6 @@ def run_eval(task: str, lm: LM, data: Sequence[str], **options: Any) -> dict[str
         columns = {key: options.get(key) for key in ("word_column", "tag_column")}
         return eval_tag(lm, data[0], limit, **columns)
     if task == "generate":
-        keys = ("metrics", "max_new_tokens", "chat")
+        keys = ("metrics", "max_new_tokens", "chat", "lang")
         return eval_generate(lm, data[0], limit, **{k: options[k] for k in keys})[0]
     return eval_choice(lm, data[0], limit, options["shots"], options.get("train"))

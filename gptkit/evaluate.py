@@ -6,7 +6,8 @@ Task metrics are computed by the libraries the papers use, so numbers compare wi
 - `tagging_metrics`: token accuracy, and for IOB tags entity-level precision/recall/F1 as CoNLL's
   conlleval scores them (seqeval: an entity counts only if its type and both ends are right).
 - `generation_metrics`: corpus BLEU and chrF (sacrebleu, 0-100), ROUGE-1/2/L F-measure (Google's
-  rouge-score, ×100), and SQuAD's exact match after `normalize_answer` (×100).
+  rouge-score, ×100), and SQuAD's exact match after `normalize_answer` (×100). Chinese text is
+  split into words as its benchmarks do (`text_language` tells it from the references).
 
 The model-based measures are written here, on token ids:
 
@@ -47,6 +48,14 @@ if TYPE_CHECKING:
 GENERATION_METRICS = ("bleu", "chrf", "rouge", "exact_match")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _PUNCTUATION = frozenset(string.punctuation)
+# CJK ideographs (unified, extension A, compatibility): a script with no spaces between words.
+_IDEOGRAPH = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+# How BLEU (sacrebleu's tokenizer) and ROUGE split each language's text into words. Whitespace
+# tokenizers see a Chinese sentence as one word, so an exact reply would score BLEU 0.
+TOKENIZATION = {
+    "en": {"bleu_tokenize": "13a", "rouge_tokenize": "words, Porter-stemmed"},
+    "zh": {"bleu_tokenize": "zh", "rouge_tokenize": "characters"},
+}
 
 
 # --- classification and tagging ------------------------------------------------------------
@@ -150,18 +159,39 @@ def squad_scores(prediction: str, answers: Sequence[str]) -> tuple[float, float]
     return best_em, best_f1
 
 
+def text_language(texts: Sequence[str]) -> str:
+    """ "zh" when at least a third of the texts' non-space characters are CJK ideographs, else
+    "en" (any script that puts spaces between words)."""
+    text = "".join(texts)
+    letters = sum(not c.isspace() for c in text)
+    return "zh" if letters and len(re.findall(_IDEOGRAPH, text)) * 3 >= letters else "en"
+
+
+class _ChineseWords:
+    """rouge-score's tokenizer for Chinese: each ideograph is a word, as is each run of Latin
+    letters or digits (lower-cased), as Chinese ROUGE is commonly computed by character."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(f"{_IDEOGRAPH}|[a-z0-9]+", text.lower())
+
+
 def generation_metrics(
     preds: Sequence[str],
     refs: Sequence[str],
     metrics: Sequence[str] = GENERATION_METRICS,
+    lang: str | None = None,
 ) -> dict[str, float]:
     """Scores of predictions against one reference each, all on a 0-100 scale.
 
-    "bleu" and "chrf" are corpus-level (sacrebleu's defaults: BLEU-4 with its 13a tokenizer,
-    chrF with character 6-grams); "rouge" gives rouge1/rouge2/rougeL, the mean F-measure over
-    pairs with Porter stemming (rouge-score's tokenizer keeps only ASCII letters and digits, so
-    use chrF for other scripts); "exact_match" compares `normalize_answer` forms.
+    "bleu" and "chrf" are corpus-level (sacrebleu's BLEU-4 and chrF with character 6-grams);
+    "rouge" gives rouge1/rouge2/rougeL, the mean F-measure over pairs; "exact_match" compares
+    `normalize_answer` forms. lang ("en" or "zh"; default `text_language(refs)`) picks how
+    BLEU and ROUGE split words (TOKENIZATION): sacrebleu's 13a and rouge-score's ASCII words
+    with Porter stemming for English, sacrebleu's "zh" and single characters for Chinese.
     """
+    lang = lang or text_language(refs)
+    if lang not in TOKENIZATION:
+        raise ValueError(f"unknown language {lang!r}; known: {', '.join(TOKENIZATION)}")
     unknown = [m for m in metrics if m not in GENERATION_METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {list(GENERATION_METRICS)}")
@@ -169,14 +199,18 @@ def generation_metrics(
     preds, refs = list(preds), list(refs)
     results: dict[str, float] = {}
     if "bleu" in metrics:
-        results["bleu"] = sacrebleu.corpus_bleu(preds, [refs]).score
+        tokenize = TOKENIZATION[lang]["bleu_tokenize"]
+        results["bleu"] = sacrebleu.corpus_bleu(preds, [refs], tokenize=tokenize).score
     if "chrf" in metrics:
         results["chrf"] = sacrebleu.corpus_chrf(preds, [refs]).score
     if "rouge" in metrics:
         # Imported here: rouge-score imports NLTK, ~2.5 s that no other metric needs.
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+        if lang == "zh":
+            scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=_ChineseWords())
+        else:
+            scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
         scores = [scorer.score(target=r, prediction=p) for p, r in zip(preds, refs, strict=True)]
         for kind in ROUGE_TYPES:
             results[kind] = 100 * sum(s[kind].fmeasure for s in scores) / len(scores)

@@ -371,8 +371,11 @@ def train_bpe(
     `texts` is an iterable of strings, or a list of files (Path objects, or str naming existing
     files): those `tokenizers` reads itself, which is faster. The vocabulary has the special
     tokens (ids 0..k-1), all 256 bytes (so any text encodes) and merges up to `vocab_size` ids;
-    fewer only if the text has too few pairs seen `min_frequency` times.
+    fewer only if the text has too few pairs seen `min_frequency` times. `<|endoftext|>` is
+    always the first special token, whatever else is asked for: documents are joined by it
+    (prepare.py) and generation stops at it.
     """
+    special_tokens = list(dict.fromkeys([ENDOFTEXT, *special_tokens]))
     if vocab_size < 256 + len(special_tokens):
         raise TokenizerError(
             f"vocab_size={vocab_size} is below 256 bytes + "
@@ -387,7 +390,7 @@ def train_bpe(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(special_tokens),
+        special_tokens=special_tokens,
         initial_alphabet=alphabet,
         show_progress=show_progress,
     )

@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import sacrebleu
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from gptkit.evaluate import (
     perplexity_windows,
     save_results,
     tagging_metrics,
+    text_language,
 )
 from gptkit.model import GPT
 from gptkit.tokenizer import char_tokenizer
@@ -142,6 +144,28 @@ def test_rouge_of_disjoint_texts_is_zero_and_partial_overlap_matches_hand_value(
     partial = generation_metrics(["the cat sat"], ["the cat ran"], metrics=["rouge"])
     assert partial["rouge1"] == pytest.approx(200 / 3)
     assert partial["rouge2"] == pytest.approx(50.0)
+
+
+def test_chinese_is_told_from_the_references_and_split_by_character():
+    ref = ["我爱北京天安门。", "今天天气很好，我们去公园散步吧。"]
+    assert text_language(ref) == "zh" and text_language(["the cat sat"]) == "en"
+    assert text_language(["GPT 模型的训练数据"]) == "zh"  # mixed, mostly ideographs
+    same = generation_metrics(ref, ref)
+    for name in ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match"):
+        assert same[name] == pytest.approx(100.0), name
+    # Forced to English rules, each sentence is one "word" to sacrebleu's 13a and none to
+    # rouge-score (it keeps ASCII only): the scores an identical Chinese reply used to get.
+    english = generation_metrics(ref, ref, metrics=["bleu", "rouge"], lang="en")
+    assert english["bleu"] == 0.0 and english["rouge1"] == 0.0
+    # By characters: 我 爱 北 京 against 我 爱 上 海 share 2 of 4 each way.
+    half = generation_metrics(["我爱上海"], ["我爱北京"], metrics=["rouge"])
+    assert half["rouge1"] == pytest.approx(50.0)
+    assert half["rouge2"] == pytest.approx(100 / 3)  # 我爱 of 3 bigrams
+    assert sacrebleu.corpus_bleu(["我爱上海"], [["我爱北京"]], tokenize="zh").score == (
+        pytest.approx(generation_metrics(["我爱上海"], ["我爱北京"], metrics=["bleu"])["bleu"])
+    )
+    with pytest.raises(ValueError, match="unknown language 'fr'"):
+        generation_metrics(ref, ref, lang="fr")
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,7 @@ def test_sft_learns_to_answer_and_adds_chatml_to_a_tokenizer_without_it(data):
     assert result.train.val_loss < 0.7  # ~4.3 (ln 75) for a model that knows nothing
     scores, replies = eval_generate(lm, data / "sft.jsonl", limit=16, max_new_tokens=12)
     assert scores["exact_match"] >= 50, replies
+    assert scores["lang"] == "en" and scores["bleu_tokenize"] == "13a"
 
 
 def test_lm_finetuning_lowers_the_perplexity_of_domain_text(data):

@@ -4,7 +4,6 @@ checked against the same sequence run alone through the plain forward."""
 
 import pytest
 import torch
-
 from test_model import VARIANTS, tiny
 
 

@@ -18,12 +18,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gptkit.cli import main
 from gptkit.tokenizer import CharTokenizer, Tokenizer, TokenizerError, char_tokenizer, train_bpe
 from gptkit.tokenizer_files import _OPENAI_ENCODINGS, load_tokenizer
 
 DATA = Path(__file__).parents[1] / "../shared/data"
 GPT2_DIR = DATA / "gpt2-tokenizer"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
+ALPACA_ZH = DATA / "alpaca-demo" / "alpaca_zh_demo.json"
 EOT = "<|endoftext|>"
 
 SAMPLES = {
@@ -354,6 +356,24 @@ def test_train_bpe_on_tinyshakespeare_files(tmp_path: Path) -> None:
     assert tok.vocab_size == 1000
     assert tok.decode(tok.encode(text[:5000])) == text[:5000]
     assert len(tok.encode(text[:5000])) < 5000 / 2.5
+
+
+def test_cli_bpe_on_mixed_chinese_and_english_keeps_endoftext_and_round_trips(tmp_path):
+    records = json.loads(shared(ALPACA_ZH).read_text(encoding="utf-8"))
+    # Chinese instructions and replies, with the English and code many of them contain
+    text = "\n\n".join(r["instruction"] + "\n" + r["output"] for r in records[:400])
+    assert sum("\u4e00" <= c <= "\u9fff" for c in text) > len(text) / 3
+    (tmp_path / "zh.txt").write_text(text, encoding="utf-8")
+    args = ["tokenizer", "train", "--input", str(tmp_path / "zh.txt"), "--vocab-size", "2000"]
+    main([*args, "--special", "<|im_start|>", "<|im_end|>", "--out", str(tmp_path / "tok")])
+    tok = load_tokenizer(tmp_path / "tok")
+    # Asking for chat tokens must not drop the end-of-text token `gptkit prepare` needs.
+    assert tok.special_tokens == {EOT: 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    assert tok.eos_token == EOT
+    held_out = "\n".join(r["output"] for r in records[900:]) + "\nGPT 模型 in English, 中文."
+    ids = tok.encode(held_out)
+    assert tok.decode(ids) == held_out
+    assert len(ids) < len(held_out.encode("utf-8")) / 2  # it learned Chinese merges
 
 
 def test_train_bpe_rejects_a_vocab_too_small_for_bytes() -> None:
