@@ -154,6 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return cmd_eval_rag(args)
     if not args.model:
         raise ConfigError(f"eval {args.task} needs --model")
+    if args.task == "code":
+        return cmd_eval_code(args)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     options = dict(
         limit=args.limit,
@@ -163,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         word_column=args.word_column,
         tag_column=args.tag_column,
         metrics=metrics,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or 64,
         chat=not args.no_chat_template,
         lang=args.lang,
         shots=args.shots,
@@ -175,6 +177,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         save_results({"task": args.task, "model": args.model, **results}, args.out)
         print(f"saved to {args.out}")
+
+
+def cmd_eval_code(args: argparse.Namespace) -> None:
+    from .api import load
+    from .code_eval import eval_code
+    from .evaluate import format_table, save_results
+
+    if len(args.data) != 1:
+        raise ConfigError(f"eval code reads one problems file, got {len(args.data)}")
+    lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
+    scores, records = eval_code(
+        lm,
+        args.data[0],
+        args.limit,
+        n=args.n,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens or 384,
+    )
+    print(format_table(scores, title=f"code: {args.data[0]}"))
+    if args.out:
+        save_results({"task": "code", "model": args.model, **scores, "samples": records}, args.out)
+        print(f"saved to {args.out} (with every completion and its outcome)")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -330,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score a model: perplexity, classify, tag, generate, choice")
     p.add_argument(
-        "task", choices=["perplexity", "classify", "tag", "generate", "choice", "retrieval", "rag"]
+        "task",
+        choices=["perplexity", "classify", "tag", "generate", "choice", "code", "retrieval", "rag"],
     )
     p.add_argument("--model", help="checkpoint, HF dir/hub name, GGUF or name")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
@@ -345,7 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--word-column", type=int, help="tag: column of the words (from 0)")
     p.add_argument("--tag-column", type=int, help="tag: column of the tags (from 0)")
     p.add_argument("--metrics", default="bleu,chrf,rouge,exact_match", help="generate: metrics")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens", type=int, help="generate, code: per reply (default 64; code 384)"
+    )
+    p.add_argument("-n", type=int, default=1, help="code: samples per problem (for pass@k)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="code: sampling temperature (0: greedy)"
+    )
     p.add_argument("--no-chat-template", action="store_true", help="generate: plain prompts")
     p.add_argument(
         "--lang",

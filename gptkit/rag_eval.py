@@ -287,7 +287,7 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
     if mode == "oracle":
         gold_passages(rows, index)  # a gold passage missing fails here, not after loading
     lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
-    results, answers = eval_rag(lm, rows, mode, index, k, args.max_new_tokens)
+    results, answers = eval_rag(lm, rows, mode, index, k, args.max_new_tokens or 64)
     shown = f", k={k}" if mode == "retrieved" else ""
     print(format_table(results, title=f"rag ({mode}{shown}): {data}"))
     if args.out:

@@ -1,0 +1,146 @@
+"""`gptkit eval code`: functional correctness of generated code, as HumanEval measures it.
+
+Each problem (HumanEval's JSONL: task_id, prompt, test, entry_point) is completed n times from
+its prompt, cut at the stop sequences of the Codex paper's harness; each completion runs with
+the problem's tests in the sandbox (sandbox.py); pass@k is the unbiased estimator of Chen et al.
+2021 over the n samples, averaged over problems.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import ConfigError
+from .sandbox import SANDBOX, Sandbox
+
+if TYPE_CHECKING:
+    from .api import LM
+
+# What ends a function body in HumanEval's reference evaluation (Chen et al. 2021, section 2.3)
+STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+FIELDS = ("task_id", "prompt", "test", "entry_point")
+
+
+def read_problems(path: str | Path) -> list[dict]:
+    """HumanEval-shaped problems from a .jsonl or .jsonl.gz file; one line names what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such file {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    problems = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} line {n}: not JSON ({e.msg})") from None
+            missing = [k for k in FIELDS if not isinstance(record.get(k), str)]
+            if missing:
+                raise ConfigError(
+                    f"{path} line {n}: a problem needs text fields {', '.join(FIELDS)}; "
+                    f"missing {', '.join(missing)}"
+                )
+            problems.append(record)
+    if not problems:
+        raise ConfigError(f"{path} holds no problems")
+    return problems
+
+
+def program(problem: dict, completion: str) -> str:
+    """The file the sandbox runs: the prompt, the completion, the tests, and the check call."""
+    return (
+        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    )
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k samples drawn from n (c of them correct) passes:
+    1 - C(n-c, k) / C(n, k), as a product so that large n does not overflow."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def check(
+    problems: Sequence[dict],
+    completions: Sequence[Sequence[str]],
+    sandbox: Sandbox = SANDBOX,
+    workers: int = 2,
+) -> list[list[dict]]:
+    """Run every completion of every problem with its tests, `workers` at a time; per problem,
+    per completion: {passed, status, output}."""
+    jobs = [(i, program(p, c)) for i, p in enumerate(problems) for c in completions[i]]
+    with ThreadPoolExecutor(workers) as pool:
+        outcomes = list(pool.map(lambda job: sandbox.run(job[1]), jobs))
+    results: list[list[dict]] = [[] for _ in problems]
+    for (i, _), outcome in zip(jobs, outcomes, strict=True):
+        results[i].append(vars(outcome))
+    return results
+
+
+def summarize(results: Sequence[Sequence[dict]], ks: Sequence[int] = (1, 10, 100)) -> dict:
+    """pass@k for each k up to the samples per problem, averaged over problems (0-100)."""
+    n = min(len(r) for r in results)
+    scores = {}
+    for k in ks:
+        if k <= n:
+            per_problem = [pass_at_k(len(r), sum(x["passed"] for x in r), k) for r in results]
+            scores[f"pass@{k}"] = 100 * float(np.mean(per_problem))
+    return scores
+
+
+def eval_code(
+    lm: LM,
+    path: str | Path,
+    limit: int = 0,
+    n: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 384,
+    top_p: float = 0.95,
+    seed: int = 0,
+    sandbox: Sandbox = SANDBOX,
+) -> tuple[dict, list[dict]]:
+    """pass@k of the model's completions (greedy when temperature is 0, then n must be 1),
+    and one record per problem with its completions and outcomes."""
+    if n < 1 or (temperature == 0 and n > 1):
+        raise ConfigError(
+            f"-n {n} with temperature {temperature}: greedy decoding gives one answer per "
+            "problem; sample (e.g. --temperature 0.8) for n > 1"
+        )
+    problems = read_problems(path)[: limit or None]
+    room = lm.config.block_size - max_new_tokens
+    for p in problems:
+        if len(lm.tokenizer.encode(p["prompt"])) > room:
+            raise ConfigError(
+                f"{p['task_id']}'s prompt and {max_new_tokens} new tokens do not fit the "
+                f"model's context of {lm.config.block_size}; lower --max-new-tokens"
+            )
+    sampling = dict(max_new_tokens=max_new_tokens, stop=STOP, temperature=temperature)
+    if temperature > 0:
+        sampling |= dict(top_p=top_p, num_return_sequences=n)
+    completions = [
+        lm.generate(p["prompt"], seed=seed + i, **sampling) for i, p in enumerate(problems)
+    ]
+    results = check(problems, completions, sandbox)
+    scores = {
+        **summarize(results),
+        "problems": len(problems),
+        "samples_per_problem": n,
+        "temperature": temperature,
+        "sandbox_network": sandbox.isolation["network"],
+        "sandbox_user": sandbox.isolation["user"],
+    }
+    records = [
+        {"task_id": p["task_id"], "completions": c, "results": r}
+        for p, c, r in zip(problems, completions, results, strict=True)
+    ]
+    return scores, records
