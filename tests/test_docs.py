@@ -210,8 +210,13 @@ def kb_index(ws: Path) -> None:
 
 
 def long_model(ws: Path) -> None:
-    """model-long: the tiny chat model with a context that holds a prompt and its sources."""
+    """model-long, and the bank's index for the prompts it is given with their sources."""
     bank_index(ws)
+    long_checkpoint(ws)
+
+
+def long_checkpoint(ws: Path) -> None:
+    """model-long: the tiny chat model with a context that holds a long prompt."""
     if not (ws / "model-long").is_dir():
         lm = tiny_chat_lm(block_size=1024)
         save_checkpoint(ws / "model-long", lm.model, lm.tokenizer)
@@ -260,6 +265,7 @@ def file_made(*paths: str) -> Callable[[subprocess.CompletedProcess, Path], None
 
 
 MODEL = {"PATH": "model", "M": "model", "BASE": "model"}
+HUMANEVAL = "../shared/data/humaneval/HumanEval.jsonl.gz"
 SHORT_FINETUNE = ("max_steps=1", "batch_size=2", "progress=false", "--overwrite")
 SMALL_DECODE = ("--prompt", "8", "--new", "4", "--rounds", "1")
 
@@ -399,6 +405,14 @@ RUNS: dict[str, Run] = {
         swap={**MODEL, "test.jsonl": "test-generate.jsonl"},
         add=("--max-new-tokens", "4"),
         check=file_made("scores.json"),
+    ),
+    "gptkit eval code --model M --data ../shared/data/humaneval/HumanEval.jsonl.gz -n 10 "
+    "--temperature 0.8": Run(
+        swap={"M": "model-long", HUMANEVAL: str(ROOT / HUMANEVAL)},
+        add=("--limit", "2", "--max-new-tokens", "8"),
+        setup=long_checkpoint,
+        shared_data=True,
+        check=out_has("pass@1", "pass@10", "sandbox_network"),
     ),
     "gptkit eval choice --model M --data items.jsonl --shots 5 --train pool.jsonl": Run(
         swap=MODEL, check=out_has("accuracy")
