@@ -107,6 +107,7 @@ def eval_code(
     max_new_tokens: int = 384,
     top_p: float = 0.95,
     seed: int = 0,
+    batch_size: int = 8,
     sandbox: Sandbox = SANDBOX,
 ) -> tuple[dict, list[dict]]:
     """pass@k of the model's completions (greedy when temperature is 0, then n must be 1),
@@ -125,11 +126,16 @@ def eval_code(
                 f"model's context of {lm.config.block_size}; lower --max-new-tokens"
             )
     sampling = dict(max_new_tokens=max_new_tokens, stop=STOP, temperature=temperature)
-    if temperature > 0:
+    prompts = [p["prompt"] for p in problems]
+    if temperature == 0:  # one answer each: prompts decoded together, `batch_size` at a time
+        completions = [
+            [c]
+            for start in range(0, len(prompts), batch_size)
+            for c in lm.generate(prompts[start : start + batch_size], **sampling)
+        ]
+    else:  # n samples of each prompt decoded together; a seed per problem
         sampling |= dict(top_p=top_p, num_return_sequences=n)
-    completions = [
-        lm.generate(p["prompt"], seed=seed + i, **sampling) for i, p in enumerate(problems)
-    ]
+        completions = [lm.generate(p, seed=seed + i, **sampling) for i, p in enumerate(prompts)]
     results = check(problems, completions, sandbox)
     scores = {
         **summarize(results),

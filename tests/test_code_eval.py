@@ -66,16 +66,18 @@ class Canonical:
     def __init__(self, problems):
         self.answers = {p["prompt"]: p["canonical_solution"] for p in problems}
 
-    def generate(self, prompt, num_return_sequences=1, stop=None, **_):
+    def generate(self, prompts, num_return_sequences=1, stop=None, **_):
         assert stop == STOP
-        return [self.answers[prompt], "    return None\n"][:num_return_sequences]
+        if isinstance(prompts, list):  # greedy: a batch of prompts, one answer each
+            return [self.answers[p] for p in prompts]
+        return [self.answers[prompts], "    return None\n"][:num_return_sequences]
 
 
 def test_eval_code_scores_known_outcomes(problems, tmp_path):
     path = tmp_path / "five.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in problems[:5]))
     lm = Canonical(problems)
-    scores, records = eval_code(lm, path, n=1, sandbox=FAST)
+    scores, records = eval_code(lm, path, n=1, batch_size=2, sandbox=FAST)
     assert scores["pass@1"] == 100.0 and scores["problems"] == 5
     scores, records = eval_code(lm, path, n=2, temperature=0.8, sandbox=FAST)
     assert scores["pass@1"] == pytest.approx(50.0)  # one of two samples passes, everywhere
