@@ -194,6 +194,7 @@ def cmd_eval_code(args: argparse.Namespace) -> None:
         n=args.n,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens or 384,
+        progress=True,
     )
     print(format_table(scores, title=f"code: {args.data[0]}"))
     if args.out:

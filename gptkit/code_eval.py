@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from .config import ConfigError
 from .sandbox import SANDBOX, Sandbox
@@ -109,6 +110,7 @@ def eval_code(
     seed: int = 0,
     batch_size: int = 8,
     sandbox: Sandbox = SANDBOX,
+    progress: bool = False,
 ) -> tuple[dict, list[dict]]:
     """pass@k of the model's completions (greedy when temperature is 0, then n must be 1),
     and one record per problem with its completions and outcomes."""
@@ -127,15 +129,18 @@ def eval_code(
             )
     sampling = dict(max_new_tokens=max_new_tokens, stop=STOP, temperature=temperature)
     prompts = [p["prompt"] for p in problems]
-    if temperature == 0:  # one answer each: prompts decoded together, `batch_size` at a time
-        completions = [
-            [c]
-            for start in range(0, len(prompts), batch_size)
-            for c in lm.generate(prompts[start : start + batch_size], **sampling)
-        ]
-    else:  # n samples of each prompt decoded together; a seed per problem
-        sampling |= dict(top_p=top_p, num_return_sequences=n)
-        completions = [lm.generate(p, seed=seed + i, **sampling) for i, p in enumerate(prompts)]
+    completions: list[list[str]] = []
+    with tqdm(total=len(prompts), unit="problem", desc="generate", disable=not progress) as bar:
+        if temperature == 0:  # one answer each: prompts decoded together, batch_size at a time
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                completions += [[c] for c in lm.generate(batch, **sampling)]
+                bar.update(len(batch))
+        else:  # n samples of each prompt decoded together; a seed per problem
+            sampling |= dict(top_p=top_p, num_return_sequences=n)
+            for i, prompt in enumerate(prompts):
+                completions.append(lm.generate(prompt, seed=seed + i, **sampling))
+                bar.update()
     results = check(problems, completions, sandbox)
     scores = {
         **summarize(results),
