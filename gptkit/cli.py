@@ -195,6 +195,7 @@ def cmd_eval_code(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens or 384,
         progress=True,
+        chat=False if args.no_chat_template else None,
     )
     print(format_table(scores, title=f"code: {args.data[0]}"))
     if args.out:
@@ -378,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=float, default=0.0, help="code: sampling temperature (0: greedy)"
     )
-    p.add_argument("--no-chat-template", action="store_true", help="generate: plain prompts")
+    p.add_argument("--no-chat-template", action="store_true", help="generate, code: plain prompts")
     p.add_argument(
         "--lang",
         choices=["en", "zh"],

@@ -1,7 +1,10 @@
 """`gptkit eval code`: functional correctness of generated code, as HumanEval measures it.
 
 Each problem (HumanEval's JSONL: task_id, prompt, test, entry_point) is completed n times from
-its prompt, cut at the stop sequences of the Codex paper's harness; each completion runs with
+its prompt, cut at the stop sequences of the Codex paper's harness. A chat model is asked in its
+chat template to complete the function, its reply is started for it with a Python code fence,
+and the code up to the closing fence runs after the prompt (redefining the function, as
+EvalPlus runs the code of chat models). each completion runs with
 the problem's tests in the sandbox (sandbox.py); pass@k is the unbiased estimator of Chen et al.
 2021 over the n samples, averaged over problems.
 """
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from .chat_template import chat_prompt
 from .config import ConfigError
 from .sandbox import SANDBOX, Sandbox
 
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
 
 # What ends a function body in HumanEval's reference evaluation (Chen et al. 2021, section 2.3)
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
@@ -56,11 +61,20 @@ def read_problems(path: str | Path) -> list[dict]:
     return problems
 
 
-def program(problem: dict, completion: str) -> str:
-    """The file the sandbox runs: the prompt, the completion, the tests, and the check call."""
-    return (
-        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-    )
+def code_prompt(lm: LM, problem: dict, chat: bool) -> str:
+    """What the model continues: the problem's prompt, or with chat, the request to complete
+    it in the chat template followed by the start of the reply, a Python code fence."""
+    if not chat:
+        return problem["prompt"]
+    ask = [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
+    return chat_prompt(lm.tokenizer, ask) + "```python\n"
+
+
+def program(problem: dict, completion: str, chat: bool = False) -> str:
+    """The file the sandbox runs: the prompt, the completion (a chat model's whole code on a
+    line of its own), the tests, and the check call."""
+    code = f"{problem['prompt']}\n{completion}" if chat else problem["prompt"] + completion
+    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -76,10 +90,11 @@ def check(
     completions: Sequence[Sequence[str]],
     sandbox: Sandbox = SANDBOX,
     workers: int = 2,
+    chat: bool = False,
 ) -> list[list[dict]]:
     """Run every completion of every problem with its tests, `workers` at a time; per problem,
     per completion: {passed, status, output}."""
-    jobs = [(i, program(p, c)) for i, p in enumerate(problems) for c in completions[i]]
+    jobs = [(i, program(p, c, chat)) for i, p in enumerate(problems) for c in completions[i]]
     with ThreadPoolExecutor(workers) as pool:
         outcomes = list(pool.map(lambda job: sandbox.run(job[1]), jobs))
     results: list[list[dict]] = [[] for _ in problems]
@@ -111,24 +126,28 @@ def eval_code(
     batch_size: int = 8,
     sandbox: Sandbox = SANDBOX,
     progress: bool = False,
+    chat: bool | None = None,
 ) -> tuple[dict, list[dict]]:
     """pass@k of the model's completions (greedy when temperature is 0, then n must be 1),
-    and one record per problem with its completions and outcomes."""
+    and one record per problem with its completions and outcomes. chat: prompt through the
+    chat template (default: when the model has one)."""
     if n < 1 or (temperature == 0 and n > 1):
         raise ConfigError(
             f"-n {n} with temperature {temperature}: greedy decoding gives one answer per "
             "problem; sample (e.g. --temperature 0.8) for n > 1"
         )
     problems = read_problems(path)[: limit or None]
+    chat = bool(lm.tokenizer.chat_template) if chat is None else chat
+    prompts = [code_prompt(lm, p, chat) for p in problems]
     room = lm.config.block_size - max_new_tokens
-    for p in problems:
-        if len(lm.tokenizer.encode(p["prompt"])) > room:
+    for p, prompt in zip(problems, prompts, strict=True):
+        if len(lm.tokenizer.encode(prompt)) > room:
             raise ConfigError(
                 f"{p['task_id']}'s prompt and {max_new_tokens} new tokens do not fit the "
                 f"model's context of {lm.config.block_size}; lower --max-new-tokens"
             )
-    sampling = dict(max_new_tokens=max_new_tokens, stop=STOP, temperature=temperature)
-    prompts = [p["prompt"] for p in problems]
+    stop = ["```"] if chat else STOP
+    sampling = dict(max_new_tokens=max_new_tokens, stop=stop, temperature=temperature)
     completions: list[list[str]] = []
     with tqdm(total=len(prompts), unit="problem", desc="generate", disable=not progress) as bar:
         if temperature == 0:  # one answer each: prompts decoded together, batch_size at a time
@@ -141,12 +160,13 @@ def eval_code(
             for i, prompt in enumerate(prompts):
                 completions.append(lm.generate(prompt, seed=seed + i, **sampling))
                 bar.update()
-    results = check(problems, completions, sandbox)
+    results = check(problems, completions, sandbox, chat=chat)
     scores = {
         **summarize(results),
         "problems": len(problems),
         "samples_per_problem": n,
         "temperature": temperature,
+        "chat_template": chat,
         "sandbox_network": sandbox.isolation["network"],
         "sandbox_user": sandbox.isolation["user"],
     }

@@ -15,7 +15,16 @@ import pytest
 from conftest import tiny_chat_lm
 
 from gptkit.checkpoint import save_checkpoint
-from gptkit.code_eval import STOP, check, eval_code, pass_at_k, program, read_problems
+from gptkit.code_eval import (
+    INSTRUCTION,
+    STOP,
+    check,
+    code_prompt,
+    eval_code,
+    pass_at_k,
+    program,
+    read_problems,
+)
 from gptkit.config import ConfigError
 from gptkit.sandbox import Limits, Sandbox
 
@@ -61,7 +70,7 @@ class Canonical:
     for the second sample), so eval_code's bookkeeping is checked against known outcomes."""
 
     config = SimpleNamespace(block_size=10_000)
-    tokenizer = SimpleNamespace(encode=str.split)
+    tokenizer = SimpleNamespace(encode=str.split, chat_template=None)  # plain prompts
 
     def __init__(self, problems):
         self.answers = {p["prompt"]: p["canonical_solution"] for p in problems}
@@ -84,6 +93,15 @@ def test_eval_code_scores_known_outcomes(problems, tmp_path):
     assert [r["passed"] for r in records[0]["results"]] == [True, False]
     with pytest.raises(ConfigError, match="greedy decoding gives one answer per problem"):
         eval_code(lm, path, n=10, temperature=0.0)
+
+
+def test_a_chat_model_is_asked_and_continues_the_prompt_in_a_code_block(problems):
+    lm = tiny_chat_lm()
+    prompt = code_prompt(lm, problems[0], chat=True)
+    asked = INSTRUCTION.format(prompt=problems[0]["prompt"])
+    assert prompt.startswith(f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.endswith("<|im_start|>assistant\n```python\n")  # the code comes next
+    assert code_prompt(lm, problems[0], chat=False) == problems[0]["prompt"]
 
 
 def test_a_problems_file_that_is_wrong_is_named(tmp_path):
