@@ -124,14 +124,17 @@ def test_an_endless_loop_is_stopped_at_the_time_limit():
 
 
 def _processes_of(uid: int) -> int:
-    return sum(1 for e in Path("/proc").iterdir() if e.name.isdigit() and _owner(e) == uid)
+    """Live processes of this user (zombies, which only wait for init to reap them, hold no
+    memory or CPU and are not counted)."""
+    return sum(1 for e in Path("/proc").iterdir() if e.name.isdigit() and _alive(e, uid))
 
 
-def _owner(entry: Path) -> int | None:
+def _alive(entry: Path, uid: int) -> bool:
     try:
-        return entry.stat().st_uid
-    except OSError:
-        return None
+        state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return entry.stat().st_uid == uid and state not in "ZX"
+    except OSError:  # gone meanwhile
+        return False
 
 
 def test_a_fork_bomb_is_bounded_and_nothing_it_started_survives():
