@@ -414,6 +414,24 @@ RUNS: dict[str, Run] = {
         shared_data=True,
         check=out_has("pass@1", "pass@10", "sandbox_network"),
     ),
+    f"gptkit eval code --model {SMOLLM2} --data {HUMANEVAL}": Run(
+        add=("--limit", "1", "--max-new-tokens", "16"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=lambda done, ws: (
+            re.search(r"pass@1 .*\n(.*\n)*chat_template +True", done.stdout) is not None
+        ),
+    ),
+    f"gptkit eval code --model {SMOLLM2} --data {HUMANEVAL} --no-chat-template": Run(
+        add=("--limit", "1", "--max-new-tokens", "16"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=lambda done, ws: (
+            re.search(r"pass@1 .*\n(.*\n)*chat_template +False", done.stdout) is not None
+        ),
+    ),
     "gptkit eval choice --model M --data items.jsonl --shots 5 --train pool.jsonl": Run(
         swap=MODEL, check=out_has("accuracy")
     ),
