@@ -11,8 +11,6 @@ the problem's tests in the sandbox (sandbox.py); pass@k is the unbiased estimato
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from .chat_template import chat_prompt
 from .config import ConfigError
 from .sandbox import SANDBOX, Sandbox
+from .taskdata import DataError, located_records
 
 if TYPE_CHECKING:
     from .api import LM
@@ -35,29 +34,16 @@ FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
 def read_problems(path: str | Path) -> list[dict]:
-    """HumanEval-shaped problems from a .jsonl or .jsonl.gz file; one line names what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no such file {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
+    """HumanEval-shaped problems from a JSONL file (or .jsonl.gz); one line names what is wrong."""
     problems = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} line {n}: not JSON ({e.msg})") from None
-            missing = [k for k in FIELDS if not isinstance(record.get(k), str)]
-            if missing:
-                raise ConfigError(
-                    f"{path} line {n}: a problem needs text fields {', '.join(FIELDS)}; "
-                    f"missing {', '.join(missing)}"
-                )
-            problems.append(record)
-    if not problems:
-        raise ConfigError(f"{path} holds no problems")
+    for where, record in located_records(path):
+        missing = [k for k in FIELDS if not isinstance(record.get(k), str)]
+        if missing:
+            raise DataError(
+                f"{where}: a problem needs text fields {', '.join(FIELDS)}; "
+                f"missing {', '.join(missing)}"
+            )
+        problems.append(record)
     return problems
 
 

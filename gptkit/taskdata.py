@@ -14,6 +14,7 @@ Files are read as UTF-8; a byte-order mark at the start (Windows editors write o
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,12 +39,13 @@ class DataError(ValueError):
 
 
 def read_text(path: Path) -> str:
+    """A file's UTF-8 text (a .gz file decompressed)."""
     try:
-        raw = path.read_bytes()
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; check the path") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -171,9 +173,10 @@ def _csv_records(path: Path, text: str, dialect: str) -> Iterator[tuple[str, dic
 
 
 def located_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """The records of a file, each with where it is (for error messages)."""
+    """The records of a file, each with where it is (for error messages); any of them may be
+    gzipped (data.jsonl.gz)."""
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = Path(path.name.removesuffix(".gz")).suffix.lower()
     if suffix not in RECORD_SUFFIXES:
         raise DataError(
             f"{path}: unsupported file type {suffix or '(no extension)'!r}; "

@@ -27,6 +27,7 @@ from gptkit.code_eval import (
 )
 from gptkit.config import ConfigError
 from gptkit.sandbox import Limits, Sandbox
+from gptkit.taskdata import DataError
 
 HUMANEVAL = Path(__file__).parents[1] / "../shared/data/humaneval/HumanEval.jsonl.gz"
 FAST = Sandbox(Limits(timeout_s=3.0))
@@ -107,9 +108,9 @@ def test_a_chat_model_is_asked_and_continues_the_prompt_in_a_code_block(problems
 def test_a_problems_file_that_is_wrong_is_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "x", "prompt": "def f():\\n"}\n')
-    with pytest.raises(ConfigError, match="line 1: .* missing test, entry_point"):
+    with pytest.raises(DataError, match="line 1.*: .* missing test, entry_point"):
         read_problems(bad)
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         read_problems(tmp_path / "absent.jsonl")
 
 

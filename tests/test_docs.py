@@ -264,6 +264,21 @@ def file_made(*paths: str) -> Callable[[subprocess.CompletedProcess, Path], None
     return check
 
 
+def smollm2_code(chat: bool) -> Run:
+    """SmolLM2 on HumanEval's first problem, prompted through its chat template or not."""
+
+    def check(done: subprocess.CompletedProcess, ws: Path) -> bool:
+        return re.search(rf"pass@1 .*\n(.*\n)*chat_template +{chat}", done.stdout) is not None
+
+    return Run(
+        add=("--limit", "1", "--max-new-tokens", "16"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=check,
+    )
+
+
 MODEL = {"PATH": "model", "M": "model", "BASE": "model"}
 HUMANEVAL = "../shared/data/humaneval/HumanEval.jsonl.gz"
 SHORT_FINETUNE = ("max_steps=1", "batch_size=2", "progress=false", "--overwrite")
@@ -414,23 +429,9 @@ RUNS: dict[str, Run] = {
         shared_data=True,
         check=out_has("pass@1", "pass@10", "sandbox_network"),
     ),
-    f"gptkit eval code --model {SMOLLM2} --data {HUMANEVAL}": Run(
-        add=("--limit", "1", "--max-new-tokens", "16"),
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=lambda done, ws: (
-            re.search(r"pass@1 .*\n(.*\n)*chat_template +True", done.stdout) is not None
-        ),
-    ),
-    f"gptkit eval code --model {SMOLLM2} --data {HUMANEVAL} --no-chat-template": Run(
-        add=("--limit", "1", "--max-new-tokens", "16"),
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=lambda done, ws: (
-            re.search(r"pass@1 .*\n(.*\n)*chat_template +False", done.stdout) is not None
-        ),
+    f"gptkit eval code --model {SMOLLM2} --data {HUMANEVAL}": smollm2_code(chat=True),
+    f"gptkit eval code --model {SMOLLM2} --data {HUMANEVAL} --no-chat-template": smollm2_code(
+        chat=False
     ),
     "gptkit eval choice --model M --data items.jsonl --shots 5 --train pool.jsonl": Run(
         swap=MODEL, check=out_has("accuracy")

@@ -5,6 +5,7 @@ Small files built in tmp_path pin every format and every error message; the real
 """
 
 import csv
+import gzip
 import importlib.util
 import re
 from pathlib import Path
@@ -46,6 +47,16 @@ def error(read, *args, **kwargs) -> str:
 def test_jsonl_skips_blank_lines_and_a_leading_byte_order_mark(tmp_path):
     path = write(tmp_path, "d.jsonl", '\ufeff{"a": 1}\n\n  \n{"a": [2, "x"]}\r\n')
     assert read_records(path) == [{"a": 1}, {"a": [2, "x"]}]
+
+
+def test_gzipped_files_read_like_plain_ones_and_a_cut_one_is_named(tmp_path):
+    rows = '{"text": "ok", "label": "a"}\n{"text": "fine", "label": "b"}\n'
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
+    (tmp_path / "d.jsonl").write_text(rows)
+    assert read_records(tmp_path / "d.jsonl.gz") == read_records(tmp_path / "d.jsonl")
+    (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(b"text,label\nok,a\n")[:-6])
+    with pytest.raises(DataError, match="cut.csv.gz: cannot be read"):
+        read_records(tmp_path / "cut.csv.gz")
 
 
 def test_json_list_of_objects(tmp_path):
