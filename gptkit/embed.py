@@ -28,7 +28,7 @@ from .config import ConfigError
 from .generation import eval_mode
 
 if TYPE_CHECKING:
-    from .api import LM
+    from .loading import Pretrained
 
 DEFAULT = "minilm"
 
@@ -114,13 +114,13 @@ def _model_dir(name: str) -> Path:
 class ModelEmbedder(Embedder):
     """A gptkit model's final hidden states, mean-pooled over each text's tokens."""
 
-    lm: LM
+    lm: Pretrained  # an api.LM, or loading's model and tokenizer
     name: str = "model"
     batch_size: int = 16
 
     def __post_init__(self):
-        self.dim = self.lm.config.n_embd
-        self.max_tokens = self.lm.config.block_size
+        self.dim = self.lm.model.config.n_embd
+        self.max_tokens = self.lm.model.config.block_size
 
     def encode(self, texts: list[str], batch_size: int = 0, progress: bool = False) -> np.ndarray:
         from tqdm import tqdm
@@ -155,6 +155,6 @@ def load_embedder(spec: str = DEFAULT, device: str | None = None) -> Embedder:
     takes (a checkpoint, a Hugging Face directory, a GGUF file, a named model)."""
     if spec == DEFAULT or (Path(spec) / "modules.json").is_file():
         return SentenceEmbedder(spec, device)
-    from .api import load
+    from .loading import load_pretrained
 
-    return ModelEmbedder(load(spec, device=device, decode_layout=False), name=spec)
+    return ModelEmbedder(load_pretrained(spec, device), name=spec)
