@@ -155,6 +155,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not args.model:
         raise ConfigError(f"eval {args.task} needs --model")
     if args.task == "code":
+        from .code_eval import cmd_eval_code
+
         return cmd_eval_code(args)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     options = dict(
@@ -177,30 +179,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         save_results({"task": args.task, "model": args.model, **results}, args.out)
         print(f"saved to {args.out}")
-
-
-def cmd_eval_code(args: argparse.Namespace) -> None:
-    from .api import load
-    from .code_eval import eval_code
-    from .evaluate import format_table, save_results
-
-    if len(args.data) != 1:
-        raise ConfigError(f"eval code reads one problems file, got {len(args.data)}")
-    lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
-    scores, records = eval_code(
-        lm,
-        args.data[0],
-        args.limit,
-        n=args.n,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens or 384,
-        progress=True,
-        chat=False if args.no_chat_template else None,
-    )
-    print(format_table(scores, title=f"code: {args.data[0]}"))
-    if args.out:
-        save_results({"task": "code", "model": args.model, **scores, "samples": records}, args.out)
-        print(f"saved to {args.out} (with every completion and its outcome)")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

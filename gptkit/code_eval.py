@@ -11,6 +11,7 @@ the problem's tests in the sandbox (sandbox.py); pass@k is the unbiased estimato
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -161,3 +162,27 @@ def eval_code(
         for p, c, r in zip(problems, completions, results, strict=True)
     ]
     return scores, records
+
+
+def cmd_eval_code(args: argparse.Namespace) -> None:
+    """`gptkit eval code`: load the model, score it, print the table, save every sample."""
+    from .api import load
+    from .evaluate import format_table, save_results
+
+    if len(args.data) != 1:
+        raise ConfigError(f"eval code reads one problems file, got {len(args.data)}")
+    lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
+    scores, records = eval_code(
+        lm,
+        args.data[0],
+        args.limit,
+        n=args.n,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens or 384,
+        progress=True,
+        chat=False if args.no_chat_template else None,
+    )
+    print(format_table(scores, title=f"code: {args.data[0]}"))
+    if args.out:
+        save_results({"task": "code", "model": args.model, **scores, "samples": records}, args.out)
+        print(f"saved to {args.out} (with every completion and its outcome)")
