@@ -21,6 +21,7 @@ Parameter names (what checkpoints store):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -37,10 +38,12 @@ class ContextLengthError(ValueError):
 
 def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [block_size, D] in the half-split layout Llama checkpoints use, the first half
-    of sin negated (see apply_rope)."""
+    of sin negated (see apply_rope). Built on the CPU whatever the default device, so every
+    device gets the same numbers (and a meta-device model does not import torch._dynamo)."""
     D = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    arange = functools.partial(torch.arange, dtype=torch.float32, device="cpu")
+    inv_freq = 1.0 / (config.rope_theta ** (arange(0, D, 2) / D))
+    angles = torch.outer(arange(config.block_size), inv_freq)
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
@@ -57,9 +60,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def sinusoidal_table(block_size: int, n_embd: int) -> torch.Tensor:
     """The fixed sin/cos position encodings of "Attention Is All You Need", [block_size, C]."""
-    pos = torch.arange(block_size, dtype=torch.float32)[:, None]
-    div = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / n_embd))
-    table = torch.zeros(block_size, n_embd)
+    arange = functools.partial(torch.arange, dtype=torch.float32, device="cpu")  # as rope_tables
+    pos = arange(block_size)[:, None]
+    div = torch.exp(arange(0, n_embd, 2) * (-math.log(10000.0) / n_embd))
+    table = torch.zeros(block_size, n_embd, device="cpu")
     table[:, 0::2] = torch.sin(pos * div)
     table[:, 1::2] = torch.cos(pos * div)[:, : n_embd // 2]
     return table
@@ -199,13 +203,19 @@ class Block(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding left uninitialised: init_weights sets it. (nn.Embedding's own N(0, 1) init
+    would be work thrown away, and on the meta device it imports torch._dynamo: 1.3 s.)"""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.tok_emb = _embedding(config.vocab_size, config.n_embd)
         if config.positions == "learned":
-            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+            self.pos_emb = _embedding(config.block_size, config.n_embd)
         self._make_buffers()
         self.drop = _dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
