@@ -63,11 +63,11 @@ def bank(out: Path, smoke: bool) -> tuple[Path, Path]:
     ]  # fmt: skip
     if not smoke:
         return BANK / "documents.json.gz", write_jsonl(out / "bank-queries.jsonl", queries)
-    queries = queries[:5]
+    queries = queries[:3]
     with gzip.open(BANK / "documents.json.gz", "rt") as f:
         docs = json.load(f)
     needed = {d for q in queries for d in q["relevant"]}
-    docs = [d for d in docs if d["id"] in needed] + [d for d in docs if d["id"] not in needed][:20]
+    docs = [d for d in docs if d["id"] in needed] + [d for d in docs if d["id"] not in needed][:10]
     return write_jsonl(out / "bank-docs.jsonl", docs), write_jsonl(
         out / "bank-queries.jsonl", queries
     )
@@ -88,9 +88,9 @@ def squad(out: Path, questions: int, smoke: bool) -> tuple[Path, Path, Path]:
                 )
     subset = random.Random(0).sample(qas, questions)
     if smoke:
-        subset = subset[:6]
+        subset = subset[:3]
         kept = {q["doc_id"] for q in subset}
-        docs = [d for d in docs if d["id"] in kept] + [d for d in docs if d["id"] not in kept][:30]
+        docs = [d for d in docs if d["id"] in kept] + [d for d in docs if d["id"] not in kept][:12]
     queries = [{"query": q["question"], "relevant": [q["doc_id"]]} for q in subset]
     return (
         write_jsonl(out / "squad-docs.jsonl", docs),
@@ -167,9 +167,10 @@ def main() -> None:
     gptkit("index", rel(docs), "--out", squad_idx, "--overwrite")
     gptkit("eval", "retrieval", "--index", squad_idx, "--data", rel(queries),
            "--out", rel(out / "squad-retrieval.json"))  # fmt: skip
+    tokens = "8" if args.smoke else "24"
     for mode in ("closed-book", "retrieved", "oracle"):
         gptkit("eval", "rag", "--model", "smollm2-135m-instruct", "--index", squad_idx,
-               "--data", rel(qa), "--mode", mode, "-k", "3", "--max-new-tokens", "24",
+               "--data", rel(qa), "--mode", mode, "-k", "3", "--max-new-tokens", tokens,
                "--out", rel(out / f"squad-{mode}.json"))  # fmt: skip
     summary(out)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -117,18 +117,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--per-speech", type=int, default=40, help="sentences per address")
-    parser.add_argument("--smoke", action="store_true", help="2 steps, few rows (tests)")
+    parser.add_argument("--smoke", action="store_true", help="1 step of 4, few rows (tests)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sentiment-monitor")
     args = parser.parse_args()
-    limit = 64 if args.smoke else 0
-    steps, per_speech = (2, 2) if args.smoke else (args.steps, args.per_speech)
+    limit = 16 if args.smoke else 0
+    steps, batch, per_speech = (1, 4, 1) if args.smoke else (args.steps, 16, args.per_speech)
     out = args.out.resolve()
     train, dev, test = data(out, limit)
     model = out / "model"
     gptkit(
         "finetune", "classify", "--model", "smollm2-135m-instruct", "--data", str(train),
         f"val_data={dev}", "label_field=topic,sentiment", "peft.method=lora", "peft.r=16",
-        "peft.alpha=32", "lr=1e-3", f"max_steps={steps}", "batch_size=16", "warmup_steps=10",
+        "peft.alpha=32", "lr=1e-3", f"max_steps={steps}", f"batch_size={batch}", "warmup_steps=10",
         "eval_every=0", f"out_dir={model}", "--overwrite",
     )  # fmt: skip
     print(gptkit("eval", "classify", "--model", str(model / "checkpoint"), "--data", str(test),
