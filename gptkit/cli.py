@@ -11,11 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_generate import cmd_chat, cmd_generate, cmd_serve, retrieval_flags, sampling_flags
+from .cli_flags import allow_pickle_flag, quantize_flag
+from .cli_generate import add_generation_parsers
 from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
 from .cli_rag import add_rag_parsers
-from .config import QUANTIZE_CHOICES, ConfigError, first_line
+from .config import ConfigError, first_line
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -198,23 +199,6 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_run(runs, args.out)}")
 
 
-def _allow_pickle_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="read pickled weights (pytorch_model.bin), weights-only; pickles can run code, "
-        "so only for files you trust (better: convert them to safetensors)",
-    )
-
-
-def _quantize_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZE_CHOICES,
-        help="int8 weights for the CPU: ~1.5x faster generation, ~5%% more perplexity",
-    )
-
-
 def cmd_explain(args: argparse.Namespace) -> None:
     from .api import load
     from .explain import explain, format_table
@@ -304,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("settings", nargs="*", metavar="[CONFIG.toml] KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir's checkpoint")
-    _allow_pickle_flag(p)
+    allow_pickle_flag(p)
     p.set_defaults(func=cmd_pretrain)
 
     objectives = ["lm", "sft", "classify", "tag", "distill"]
@@ -322,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("settings", nargs="*", metavar="[CONFIG.toml] KEY=VALUE")
         p.add_argument("--model", help="model to fine-tune (sets init_from)")
         p.add_argument("--data", help="training data (sets data)")
-        _allow_pickle_flag(p)
+        allow_pickle_flag(p)
         if name == "finetune":
             p.add_argument("--resume", action="store_true", help="continue out_dir's run")
             p.add_argument("--overwrite", action="store_true", help="replace out_dir's run")
@@ -339,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="checkpoint, HF dir/hub name, GGUF or name")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
-    _quantize_flag(p)
+    quantize_flag(p)
     p.add_argument("--data", required=True, nargs="+", help="data file(s)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples")
     p.add_argument("--out", type=Path, help="also save the results as JSON")
@@ -368,14 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, help="retrieval, rag: the index (from gptkit index)")
     p.add_argument("--mode", help="retrieval: dense,bm25,hybrid; rag: closed-book|retrieved|oracle")
     p.add_argument("-k", type=int, help="rag: sources in the prompt (default 3)")
-    _allow_pickle_flag(p)
+    allow_pickle_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights")
     p.add_argument("--model", required=True, help="the base model, or a LoRA checkpoint")
     p.add_argument("--adapter", help="adapter directory (omit when --model holds the LoRA)")
     p.add_argument("out", type=Path)
-    _allow_pickle_flag(p)
+    allow_pickle_flag(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("plot", help="draw a run's loss curves (metrics.jsonl) to a PNG")
@@ -383,95 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/loss.png)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("generate", help="generate text from a model")
-    p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or model name")
-    p.add_argument("--prompt", required=True)
-    sampling_flags(p, temperature=0.8, max_new=64)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument(
-        "--logprobs",
-        type=int,
-        metavar="K",
-        help="after the text, each token's log-probability and its K best alternatives",
-    )
-    p.add_argument("--adapter", help="an adapter directory from a finetune run")
-    _quantize_flag(p)
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument(
-        "--prompt-lookup",
-        type=int,
-        default=0,
-        metavar="K",
-        help="speculative decoding: draft K tokens a step by copying from the prompt and output "
-        "(the same text, faster when it quotes the prompt)",
-    )
-    p.add_argument(
-        "--draft-model",
-        help="speculative decoding: a small model with the same tokenizer drafts tokens",
-    )
-    p.add_argument(
-        "--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft model drafts"
-    )
-    _allow_pickle_flag(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)")
-    p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--adapter", help="an adapter directory from a finetune run")
-    _quantize_flag(p)
-    sampling_flags(p, temperature=0.7, max_new=None)  # chat: 256, or half a small context
-    retrieval_flags(p)
-    _allow_pickle_flag(p)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a web chat page")
-    p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
-    p.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="a LoRA adapter from a finetune run, served beside the base model as the model "
-        "NAME (repeat for more: their requests are batched together); a plain DIR puts one "
-        "adapter of any kind on the model itself",
-    )
-    _quantize_flag(p)
-    p.add_argument("--name", help="the model id clients send (default: the --model name)")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
-    p.add_argument("--port", type=int, default=8000)
-    key = p.add_mutually_exclusive_group()
-    key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or GPTKIT_API_KEY)")
-    key.add_argument("--api-key-file", help="the same, with the key read from a file (not in ps)")
-    p.add_argument(
-        "--allowed-host",
-        action="append",
-        default=[],
-        help="a Host name to answer besides localhost when bound to a loopback address",
-    )
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting sequences; then 503")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
-    p.add_argument("--max-seconds", type=float, default=300.0, help="generation time limit")
-    p.add_argument(
-        "--prefill-chunk",
-        type=int,
-        help="longer prompts are fed this many tokens at a time between decoding steps",
-    )
-    p.add_argument(
-        "--max-tokens", type=int, default=4096, help="most tokens a request may ask for; more: 400"
-    )
-    p.add_argument(
-        "--shutdown-seconds",
-        type=float,
-        default=10.0,
-        help="on SIGTERM or Ctrl-C, generations still running are cut after this long",
-    )
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    retrieval_flags(p, serve=True)
-    _allow_pickle_flag(p)
-    p.set_defaults(func=cmd_serve)
+    add_generation_parsers(sub)
 
     p = sub.add_parser("explain", help="a PNG of per-layer attention and per-token logprobs")
     p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
@@ -481,14 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, help="one head (default: the mean over heads)")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    _allow_pickle_flag(p)
+    allow_pickle_flag(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("convert", help="Hugging Face model -> gptkit checkpoint, or back (--to hf)")
     p.add_argument("source", help="HF directory or hub name; a gptkit checkpoint with --to hf")
     p.add_argument("out", type=Path)
     p.add_argument("--to", choices=["gptkit", "hf"], default="gptkit")
-    _allow_pickle_flag(p)
+    allow_pickle_flag(p)
     p.set_defaults(func=cmd_convert)
 
     add_predict_parser(sub)

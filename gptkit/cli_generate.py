@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cli_flags import allow_pickle_flag, quantize_flag
 from .config import ConfigError
 
 if TYPE_CHECKING:
@@ -269,3 +270,96 @@ def cmd_serve(args: argparse.Namespace) -> None:
         embedder = load_embedder(args.embedder, device=args.device)
     name = args.name or Path(args.model.rstrip("/")).name
     serve(lm, name, config, adapters, retriever, embedder)
+
+
+def add_generation_parsers(sub: argparse._SubParsersAction) -> None:
+    """`gptkit generate`, `gptkit chat` and `gptkit serve`."""
+    p = sub.add_parser("generate", help="generate text from a model")
+    p.add_argument("--model", required=True, help="checkpoint, HF dir/hub name, GGUF or model name")
+    p.add_argument("--prompt", required=True)
+    sampling_flags(p, temperature=0.8, max_new=64)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="K",
+        help="after the text, each token's log-probability and its K best alternatives",
+    )
+    p.add_argument("--adapter", help="an adapter directory from a finetune run")
+    quantize_flag(p)
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding: draft K tokens a step by copying from the prompt and output "
+        "(the same text, faster when it quotes the prompt)",
+    )
+    p.add_argument(
+        "--draft-model",
+        help="speculative decoding: a small model with the same tokenizer drafts tokens",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=4, metavar="K", help="tokens the draft model drafts"
+    )
+    allow_pickle_flag(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)")
+    p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--adapter", help="an adapter directory from a finetune run")
+    quantize_flag(p)
+    sampling_flags(p, temperature=0.7, max_new=None)  # chat: 256, or half a small context
+    retrieval_flags(p)
+    allow_pickle_flag(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and a web chat page")
+    p.add_argument("--model", required=True, help="checkpoint, HF dir, GGUF file or model name")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter from a finetune run, served beside the base model as the model "
+        "NAME (repeat for more: their requests are batched together); a plain DIR puts one "
+        "adapter of any kind on the model itself",
+    )
+    quantize_flag(p)
+    p.add_argument("--name", help="the model id clients send (default: the --model name)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 listens on every interface")
+    p.add_argument("--port", type=int, default=8000)
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or GPTKIT_API_KEY)")
+    key.add_argument("--api-key-file", help="the same, with the key read from a file (not in ps)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="a Host name to answer besides localhost when bound to a loopback address",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting sequences; then 503")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies: 413")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="generation time limit")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="longer prompts are fed this many tokens at a time between decoding steps",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=4096, help="most tokens a request may ask for; more: 400"
+    )
+    p.add_argument(
+        "--shutdown-seconds",
+        type=float,
+        default=10.0,
+        help="on SIGTERM or Ctrl-C, generations still running are cut after this long",
+    )
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    retrieval_flags(p, serve=True)
+    allow_pickle_flag(p)
+    p.set_defaults(func=cmd_serve)

@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .config import QUANTIZE_CHOICES
+from .cli_flags import quantize_flag
 from .monitor_rules import MonitorError
 
 REPORT_USAGE = "gptkit monitor report --db DB --out FILE"
@@ -104,11 +104,7 @@ def add_monitor_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", help="the SQLite database (created when missing)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's)")
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZE_CHOICES,
-        help="int8 weights for the CPU: faster; probabilities move (see docs/RESULTS.md)",
-    )
+    quantize_flag(p, classifier=True)
     p.add_argument("--follow", action="store_true", help="keep reading what is appended")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between looks for more")
     p.add_argument("--batch-size", type=int, default=32, help="texts classified together")

@@ -24,7 +24,8 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .config import QUANTIZE_CHOICES, ConfigError
+from .cli_flags import quantize_flag
+from .config import ConfigError
 from .taskdata import read_texts
 
 CHUNK = 1024  # rows read, labelled and written at a time
@@ -132,9 +133,5 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, help="keep the k most likely labels (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZE_CHOICES,
-        help="int8 weights for the CPU: faster; probabilities move (see docs/RESULTS.md)",
-    )
+    quantize_flag(p, classifier=True)
     p.set_defaults(func=cmd_predict)

@@ -50,6 +50,7 @@ from .model import GPT
 from .peft import apply_peft, save_adapter
 from .predict import predict_labels, predict_tags
 from .prepare import prepare
+from .surgery import resize_vocab, set_head
 from .tagging import check_tags, read_tagged_file
 from .taskdata import label_names, read_chat, read_labelled
 from .train import Batch, PretrainTask, Trainer, TrainResult
@@ -103,7 +104,7 @@ class ExampleTask:
         self.template = CHATML
         self.tokenizer = tok.add_special_tokens(CHATML_TOKENS)
         self.tokenizer.chat_template = CHATML  # saved with the model: chat and serve use it
-        self.model.resize_vocab(max(self.model.config.vocab_size, self.tokenizer.vocab_size))
+        resize_vocab(self.model, max(self.model.config.vocab_size, self.tokenizer.vocab_size))
 
     def _read(self, path: str) -> list[Any]:
         c = self.config
@@ -176,7 +177,7 @@ class ExampleTask:
             labels = [name for _, names in self.groups for name in names]
             fields = [f for f, _ in self.groups] if self.config.task == "classify" else []
             sizes = [len(names) for _, names in self.groups] if fields else []
-            self.model.set_head(self.config.task, labels, fields, sizes)
+            set_head(self.model, self.config.task, labels, fields, sizes)
         return apply_peft(self.model.to(device).train(), self.config.peft)
 
     def epoch_size(self) -> int:

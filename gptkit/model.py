@@ -20,7 +20,6 @@ Parameter names (what checkpoints store):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -233,7 +232,7 @@ class GPT(nn.Module):
         """GPT-2's initialisation: N(0, 0.02) weights, zero biases, and residual projections
         scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with
         depth."""
-        self.apply(self._init_weights)
+        self.apply(self.init_module)
         std = self.config.init_std / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
@@ -269,65 +268,6 @@ class GPT(nn.Module):
         """The output layer: lm_head, or score for classify / tag models."""
         return self.lm_head if self.config.head == "lm" else self.score
 
-    def set_head(
-        self,
-        head: str,
-        labels: list[str],
-        label_fields: list[str] | None = None,
-        label_sizes: list[int] | None = None,
-        bias: bool = False,
-    ) -> GPT:
-        """Replace the LM head with a freshly initialised classify / tag head over `labels`
-        (the body is kept: this is how a pretrained LM becomes a classifier or tagger).
-        label_fields / label_sizes split the labels into fields predicted together (see
-        GPTConfig); bias=True only for adapters trained on a head with one."""
-        tied = self.config.tie_embeddings and head == "lm"
-        config = dataclasses.replace(
-            self.config,
-            head=head,
-            labels=list(labels),
-            label_fields=list(label_fields or []),
-            label_sizes=list(label_sizes or []),
-            score_bias=bias and head != "lm",
-            tie_embeddings=tied,
-        )
-        weight = self.tok_emb.weight
-        for name in ("lm_head", "score"):
-            if hasattr(self, name):
-                delattr(self, name)
-        self.config = config
-        if head == "lm":
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-            if config.tie_embeddings:
-                self.lm_head.weight = weight
-        else:
-            self.score = nn.Linear(config.n_embd, len(labels), bias=config.score_bias)
-        self.head.to(device=weight.device, dtype=weight.dtype)
-        if not (head == "lm" and config.tie_embeddings):
-            self._init_weights(self.head)
-        return self
-
-    def resize_vocab(self, vocab_size: int) -> GPT:
-        """Grow the token embeddings (and an untied LM head) to `vocab_size` rows, new rows set
-        to the mean of the old ones (Hewitt 2021: new tokens start as an average token, so they
-        do not disturb the model's predictions before training)."""
-        old = self.config.vocab_size
-        if vocab_size <= old:
-            return self
-        modules = [self.tok_emb]
-        if self.config.head == "lm" and not self.config.tie_embeddings:
-            modules.append(self.lm_head)
-        with torch.no_grad():
-            for module in modules:
-                w = module.weight
-                grown = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)])
-                module.weight = nn.Parameter(grown, requires_grad=w.requires_grad)
-        if self.config.head == "lm" and self.config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        self.tok_emb.num_embeddings = vocab_size
-        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
-        return self
-
     def _make_buffers(self) -> None:
         """Position tables derived from the config (never stored in checkpoints)."""
         config, device = self.config, self.tok_emb.weight.device
@@ -339,7 +279,8 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos.to(device), persistent=False)
             self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def init_module(self, module: nn.Module) -> None:
+        """GPT-2's initialisation of one Linear or Embedding (see init_weights)."""
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:

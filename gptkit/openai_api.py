@@ -7,129 +7,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 
 from .api import LM
-from .chat_template import chat_prompt_ids, turn_stops
+from .chat_template import chat_prompt_ids
 from .config import ConfigError
 from .embed_api import Worker
 from .engine import Engine, EngineBusy, Sequence
 from .generation import SampleConfig, context_budget
 from .model import ContextLengthError
-from .peft import load_loras
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, _text
 from .rag import Retriever, grounded_messages, source_cards
+from .serve_events import EventStream, Outbox, sse
 from .serve_guard import APIError, ServeConfig, overloaded
-from .tokenizer import Tokenizer, TokenizerError
-from .tokenizer_files import load_tokenizer
-
-
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data)}\n\n"
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events whose generator is always closed when the response ends, so a client
-    that disconnects mid-stream frees its engine slot at once (the generator's `finally`)."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
-class Outbox:
-    """Collects the engine thread's events for one HTTP request on its event loop."""
-
-    def __init__(self):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, tuple[str, Any]]] = asyncio.Queue()
-        self.sequences: list[Sequence] = []
-        self.canned = 0  # choices answered without the model (canned_replies)
-
-    @property
-    def size(self) -> int:
-        """The response's choices."""
-        return len(self.sequences) or self.canned
-
-    def canned_replies(self, n: int, text: str) -> None:
-        """n choices that are `text`, finished ("stop"), with no sequence behind them: they
-        go through the same response code as generated ones."""
-        self.canned = n
-        for i in range(n):
-            self.queue.put_nowait((i, ("text", text)))
-            self.queue.put_nowait((i, ("done", "stop")))
-
-    def emitter(self, index: int):
-        def emit(event: tuple[str, Any]) -> None:
-            # Safe from the engine thread; a loop already closed (shutdown) has no listener.
-            with suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-
-        return emit
-
-    def cancel(self) -> None:
-        for seq in self.sequences:
-            seq.cancel()
-
-
-@dataclass(frozen=True)
-class Served:
-    """A model name the server answers to: the base model, or one LoRA adapter on it."""
-
-    adapter: int  # the engine's adapter index (peft.MultiLoRA); 0: the base model
-    tokenizer: Tokenizer  # renders its chat prompts: an SFT adapter may bring its own template
-    chat_stops: tuple[str, ...]  # its end-of-turn strings
-
-
-def served_models(lm: LM, name: str, adapters: Mapping[str, str | Path]) -> dict[str, Served]:
-    """{model name: Served}: the base model as `name`, then each LoRA adapter (a `gptkit
-    finetune` adapter directory) as its name, put on lm.model side by side (peft.load_loras).
-    Everything is checked before the model changes; a one-line ConfigError names the
-    directory refused."""
-    for adapter in adapters:
-        if not adapter:
-            raise ConfigError("an adapter's name is empty; give each one as NAME=DIR")
-        if adapter == name:
-            raise ConfigError(f"the adapter name {adapter!r} is the base model's; pick another")
-    tokenizers = [_adapter_tokenizer(lm, Path(d)) for d in adapters.values()]
-    if adapters:
-        load_loras(lm.model, adapters)
-    models = {name: Served(0, lm.tokenizer, tuple(turn_stops(lm.tokenizer)))}
-    for index, (adapter, tok) in enumerate(zip(adapters, tokenizers, strict=True), start=1):
-        models[adapter] = Served(index, tok, tuple(turn_stops(tok)))
-    return models
-
-
-def _adapter_tokenizer(lm: LM, directory: Path) -> Tokenizer:
-    """The tokenizer finetune saved with the adapter (`gptkit.load(base, adapter=...)` uses
-    it: its chat template), or the base model's when there is none. It must be the base's
-    vocabulary: the engine decodes every row's tokens with the base tokenizer."""
-    path, base = directory / "tokenizer", lm.tokenizer
-    if not path.is_dir():
-        return base
-    tok = load_tokenizer(path)
-    if tok.vocab_size != base.vocab_size or tok.special_tokens != base.special_tokens:
-        raise ConfigError(
-            f"{path} is not the base model's vocabulary ({tok.vocab_size} tokens, the base "
-            f"{base.vocab_size}; or other special tokens): serve this adapter alone with "
-            f"--adapter {directory}"
-        )
-    return tok
+from .serve_models import Served, served_models
+from .tokenizer import TokenizerError
 
 
 class Server:
@@ -488,7 +387,7 @@ class Server:
         def event(choices: list) -> str:
             nonlocal extra
             data, extra = {**head, "choices": choices, **extra}, {}
-            return _sse(data)
+            return sse(data)
 
         try:
             for i in range(n):
@@ -506,10 +405,10 @@ class Server:
                     yield event(chunk(i, "", value, tokens[i]))
                 else:
                     error = {"message": value, "type": "server_error", "param": None, "code": None}
-                    yield _sse({"error": error})
+                    yield sse({"error": error})
                     return
             if body.stream_options and body.stream_options.include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage(outbox, prompt_tokens)})
+                yield sse({**head, "choices": [], "usage": self._usage(outbox, prompt_tokens)})
             yield "data: [DONE]\n\n"
         finally:
             outbox.cancel()

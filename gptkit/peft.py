@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, first_line
 from .model import GPT
 from .safeload import first_non_finite, read_json
+from .surgery import resize_vocab, set_head
 from .train_config import PeftConfig
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -259,7 +260,7 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
     meta = read_adapter_config(directory)
     # Tokens SFT added sit after the base vocabulary, their embeddings (frozen) set to the
     # mean of the others: resizing the base reproduces them exactly.
-    model.resize_vocab(meta["vocab_size"])
+    resize_vocab(model, meta["vocab_size"])
     if meta["vocab_size"] != model.config.vocab_size:
         raise ConfigError(
             f"{directory} was trained on a model with {meta['vocab_size']} token ids; this one "
@@ -268,7 +269,7 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
     if meta["head"] != "lm":
         fields, sizes = meta.get("label_fields"), meta.get("label_sizes")
         bias = meta.get("score_bias", True)  # adapters saved before it was recorded had one
-        model.set_head(meta["head"], meta["labels"], fields, sizes, bool(bias))
+        set_head(model, meta["head"], meta["labels"], fields, sizes, bool(bias))
     apply_peft(model, PeftConfig.from_dict(meta["peft"]))
     try:
         state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(model.tok_emb.weight.device))

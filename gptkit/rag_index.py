@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import fsync_tree, resolve_directory, staging_dir, swap_in
+from .atomic_dir import fsync_tree, resolve_directory, staging_dir, swap_in
 from .config import ConfigError
 from .embed import Embedder, load_embedder
 from .rag_docs import Chunk, Document, check_chunking, chunk_document, read_documents

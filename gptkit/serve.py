@@ -92,7 +92,7 @@ def create_app(
     embedder: Embedder | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `lm` as the model `name`, and each LoRA adapter directory of
-    `adapters` on it as its name (see served_models); the engine runs while the app does.
+    `adapters` on it as its name (serve_models.py); the engine runs while the app does.
     `retriever` grounds every chat completion in its index; /v1/embeddings embeds with
     `embedder`, else the retriever's index's, else `lm` itself (mean-pooled)."""
     config = config or ServeConfig()

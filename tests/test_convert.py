@@ -25,6 +25,7 @@ from gptkit.convert import (
 )
 from gptkit.generation import SampleConfig, generate
 from gptkit.model import GPT
+from gptkit.surgery import set_head
 
 transformers = pytest.importorskip("transformers")
 
@@ -394,7 +395,7 @@ def test_a_classifier_exports_to_transformers_sequence_classification(base, tmp_
     not padding, the EOS gptkit appends; and it loads back as the same classifier."""
     torch.manual_seed(0)
     ours = perturb(GPT(preset(base, vocab_size=VOCAB, block_size=32)))
-    ours.set_head("classify", ["neg", "neutral", "pos"])
+    set_head(ours, "classify", ["neg", "neutral", "pos"])
     perturb(ours.score)
     eos, pad = 1, 0
     out = export_hf(ours, tmp_path / "cls", eos_token_id=eos, pad_token_id=pad)
@@ -416,6 +417,6 @@ def test_a_classifier_exports_to_transformers_sequence_classification(base, tmp_
     assert (again.config.head, again.config.labels) == ("classify", ["neg", "neutral", "pos"])
     assert torch.equal(again.score.weight, ours.score.weight)
     two = GPT(preset(base, vocab_size=VOCAB))
-    two.set_head("classify", ["a", "b", "x", "y"], ["first", "second"], [2, 2])
+    set_head(two, "classify", ["a", "b", "x", "y"], ["first", "second"], [2, 2])
     with pytest.raises(ConversionError, match="a Hugging Face classifier has one"):
         export_hf(two, tmp_path / "two", pad_token_id=pad)

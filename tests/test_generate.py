@@ -9,6 +9,7 @@ from gptkit.convert import load_hf
 from gptkit.generation import SampleConfig, complete, generate, stream
 from gptkit.generation.sampling import apply_repetition_penalty, filter_logits
 from gptkit.model import ContextLengthError
+from gptkit.surgery import resize_vocab
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf  # noqa: E402
@@ -330,7 +331,7 @@ def test_ids_past_the_tokenizer_are_never_generated():
 
     lm = tiny_chat_lm()
     n = lm.tokenizer.vocab_size
-    lm.model.resize_vocab(n + 16)
+    resize_vocab(lm.model, n + 16)
     best = torch.arange(n, n + 16)
     lm.model.register_forward_hook(lambda m, args, out: out.index_fill(-1, best, 1e4))
     for sampling in (dict(temperature=0), dict(temperature=1.0, seed=0), dict(num_beams=2)):

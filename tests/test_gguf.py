@@ -24,13 +24,12 @@ gguf = pytest.importorskip("gguf", reason="GGUF import needs the gguf package")
 from ggufkit import TINY_TOKENS, permute, tiny_weights, write_gguf  # noqa: E402
 
 from gptkit.convert_gguf import (  # noqa: E402
-    GGUFError,
-    _File,
     load_gguf,
     read_gguf,
     unpermute_rope,
 )
 from gptkit.generation import SampleConfig, generate  # noqa: E402
+from gptkit.gguf_header import GGUFError, GGUFFile  # noqa: E402
 from gptkit.tokenizer_files import load_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -389,9 +388,9 @@ def test_k_quants_from_llama_cpp(tmp_path, preset):
 
 
 def _header_matches_gguf_py(path: Path) -> None:
-    """Our header reader (convert_gguf._File) against gguf-py's GGUFReader: every metadata
+    """Our header reader (gguf_header.GGUFFile) against gguf-py's GGUFReader: every metadata
     value, and every tensor's type, shape, place and bytes."""
-    ours, reference = _File(path), gguf.GGUFReader(path)
+    ours, reference = GGUFFile(path), gguf.GGUFReader(path)
     fields = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
     assert ours.fields == fields
     assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]

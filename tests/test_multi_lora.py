@@ -30,6 +30,7 @@ from gptkit.peft import (
     save_adapter,
 )
 from gptkit.serve import ServeConfig, create_app
+from gptkit.surgery import resize_vocab
 from gptkit.tokenizer_files import load_tokenizer
 from gptkit.train_config import PeftConfig
 
@@ -291,7 +292,7 @@ def test_non_lora_adapters_and_other_bases_are_refused_naming_the_directory(caps
     lm = tiny_chat_lm()
     for name, model in (
         ("wide", GPT(preset("tiny-llama", vocab_size=lm.model.config.vocab_size, n_embd=32))),
-        ("vocab", lm.model.resize_vocab(lm.tokenizer.vocab_size + 8)),
+        ("vocab", resize_vocab(lm.model, lm.tokenizer.vocab_size + 8)),
     ):
         apply_peft(model, PeftConfig(method="lora"))
         directory = save_adapter(model, tmp_path / name, base="another")

@@ -9,6 +9,7 @@ from gptkit.config import ConfigError, preset
 from gptkit.generation import SampleConfig, generate
 from gptkit.model import GPT
 from gptkit.peft import LoRALinear, apply_peft, load_adapter, merge_lora, save_adapter
+from gptkit.surgery import set_head
 from gptkit.train_config import PeftConfig
 
 METHODS = ["lora", "adapter", "prefix"]
@@ -54,7 +55,7 @@ def test_a_fresh_prefix_is_real_keys_and_values_of_the_model():
 def test_only_adapter_parameters_receive_gradients(method, head):
     model = tiny()
     if head == "classify":
-        model.set_head("classify", ["neg", "pos"])
+        set_head(model, "classify", ["neg", "pos"])
     apply_peft(model, PeftConfig(method=method))
     randomize(model)  # at init B (up) is zero, which zeroes A's (down's) gradient
     model.train()
@@ -104,7 +105,7 @@ def test_lora_targets_pick_layers_and_a_typo_is_an_error():
 def test_adapter_only_save_loads_back_onto_the_base(tmp_path, method):
     base_state = {k: v.clone() for k, v in tiny().state_dict().items()}
     model = tiny()
-    model.set_head("tag", ["O", "B-X", "I-X"])
+    set_head(model, "tag", ["O", "B-X", "I-X"])
     apply_peft(model, PeftConfig(method=method))
     randomize(model)
     expected = model(X)

