@@ -73,6 +73,16 @@ class LM(Pretrained):
         texts = [texts] if isinstance(texts, str) else list(texts)
         return predict.tag(self.model, self.tokenizer, texts, batch_size)
 
+    def score_candidates(self, history: list[str], candidates: list[str]) -> list[float]:
+        """P(the user picks each candidate next), from a `gptkit finetune rank` model: history
+        is what the user liked, oldest first (titles); candidates are item texts."""
+        from .recommend import score_candidates
+        from .recsys import candidate_text, context_text
+
+        texts = [candidate_text(c) for c in candidates]
+        context = context_text(history)
+        return score_candidates(self.model, self.tokenizer, context, texts).tolist()
+
     def embed(self, texts: str | list[str], batch_size: int = 16) -> np.ndarray:
         """One unit-length vector [n_embd] per text: the final hidden states, mean-pooled
         (embed.ModelEmbedder; `gptkit index --embedder MODEL` indexes with it)."""

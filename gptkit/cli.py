@@ -17,6 +17,7 @@ from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
 from .cli_rag import add_rag_parsers
 from .config import ConfigError, first_line
+from .recommend import add_recommend_parser
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -159,6 +160,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from .code_eval import cmd_eval_code
 
         return cmd_eval_code(args)
+    if args.task == "rank":
+        from .recommend import cmd_eval_rank
+
+        return cmd_eval_rank(args)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     options = dict(
         limit=args.limit,
@@ -291,9 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_pretrain)
 
-    objectives = ["lm", "sft", "classify", "tag", "distill"]
+    objectives = ["lm", "sft", "classify", "tag", "rank", "distill"]
     for name, help_text in (
-        ("finetune", "fine-tune a model: lm, sft, classify, tag or distill (+ LoRA/adapters)"),
+        ("finetune", "fine-tune a model: lm, sft, classify, tag, rank, distill (+ LoRA...)"),
         ("tune", "search lr, batch size and LoRA rank for a finetune run (Optuna)"),
     ):
         p = sub.add_parser(
@@ -319,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a model: perplexity, classify, tag, generate, choice")
     p.add_argument(
         "task",
-        choices=["perplexity", "classify", "tag", "generate", "choice", "code", "retrieval", "rag"],
+        choices=[
+            *("perplexity", "classify", "tag", "generate", "choice", "code", "retrieval", "rag"),
+            "rank",
+        ],
     )
     p.add_argument("--model", help="checkpoint, HF dir/hub name, GGUF or name")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
@@ -351,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="choice: file to draw the shots from")
     p.add_argument("--index", type=Path, help="retrieval, rag: the index (from gptkit index)")
     p.add_argument("--mode", help="retrieval: dense,bm25,hybrid; rag: closed-book|retrieved|oracle")
-    p.add_argument("-k", type=int, help="rag: sources in the prompt (default 3)")
+    p.add_argument("-k", type=int, help="rag: sources in the prompt (default 3); rank: HR@k")
+    p.add_argument("--users", type=int, help="rank: a seeded sample of this many users (0: all)")
+    p.add_argument("--negatives", type=int, help="rank: sampled candidates per user (99)")
+    p.add_argument("--history", type=int, help="rank: history items shown (10, as training)")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="rank: which target")
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -390,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(sub)
     add_monitor_parser(sub)
     add_rag_parsers(sub)
+    add_recommend_parser(sub)
 
     p = sub.add_parser("demo", help="the main job: a GPT trained on Shakespeare, then sampled")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pretrain settings")

