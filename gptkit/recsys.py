@@ -143,16 +143,20 @@ class Case:
     candidates: list[str]
 
 
-def _negatives(data: Interactions, user: str, n: int, seed: int, stream: int) -> list[str]:
-    """n items the user never touched, drawn without replacement from a seeded stream of the
-    user's own: stream 0 for evaluation, 1 for training, so training does not see the very
-    items a user's candidates are ranked against (it may meet some by chance)."""
+def _negatives(data: Interactions, user: str, seed: int, stream: int):
+    """A draw(n) of n items the user never touched (without replacement within a draw), from a
+    seeded stream of the user's own: stream 0 for evaluation, 1 for training, so training does
+    not see the very items a user's candidates are ranked against (it may meet some by chance)."""
     seen = set(data.histories[user])
     pool = [item for item in data.items if item not in seen]
-    if n > len(pool):
-        raise ConfigError(f"user {user} has only {len(pool)} unseen items; ask for fewer negatives")
     rng = np.random.default_rng([seed, zlib.crc32(user.encode()), stream])
-    return [pool[k] for k in rng.choice(len(pool), size=n, replace=False)]
+
+    def draw(n: int) -> list[str]:
+        if n > len(pool):
+            raise ConfigError(f"user {user} has only {len(pool)} unseen items; ask for fewer")
+        return [pool[k] for k in rng.choice(len(pool), size=n, replace=False)]
+
+    return draw
 
 
 def cases(
@@ -169,7 +173,7 @@ def cases(
     for user in names:
         h = data.histories[user]
         target = h[-back]
-        out.append(Case(user, h[:-back], [target, *_negatives(data, user, negatives, seed, 0)]))
+        out.append(Case(user, h[:-back], [target, *_negatives(data, user, seed, 0)(negatives)]))
     return out
 
 
@@ -189,12 +193,11 @@ def train_records(
         positions = range(1, len(h))
         if per_user:
             positions = positions[-per_user:]
-        drawn = iter(_negatives(data, user, negatives * len(positions), seed, 1))
+        draw = _negatives(data, user, seed, 1)
         for t in positions:
             context = context_text([data.history_text(i) for i in h[max(0, t - history) : t]])
             records.append((context, candidate_text(data.candidate_text(h[t])), "yes"))
-            for _ in range(negatives):
-                item = next(drawn)
+            for item in draw(negatives):
                 records.append((context, candidate_text(data.candidate_text(item)), "no"))
     if not records:
         raise ConfigError("no user has the 4 interactions a training position needs")

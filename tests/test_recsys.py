@@ -97,6 +97,10 @@ def test_training_records_never_hold_a_validation_or_test_target(data):
     last_context = records[(PER_USER - 4) * 3][0]
     assert last_context == context_text([data.history_text(i) for i in user[2:5]])  # 3 items
     assert len(train_records(data, 2, 3, per_user=2, seed=0)) == N_USERS * 2 * 3
+    # more negatives in all than a user has unseen items: each position draws its own
+    many = train_records(data, negatives=8, history=3, per_user=0, seed=0)
+    unseen = {data.candidate_text(i) for i in data.items if i not in user}
+    assert all(cand[len("\nNext: ") :] in unseen for _, cand, label in many[:45] if label == "no")
 
 
 def test_ranking_metrics_by_hand():
