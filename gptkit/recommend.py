@@ -110,7 +110,7 @@ def evaluate_rank(
     tokenizer: Tokenizer,
     data: Interactions,
     split: str = "test",
-    negatives: int = 99,
+    negatives: int | None = 99,
     users: int = 0,
     history: int = 10,
     k: int = 10,
@@ -131,7 +131,7 @@ def evaluate_rank(
     return {
         "split": split,
         "users": len(questions),
-        "candidates": negatives + 1,
+        "candidates": "all unseen" if negatives is None else negatives + 1,
         **{name: ranking_metrics(r, k) for name, r in ranks.items()},
         "ranks": {
             name: dict(zip([c.user for c in questions], r, strict=True))
@@ -153,10 +153,12 @@ def cmd_eval_rank(args: argparse.Namespace) -> None:
     data = read_interactions(args.data[0])
     lm = load(args.model, adapter=args.adapter, device=args.device, quantize=args.quantize)
     k = args.k or 10
+    if args.full and args.negatives:
+        raise ConfigError("--full ranks against every unseen item: leave out --negatives")
+    negatives = None if args.full else args.negatives or 99
     result = evaluate_rank(
-        lm.model, lm.tokenizer, data, args.split, args.negatives or 99, args.users or 0,
-        args.history or 10, k,
-    )  # fmt: skip
+        lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0, args.history or 10, k
+    )
     print(f"rank: {args.data[0]} ({result['split']}, {result['users']} users, "
           f"{result['candidates']} candidates each)")  # fmt: skip
     print(f"{'scorer':<14}{f'HR@{k}':>8}{f'NDCG@{k}':>10}")

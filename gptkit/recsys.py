@@ -160,10 +160,15 @@ def _negatives(data: Interactions, user: str, seed: int, stream: int):
 
 
 def cases(
-    data: Interactions, split: str = "test", negatives: int = 99, seed: int = 0, users: int = 0
+    data: Interactions,
+    split: str = "test",
+    negatives: int | None = 99,
+    seed: int = 0,
+    users: int = 0,
 ) -> list[Case]:
     """The leave-last-out question of each user with at least 3 interactions: "test" ranks the
-    last item after all the others, "val" the one before it. users > 0: a seeded sample."""
+    last item after all the others, "val" the one before it, among `negatives` sampled unseen
+    items (None: every item the user never touched). users > 0: a seeded sample."""
     back = {"test": 1, "val": 2}[split]
     names = sorted((u for u, h in data.histories.items() if len(h) >= 3), key=_user_order)
     if users:
@@ -173,7 +178,11 @@ def cases(
     for user in names:
         h = data.histories[user]
         target = h[-back]
-        out.append(Case(user, h[:-back], [target, *_negatives(data, user, seed, 0)(negatives)]))
+        if negatives is None:
+            others = [i for i in data.items if i not in set(h)]
+        else:
+            others = _negatives(data, user, seed, 0)(negatives)
+        out.append(Case(user, h[:-back], [target, *others]))
     return out
 
 

@@ -84,6 +84,8 @@ def test_cases_leave_the_last_item_out_with_unseen_seeded_negatives(data):
     val = cases(data, "val", 20, seed=1)
     assert all(c.candidates[0] == data.histories[c.user][-2] for c in val)
     assert len(cases(data, "test", 5, users=4)) == 4
+    full = cases(data, "test", negatives=None)[0]  # the whole catalogue the user left unseen
+    assert len(full.candidates) == 1 + N_ITEMS - PER_USER
     with pytest.raises(ConfigError, match="unseen items"):
         cases(data, "test", negatives=N_ITEMS)
 
@@ -172,6 +174,11 @@ def test_finetune_rank_then_eval_rank_and_recommend(tmp_path):
     for name in ("model", "most_popular"):
         assert 0 <= result[name]["ndcg@10"] <= result[name]["hr@10"] <= 1
         assert len(result["ranks"][name]) == 5
+    done = gptkit(
+        "eval", "rank", "--model", str(out / "checkpoint"), "--data", str(folder), "--full",
+        "--users", "2", "--history", "3",
+    )  # fmt: skip
+    assert done.returncode == 0 and "2 users, all unseen candidates each" in done.stdout
     done = gptkit(
         "recommend", "--model", str(out / "checkpoint"), "--items", str(folder / "toy.item"),
         "--history", "Film 1; Film 2", "-k", "4", "--json",
