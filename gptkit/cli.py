@@ -16,8 +16,8 @@ from .cli_generate import add_generation_parsers
 from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
 from .cli_rag import add_rag_parsers
+from .cli_rank import add_recommend_parser
 from .config import ConfigError, first_line
-from .recommend import add_recommend_parser
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -161,7 +161,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         return cmd_eval_code(args)
     if args.task == "rank":
-        from .recommend import cmd_eval_rank
+        from .cli_rank import cmd_eval_rank
 
         return cmd_eval_rank(args)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

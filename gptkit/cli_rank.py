@@ -1,0 +1,75 @@
+"""`gptkit eval rank` and `gptkit recommend` (recommend.py ranks; recsys.py reads the data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .api import load
+from .cli_flags import quantize_flag
+from .config import ConfigError
+from .recommend import evaluate_rank, score_candidates
+from .recsys import Interactions, candidate_text, context_text, read_interactions, read_items
+
+
+def cmd_eval_rank(args: argparse.Namespace) -> None:
+    for name in ("users", "negatives", "history"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "users" else 1):
+            raise ConfigError(f"--{name} must be at least {0 if name == 'users' else 1}")
+    data = read_interactions(args.data[0])
+    lm = load(args.model, adapter=args.adapter, device=args.device, quantize=args.quantize)
+    k = args.k or 10
+    if args.full and args.negatives:
+        raise ConfigError("--full ranks against every unseen item: leave out --negatives")
+    negatives = None if args.full else args.negatives or 99
+    result = evaluate_rank(
+        lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0, args.history or 10, k
+    )
+    print(f"rank: {args.data[0]} ({result['split']}, {result['users']} users, "
+          f"{result['candidates']} candidates each)")  # fmt: skip
+    print(f"{'scorer':<14}{f'HR@{k}':>8}{f'NDCG@{k}':>10}")
+    for name in ("model", "most_popular"):
+        m = result[name]
+        print(f"{name:<14}{m[f'hr@{k}']:>8.4f}{m[f'ndcg@{k}']:>10.4f}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    if args.k < 1:
+        raise ConfigError(f"-k must be at least 1, got {args.k}")
+    history = [h.strip() for h in args.history.split(";") if h.strip()]
+    if not history:
+        raise ConfigError("--history is empty: give the items the user liked, split by ';'")
+    items = read_items(args.items)
+    data = Interactions(items, {})
+    named = {t.lower() for t in history}
+    ids = [i for i in items if args.keep_history or data.history_text(i).lower() not in named]
+    lm = load(args.model, device=args.device, quantize=args.quantize)
+    texts = [candidate_text(data.candidate_text(i)) for i in ids]
+    scores = score_candidates(lm.model, lm.tokenizer, context_text(history), texts)
+    best = scores.argsort(descending=True)[: args.k].tolist()
+    rows = [
+        {"item": ids[b], "text": data.candidate_text(ids[b]), "score": float(scores[b])}
+        for b in best
+    ]
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    for n, row in enumerate(rows, 1):
+        print(f"{n:>3}  {row['score']:.4f}  {row['item']:>6}  {row['text']}")
+
+
+def add_recommend_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="rank a catalogue's items for a history (finetune rank)")
+    p.add_argument("--model", required=True, help="a model from `gptkit finetune rank`")
+    p.add_argument("--history", required=True, help="the items the user liked, split by ';'")
+    p.add_argument("--items", required=True, type=Path, help="RecBole .item file, or id<TAB>text")
+    p.add_argument("-k", type=int, default=10, help="how many to show")
+    p.add_argument("--keep-history", action="store_true", help="also rank the history's items")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.add_argument("--device", default=None)
+    quantize_flag(p, classifier=True)
+    p.set_defaults(func=cmd_recommend)
