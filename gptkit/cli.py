@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, help="rank: a seeded sample of this many users (0: all)")
     p.add_argument("--negatives", type=int, help="rank: sampled candidates per user (99)")
     p.add_argument("--full", action="store_true", help="rank: against every unseen item")
-    p.add_argument("--history", type=int, help="rank: history items shown (10, as training)")
+    p.add_argument("--history", type=int, help="rank: history items shown (default: as trained)")
     p.add_argument("--split", choices=["test", "val"], default="test", help="rank: which target")
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_eval)

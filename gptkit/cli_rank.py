@@ -7,10 +7,21 @@ import json
 from pathlib import Path
 
 from .api import load
+from .checkpoint import is_checkpoint, read_meta
 from .cli_flags import quantize_flag
 from .config import ConfigError
 from .recommend import evaluate_rank, score_candidates
 from .recsys import Interactions, candidate_text, context_text, read_interactions, read_items
+
+
+def trained_history(model: str) -> int:
+    """The history length the checkpoint's `finetune rank` run showed (rank_history), so the
+    evaluation reads histories as training did; 10, the default, for any other model."""
+    if is_checkpoint(model):
+        settings = read_meta(model).get("train", {}).get("config", {})
+        if settings.get("objective") == "rank":
+            return int(settings.get("rank_history", 10))
+    return 10
 
 
 def cmd_eval_rank(args: argparse.Namespace) -> None:
@@ -24,8 +35,9 @@ def cmd_eval_rank(args: argparse.Namespace) -> None:
     if args.full and args.negatives:
         raise ConfigError("--full ranks against every unseen item: leave out --negatives")
     negatives = None if args.full else args.negatives or 99
+    history = args.history or trained_history(args.model)
     result = evaluate_rank(
-        lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0, args.history or 10, k
+        lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0, history, k
     )
     print(f"rank: {args.data[0]} ({result['split']}, {result['users']} users, "
           f"{result['candidates']} candidates each)")  # fmt: skip

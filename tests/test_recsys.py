@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gptkit.checkpoint import save_checkpoint
+from gptkit.cli_rank import trained_history
 from gptkit.config import ConfigError, preset
 from gptkit.model import GPT
 from gptkit.predict import batched_logits
@@ -162,10 +163,12 @@ def test_finetune_rank_then_eval_rank_and_recommend(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "accuracy" in json.loads((out / "val_metrics.json").read_text())
+    assert trained_history(str(out / "checkpoint")) == 3  # what eval rank reads by default
+    assert trained_history(str(tmp_path / "base")) == 10
     scores = tmp_path / "rank.json"
     done = gptkit(
         "eval", "rank", "--model", str(out / "checkpoint"), "--data", str(folder),
-        "--negatives", "9", "--users", "5", "--history", "3", "--out", str(scores),
+        "--negatives", "9", "--users", "5", "--out", str(scores),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "HR@10" in done.stdout and "most_popular" in done.stdout
