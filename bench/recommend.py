@@ -9,8 +9,10 @@ seeded sample of --users users (100 candidates a user cost it seconds on a CPU);
 are scored on the same sample and on every user. The combination is the one the source material
 suggests, text score with the MF score: per user, each scorer's candidate scores are
 standardised and averaged with equal weights (fixed beforehand, not tuned on the test targets).
+--popular trains and scores with each candidate's text also saying how many users had it
+(counted in what each split lets a model see): the popularity signal, given to the text model.
 
-    .venv/bin/python bench/recommend.py [--steps 150] [--users 200] [--smoke]
+    .venv/bin/python bench/recommend.py [--steps 150] [--users 200] [--popular] [--smoke]
 """
 
 from __future__ import annotations
@@ -48,14 +50,16 @@ from gptkit.recsys import (  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "movielens-100k"
 
 
-def finetune(out: Path, steps: int, batch: int, per_user: int, val_batches: int) -> Path:
+def finetune(
+    out: Path, steps: int, batch: int, per_user: int, val_batches: int, popular: bool
+) -> Path:
     """The documented command, run as a subprocess; the checkpoint it writes."""
     args = [
         "finetune", "rank", "--model", "smollm2-135m-instruct", "--data", str(DATA),
         "peft.method=lora", "peft.r=16", "peft.alpha=32", "lr=1e-3", f"max_steps={steps}",
         f"batch_size={batch}", "warmup_steps=10", "rank_negatives=4",
         f"rank_per_user={per_user}", f"eval_batches={val_batches}", "eval_every=0",
-        f"out_dir={out}", "--overwrite",
+        f"out_dir={out}", "--overwrite", *(["rank_popular=true"] if popular else []),
     ]  # fmt: skip
     print("$ gptkit " + shlex.join(args), flush=True)
     start = time.perf_counter()
@@ -91,14 +95,14 @@ def als_scores(data, questions, factors: int, seed: int) -> list[list[float]]:
     ]
 
 
-def whole_text_seconds(lm, data, questions) -> float:
+def whole_text_seconds(lm, data, questions, seen) -> float:
     """Seconds to score the questions' candidates as whole texts (each with its history),
     as batched classification does: what the shared history saves."""
     rows = []
     for q in questions:
         context = context_text([data.history_text(i) for i in q.history[-10:]])
         for item in q.candidates:
-            text = candidate_text(data.candidate_text(item))
+            text = candidate_text(data.candidate_text(item, seen))
             rows.append(rank_example(lm.tokenizer, context, text, 0, lm.config.block_size))
     start = time.perf_counter()
     for _ in batched_logits(lm.model, rows, lm.tokenizer.pad_id or 0, 32):
@@ -117,6 +121,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200, help="users the text model ranks for")
     parser.add_argument("--per-user", type=int, default=20, help="training positions per user")
     parser.add_argument("--factors", type=int, default=64, help="ALS factors")
+    parser.add_argument(
+        "--popular", action="store_true", help="candidates say how many users had them"
+    )
     parser.add_argument("--smoke", action="store_true", help="1 step, 3 users (tests)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "recommend")
     args = parser.parse_args()
@@ -127,18 +134,20 @@ def main() -> None:
     print(f"machine: {machine.cpu().describe()}; load {load1:.1f}", flush=True)
     data = read_interactions(DATA)
     print(f"MovieLens-100K: {len(data.histories)} users, {len(data.items)} items")
-    checkpoint = finetune(args.out.resolve() / "model", steps, batch, per_user, val_batches)
+    out = args.out.resolve() / "model"
+    checkpoint = finetune(out, steps, batch, per_user, val_batches, args.popular)
     lm = load(str(checkpoint), device="cpu")
     every, sample = cases(data, "test"), cases(data, "test", users=users)
     counts = popularity(data, "test")
+    seen = counts if args.popular else None
     start = time.perf_counter()
     text = []
     for q in sample:
         context = context_text([data.history_text(i) for i in q.history[-10:]])
-        texts = [candidate_text(data.candidate_text(i)) for i in q.candidates]
+        texts = [candidate_text(data.candidate_text(i, seen)) for i in q.candidates]
         text.append(score_candidates(lm.model, lm.tokenizer, context, texts).tolist())
     seconds = time.perf_counter() - start
-    whole = whole_text_seconds(lm, data, sample[:3])
+    whole = whole_text_seconds(lm, data, sample[:3], seen)
     shared = seconds / len(sample) * min(3, len(sample))
     scorers = {
         "most-popular": lambda qs: [[counts[i] for i in q.candidates] for q in qs],

@@ -11,17 +11,24 @@ from .checkpoint import is_checkpoint, read_meta
 from .cli_flags import quantize_flag
 from .config import ConfigError
 from .recommend import evaluate_rank, score_candidates
-from .recsys import Interactions, candidate_text, context_text, read_interactions, read_items
+from .recsys import (
+    Interactions,
+    candidate_text,
+    context_text,
+    popularity,
+    read_interactions,
+    read_items,
+)
 
 
-def trained_history(model: str) -> int:
-    """The history length the checkpoint's `finetune rank` run showed (rank_history), so the
-    evaluation reads histories as training did; 10, the default, for any other model."""
+def trained_settings(model: str) -> tuple[int, bool]:
+    """(rank_history, rank_popular) of the checkpoint's `finetune rank` run, so histories and
+    candidates are shown as in training; the defaults (10, False) for any other model."""
     if is_checkpoint(model):
         settings = read_meta(model).get("train", {}).get("config", {})
         if settings.get("objective") == "rank":
-            return int(settings.get("rank_history", 10))
-    return 10
+            return int(settings.get("rank_history", 10)), bool(settings.get("rank_popular"))
+    return 10, False
 
 
 def cmd_eval_rank(args: argparse.Namespace) -> None:
@@ -35,10 +42,11 @@ def cmd_eval_rank(args: argparse.Namespace) -> None:
     if args.full and args.negatives:
         raise ConfigError("--full ranks against every unseen item: leave out --negatives")
     negatives = None if args.full else args.negatives or 99
-    history = args.history or trained_history(args.model)
+    history, popular = trained_settings(args.model)
     result = evaluate_rank(
-        lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0, history, k
-    )
+        lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0,
+        args.history or history, k, popular=popular,
+    )  # fmt: skip
     print(f"rank: {args.data[0]} ({result['split']}, {result['users']} users, "
           f"{result['candidates']} candidates each)")  # fmt: skip
     print(f"{'scorer':<14}{f'HR@{k}':>8}{f'NDCG@{k}':>10}")
@@ -56,11 +64,20 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     if not history:
         raise ConfigError("--history is empty: give the items the user liked, split by ';'")
     items = read_items(args.items)
+    _, popular = trained_settings(args.model)
+    seen = None
+    if popular:  # trained on candidates that say how many users had them: count them
+        if args.data is None:
+            raise ConfigError(
+                f"{args.model} was trained with rank_popular=true: give --data, the interactions "
+                "to count each item's users in"
+            )
+        seen = popularity(read_interactions(args.data), "all")
     data = Interactions(items, {})
     named = {t.lower() for t in history}
     ids = [i for i in items if args.keep_history or data.history_text(i).lower() not in named]
     lm = load(args.model, device=args.device, quantize=args.quantize)
-    texts = [candidate_text(data.candidate_text(i)) for i in ids]
+    texts = [candidate_text(data.candidate_text(i, seen)) for i in ids]
     scores = score_candidates(lm.model, lm.tokenizer, context_text(history), texts)
     best = scores.argsort(descending=True)[: args.k].tolist()
     rows = [
@@ -80,6 +97,7 @@ def add_recommend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--history", required=True, help="the items the user liked, split by ';'")
     p.add_argument("--items", required=True, type=Path, help="RecBole .item file, or id<TAB>text")
     p.add_argument("-k", type=int, default=10, help="how many to show")
+    p.add_argument("--data", help="interactions (RecBole folder): a rank_popular=true model counts")
     p.add_argument("--keep-history", action="store_true", help="also rank the history's items")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.add_argument("--device", default=None)

@@ -116,7 +116,9 @@ class ExampleTask:
             return read_labelled(path, c.text_field, self.fields)
         if c.task == "rank":  # (context, candidate, "yes" | "no") from each user's history
             data = read_interactions(path)
-            records = train_records(data, c.rank_negatives, c.rank_history, c.rank_per_user, c.seed)
+            records = train_records(
+                data, c.rank_negatives, c.rank_history, c.rank_per_user, c.seed, c.rank_popular
+            )
             return [((context, candidate), (label,)) for context, candidate, label in records]
         tagged = read_tagged_file(path, word_column=c.word_column, tag_column=c.tag_column)
         check_tags(tagged)  # words or "-" as tags: refuse before training on them

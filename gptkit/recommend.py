@@ -112,15 +112,17 @@ def evaluate_rank(
     k: int = 10,
     seed: int = 0,
     progress: bool = True,
+    popular: bool = False,
 ) -> dict[str, Any]:
     """HR@k and NDCG@k of the model and of most-popular on the same questions (recsys.cases),
     with each user's target rank under both."""
     questions = cases(data, split, negatives, seed, users)
     counts, users = popularity(data, split), [c.user for c in questions]
+    seen = counts if popular else None  # a ranker trained with rank_popular=true reads them
     ranks: dict[str, list[int]] = {"model": [], "most_popular": []}
     for case in tqdm(questions, desc="ranking", unit="user", disable=not progress):
         context = context_text([data.history_text(i) for i in case.history[-history:]])
-        texts = [candidate_text(data.candidate_text(i)) for i in case.candidates]
+        texts = [candidate_text(data.candidate_text(i, seen)) for i in case.candidates]
         scores = score_candidates(model, tokenizer, context, texts)
         ranks["model"].append(rank_of_target(scores.tolist()))
         ranks["most_popular"].append(rank_of_target([counts[i] for i in case.candidates]))

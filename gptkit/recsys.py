@@ -40,9 +40,11 @@ class Interactions:
     items: dict[str, list[str]]
     histories: dict[str, list[str]]
 
-    def candidate_text(self, item: str) -> str:
-        """All of an item's fields: 'Toy Story | 1995 | Animation Children's Comedy'."""
-        return " | ".join(f for f in self.items[item] if f)
+    def candidate_text(self, item: str, seen: Counter | None = None) -> str:
+        """All of an item's fields: 'Toy Story | 1995 | Animation Children's Comedy'; given
+        `seen` (popularity's counts), also how many users had it: '... | 452 users'."""
+        text = " | ".join(f for f in self.items[item] if f)
+        return text if seen is None else f"{text} | {seen[item]} users"
 
     def history_text(self, item: str) -> str:
         """An item as the history shows it: its first field (the title), to keep it short."""
@@ -191,11 +193,18 @@ def _user_order(user: str) -> tuple[int, str]:
 
 
 def train_records(
-    data: Interactions, negatives: int, history: int, per_user: int, seed: int
+    data: Interactions,
+    negatives: int,
+    history: int,
+    per_user: int,
+    seed: int,
+    popular: bool = False,
 ) -> list[tuple[str, str, str]]:
     """(context, candidate, "yes"/"no") for each training position of each user: the items
     before the validation target, each after up to `history` items before it (per_user > 0:
-    only each user's last per_user positions), with `negatives` unseen items as "no"."""
+    only each user's last per_user positions), with `negatives` unseen items as "no".
+    popular: each candidate's text says how many users had it (in what training sees)."""
+    seen = popularity(data, "val") if popular else None
     records = []
     for user in sorted(data.histories, key=_user_order):
         h = data.histories[user][:-2]
@@ -205,9 +214,9 @@ def train_records(
         draw = _negatives(data, user, seed, 1)
         for t in positions:
             context = context_text([data.history_text(i) for i in h[max(0, t - history) : t]])
-            records.append((context, candidate_text(data.candidate_text(h[t])), "yes"))
+            records.append((context, candidate_text(data.candidate_text(h[t], seen)), "yes"))
             for item in draw(negatives):
-                records.append((context, candidate_text(data.candidate_text(item)), "no"))
+                records.append((context, candidate_text(data.candidate_text(item, seen)), "no"))
     if not records:
         raise ConfigError("no user has the 4 interactions a training position needs")
     return records
@@ -233,6 +242,6 @@ def ranking_metrics(ranks: Sequence[int], k: int = 10) -> dict[str, float]:
 
 def popularity(data: Interactions, split: str = "test") -> Counter:
     """Interactions per item over what the split lets a model see (each user's items before
-    the split's target)."""
-    back = {"test": 1, "val": 2}[split]
-    return Counter(item for h in data.histories.values() for item in h[:-back])
+    the split's target; "all": every interaction, for recommending)."""
+    back = {"all": 0, "test": 1, "val": 2}[split]
+    return Counter(item for h in data.histories.values() for item in h[: len(h) - back])

@@ -239,6 +239,7 @@ class FinetuneConfig(TrainConfig):
     rank_negatives: int = 4
     rank_history: int = 10
     rank_per_user: int = 0
+    rank_popular: bool = False  # rank: each candidate's text says how many users had it
     epochs: float = 0.0  # > 0: max_steps covers this many passes over the training examples
     peft: PeftConfig = field(default_factory=PeftConfig)
     teacher: str | None = None  # distill: the teacher model (same tokenizer / labels)

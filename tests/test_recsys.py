@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gptkit.checkpoint import save_checkpoint
-from gptkit.cli_rank import trained_history
+from gptkit.cli_rank import trained_settings
 from gptkit.config import ConfigError, preset
 from gptkit.model import GPT
 from gptkit.predict import batched_logits
@@ -100,6 +100,9 @@ def test_training_records_never_hold_a_validation_or_test_target(data):
     last_context = records[(PER_USER - 4) * 3][0]
     assert last_context == context_text([data.history_text(i) for i in user[2:5]])  # 3 items
     assert len(train_records(data, 2, 3, per_user=2, seed=0)) == N_USERS * 2 * 3
+    popular = train_records(data, 2, 3, per_user=1, seed=0, popular=True)
+    counts = popularity(data, "val")  # what training sees: every user's items before val
+    assert popular[0][1] == f"\nNext: {data.candidate_text(user[-3])} | {counts[user[-3]]} users"
     # more negatives in all than a user has unseen items: each position draws its own
     many = train_records(data, negatives=8, history=3, per_user=0, seed=0)
     unseen = {data.candidate_text(i) for i in data.items if i not in user}
@@ -163,8 +166,8 @@ def test_finetune_rank_then_eval_rank_and_recommend(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "accuracy" in json.loads((out / "val_metrics.json").read_text())
-    assert trained_history(str(out / "checkpoint")) == 3  # what eval rank reads by default
-    assert trained_history(str(tmp_path / "base")) == 10
+    assert trained_settings(str(out / "checkpoint")) == (3, False)  # what eval rank reads
+    assert trained_settings(str(tmp_path / "base")) == (10, False)
     scores = tmp_path / "rank.json"
     done = gptkit(
         "eval", "rank", "--model", str(out / "checkpoint"), "--data", str(folder),
@@ -206,3 +209,25 @@ def test_bad_inputs_are_one_line(tmp_path):
         f.write("1\t999\t4\t5\n")
     with pytest.raises(ConfigError, match="names item '999'"):
         read_interactions(bad)
+
+
+def test_a_ranker_trained_on_popularity_is_evaluated_and_used_with_it(tmp_path):
+    folder = write_recbole(tmp_path / "toy")
+    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
+    save_checkpoint(tmp_path / "base", ranker(tok.vocab_size), tok)
+    out = tmp_path / "run"
+    done = gptkit(
+        "finetune", "rank", "--model", str(tmp_path / "base"), "--data", str(folder),
+        f"out_dir={json.dumps(str(out))}", "max_steps=1", "batch_size=4", "rank_popular=true",
+        "progress=false",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert trained_settings(str(out / "checkpoint")) == (10, True)
+    done = gptkit("eval", "rank", "--model", str(out / "checkpoint"), "--data", str(folder),
+                  "--negatives", "5", "--users", "2")  # fmt: skip
+    assert done.returncode == 0 and "2 users, 6 candidates" in done.stdout, done.stderr
+    items = ["--items", str(folder / "toy.item"), "--history", "Film 1", "-k", "2"]
+    done = gptkit("recommend", "--model", str(out / "checkpoint"), *items)
+    assert done.returncode == 2 and "rank_popular=true: give --data" in done.stderr
+    done = gptkit("recommend", "--model", str(out / "checkpoint"), *items, "--data", str(folder))
+    assert done.returncode == 0 and len(done.stdout.strip().splitlines()) == 2, done.stderr
