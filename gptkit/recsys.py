@@ -181,7 +181,8 @@ def cases(
         h = data.histories[user]
         target = h[-back]
         if negatives is None:
-            others = [i for i in data.items if i not in set(h)]
+            touched = set(h)
+            others = [i for i in data.items if i not in touched]
         else:
             others = _negatives(data, user, seed, 0)(negatives)
         out.append(Case(user, h[:-back], [target, *others]))
