@@ -39,6 +39,7 @@ from gptkit import machine  # noqa: E402
 from gptkit.checkpoint import save_checkpoint  # noqa: E402
 from gptkit.loading import load_pretrained  # noqa: E402
 from gptkit.peft import apply_peft, merge_lora  # noqa: E402
+from gptkit.surgery import set_head  # noqa: E402
 from gptkit.train_config import PeftConfig  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "stsa.binary.test"
@@ -49,7 +50,7 @@ def make_classifier(out: Path) -> Path:
     """SmolLM2 + classify head + LoRA (random B), merged, saved as a gptkit checkpoint."""
     torch.manual_seed(0)
     lm = load_pretrained("smollm2-135m-instruct", "cpu")
-    lm.model.set_head("classify", ["negative", "positive"])
+    set_head(lm.model, "classify", ["negative", "positive"])
     apply_peft(lm.model, PeftConfig(method="lora", r=16, alpha=32))
     with torch.no_grad():
         for name, p in lm.model.named_parameters():
