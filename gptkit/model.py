@@ -203,9 +203,13 @@ class Block(nn.Module):
 
 
 def _embedding(rows: int, dim: int) -> nn.Embedding:
-    """An embedding left uninitialised: init_weights sets it. (nn.Embedding's own N(0, 1) init
-    would be work thrown away, and on the meta device it imports torch._dynamo: 1.3 s.)"""
-    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    """nn.Embedding, but on the meta device without its N(0, 1) init, which there imports
+    torch._dynamo (1.3 s). Elsewhere the init still runs (init_weights overwrites it), so a
+    seeded model draws the same random numbers, and gets the same weights, as it always did."""
+    weight = torch.empty(rows, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, dim, _weight=weight)
 
 
 class GPT(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from conftest import TEXT
 from conftest import char_model as make
 
-from gptkit import checkpoint
+from gptkit import atomic_dir, checkpoint
 from gptkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gptkit.tokenizer import char_tokenizer
 
@@ -65,7 +65,7 @@ def test_crash_between_the_renames_falls_back_to_the_backup(tmp_path, monkeypatc
         if str(dst).endswith(f".old-{os.getpid()}"):
             raise KeyboardInterrupt  # the process dies right after moving the old one aside
 
-    monkeypatch.setattr(checkpoint.os, "replace", replace_then_die)
+    monkeypatch.setattr(atomic_dir.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "ckpt", model, tok, extra={"step": 2})
     monkeypatch.undo()

@@ -527,7 +527,8 @@ def test_valid_gguf_loads(valid_gguf):
 
 @pytest.mark.parametrize("variant", HOSTILE)
 def test_hostile_gguf_is_a_clear_error(tmp_path, valid_gguf, variant):
-    from gptkit.convert_gguf import GGUFError, load_gguf_tokenizer, read_gguf
+    from gptkit.convert_gguf import load_gguf_tokenizer, read_gguf
+    from gptkit.gguf_header import GGUFError
 
     edits, phrase = hostile_edits(gguf.GGUFReader(valid_gguf))[variant]
     path = patched(valid_gguf, tmp_path / f"{variant}.gguf", edits)

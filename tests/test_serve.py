@@ -558,7 +558,7 @@ def test_no_request_can_name_a_file(client, char_checkpoint, monkeypatch):
     import gptkit.api
     import gptkit.checkpoint
     import gptkit.loading
-    import gptkit.openai_api
+    import gptkit.serve_models
     import gptkit.tokenizer_files
 
     def never(*args, **kwargs):
@@ -569,8 +569,8 @@ def test_no_request_can_name_a_file(client, char_checkpoint, monkeypatch):
         (gptkit.loading, "load_pretrained"),
         (gptkit.checkpoint, "load_checkpoint"),
         (gptkit.tokenizer_files, "load_tokenizer"),
-        (gptkit.openai_api, "load_tokenizer"),
-        (gptkit.openai_api, "load_loras"),
+        (gptkit.serve_models, "load_tokenizer"),
+        (gptkit.serve_models, "load_loras"),
     ]:
         monkeypatch.setattr(module, name, never)
     paths = ["../../etc/passwd", "/etc/passwd", str(char_checkpoint), "file:///etc/passwd"]

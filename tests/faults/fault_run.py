@@ -25,6 +25,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+import gptkit.atomic_dir as atomic_dir
 import gptkit.checkpoint as checkpoint
 import gptkit.metrics as metrics
 import gptkit.prepare as prepare
@@ -128,7 +129,7 @@ def install(fault: str) -> None:
             if Path(dst).name.startswith(".checkpoint.old-") and hit():
                 die()
 
-        checkpoint.os.replace = replace  # checkpoint.os is the os module: patched for all
+        atomic_dir.os.replace = replace  # atomic_dir.os is the os module: patched for all
     elif kind:
         sys.exit(f"fault_run.py: unknown fault {fault!r}")
 
