@@ -220,24 +220,37 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .convert import classifier_padding, export_hf
     from .peft import merge_lora, peft_config
 
+    if args.type is not None and args.to != "gguf":
+        raise SystemExit(f"gptkit convert: --type {args.type} is for --to gguf")
+    if args.to == "gptkit":
+        lm = load(args.source, device="cpu")
+        save_checkpoint(args.out, lm.model, lm.tokenizer, extra={"source": str(args.source)})
+        print(f"wrote a gptkit checkpoint ({lm.model.num_params():,} params) to {args.out}")
+        return
     if args.to == "hf":
         model, tokenizer, _ = load_checkpoint(args.source)
-        peft = peft_config(model)
-        if peft is not None and peft.method == "lora":  # a LoRA run exports merged
-            model = merge_lora(model)
-        ids = {}
-        if tokenizer is not None:  # so transformers' generate() knows where text ends
-            ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-            if model.config.head == "classify":
-                ids["pad_token_id"] = classifier_padding(tokenizer)
-        out = export_hf(model, args.out, **ids)
-        if tokenizer is not None:
-            tokenizer.save(out)
-        print(f"wrote a Hugging Face model directory to {out}")
+    else:  # GGUF from any model gptkit loads: a checkpoint, a GGUF file, a name
+        lm = load(args.source, device="cpu", decode_layout=False)
+        model, tokenizer = lm.model, lm.tokenizer
+    peft = peft_config(model)
+    if peft is not None and peft.method == "lora":  # a LoRA run exports merged
+        model = merge_lora(model)
+    if args.to == "gguf":
+        from .export_gguf import export_gguf
+
+        kind = args.type or "f32"
+        path = export_gguf(model, tokenizer, args.out, kind, name=Path(args.source).name)
+        print(f"wrote a {kind} GGUF file ({path.stat().st_size / 1e6:.1f} MB) to {path}")
         return
-    lm = load(args.source, device="cpu")
-    save_checkpoint(args.out, lm.model, lm.tokenizer, extra={"source": str(args.source)})
-    print(f"wrote a gptkit checkpoint ({lm.model.num_params():,} params) to {args.out}")
+    ids = {}
+    if tokenizer is not None:  # so transformers' generate() knows where text ends
+        ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+        if model.config.head == "classify":
+            ids["pad_token_id"] = classifier_padding(tokenizer)
+    out = export_hf(model, args.out, **ids)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    print(f"wrote a Hugging Face model directory to {out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -393,10 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("convert", help="Hugging Face model -> gptkit checkpoint, or back (--to hf)")
-    p.add_argument("source", help="HF directory or hub name; a gptkit checkpoint with --to hf")
+    p = sub.add_parser(
+        "convert", help="Hugging Face model -> gptkit checkpoint, or out (--to hf, --to gguf)"
+    )
+    p.add_argument(
+        "source",
+        help="HF directory or hub name; a gptkit checkpoint with --to hf; any model with --to gguf",
+    )
     p.add_argument("out", type=Path)
-    p.add_argument("--to", choices=["gptkit", "hf"], default="gptkit")
+    p.add_argument("--to", choices=["gptkit", "hf", "gguf"], default="gptkit")
+    p.add_argument(
+        "--type",
+        help="--to gguf: the weights' type, f32 (default), f16, q8_0, q5_1, q5_0, q4_1 or q4_0 "
+        "(norms and biases stay f32)",
+    )
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_convert)
 

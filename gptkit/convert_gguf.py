@@ -45,12 +45,13 @@ SUPPORTED_TYPES = (
     *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
 )
 
-_MODEL_NAMES = {
+# GGUF name -> Hugging Face Llama name (export_gguf.py maps the other way).
+MODEL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -130,15 +131,15 @@ def _config(f: GGUFFile, tensor_names: set[str]) -> GPTConfig:
 def _expected_names(config: GPTConfig) -> set[str]:
     names = {"token_embd.weight", "output_norm.weight"}
     names |= set() if config.tie_embeddings else {"output.weight"}
-    return names | {f"blk.{i}.{n}.weight" for i in range(config.n_layer) for n in _LAYER_NAMES}
+    return names | {f"blk.{i}.{n}.weight" for i in range(config.n_layer) for n in LAYER_NAMES}
 
 
 def _hf_name(name: str) -> str:
     """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight (names were checked)."""
     parts = name.split(".")
     if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return f"{_MODEL_NAMES[parts[0]]}.{parts[1]}"
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return f"{MODEL_NAMES[parts[0]]}.{parts[1]}"
 
 
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -150,6 +151,12 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """
     head_dim = w.shape[0] // n_head
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The row order llama.cpp's converter gives q/k: the inverse of `unpermute_rope`."""
+    head_dim = w.shape[0] // n_head
+    return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _tensors(f: GGUFFile, config: GPTConfig) -> LazyTensors:

@@ -186,6 +186,10 @@ class HFTokenizer(Tokenizer):
         vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
         super().__init__(vocab_size, specials, **names)
 
+    def spec(self) -> dict[str, Any]:
+        """The tokenizer.json contents (model, pre-tokenizer, added tokens) as a dict."""
+        return json.loads(self._tok.to_str())
+
     def encode(self, text: str) -> list[int]:
         try:
             return self._tok.encode(text, add_special_tokens=False).ids
