@@ -340,6 +340,10 @@ RUNS: dict[str, Run] = {
         setup=lambda ws: gptkit_run(ws, "convert", "model", "ckpt/") and None,
         check=file_made("hf-out/config.json"),
     ),
+    "gptkit convert ckpt/ model.gguf --to gguf --type q8_0": Run(
+        setup=lambda ws: gptkit_run(ws, "convert", "model", "ckpt/") and None,
+        check=out_has("wrote a q8_0 GGUF file"),
+    ),
     "gptkit tokenizer train --input corpus/*.txt --vocab-size 8192 --out tok/": Run(
         check=file_made("tok")
     ),

