@@ -17,6 +17,7 @@ better sample of each), and the output starts with the machine they were measure
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -37,12 +38,12 @@ from gptkit.loading import named_model_path
 NAME = "smollm2-135m-instruct"
 
 
-def llama_cpp_peer(prompt: list[int], new: int):
+def llama_cpp_peer(prompt: list[int], new: int, path: Path | None = None):
+    """llama.cpp on a GGUF file (default: SmolLM2's own Q4_1 file)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        str(named_model_path(NAME)), n_ctx=1024, n_threads=2, n_batch=512, verbose=False
-    )
+    path = path or named_model_path(NAME)
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
 
     def prefill():
         llm.reset()

@@ -1,7 +1,10 @@
 """Peak memory of loading SmolLM2-135M-Instruct and generating with it, against its weights.
 
 Each case runs in a fresh process that records its resident memory after `import gptkit`
-(torch alone is ~230 MB) and its peak (VmHWM) after loading and generating 32 tokens.
+(torch alone is ~230 MB) and its peak (VmHWM) after loading and generating 32 tokens. Three
+cases: fp32; int8 quantized as it loads (`--quantize int8`: the fp32 weights first); and an
+int8 checkpoint saved by `gptkit convert smollm2-135m-instruct DIR --quantize int8`, which
+loads already quantized.
 
     .venv/bin/python bench/memory_load.py
 """
@@ -12,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 CHILD = """
@@ -21,17 +25,17 @@ def mb(field):
         if line.startswith(field):
             return int(line.split()[1]) / 1024
 start = mb("VmRSS")
-lm = gptkit.load("smollm2-135m-instruct", device="cpu", quantize=sys.argv[1] or None)
+lm = gptkit.load(sys.argv[1], device="cpu", quantize=sys.argv[2] or None)
 loaded = mb("VmHWM")
 lm.generate("The capital of France is", max_new_tokens=32, temperature=0)
-fp32 = sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20 if not sys.argv[1] else None
+fp32 = sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20 if not sys.argv[2] else None
 print(json.dumps({"start": start, "load_peak": loaded, "peak": mb("VmHWM"), "fp32_mb": fp32}))
 """
 
 
-def measure(quantize: str) -> dict:
+def measure(model: str, quantize: str = "") -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, quantize], capture_output=True, text=True, check=True
+        [sys.executable, "-c", CHILD, model, quantize], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -40,16 +44,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results here (python -m bench)")
     args = parser.parse_args()
-    rows = {"fp32": measure(""), "int8": measure("int8")}
+    name = "smollm2-135m-instruct"
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = str(Path(tmp) / "int8")
+        convert = [sys.executable, "-m", "gptkit", "convert", name, saved, "--quantize", "int8"]
+        subprocess.run(convert, capture_output=True, check=True)
+        rows = {
+            "fp32": measure(name),
+            "int8": measure(name, "int8"),
+            "int8 saved": measure(saved),
+        }
     weights = rows["fp32"]["fp32_mb"]
     print(f"SmolLM2-135M-Instruct, fp32 weights {weights:.0f} MiB; MiB of resident memory")
     print(
-        f"{'weights':<8} {'after import':>13} {'peak':>7} {'peak - import':>14} {'/ weights':>10}"
+        f"{'weights':<10} {'after import':>13} {'peak':>7} {'peak - import':>14} {'/ weights':>10}"
     )
     for name, r in rows.items():
         grown = r["peak"] - r["start"]
         print(
-            f"{name:<8} {r['start']:>13.0f} {r['peak']:>7.0f} {grown:>14.0f} "
+            f"{name:<10} {r['start']:>13.0f} {r['peak']:>7.0f} {grown:>14.0f} "
             f"{grown / weights:>9.2f}x"
         )
     if args.json is not None:

@@ -31,6 +31,7 @@ from .model import GPT
 from .peft import load_adapter
 from .quantize import check as check_quantize
 from .quantize import quantize as quantize_model
+from .quantize import quantized
 from .tokenizer_files import load_tokenizer
 
 _SAMPLE_KEYS = {f.name for f in fields(SampleConfig)}
@@ -249,8 +250,8 @@ def load(
             lm.tokenizer = load_tokenizer(Path(adapter) / "tokenizer")
     if quantize is not None:
         quantize_model(lm.model, quantize)
-    elif plan is not None:  # converted models are laid out so already; checkpoints are not
-        use_decode_layout(lm.model, plan)
+    elif plan is not None and quantized(lm.model) is None:  # (an int8 checkpoint: no layout)
+        use_decode_layout(lm.model, plan)  # converted models are laid out so already
     if draft is not None:
         drafter = load(
             draft,

@@ -36,6 +36,8 @@ from .config import ConfigError, GPTConfig, first_line
 from .convert import unpickling_problem
 from .model import GPT
 from .peft import apply_peft, peft_config
+from .quantize import check as check_quantize
+from .quantize import quantized, quantized_skeleton
 from .safeload import MetadataError, first_non_finite, read_json
 from .tensorfile import read_safetensors
 from .tokenizer import Tokenizer, TokenizerError
@@ -161,6 +163,7 @@ def save_checkpoint(
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
             "tokenizer": tokenizer.kind if tokenizer is not None else None,
             "peft": peft.to_dict() if (peft := peft_config(model)) else None,
+            **({"quantize": mode} if (mode := quantized(model)) else {}),
             **(extra or {}),
         }
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -211,8 +214,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def check_state_dict(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        expected.pop("lm_head.weight")
+    if model.config.tie_embeddings:  # absent, or the int8 head's own (quantize.py)
+        expected.pop("lm_head.weight", None)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [
@@ -251,6 +254,12 @@ def load_checkpoint(
     model = GPT.skeleton(config)
     if peft is not None:  # the same adapter modules as the model that was saved
         apply_peft(model, peft, init=False)
+    if (mode := meta.get("quantize")) is not None:  # int8 layers, filled by assign below
+        try:
+            quantized_skeleton(model, mode)
+            check_quantize(mode, torch.device(device))
+        except ConfigError as e:
+            raise CheckpointError(f"{directory}: a quantized checkpoint: {e}") from None
     check_state_dict(model, state, str(weights))
     check_finite(state.items(), weights)
     model.assign(state, device, dtype).eval()  # the loaded tensors themselves: no second copy

@@ -17,7 +17,7 @@ from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
 from .cli_rag import add_rag_parsers
 from .cli_rank import add_recommend_parser
-from .config import ConfigError, first_line
+from .config import QUANTIZE_CHOICES, ConfigError, first_line
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -219,22 +219,28 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint, save_checkpoint
     from .convert import classifier_padding, export_hf
     from .peft import merge_lora, peft_config
+    from .quantize import quantize
 
     if args.type is not None and args.to != "gguf":
         raise SystemExit(f"gptkit convert: --type {args.type} is for --to gguf")
-    if args.to == "gptkit":
-        lm = load(args.source, device="cpu")
-        save_checkpoint(args.out, lm.model, lm.tokenizer, extra={"source": str(args.source)})
-        print(f"wrote a gptkit checkpoint ({lm.model.num_params():,} params) to {args.out}")
-        return
+    if args.quantize is not None and args.to != "gptkit":
+        raise SystemExit(f"gptkit convert: --quantize {args.quantize} writes a gptkit checkpoint")
     if args.to == "hf":
         model, tokenizer, _ = load_checkpoint(args.source)
-    else:  # GGUF from any model gptkit loads: a checkpoint, a GGUF file, a name
+    else:  # any model gptkit loads: a checkpoint, a GGUF file, a Hugging Face model, a name
         lm = load(args.source, device="cpu", decode_layout=False)
         model, tokenizer = lm.model, lm.tokenizer
     peft = peft_config(model)
     if peft is not None and peft.method == "lora":  # a LoRA run exports merged
         model = merge_lora(model)
+    if args.to == "gptkit":
+        if args.quantize is not None:
+            quantize(model, args.quantize)  # saved as int8: it loads quantized, no fp32 copy
+        save_checkpoint(args.out, model, tokenizer, extra={"source": str(args.source)})
+        size = (args.out / "model.safetensors").stat().st_size / 1e6
+        kind = f"an {args.quantize}" if args.quantize else "a"
+        print(f"wrote {kind} gptkit checkpoint ({size:.1f} MB of weights) to {args.out}")
+        return
     if args.to == "gguf":
         from .export_gguf import export_gguf
 
@@ -419,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--type",
         help="--to gguf: the weights' type, f32 (default), f16, q8_0, q5_1, q5_0, q4_1 or q4_0 "
         "(norms and biases stay f32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help="--to gptkit: save int8 weights for the CPU; the checkpoint loads already quantized",
     )
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_convert)

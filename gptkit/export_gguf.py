@@ -14,8 +14,9 @@ them as llama.cpp's convert_hf_to_gguf.py does:
 
 gguf-py (maintained with llama.cpp) writes the file and quantizes: 2-D weights in the chosen
 type, except the output projection (F16 under quantized types); norms, biases and GPT-2's
-position table in F32 (as llama.cpp's own converter keeps them). K-quants (q4_k_m, ...) have no quantizer in gguf-py; llama.cpp's `llama-quantize` makes
-them from the f32 or f16 file this writes.
+position table in F32 (as llama.cpp's own converter keeps them). K-quants (q4_k_m, ...) have
+no quantizer in gguf-py; llama.cpp's `llama-quantize` makes them from the f32 or f16 file this
+writes.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from .examples import (
     pack,
     tagging_example,
 )
-from .loading import Pretrained, load_pretrained
+from .loading import Pretrained, load_pretrained, load_trainable
 from .model import GPT
 from .peft import apply_peft, save_adapter
 from .predict import batched_logits, predict_labels, predict_tags
@@ -344,7 +344,7 @@ class FinetuneResult:
 def make_task(config: FinetuneConfig) -> ExampleTask | TextTask | Distill:
     """The task `config` describes, holding the model to fine-tune (loaded on the CPU; the
     Trainer moves it)."""
-    lm = load_pretrained(config.init_from, "cpu")
+    lm = load_trainable(config.init_from, "cpu")
     task = TextTask(config, lm) if config.task == "lm" else ExampleTask(config, lm)
     return Distill(task, config) if config.objective == "distill" else task
 

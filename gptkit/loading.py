@@ -107,3 +107,19 @@ def load_pretrained(
         raise checkpoint.CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
     checkpoint.check_tokenizer_fits(tokenizer, model.config)
     return Pretrained(model.eval(), tokenizer)
+
+
+def load_trainable(
+    path_or_name: str | Path, device: str | torch.device | None = None
+) -> Pretrained:
+    """`load_pretrained`, for training: a quantized checkpoint (int8 weights, no gradients) is
+    refused, naming what to train instead."""
+    from .quantize import quantized
+
+    pretrained = load_pretrained(path_or_name, device)
+    if (mode := quantized(pretrained.model)) is not None:
+        raise checkpoint.CheckpointError(
+            f"{path_or_name} is an {mode} checkpoint, for generation only; train the model it "
+            "was converted from"
+        )
+    return pretrained

@@ -253,10 +253,15 @@ class GPT(nn.Module):
         """Make the tensors of `state` this model's parameters (moved to device/dtype if they
         are not there): loading holds one copy of the weights, not two. Names and shapes must
         match (a tied lm_head may be absent; check them first, as nothing here does)."""
-        state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        # Floats take dtype; int8 weights (a quantized checkpoint: quantize.py) stay int8.
+        state = {
+            k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in state.items()
+        }
         self.load_state_dict(state, strict=False, assign=True)  # strict=False: the tied head
         self._make_buffers()
-        if self.config.head == "lm" and self.config.tie_embeddings:  # the head is still meta
+        tied = self.config.head == "lm" and self.config.tie_embeddings
+        if tied and isinstance(self.lm_head, nn.Linear):  # still meta; an int8 head has its own
             self.lm_head.weight = self.tok_emb.weight
         return self
 

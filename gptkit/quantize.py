@@ -21,7 +21,8 @@ is in `bench/quantize_quality.py`, +5% over fp32):
   precision matters more here: 7-bit inputs cost +11.7% perplexity, 7-bit weights +4.3%
   (each simulated in float32, 12k tokens).
 
-Quantized models generate and serve; they are not saved or trained (quantize a loaded model).
+Quantized models generate and serve, and save (`gptkit convert CKPT OUT --quantize int8`): such a
+checkpoint loads already quantized. They are not trained.
 """
 
 from __future__ import annotations
@@ -37,22 +38,58 @@ WEIGHT_MAX = 63  # 7-bit weights: 255 * 63 * 2 < 2**15, so fbgemm's int16 pair s
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (per output row scales) on fbgemm's int8 kernel."""
+    """A linear layer with int8 weights (per output row scales) on fbgemm's int8 kernel.
 
-    def __init__(self, linear: nn.Linear):
+    Saved as `weight_int8` (int8 [N, K]) and `weight_scale` (float32 [N]) beside the fp32
+    `bias`, so a quantized checkpoint loads without an fp32 copy of the weights. `empty` makes
+    one awaiting those tensors (a checkpoint's skeleton): loading its state packs them.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        """q: int8 [N, K] with |q| <= WEIGHT_MAX; scale: [N]; bias: [N] or None."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float().contiguous()  # [N, K]
+        self.out_features, self.in_features = q.shape
+        self.packed = _pack(q, scale) if q.device.type != "meta" else None
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()  # [N, K]
         scale = (w.abs().amax(dim=1) / WEIGHT_MAX).clamp(min=1e-12)  # [N]
+        zero = torch.zeros_like(scale, dtype=torch.long)
         with warnings.catch_warnings():  # "quantized tensors are deprecated": our pin has them
             warnings.simplefilter("ignore", UserWarning)
-            q = torch.quantize_per_channel(
-                w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
-            )
+            q = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8).int_repr()
         # The bias stays fp32 and is added after the row scales are undone.
-        self.packed = torch.ops.quantized.linear_prepack(q, None)
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        self.register_buffer("bias", bias)
+        return cls(q, scale, bias)
+
+    @classmethod
+    def empty(cls, linear: nn.Linear) -> Int8Linear:
+        """The layer `linear` (on the meta device) becomes once its saved tensors are loaded."""
+        meta = torch.device("meta")
+        q = torch.empty(linear.weight.shape, dtype=torch.int8, device=meta)
+        bias = None if linear.bias is None else torch.empty(linear.out_features, device=meta)
+        return cls(q, torch.empty(linear.out_features, device=meta), bias)
+
+    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [N, K], scale float32 [N]) as packed (meta tensors while empty)."""
+        if self.packed is None:
+            n, meta = self.out_features, torch.device("meta")
+            q = torch.empty(n, self.in_features, dtype=torch.int8, device=meta)
+            return q, torch.empty(n, device=meta)
+        q, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return q.int_repr(), q.q_per_channel_scales().float()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        destination[prefix + "weight_int8"], destination[prefix + "weight_scale"] = self.int8()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        super()._load_from_state_dict(state_dict, prefix, *args)  # the bias
+        q, scale = state_dict.get(prefix + "weight_int8"), state_dict.get(prefix + "weight_scale")
+        if q is not None and scale is not None:
+            self.packed = _pack(q, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 -> [..., N] float32."""
@@ -65,6 +102,15 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _pack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """fbgemm's packed form of int8 rows q [N, K] with scales [N]."""
+    zero = torch.zeros(q.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # "quantized tensors are deprecated": our pin has them
+        warnings.simplefilter("ignore", UserWarning)
+        qt = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+    return torch.ops.quantized.linear_prepack(qt, None)
 
 
 def check(mode: str, device: torch.device) -> None:
@@ -83,13 +129,26 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     for p in model.parameters():
         check(mode, p.device)
     with torch.no_grad():
-        _replace_linears(model)
+        _replace_linears(model, Int8Linear.from_linear)
     return model.eval()
 
 
-def _replace_linears(module: nn.Module) -> None:
+def quantized(model: nn.Module) -> str | None:
+    """The mode `model` was quantized to ("int8"), or None."""
+    return "int8" if any(isinstance(m, Int8Linear) for m in model.modules()) else None
+
+
+def quantized_skeleton(model: nn.Module, mode: str) -> nn.Module:
+    """A meta-device model (GPT.skeleton) with the layers a `mode` checkpoint holds: loading
+    that checkpoint's state then fills them (`GPT.assign`)."""
+    check(mode, torch.device("cpu"))
+    _replace_linears(model, Int8Linear.empty)
+    return model
+
+
+def _replace_linears(module: nn.Module, make) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, make(child))
         else:
-            _replace_linears(child)
+            _replace_linears(child, make)

@@ -49,7 +49,7 @@ from .checkpoint import (
 from .config import ConfigError, GPTConfig
 from .data import TokenData, batch_rng
 from .distributed import Distributed, full_state, load_full_state
-from .loading import load_pretrained, resolve_device
+from .loading import load_trainable, resolve_device
 from .metrics import MetricsLogger
 from .model import GPT
 from .objectives import make_objective
@@ -181,7 +181,7 @@ class PretrainTask:
     def build_model(self, device: torch.device) -> GPT:
         config = self.config
         if config.init_from:  # any model gptkit reads: checkpoint, HF, GGUF, named
-            model = load_pretrained(config.init_from, device).model.train()
+            model = load_trainable(config.init_from, device).model.train()
         else:
             model_config = config.model_config(self.tokenizer.vocab_size)
             check_training_memory(model_config, config, device)  # before allocating

@@ -344,6 +344,16 @@ RUNS: dict[str, Run] = {
         setup=lambda ws: gptkit_run(ws, "convert", "model", "ckpt/") and None,
         check=out_has("wrote a q8_0 GGUF file"),
     ),
+    "gptkit convert ckpt/ ckpt-int8/ --quantize int8": Run(
+        setup=lambda ws: gptkit_run(ws, "convert", "model", "ckpt/") and None,
+        check=lambda done, ws: (
+            "wrote an int8 gptkit checkpoint" in done.stdout
+            and gptkit_run(
+                ws, "generate", "--model", "ckpt-int8/", "--prompt", "hi", "--max-new-tokens", "3"
+            )
+            is not None
+        ),
+    ),
     "gptkit tokenizer train --input corpus/*.txt --vocab-size 8192 --out tok/": Run(
         check=file_made("tok")
     ),
