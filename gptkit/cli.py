@@ -225,6 +225,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
         raise SystemExit(f"gptkit convert: --type {args.type} is for --to gguf")
     if args.quantize is not None and args.to != "gptkit":
         raise SystemExit(f"gptkit convert: --quantize {args.quantize} writes a gptkit checkpoint")
+    if args.to == "peft":  # the LoRA alone, for the base's --to hf export
+        from .peft_export import export_peft
+
+        model, _, meta = load_checkpoint(args.source)
+        out = export_peft(model, args.out, base=meta.get("init_from"))
+        print(f"wrote a PEFT LoRA adapter directory to {out}")
+        return
     if args.to == "hf":
         model, tokenizer, _ = load_checkpoint(args.source)
     else:  # any model gptkit loads: a checkpoint, a GGUF file, a Hugging Face model, a name
@@ -420,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HF directory or hub name; a gptkit checkpoint with --to hf; any model with --to gguf",
     )
     p.add_argument("out", type=Path)
-    p.add_argument("--to", choices=["gptkit", "hf", "gguf"], default="gptkit")
+    p.add_argument("--to", choices=["gptkit", "hf", "gguf", "peft"], default="gptkit")
     p.add_argument(
         "--type",
         help="--to gguf: the weights' type, f32 (default), f16, q8_0, q5_1, q5_0, q4_1 or q4_0 "

@@ -466,6 +466,10 @@ RUNS: dict[str, Run] = {
     "gptkit eval perplexity --model M --data text.txt": Run(
         swap=MODEL, check=out_has("perplexity")
     ),
+    "gptkit convert runs/finetune/checkpoint peft-adapter/ --to peft": Run(
+        setup=lambda ws: finetuned(ws, "sft", "chats.jsonl"),
+        check=file_made("peft-adapter/adapter_model.safetensors"),
+    ),
     "gptkit merge --model BASE --adapter runs/finetune/adapter merged/": Run(
         swap=MODEL,
         setup=lambda ws: finetuned(ws, "classify", "train.jsonl"),

@@ -1,0 +1,82 @@
+"""LoRA adapters in Hugging Face PEFT's format, checked by PEFT itself: `peft.PeftModel`
+loads what `gptkit convert RUN --to peft` writes onto what `--to hf` writes of the base, and
+computes gptkit's logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptkit.checkpoint import save_checkpoint
+from gptkit.config import preset
+from gptkit.convert import ConversionError, export_hf
+from gptkit.model import GPT
+from gptkit.peft import apply_peft
+from gptkit.peft_export import export_peft
+from gptkit.train_config import PeftConfig
+
+peft = pytest.importorskip("peft", reason="PEFT is the reference")
+transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+
+
+def lora_model(name: str, targets: list[str]) -> tuple[GPT, GPT]:
+    """(base, the base with a LoRA whose B is random, so every update shows in the logits)."""
+    torch.manual_seed(0)
+    base = GPT(preset(name, block_size=32)).eval()
+    tuned = apply_peft(
+        copy.deepcopy(base), PeftConfig(method="lora", r=4, alpha=8, targets=targets)
+    )
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return base, tuned.eval()
+
+
+CASES = {
+    "llama-all": ("tiny-llama", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]),
+    "llama-qkv": ("tiny-llama", ["attn.qkv"]),
+    "gpt2-all": ("tiny", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]),
+}
+
+
+@pytest.mark.reference("transformers")
+@pytest.mark.parametrize("case", CASES)
+def test_peft_loads_the_adapter_and_computes_gptkits_logits(tmp_path, case):
+    base, tuned = lora_model(*CASES[case])
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(export_hf(base, tmp_path / "hf"))
+    model = peft.PeftModel.from_pretrained(hf_base, export_peft(tuned, tmp_path / "peft")).eval()
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        ours, theirs, plain = tuned(ids), model(ids).logits, base(ids)
+    diff = (ours - theirs).abs().max().item()
+    print(f"\n{case}: LoRA moves logits by {(ours - plain).abs().max():.2f}; vs PEFT {diff:.1e}")
+    assert (ours - plain).abs().max() > 0.05 and diff <= 1e-4
+
+
+def test_the_cli_writes_the_adapter_of_a_lora_checkpoint(tmp_path):
+    _, tuned = lora_model("tiny-llama", ["attn.qkv", "mlp.fc"])
+    save_checkpoint(tmp_path / "run", tuned)
+    cmd = [sys.executable, "-m", "gptkit", "convert", str(tmp_path / "run"), str(tmp_path / "p")]
+    done = subprocess.run([*cmd, "--to", "peft"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
+    # fused qkv and gate/up became one LoRA per Hugging Face layer, in both blocks
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    assert len(config["target_modules"]) == 2 * len(names)
+    assert {m.rsplit(".", 1)[1] for m in config["target_modules"]} == set(names)
+
+
+def test_what_peft_lora_cannot_hold_is_refused(char_checkpoint):
+    _, tuned = lora_model("tiny-llama", ["attn.qkv"])
+    adapters = apply_peft(GPT(preset("tiny-llama")), PeftConfig(method="adapter"))
+    with pytest.raises(ConversionError, match="peft.method='adapter'"):
+        export_peft(adapters, "/nonexistent")
+    with pytest.raises(ConversionError, match="this model has no adapter"):
+        export_peft(GPT(preset("tiny-llama")), "/nonexistent")
