@@ -29,6 +29,7 @@ from .loading import Pretrained, load_pretrained, resolve_device
 from .machine import decode_plan
 from .model import GPT
 from .peft import load_adapter
+from .peft_format import is_peft_dir, merge_peft_lora
 from .quantize import check as check_quantize
 from .quantize import quantize as quantize_model
 from .quantize import quantized
@@ -245,7 +246,10 @@ def load(
     )
     lm = LM(pretrained.model, pretrained.tokenizer)
     if adapter is not None:
-        load_adapter(lm.model, adapter)
+        if is_peft_dir(adapter):  # a Hugging Face PEFT LoRA: merged into the weights
+            merge_peft_lora(lm.model, adapter)
+        else:
+            load_adapter(lm.model, adapter)
         if (Path(adapter) / "tokenizer").is_dir():
             lm.tokenizer = load_tokenizer(Path(adapter) / "tokenizer")
     if quantize is not None:

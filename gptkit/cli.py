@@ -226,7 +226,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.quantize is not None and args.to != "gptkit":
         raise SystemExit(f"gptkit convert: --quantize {args.quantize} writes a gptkit checkpoint")
     if args.to == "peft":  # the LoRA alone, for the base's --to hf export
-        from .peft_export import export_peft
+        from .peft_format import export_peft
 
         model, _, meta = load_checkpoint(args.source)
         out = export_peft(model, args.out, base=meta.get("init_from"))

@@ -17,7 +17,8 @@ from gptkit.config import preset
 from gptkit.convert import ConversionError, export_hf
 from gptkit.model import GPT
 from gptkit.peft import apply_peft
-from gptkit.peft_export import export_peft
+from gptkit.peft_format import export_peft
+from gptkit.tokenizer import char_tokenizer
 from gptkit.train_config import PeftConfig
 
 peft = pytest.importorskip("peft", reason="PEFT is the reference")
@@ -80,3 +81,49 @@ def test_what_peft_lora_cannot_hold_is_refused(char_checkpoint):
         export_peft(adapters, "/nonexistent")
     with pytest.raises(ConversionError, match="this model has no adapter"):
         export_peft(GPT(preset("tiny-llama")), "/nonexistent")
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@pytest.mark.reference("transformers")
+@pytest.mark.parametrize("case", ["llama-qkv", "gpt2-all"])
+def test_a_peft_adapter_made_by_peft_loads_with_adapter(tmp_path, case):
+    """PEFT's own LoRA (q_proj and v_proj only: a block of the fused qkv it leaves alone),
+    trained-looking B, saved by PEFT: gptkit.load(..., adapter=DIR) computes PeftModel's logits."""
+    import gptkit
+
+    name = CASES[case][0]
+    torch.manual_seed(0)
+    base = GPT(preset(name, block_size=32)).eval()
+    save_checkpoint(tmp_path / "base", base, char_tokenizer("abc", ["<|endoftext|>"]))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(base, tmp_path / "hf"))
+    targets = ["q_proj", "v_proj", "down_proj"] if name == "tiny-llama" else ["c_attn", "c_fc"]
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=True)
+    model = peft.get_peft_model(hf, lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval().save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 256, (2, 20))
+    ours = gptkit.load(str(tmp_path / "base"), adapter=str(tmp_path / "peft"))
+    with torch.no_grad():
+        theirs, mine, plain = model(ids).logits, ours.model(ids), base(ids)
+    assert (mine - plain).abs().max() > 0.05
+    assert (mine - theirs).abs().max() <= 1e-4
+
+
+def test_peft_adapters_that_do_not_fit_are_clear_errors(tmp_path):
+    from gptkit.config import ConfigError
+    from gptkit.peft_format import merge_peft_lora
+
+    _, tuned = lora_model("tiny-llama", ["attn.qkv"])
+    export_peft(tuned, tmp_path / "p")
+    other = GPT(preset("tiny-llama", n_layer=1))  # no layer 1
+    with pytest.raises(ConfigError, match=r"model\.layers\.1\.self_attn\.[qkv]_proj is no layer"):
+        merge_peft_lora(other, tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(ConfigError, match="use_dora are not supported"):
+        merge_peft_lora(GPT(preset("tiny-llama")), tmp_path / "p")

@@ -1,0 +1,160 @@
+"""LoRA adapters in Hugging Face PEFT's format, both ways.
+
+Out: `gptkit convert RUN/checkpoint OUT --to peft`. In: `--adapter PEFT_DIR` (and
+`gptkit.load(..., adapter=PEFT_DIR)`) on the model the adapter was trained for, merged into
+its weights as it loads.
+
+PEFT's adapter directory (adapter_config.json + adapter_model.safetensors) is what
+transformers, vLLM, TGI and llama.cpp's LoRA converter read. It targets the Hugging Face
+model that `gptkit convert BASE OUT --to hf` writes, so the names come from the same tables
+(hf_arch.py):
+
+- a LoRA on a fused gptkit layer (Llama's qkv, gate/up) becomes one LoRA per Hugging Face
+  layer: each takes its rows of B and the shared A, so B A splits exactly as the weight does;
+- GPT-2's fused c_attn stays fused; its Conv1D stores the weight transposed, which PEFT's
+  `fan_in_fan_out` says (A and B themselves are not transposed);
+- the scale alpha / r carries over as `lora_alpha` and `r`.
+
+Reading maps the other way: each Hugging Face layer's B A (times lora_alpha / r, or / sqrt(r)
+with rsLoRA) is added to its rows of the gptkit weight. Merged, the model runs at the base's
+speed; serving such an adapter beside others (`--adapter name=DIR`) needs gptkit's own format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError
+from .convert import ConversionError
+from .hf_arch import arch_of, expand_rules, gptkit_config_to_hf, stored_names
+from .model import GPT
+from .peft import LoRALinear, peft_config
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def peft_lora_tensors(model: GPT) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """({PEFT tensor name: tensor}, the Hugging Face module names they adapt)."""
+    config = model.config
+    model_type = gptkit_config_to_hf(config)["model_type"]
+    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    rules = {
+        r.ours.removesuffix(".weight"): r
+        for r in expand_rules(arch_of(model_type), config, {f"{n}.weight" for n in loras})
+    }
+    tensors, modules = {}, []
+    for name, lora in loras.items():
+        rule = rules[name]
+        a, b = lora.lora_A.detach(), lora.lora_B.detach()  # [r, in], [out, r]
+        parts = b.split(rule.split(config)) if rule.split else [b]
+        for theirs, b_part in zip(rule.theirs, parts, strict=True):
+            module = theirs.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.float().clone()  # own copy
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b_part.float().contiguous()
+            modules.append(module)
+    return tensors, modules
+
+
+def export_peft(model: GPT, out_dir: str | Path, base: str | None = None) -> Path:
+    """Write `model`'s LoRA as a PEFT adapter directory for its `--to hf` export.
+
+    Raises ConversionError for what PEFT's LoRA cannot hold here: another method, a task head
+    or vocabulary the fine-tune trained (export those merged with --to hf instead).
+    """
+    peft = peft_config(model)
+    if peft is None or peft.method != "lora":
+        method = "no adapter" if peft is None else f"peft.method={peft.method!r}"
+        raise ConversionError(f"--to peft writes LoRA adapters; this model has {method}")
+    if model.config.head != "lm":
+        raise ConversionError(
+            f"--to peft writes language-model LoRAs; this model has a {model.config.head} head "
+            "it trained (export it merged with --to hf)"
+        )
+    tensors, modules = peft_lora_tensors(model)
+    model_type = gptkit_config_to_hf(model.config)["model_type"]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": peft.r,
+        "lora_alpha": peft.alpha,
+        "lora_dropout": peft.dropout,
+        "target_modules": sorted(modules),  # full names: exactly the layers gptkit adapted
+        "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
+        "bias": "none",
+        "inference_mode": True,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / PEFT_WEIGHTS, metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def is_peft_dir(directory: str | Path) -> bool:
+    """A PEFT adapter directory (its adapter_config.json names a peft_type)."""
+    try:
+        return "peft_type" in json.loads((Path(directory) / PEFT_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+# PEFT options that change what a LoRA computes and that this reader does not implement.
+_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_pattern")
+
+
+def merge_peft_lora(model: GPT, directory: str | Path) -> GPT:
+    """Add a PEFT LoRA's updates to `model`'s weights, in place; ConfigError naming what does
+    not fit (another PEFT method or option, a layer the model lacks, a shape that differs)."""
+    directory = Path(directory)
+    config = json.loads((directory / PEFT_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(f"{directory}: peft_type {config.get('peft_type')!r}; gptkit reads LORA")
+    used = [k for k in _UNSUPPORTED if config.get(k)]
+    if used:
+        raise ConfigError(f"{directory}: PEFT option(s) {', '.join(used)} are not supported")
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    try:
+        tensors = load_file(str(directory / PEFT_WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{directory / PEFT_WEIGHTS} cannot be read ({e})") from None
+    rows = _hf_rows(model)
+    state = model.state_dict()
+    with torch.no_grad():
+        for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            if module not in rows:
+                raise ConfigError(f"{directory}: {module} is no layer of this model")
+            ours, start, size = rows[module]
+            a, b = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))  # [r, in]
+            weight = state[ours]  # [out, in]
+            if b is None or b.shape != (size, a.shape[0]) or a.shape[1] != weight.shape[1]:
+                raise ConfigError(f"{directory}: {module}'s LoRA does not fit this model")
+            weight[start : start + size] += (b.float() @ a.float()).to(weight.dtype) * scale
+    return model
+
+
+def _hf_rows(model: GPT) -> dict[str, tuple[str, int, int]]:
+    """Hugging Face layer name -> (the gptkit weight holding it, first row, rows)."""
+    config = model.config
+    arch = arch_of(gptkit_config_to_hf(config)["model_type"])
+    state, rows = model.state_dict(), {}
+    for rule in expand_rules(arch, config, stored_names(config, state)):
+        if not rule.ours.endswith(".weight"):
+            continue
+        sizes = rule.split(config) if rule.split else [state[rule.ours].shape[0]]
+        start = 0
+        for theirs, size in zip(rule.theirs, sizes, strict=True):
+            rows[theirs.removesuffix(".weight")] = (rule.ours, start, size)
+            start += size
+    return rows
