@@ -648,6 +648,13 @@ RUNS: dict[str, Run] = {
             len(done.stdout.strip().splitlines()) == 10 and "Toy Story" not in done.stdout
         ),
     ),
+    ".venv/bin/python bench/recommend.py --popular --out runs/recommend-popular": Run(
+        add=("--smoke", "--out", "{ws}/recommend-popular"),  # the last --out counts
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("| gptkit SmolLM2 LoRA |", "shared history"),
+    ),
     ".venv/bin/python bench/recommend.py": Run(
         add=("--smoke", "--out", "{ws}/recommend"),
         smollm2=True,
