@@ -51,8 +51,10 @@ chromium:
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# One pytest worker per core, each handed the next test when it is free (tests/conftest.py gives
+# each worker its share of the cores' threads).
 test: $(VENV)/.test-deps lint $(CORPUS_ARCHIVE) chromium
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist worksteal
 
 # Every benchmark against its peers (transformers, llama.cpp, nanoGPT) -> docs/BENCHMARKS.md.
 # The pretraining race needs nanoGPT's source: $$NANOGPT_DIR, or ../.mirror/karpathy+nanoGPT.

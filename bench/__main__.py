@@ -56,6 +56,12 @@ BENCHES = [
     ),
     Bench("gpt2", "decode_gpt2.py", "Decoding and prompt processing: GPT-2 124M vs transformers"),
     Bench(
+        "export",
+        "export_gguf.py",
+        "GGUF export: SmolLM2-135M written by gptkit, decoded by llama.cpp",
+        ["--rounds", "3"],
+    ),
+    Bench(
         "speculative",
         "speculative.py",
         "Speculative decoding: prompt lookup vs plain greedy, SmolLM2-135M on real prompts",

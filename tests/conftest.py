@@ -21,6 +21,14 @@ TEXT = "the quick brown fox jumps over the lazy dog.\n"
 settings.register_profile("repeatable", derandomize=True)
 settings.load_profile("default" if os.environ.get("GPTKIT_FUZZ_EXPLORE") else "repeatable")
 
+# Under pytest-xdist (`make test` runs -n auto) the workers share the cores: each worker's torch,
+# and the gptkit processes its tests start, get their share of them. Two workers on two cores
+# with two threads each would spin against each other in OpenMP's barriers.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    share = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(share)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+
 
 def pytest_configure(config):
     config.addinivalue_line(

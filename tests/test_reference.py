@@ -1,6 +1,7 @@
 """A reference library's crash fails one test and names the signal and the library
 (tests/reference.py), instead of killing the whole pytest run."""
 
+import faulthandler
 import os
 import signal
 
@@ -9,11 +10,18 @@ import torch
 from reference import run_in_child
 
 
+def crash(sig: signal.Signals) -> None:
+    """Die of `sig`, quietly: a pytest-xdist worker's fault handler would print a "Fatal
+    Python error" dump of this deliberate crash into the run's output."""
+    faulthandler.disable()
+    os.kill(os.getpid(), sig)
+
+
 def test_a_crash_in_the_child_is_a_failure_naming_signal_and_library():
     with pytest.raises(pytest.fail.Exception, match=r"^llama\.cpp crashed .* with SIGSEGV$"):
-        run_in_child("llama.cpp", lambda: os.kill(os.getpid(), signal.SIGSEGV))
+        run_in_child("llama.cpp", lambda: crash(signal.SIGSEGV))
     with pytest.raises(pytest.fail.Exception, match="SIGABRT"):
-        run_in_child("transformers", os.abort)
+        run_in_child("transformers", lambda: crash(signal.SIGABRT))
 
 
 def test_the_child_reports_failures_skips_and_passes():
