@@ -502,6 +502,9 @@ RUNS: dict[str, Run] = {
         repo_root=True,
         check=out_has("gptkit int8", "texts/s"),
     ),
+    ".venv/bin/python bench/export_gguf.py": Run(
+        add=SMALL_DECODE, smollm2=True, repo_root=True, check=out_has("llama.cpp q8_0 (ours)")
+    ),
     ".venv/bin/python bench/decode_smollm2.py": Run(
         add=SMALL_DECODE, smollm2=True, repo_root=True, check=out_has("gptkit fp32", "tok/s")
     ),
