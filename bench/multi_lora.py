@@ -39,7 +39,8 @@ import gptkit
 from gptkit import machine
 from gptkit.engine import Engine, Sequence
 from gptkit.generation import SampleConfig
-from gptkit.peft import MultiLoRALinear, apply_peft, load_loras, merge_lora, save_adapter
+from gptkit.multi_lora import MultiLoRALinear, load_loras  # noqa: E402
+from gptkit.peft import apply_peft, merge_lora, save_adapter
 from gptkit.train_config import PeftConfig
 
 NAME = "smollm2-135m-instruct"

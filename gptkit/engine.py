@@ -22,7 +22,7 @@ iteration between decoding steps, so running streams keep getting tokens instead
 for the whole prefill, and its activations stay a chunk's worth. When nothing runs or waits,
 the cache is dropped and the freed pages go back to the system.
 
-Many LoRA adapters (peft.load_loras): each sequence names its `adapter`, and every forward
+Many LoRA adapters (multi_lora.load_loras): each sequence names its `adapter`, and every forward
 pass runs inside the model's `multi_lora.select` with each row's adapter (a prefill: its one
 row), so requests for different adapters share a decoding step.
 """
@@ -47,7 +47,7 @@ from .generation.decode import reply_stream
 from .generation.stopping import skippable
 from .kv_cache import KVCache
 from .loading import Pretrained
-from .peft import MultiLoRA
+from .multi_lora import MultiLoRA
 
 
 class EngineBusy(RuntimeError):
@@ -70,7 +70,7 @@ class Sequence:
     skip_special: bool = False
     cancelled: bool = False  # set by the HTTP side when the client disconnects
     generated: int = 0
-    adapter: int = 0  # the model's LoRA adapter for this sequence (peft.MultiLoRA); 0: none
+    adapter: int = 0  # the model's LoRA adapter for this sequence (multi_lora.MultiLoRA); 0: none
 
     def cancel(self) -> None:
         self.cancelled = True

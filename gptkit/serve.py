@@ -28,7 +28,7 @@ engine sequences, engine events to OpenAI responses), this module (routes, app, 
 
 Several LoRA adapters can be served on one base model (`adapters`, `gptkit serve --adapter
 NAME=DIR`): the request's `model` field picks one by name, the base model's name serves the
-base; requests for different adapters share the engine's decoding steps (peft.MultiLoRA).
+base; requests for different adapters share the engine's decoding steps (multi_lora.MultiLoRA).
 
 Hardening (docs/RELIABILITY.md, "Serving"): bound to a loopback address the server answers
 only loopback Host names (DNS rebinding); the API key is checked before a body is read, and
@@ -281,7 +281,7 @@ def _embedding_server(
     refusal = None
     if getattr(lm.model, "multi_lora", None) is not None:
         # Adapters served side by side select each batch row's adapter on the model itself
-        # (peft.MultiLoRA.rows) while the engine decodes: a second forward pass on another
+        # (multi_lora.MultiLoRA.rows) while the engine decodes: a second forward pass on another
         # thread would read the engine's rows.
         refusal = (
             f"the model {name!r} serves LoRA adapters side by side and cannot embed while it "

@@ -9,7 +9,7 @@ from pathlib import Path
 from .api import LM
 from .chat_template import turn_stops
 from .config import ConfigError
-from .peft import load_loras
+from .multi_lora import load_loras
 from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
 
@@ -18,14 +18,14 @@ from .tokenizer_files import load_tokenizer
 class Served:
     """A model name the server answers to: the base model, or one LoRA adapter on it."""
 
-    adapter: int  # the engine's adapter index (peft.MultiLoRA); 0: the base model
+    adapter: int  # the engine's adapter index (multi_lora.MultiLoRA); 0: the base model
     tokenizer: Tokenizer  # renders its chat prompts: an SFT adapter may bring its own template
     chat_stops: tuple[str, ...]  # its end-of-turn strings
 
 
 def served_models(lm: LM, name: str, adapters: Mapping[str, str | Path]) -> dict[str, Served]:
     """{model name: Served}: the base model as `name`, then each LoRA adapter (a `gptkit
-    finetune` adapter directory) as its name, put on lm.model side by side (peft.load_loras).
+    finetune` adapter directory) as its name, put on lm.model side by side (multi_lora.load_loras).
     Everything is checked before the model changes; a one-line ConfigError names the
     directory refused."""
     for adapter in adapters:

@@ -1,4 +1,4 @@
-"""Many LoRA adapters on one server (peft.load_loras, MultiLoRALinear, the engine's per-row
+"""Many LoRA adapters on one server (multi_lora.load_loras, MultiLoRALinear, the engine's per-row
 adapters, `gptkit serve --adapter NAME=DIR`).
 
 Every text is checked against `gptkit.load(base, adapter=DIR)` generating alone, so an adapter
@@ -22,13 +22,8 @@ from gptkit.config import ConfigError, preset
 from gptkit.engine import Engine, Sequence
 from gptkit.generation import SampleConfig
 from gptkit.model import GPT
-from gptkit.peft import (
-    MultiLoRALinear,
-    apply_peft,
-    load_loras,
-    peft_config,
-    save_adapter,
-)
+from gptkit.multi_lora import MultiLoRALinear, load_loras
+from gptkit.peft import apply_peft, peft_config, save_adapter
 from gptkit.serve import ServeConfig, create_app
 from gptkit.surgery import resize_vocab
 from gptkit.tokenizer_files import load_tokenizer
