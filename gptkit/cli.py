@@ -190,10 +190,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from .api import load
     from .checkpoint import save_checkpoint
-    from .peft import merge_lora
+    from .peft import merge_peft
 
     lm = load(args.model, device="cpu", adapter=args.adapter, decode_layout=False)
-    save_checkpoint(args.out, merge_lora(lm.model), lm.tokenizer)
+    save_checkpoint(args.out, merge_peft(lm.model), lm.tokenizer)
     print(f"wrote the merged model to {args.out}")
 
 
@@ -218,7 +218,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .api import load
     from .checkpoint import load_checkpoint, save_checkpoint
     from .convert import classifier_padding, export_hf
-    from .peft import merge_lora, peft_config
+    from .peft import MERGEABLE, merge_peft, peft_config
     from .quantize import quantize
 
     if args.type is not None and args.to != "gguf":
@@ -238,8 +238,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         lm = load(args.source, device="cpu", decode_layout=False)
         model, tokenizer = lm.model, lm.tokenizer
     peft = peft_config(model)
-    if peft is not None and peft.method == "lora":  # a LoRA run exports merged
-        model = merge_lora(model)
+    if peft is not None and peft.method in MERGEABLE:  # a LoRA / (IA)^3 run exports merged
+        model = merge_peft(model)
     if args.to == "gptkit":
         if args.quantize is not None:
             quantize(model, args.quantize)  # saved as int8: it loads quantized, no fp32 copy
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights")
+    p = sub.add_parser("merge", help="fold a LoRA or (IA)^3 adapter into its base model's weights")
     p.add_argument("--model", required=True, help="the base model, or a LoRA checkpoint")
     p.add_argument("--adapter", help="adapter directory (omit when --model holds the LoRA)")
     p.add_argument("out", type=Path)

@@ -5,6 +5,10 @@
 - LoRA (Hu et al. 2021): each target nn.Linear W becomes W x + (alpha / r) B A x with A [r, in]
   random and B [out, r] zero, so a fresh LoRA leaves the model's outputs unchanged. `merge`
   folds B A into W (no cost at inference); `unmerge` takes it out again.
+- (IA)^3 (Liu et al. 2022): learned vectors, initialised to ones, rescale each layer's keys and
+  values (their rows of the fused qkv projection's output) and the MLP's hidden units (the
+  down projection's input): ~0.04% of SmolLM2's parameters. `merge` folds them into those
+  rows and columns.
 - Adapters (Houlsby et al. 2019): a bottleneck MLP h + up(gelu(down(h))) after the output
   projection of every attention and MLP sublayer, `up` zero-initialised (identity at start).
 - Prefix tuning (Li & Liang 2021): every layer gets `prefix_length` learned key/value
@@ -73,6 +77,39 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight -= (self.lora_B @ self.lora_A) * self.scale
             self.merged = False
+
+
+class IA3(nn.Module):
+    """A linear layer whose output rows from `start` on (keys and values of a fused qkv), or
+    whose input (start=None: the MLP's hidden units), are scaled by a learned vector."""
+
+    def __init__(self, base: nn.Linear, start: int | None):
+        super().__init__()
+        self.base, self.start = base, start
+        n = base.in_features if start is None else base.out_features - start
+        w = base.weight
+        self.ia3_l = nn.Parameter(torch.ones(n, device=w.device, dtype=w.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.start is None:
+            return self.base(x * self.ia3_l)  # x [..., in]
+        y = self.base(x)  # [..., out]: q rows as they are, k and v rows scaled
+        return torch.cat([y[..., : self.start], y[..., self.start :] * self.ia3_l], dim=-1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if self.start is None:
+            self.base.weight *= self.ia3_l  # [out, in]: scale the input's columns
+        else:
+            self.base.weight[self.start :] *= self.ia3_l[:, None]
+            if self.base.bias is not None:
+                self.base.bias[self.start :] *= self.ia3_l
+        self.merged = True
 
 
 class Adapter(nn.Module):
@@ -171,6 +208,11 @@ def apply_peft(model: GPT, config: PeftConfig, init: bool = True) -> GPT:
     if config.method == "lora":
         for parent, attr, linear in _linears(model, config.targets):
             setattr(parent, attr, LoRALinear(linear, config.r, config.alpha, config.dropout))
+    elif config.method == "ia3":
+        queries = c.n_head * c.head_dim  # the fused qkv's first rows
+        for block in model.blocks:
+            block.attn.qkv = IA3(block.attn.qkv, queries)
+            block.mlp.proj = IA3(block.mlp.proj, None)
     elif config.method == "adapter":
         for block in model.blocks:
             block.attn.proj = Adapter(block.attn.proj, config.adapter_size)
@@ -189,14 +231,19 @@ def peft_config(model: GPT) -> PeftConfig | None:
     return getattr(model, "peft", None)
 
 
-def merge_lora(model: GPT) -> GPT:
-    """Fold every LoRA update into its base weight and drop the LoRA modules, in place: the
-    result is a plain GPT (exportable, as fast as the base model) with the same outputs."""
+# The methods whose update folds into the base weights.
+MERGEABLE = ("lora", "ia3")
+
+
+def merge_peft(model: GPT) -> GPT:
+    """Fold every LoRA or (IA)^3 update into its base weight and drop those modules, in place:
+    the result is a plain GPT (exportable, as fast as the base model) with the same outputs."""
     config = peft_config(model)
-    if config is None or config.method != "lora":
-        raise ConfigError("merge_lora needs a model with LoRA applied")
+    if config is None or config.method not in MERGEABLE:
+        method = "none" if config is None else config.method
+        raise ConfigError(f"merging needs LoRA or (IA)^3 applied; this model has {method}")
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALinear | IA3):
             module.merge()
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, module.base)

@@ -152,7 +152,7 @@ def _check_types(config: Any, optional: dict[str, type]) -> None:
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
-PeftMethod = Literal["none", "lora", "adapter", "prefix"]
+PeftMethod = Literal["none", "lora", "ia3", "adapter", "prefix"]
 
 
 @dataclass
@@ -160,6 +160,8 @@ class PeftConfig:
     """Parameter-efficient fine-tuning: which small modules to add and train (peft.py).
 
     lora     W x + (alpha / r) B A x on the target linear layers (Hu et al. 2021)
+    ia3      learned vectors rescaling each layer's keys, values and MLP hidden units
+             (Liu et al. 2022)
     adapter  a bottleneck MLP after each sublayer's output projection (Houlsby et al. 2019)
     prefix   learned keys and values before every layer's sequence (Li & Liang 2021)
     Every other weight is frozen; a classify or tag head is trained too.

@@ -8,11 +8,11 @@ from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.config import ConfigError, preset
 from gptkit.generation import SampleConfig, generate
 from gptkit.model import GPT
-from gptkit.peft import LoRALinear, apply_peft, load_adapter, merge_lora, save_adapter
+from gptkit.peft import LoRALinear, apply_peft, load_adapter, merge_peft, save_adapter
 from gptkit.surgery import set_head
 from gptkit.train_config import PeftConfig
 
-METHODS = ["lora", "adapter", "prefix"]
+METHODS = ["lora", "ia3", "adapter", "prefix"]
 
 
 def tiny(name="tiny-llama", **overrides) -> GPT:
@@ -32,8 +32,8 @@ def randomize(model: GPT) -> None:
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
-def test_a_fresh_lora_or_adapter_leaves_outputs_unchanged(method):
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter"])
+def test_a_fresh_lora_ia3_or_adapter_leaves_outputs_unchanged(method):
     model = tiny()
     before = model(X)
     apply_peft(model, PeftConfig(method=method))
@@ -62,7 +62,12 @@ def test_only_adapter_parameters_receive_gradients(method, head):
     y = torch.randint(0, 2 if head == "classify" else 256, X.shape)
     _, loss = model(X, y)
     loss.backward()
-    marks = {"lora": ("lora_A", "lora_B"), "adapter": (".down.", ".up."), "prefix": ("prefix",)}
+    marks = {
+        "lora": ("lora_A", "lora_B"),
+        "ia3": ("ia3_l",),
+        "adapter": (".down.", ".up."),
+        "prefix": ("prefix",),
+    }
     for name, p in model.named_parameters():
         adapter = any(m in name for m in marks[method]) or name.startswith("score.")
         assert p.requires_grad == adapter, name
@@ -87,10 +92,32 @@ def test_lora_merge_and_unmerge_give_the_same_outputs():
     for m in loras:
         m.unmerge()
     torch.testing.assert_close(model(X), unmerged, rtol=1e-5, atol=1e-5)
-    merged = merge_lora(model)  # a plain GPT again: nothing of LoRA left
+    merged = merge_peft(model)  # a plain GPT again: nothing of LoRA left
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     assert set(merged.state_dict()) == set(tiny().state_dict())
     torch.testing.assert_close(merged(X), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_ia3_scales_keys_values_and_hidden_units_and_merges(name):
+    """(IA)^3's vectors: each block's keys and values (not its queries) and MLP hidden units;
+    merged into those rows and columns, the plain model computes the same."""
+    model = tiny(name)
+    c = model.config
+    apply_peft(model, PeftConfig(method="ia3"))
+    per_block = 2 * c.n_kv_head * c.head_dim + c.intermediate_size
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == c.n_layer * per_block
+    randomize(model)
+    with torch.no_grad():
+        scaled, block = model(X), model.blocks[0]
+        queries = block.attn.qkv.base(torch.ones(1, c.n_embd))[..., : c.n_head * c.head_dim]
+        assert torch.equal(
+            block.attn.qkv(torch.ones(1, c.n_embd))[..., : queries.shape[-1]], queries
+        )
+        merged = merge_peft(model)
+        assert set(merged.state_dict()) == set(tiny(name).state_dict())
+        torch.testing.assert_close(merged(X), scaled, rtol=1e-5, atol=1e-5)
+        assert (merged(X) - tiny(name)(X)).abs().max() > 1e-3  # the vectors did something
 
 
 def test_lora_targets_pick_layers_and_a_typo_is_an_error():
