@@ -5,6 +5,8 @@
 - LoRA (Hu et al. 2021): each target nn.Linear W becomes W x + (alpha / r) B A x with A [r, in]
   random and B [out, r] zero, so a fresh LoRA leaves the model's outputs unchanged. `merge`
   folds B A into W (no cost at inference); `unmerge` takes it out again.
+- DoRA (Liu et al. 2024): LoRA's update, then each output row of the weight rescaled to a
+  learned magnitude (`DoRALinear`); same targets, rank and alpha as LoRA.
 - (IA)^3 (Liu et al. 2022): learned vectors, initialised to ones, rescale each layer's keys and
   values (their rows of the fused qkv projection's output) and the MLP's hidden units (the
   down projection's input): ~0.04% of SmolLM2's parameters. `merge` folds them into those
@@ -77,6 +79,42 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.base.weight -= (self.lora_B @ self.lora_A) * self.scale
             self.merged = False
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024): the LoRA-updated weight W + s B A split into a direction and a
+    learned magnitude per output row, m (initialised to W's row norms, so a fresh DoRA changes
+    nothing): y = m / ||W + s B A||_row * (W + s B A) x + b. The norm is a constant to the
+    backward pass, as the paper's Section 4.3 (and PEFT) do to save memory."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__(base, r, alpha, dropout)
+        self.magnitude = nn.Parameter(base.weight.detach().norm(dim=1).clone())  # [out]
+
+    def _rescale(self) -> torch.Tensor:
+        """[out]: each row's magnitude over the norm of its updated weight."""
+        updated = self.base.weight + (self.lora_B @ self.lora_A) * self.scale  # [out, in]
+        return self.magnitude / updated.norm(dim=1).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        bias = self.base.bias
+        y = F.linear(x, self.base.weight)  # [..., out]
+        y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        y = y * self._rescale()
+        return y if bias is None else y + bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            rescale = self._rescale()
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scale
+            self.base.weight *= rescale[:, None]
+            self.merged = True
+
+    def unmerge(self) -> None:
+        raise ConfigError("a merged DoRA layer cannot be unmerged (its norms are folded in)")
 
 
 class IA3(nn.Module):
@@ -205,9 +243,10 @@ def apply_peft(model: GPT, config: PeftConfig, init: bool = True) -> GPT:
         prefix = (zeros, zeros)
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.method == "lora":
+    if config.method in ("lora", "dora"):
+        kind = LoRALinear if config.method == "lora" else DoRALinear
         for parent, attr, linear in _linears(model, config.targets):
-            setattr(parent, attr, LoRALinear(linear, config.r, config.alpha, config.dropout))
+            setattr(parent, attr, kind(linear, config.r, config.alpha, config.dropout))
     elif config.method == "ia3":
         queries = c.n_head * c.head_dim  # the fused qkv's first rows
         for block in model.blocks:
@@ -232,16 +271,16 @@ def peft_config(model: GPT) -> PeftConfig | None:
 
 
 # The methods whose update folds into the base weights.
-MERGEABLE = ("lora", "ia3")
+MERGEABLE = ("lora", "dora", "ia3")
 
 
 def merge_peft(model: GPT) -> GPT:
-    """Fold every LoRA or (IA)^3 update into its base weight and drop those modules, in place:
+    """Fold every LoRA, DoRA or (IA)^3 update into its base weight and drop those modules, in place:
     the result is a plain GPT (exportable, as fast as the base model) with the same outputs."""
     config = peft_config(model)
     if config is None or config.method not in MERGEABLE:
         method = "none" if config is None else config.method
-        raise ConfigError(f"merging needs LoRA or (IA)^3 applied; this model has {method}")
+        raise ConfigError(f"merging needs LoRA, DoRA or (IA)^3; this model has {method}")
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear | IA3):
             module.merge()

@@ -152,7 +152,7 @@ def _check_types(config: Any, optional: dict[str, type]) -> None:
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
-PeftMethod = Literal["none", "lora", "ia3", "adapter", "prefix"]
+PeftMethod = Literal["none", "lora", "dora", "ia3", "adapter", "prefix"]
 
 
 @dataclass
@@ -160,6 +160,7 @@ class PeftConfig:
     """Parameter-efficient fine-tuning: which small modules to add and train (peft.py).
 
     lora     W x + (alpha / r) B A x on the target linear layers (Hu et al. 2021)
+    dora     LoRA's update, each output row then rescaled to a learned magnitude (Liu et al. 2024)
     ia3      learned vectors rescaling each layer's keys, values and MLP hidden units
              (Liu et al. 2022)
     adapter  a bottleneck MLP after each sublayer's output projection (Houlsby et al. 2019)
@@ -168,10 +169,10 @@ class PeftConfig:
     """
 
     method: PeftMethod = "none"
-    r: int = 8  # lora: rank of the update B A
-    alpha: float = 16.0  # lora: the update is scaled by alpha / r
-    dropout: float = 0.0  # lora: dropout on the update's input
-    # lora: linear layers to adapt, matched against the end of their names
+    r: int = 8  # lora, dora: rank of the update B A
+    alpha: float = 16.0  # lora, dora: the update is scaled by alpha / r
+    dropout: float = 0.0  # lora, dora: dropout on the update's input
+    # lora, dora: linear layers to adapt, matched against the end of their names
     targets: list[str] = field(
         default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
     )

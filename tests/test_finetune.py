@@ -270,7 +270,7 @@ OBJECTIVES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "adapter", "prefix"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter", "prefix"])
 @pytest.mark.parametrize("objective,file", OBJECTIVES + [("distill", "cls.jsonl")])
 def test_every_method_runs_with_every_objective(data, objective, file, method):
     settings = dict(max_steps=3, peft=PeftConfig(method=method, prefix_length=4))

@@ -12,7 +12,7 @@ from gptkit.peft import LoRALinear, apply_peft, load_adapter, merge_peft, save_a
 from gptkit.surgery import set_head
 from gptkit.train_config import PeftConfig
 
-METHODS = ["lora", "ia3", "adapter", "prefix"]
+METHODS = ["lora", "dora", "ia3", "adapter", "prefix"]
 
 
 def tiny(name="tiny-llama", **overrides) -> GPT:
@@ -32,12 +32,13 @@ def randomize(model: GPT) -> None:
 X = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "adapter"])
-def test_a_fresh_lora_ia3_or_adapter_leaves_outputs_unchanged(method):
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter"])
+def test_a_fresh_method_leaves_outputs_unchanged(method):
     model = tiny()
     before = model(X)
     apply_peft(model, PeftConfig(method=method))
-    assert torch.equal(model(X), before)
+    # DoRA rescales each row by ||W|| / ||W||, which rounds: equal to float32 rounding
+    torch.testing.assert_close(model(X), before, rtol=1e-6, atol=1e-6)
 
 
 def test_a_fresh_prefix_is_real_keys_and_values_of_the_model():
@@ -64,6 +65,7 @@ def test_only_adapter_parameters_receive_gradients(method, head):
     loss.backward()
     marks = {
         "lora": ("lora_A", "lora_B"),
+        "dora": ("lora_A", "lora_B", "magnitude"),
         "ia3": ("ia3_l",),
         "adapter": (".down.", ".up."),
         "prefix": ("prefix",),
@@ -118,6 +120,71 @@ def test_ia3_scales_keys_values_and_hidden_units_and_merges(name):
         assert set(merged.state_dict()) == set(tiny(name).state_dict())
         torch.testing.assert_close(merged(X), scaled, rtol=1e-5, atol=1e-5)
         assert (merged(X) - tiny(name)(X)).abs().max() > 1e-3  # the vectors did something
+
+
+def test_dora_merges_into_a_plain_model():
+    model = apply_peft(tiny(), PeftConfig(method="dora", r=4, alpha=8))
+    randomize(model)
+    with torch.no_grad():
+        unmerged = model(X)
+        merged = merge_peft(model)
+        assert set(merged.state_dict()) == set(tiny().state_dict())
+        torch.testing.assert_close(merged(X), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_dora_computes_what_peft_s_dora_computes(tmp_path, name):
+    """PEFT's DoRA (use_dora) on the transformers export, given our A, B (split per layer as
+    --to peft splits them) and magnitudes: the same logits."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+    peft = pytest.importorskip("peft", reason="PEFT is the reference")
+    from gptkit.convert import export_hf
+    from gptkit.peft_format import peft_lora_tensors
+
+    base = tiny(name)
+    model = apply_peft(tiny(name), PeftConfig(method="dora", r=4, alpha=8))
+    randomize(model)
+    tensors, modules = peft_lora_tensors(model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(base, tmp_path / "hf"))
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=modules, use_dora=True, fan_in_fan_out=name == "tiny"
+    )
+    theirs = peft.get_peft_model(hf, config)
+    magnitudes = dict(zip(modules, _split_magnitudes(model), strict=True))
+    with torch.no_grad():
+        for key, module in theirs.named_modules():
+            short = key.removeprefix("base_model.model.")
+            if short in magnitudes:
+                module.lora_A["default"].weight.copy_(
+                    tensors[f"base_model.model.{short}.lora_A.weight"]
+                )
+                module.lora_B["default"].weight.copy_(
+                    tensors[f"base_model.model.{short}.lora_B.weight"]
+                )
+                module.lora_magnitude_vector["default"].weight.copy_(magnitudes[short])
+        diff = (model(X) - theirs.eval()(X).logits).abs().max().item()
+        moved = (model(X) - base(X)).abs().max().item()
+    print(f"\n{name}: DoRA moves logits by {moved:.2f}; vs PEFT's DoRA {diff:.1e}")
+    assert moved > 0.05 and diff <= 1e-4
+
+
+def _split_magnitudes(model: GPT) -> list[torch.Tensor]:
+    """Each DoRA layer's magnitudes, split per Hugging Face layer in peft_lora_tensors' order."""
+    from gptkit.peft import DoRALinear
+
+    out = []
+    for module in model.modules():
+        if isinstance(module, DoRALinear):
+            rows = module.lora_B.shape[0]
+            c = model.config
+            if rows == (c.n_head + 2 * c.n_kv_head) * c.head_dim and c.positions == "rope":
+                sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+            elif rows == 2 * c.intermediate_size and c.activation == "swiglu":
+                sizes = [c.intermediate_size, c.intermediate_size]
+            else:
+                sizes = [rows]
+            out += list(module.magnitude.detach().split(sizes))
+    return out
 
 
 def test_lora_targets_pick_layers_and_a_typo_is_an_error():
