@@ -11,7 +11,7 @@ submission to the last token (prefill included):
   (MultiLoRALinear: torch.bmm);
 - the same, with the rows grouped by adapter instead (a pair of matmuls per adapter): the
   alternative MultiLoRALinear's docstring weighs, patched in here;
-- the base model with one of the adapters merged into its weights (peft.merge_lora): what
+- the base model with one of the adapters merged into its weights (peft.merge_peft): what
   serving a single fine-tune costs, 4 requests in the same steps.
 
 Medians of --rounds, the peers interleaved in each round after a warm-up one; target: the
@@ -39,8 +39,8 @@ import gptkit
 from gptkit import machine
 from gptkit.engine import Engine, Sequence
 from gptkit.generation import SampleConfig
-from gptkit.multi_lora import MultiLoRALinear, load_loras  # noqa: E402
-from gptkit.peft import apply_peft, merge_lora, save_adapter
+from gptkit.multi_lora import MultiLoRALinear, load_loras
+from gptkit.peft import apply_peft, merge_peft, save_adapter
 from gptkit.train_config import PeftConfig
 
 NAME = "smollm2-135m-instruct"
@@ -132,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="multi-lora-") as tmp:
         merged = gptkit.load(NAME, device="cpu", decode_layout=False)
         dirs = random_adapters(merged, Path(tmp))
-        merge_lora(merged.model)  # the last adapter, folded into the weights
+        merge_peft(merged.model)  # the last adapter, folded into the weights
         multi = gptkit.load(NAME, device="cpu", decode_layout=False)
         load_loras(multi.model, {d.name: d for d in dirs})
     engines = {

@@ -2,7 +2,7 @@
 `pipeline("text-classification")`, on the same weights, in the same process.
 
 The classifier: SmolLM2-135M-Instruct with a 2-label classify head and a LoRA (r=16, random
-B so that merging changes the weights), merged (peft.merge_lora) and saved as a gptkit
+B so that merging changes the weights), merged (peft.merge_peft) and saved as a gptkit
 checkpoint; the peer loads that checkpoint exported by `gptkit convert CKPT OUT --to hf`
 (LlamaForSequenceClassification). Inputs: the first --texts sentences of SST-2's test split
 (../shared/data/sst2; about 25 tokens each), each given its EOS as gptkit appends it, batch
@@ -38,7 +38,7 @@ import gptkit  # noqa: E402
 from gptkit import machine  # noqa: E402
 from gptkit.checkpoint import save_checkpoint  # noqa: E402
 from gptkit.loading import load_pretrained  # noqa: E402
-from gptkit.peft import apply_peft, merge_lora  # noqa: E402
+from gptkit.peft import apply_peft, merge_peft  # noqa: E402
 from gptkit.surgery import set_head  # noqa: E402
 from gptkit.train_config import PeftConfig  # noqa: E402
 
@@ -56,7 +56,7 @@ def make_classifier(out: Path) -> Path:
         for name, p in lm.model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.02)
-    save_checkpoint(out, merge_lora(lm.model).eval(), lm.tokenizer)
+    save_checkpoint(out, merge_peft(lm.model).eval(), lm.tokenizer)
     return out
 
 
