@@ -115,7 +115,9 @@ def _pre_tokenizer(spec: dict) -> str | None:
     does, or None. Three forms are known: GPT-2's ByteLevel regex alone (gptkit's trained
     tokenizers, GPT-2), SmolLM's single digits then ByteLevel, and the Split regexes a GGUF
     file's tokenizer was read into (convert_gguf.py)."""
-    parts = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    parts = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    if not parts:
+        return None
     *splits, last = parts
     if last.get("type") != "ByteLevel" or last.get("add_prefix_space"):
         return None
@@ -138,7 +140,7 @@ def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict:
             "GGUF export needs a byte-level BPE tokenizer (gptkit tokenizer train, GPT-2, "
             f"SmolLM2, or one read from a GGUF file); this one is {tokenizer!r}"
         )
-    if model.get("ignore_merges") != PRE_TOKENIZERS[pre][1] and pre != "gpt-2":
+    if bool(model.get("ignore_merges", False)) != PRE_TOKENIZERS[pre][1]:
         raise ConversionError(f"the tokenizer's ignore_merges differs from llama.cpp's {pre!r}")
     tokens: list[str | None] = [None] * vocab_size
     types = [_NORMAL] * vocab_size
