@@ -64,8 +64,9 @@ def peft_lora_tensors(model: GPT) -> tuple[dict[str, torch.Tensor], list[str]]:
 def export_peft(model: GPT, out_dir: str | Path, base: str | None = None) -> Path:
     """Write `model`'s LoRA as a PEFT adapter directory for its `--to hf` export.
 
-    Raises ConversionError for what PEFT's LoRA cannot hold here: another method, a task head
-    or vocabulary the fine-tune trained (export those merged with --to hf instead).
+    Raises ConversionError for what PEFT's LoRA cannot hold here: another method, or a task
+    head the fine-tune trained (export those merged with --to hf instead). Tokens an SFT run
+    added to the vocabulary are not in the adapter: such a run exports merged, too.
     """
     peft = peft_config(model)
     if peft is None or peft.method != "lora":

@@ -105,7 +105,8 @@ class Int8Linear(nn.Module):
 
 
 def _pack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
-    """fbgemm's packed form of int8 rows q [N, K] with scales [N]."""
+    """fbgemm's packed form of int8 rows q [N, K] with scales [N]: the integers as they are
+    (torch.quantize_per_channel would round float values again)."""
     zero = torch.zeros(q.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # "quantized tensors are deprecated": our pin has them
         warnings.simplefilter("ignore", UserWarning)
