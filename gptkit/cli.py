@@ -222,9 +222,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .quantize import quantize
 
     if args.type is not None and args.to != "gguf":
-        raise SystemExit(f"gptkit convert: --type {args.type} is for --to gguf")
+        raise ConfigError(f"--type {args.type} is for --to gguf")
     if args.quantize is not None and args.to != "gptkit":
-        raise SystemExit(f"gptkit convert: --quantize {args.quantize} writes a gptkit checkpoint")
+        raise ConfigError(f"--quantize {args.quantize} writes a gptkit checkpoint (--to gptkit)")
     if args.to == "peft":  # the LoRA alone, for the base's --to hf export
         from .peft_format import export_peft
 

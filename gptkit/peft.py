@@ -90,11 +90,20 @@ class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__(base, r, alpha, dropout)
         self.magnitude = nn.Parameter(base.weight.detach().norm(dim=1).clone())  # [out]
+        self._cached: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def _rescale(self) -> torch.Tensor:
-        """[out]: each row's magnitude over the norm of its updated weight."""
+        """[out]: each row's magnitude over the norm of its updated weight. It costs a
+        weight-sized matrix, so without gradients (generation: every token) it is computed
+        once and kept until a parameter changes (their version counters say so)."""
+        params = (self.base.weight, self.lora_A, self.lora_B, self.magnitude)
+        key = tuple(p._version for p in params)
+        if not torch.is_grad_enabled() and self._cached and self._cached[0] == key:
+            return self._cached[1]
         updated = self.base.weight + (self.lora_B @ self.lora_A) * self.scale  # [out, in]
-        return self.magnitude / updated.norm(dim=1).detach()
+        rescale = self.magnitude / updated.norm(dim=1).detach()
+        self._cached = None if torch.is_grad_enabled() else (key, rescale)
+        return rescale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

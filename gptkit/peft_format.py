@@ -35,6 +35,7 @@ from .convert import ConversionError
 from .hf_arch import arch_of, expand_rules, gptkit_config_to_hf, stored_names
 from .model import GPT
 from .peft import LoRALinear, peft_config
+from .safeload import read_json
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -117,13 +118,16 @@ def merge_peft_lora(model: GPT, directory: str | Path) -> GPT:
     """Add a PEFT LoRA's updates to `model`'s weights, in place; ConfigError naming what does
     not fit (another PEFT method or option, a layer the model lacks, a shape that differs)."""
     directory = Path(directory)
-    config = json.loads((directory / PEFT_CONFIG).read_text())
+    try:
+        config = read_json(directory / PEFT_CONFIG)
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # MetadataError is a ValueError
+        raise ConfigError(f"{directory / PEFT_CONFIG}: not a readable PEFT config ({e})") from None
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"{directory}: peft_type {config.get('peft_type')!r}; gptkit reads LORA")
     used = [k for k in _UNSUPPORTED if config.get(k)]
     if used:
         raise ConfigError(f"{directory}: PEFT option(s) {', '.join(used)} are not supported")
-    r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
     try:
         tensors = load_file(str(directory / PEFT_WEIGHTS))

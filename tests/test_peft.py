@@ -150,7 +150,7 @@ def test_dora_computes_what_peft_s_dora_computes(tmp_path, name):
         r=4, lora_alpha=8, target_modules=modules, use_dora=True, fan_in_fan_out=name == "tiny"
     )
     theirs = peft.get_peft_model(hf, config)
-    magnitudes = dict(zip(modules, _split_magnitudes(model), strict=True))
+    magnitudes = dict(zip(modules, _split_magnitudes(model, tensors, modules), strict=True))
     with torch.no_grad():
         for key, module in theirs.named_modules():
             short = key.removeprefix("base_model.model.")
@@ -168,23 +168,14 @@ def test_dora_computes_what_peft_s_dora_computes(tmp_path, name):
     assert moved > 0.05 and diff <= 1e-4
 
 
-def _split_magnitudes(model: GPT) -> list[torch.Tensor]:
-    """Each DoRA layer's magnitudes, split per Hugging Face layer in peft_lora_tensors' order."""
-    from gptkit.peft import DoRALinear
-
-    out = []
-    for module in model.modules():
-        if isinstance(module, DoRALinear):
-            rows = module.lora_B.shape[0]
-            c = model.config
-            if rows == (c.n_head + 2 * c.n_kv_head) * c.head_dim and c.positions == "rope":
-                sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
-            elif rows == 2 * c.intermediate_size and c.activation == "swiglu":
-                sizes = [c.intermediate_size, c.intermediate_size]
-            else:
-                sizes = [rows]
-            out += list(module.magnitude.detach().split(sizes))
-    return out
+def _split_magnitudes(model: GPT, tensors: dict[str, torch.Tensor], modules: list[str]):
+    """Each DoRA layer's magnitudes (one per output row), split per Hugging Face layer as
+    peft_lora_tensors split its B: the same rows, in the same order."""
+    rows = [tensors[f"base_model.model.{m}.lora_B.weight"].shape[0] for m in modules]
+    everything = torch.cat(
+        [m.magnitude.detach() for m in model.modules() if hasattr(m, "magnitude")]
+    )
+    return list(everything.split(rows))
 
 
 def test_lora_targets_pick_layers_and_a_typo_is_an_error():
@@ -247,3 +238,15 @@ def test_prefix_generation_with_the_kv_cache_equals_full_forwards(name):
     for _ in range(10):
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert out == ids[len(prompt) :]
+
+
+def test_dora_keeps_its_norms_while_generating_and_drops_them_when_a_weight_changes():
+    model = apply_peft(tiny(), PeftConfig(method="dora", r=4, alpha=8))
+    randomize(model)
+    with torch.no_grad():
+        first = model(X)
+        torch.testing.assert_close(model(X), first, rtol=0, atol=0)  # from the kept norms
+        model.blocks[0].attn.qkv.lora_B.mul_(2)  # a change the version counter sees
+        changed = model(X)
+    assert not torch.equal(changed, first)
+    torch.testing.assert_close(changed, model(X), rtol=1e-6, atol=1e-6)  # with gradients: fresh

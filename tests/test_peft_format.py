@@ -127,3 +127,13 @@ def test_peft_adapters_that_do_not_fit_are_clear_errors(tmp_path):
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(ConfigError, match="use_dora are not supported"):
         merge_peft_lora(GPT(preset("tiny-llama")), tmp_path / "p")
+
+
+def test_a_damaged_peft_config_is_one_clear_error(tmp_path):
+    from gptkit.config import ConfigError
+    from gptkit.peft_format import merge_peft_lora
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    with pytest.raises(ConfigError, match="not a readable PEFT config"):
+        merge_peft_lora(GPT(preset("tiny-llama")), tmp_path / "p")
