@@ -85,6 +85,13 @@ class LM(Pretrained):
         context = context_text(history)
         return score_candidates(self.model, self.tokenizer, context, texts).tolist()
 
+    def reward(self, conversations: list[list[dict[str, str]]]) -> list[float]:
+        """A reward model's score (from `gptkit finetune reward`) of each conversation, which
+        ends with the assistant reply to score: higher is preferred."""
+        from .preference import rewards
+
+        return rewards(self.model, self.tokenizer, conversations)
+
     def embed(self, texts: str | list[str], batch_size: int = 16) -> np.ndarray:
         """One unit-length vector [n_embd] per text: the final hidden states, mean-pooled
         (embed.ModelEmbedder; `gptkit index --embedder MODEL` indexes with it)."""

@@ -178,6 +178,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         lang=args.lang,
         shots=args.shots,
         train=args.train,
+        ref=args.ref,
+        beta=args.beta,
+        max_length=args.max_length,
     )
     lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
     results = run_eval(args.task, lm, args.data, **options)
@@ -322,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     allow_pickle_flag(p)
     p.set_defaults(func=cmd_pretrain)
 
-    objectives = ["lm", "sft", "classify", "tag", "rank", "distill"]
+    objectives = ["lm", "sft", "classify", "tag", "rank", "distill", "reward", "dpo"]
     for name, help_text in (
-        ("finetune", "fine-tune a model: lm, sft, classify, tag, rank, distill (+ LoRA...)"),
+        ("finetune", "fine-tune: lm, sft, classify, tag, rank, distill, reward, dpo (+ LoRA...)"),
         ("tune", "search lr, batch size and LoRA rank for a finetune run (Optuna)"),
     ):
         p = sub.add_parser(
@@ -347,12 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0, help="seed of the search")
             p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("eval", help="score a model: perplexity, classify, tag, generate, choice")
+    p = sub.add_parser("eval", help="score a model: perplexity, classify, generate, preference...")
     p.add_argument(
         "task",
         choices=[
             *("perplexity", "classify", "tag", "generate", "choice", "code", "retrieval", "rag"),
-            "rank",
+            *("rank", "preference"),
         ],
     )
     p.add_argument("--model", help="checkpoint, HF dir/hub name, GGUF or name")
@@ -383,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shots", type=int, default=0, help="choice: examples in the prompt")
     p.add_argument("--train", help="choice: file to draw the shots from")
+    p.add_argument("--ref", help="preference: the reference model of a DPO policy")
+    p.add_argument("--beta", type=float, default=0.1, help="preference: DPO's beta (0.1)")
+    p.add_argument("--max-length", type=int, default=1024, help="preference: tokens per row")
     p.add_argument("--index", type=Path, help="retrieval, rag: the index (from gptkit index)")
     p.add_argument("--mode", help="retrieval: dense,bm25,hybrid; rag: closed-book|retrieved|oracle")
     p.add_argument("-k", type=int, help="rag: sources in the prompt (default 3); rank: HR@k")

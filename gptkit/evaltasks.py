@@ -7,6 +7,9 @@ generate    chat JSONL (prompt/response, ...)  BLEU, chrF, ROUGE, exact match: t
                                                greedy reply to all but the last assistant
                                                turn, against that turn
 choice      JSONL {question, choices, answer}  zero- or k-shot accuracy by log-likelihood
+preference  preference pairs (preference_data)  how often the chosen reply wins: by a reward
+                                               model's reward, by DPO's implicit reward
+                                               against --ref, or by mean log-probability
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from .evaluate import (
 from .generation import prompt_room
 from .model import ContextLengthError
 from .predict import needs_head, predict_labels, predict_tags
+from .preference import load_reference, score_pairs
+from .preference_data import read_pairs
 from .tagging import check_tags, read_tagged_file, tag_scheme
 from .taskdata import read_chat, read_labelled, read_records
 
-TASKS = ("perplexity", "classify", "tag", "generate", "choice")
+TASKS = ("perplexity", "classify", "tag", "generate", "choice", "preference")
 
 
 def eval_perplexity(lm: LM, paths: Sequence[str | Path], stride: int | None = None) -> dict:
@@ -136,6 +141,17 @@ def eval_choice(lm: LM, path, limit: int = 0, shots: int = 0, train=None, seed=0
     return multiple_choice(lm, items, shots=shots, train_items=pool, seed=seed)
 
 
+def eval_preference(
+    lm: LM, path, limit: int = 0, ref: str | None = None, beta: float = 0.1, max_length=1024
+) -> dict:
+    pairs = read_pairs(path)[: limit or None]
+    reference = load_reference(ref, lm.model) if ref else None
+    scores = score_pairs(
+        lm.model, lm.tokenizer, pairs, ref=reference, beta=beta, max_length=max_length
+    )
+    return scores
+
+
 def run_eval(task: str, lm: LM, data: Sequence[str], **options: Any) -> dict[str, Any]:
     """The metrics of `task` on `data` (several files only for perplexity)."""
     if task not in TASKS:
@@ -153,4 +169,7 @@ def run_eval(task: str, lm: LM, data: Sequence[str], **options: Any) -> dict[str
     if task == "generate":
         keys = ("metrics", "max_new_tokens", "chat", "lang")
         return eval_generate(lm, data[0], limit, **{k: options[k] for k in keys})[0]
+    if task == "preference":
+        keys = ("ref", "beta", "max_length")
+        return eval_preference(lm, data[0], limit, **{k: options[k] for k in keys})
     return eval_choice(lm, data[0], limit, options["shots"], options.get("train"))

@@ -5,9 +5,11 @@ finetune.py for what each objective scores; predict.py reads the same rows back 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .chat_template import render
@@ -119,3 +121,45 @@ def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, tor
         x[row, : len(e.ids)] = torch.tensor(e.ids)
         y[row, : len(e.targets)] = torch.tensor(e.targets)
     return x, y
+
+
+class EpochOrder:
+    """Which example sits at each place of a run's stream of examples: a seeded permutation
+    per epoch, so a batch is a pure function of (seed, its place) and a resumed run draws
+    exactly the batches an unbroken one would."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perm: tuple[int, np.ndarray] = (-1, np.empty(0))
+
+    def rows(self, start: int, count: int) -> list[int]:
+        """The indices of the examples at places start .. start + count - 1."""
+        out = []
+        for g in range(start, start + count):
+            epoch, pos = divmod(g, self.n)
+            if self._perm[0] != epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._perm = (epoch, rng.permutation(self.n))
+            out.append(int(self._perm[1][pos]))
+        return out
+
+
+class _Split(Protocol):
+    data: str
+    val_data: str
+    val_fraction: float
+    seed: int
+
+
+def split_val(
+    train: list[Any], read: Callable[[str], list[Any]], config: _Split
+) -> tuple[list[Any], list[Any]]:
+    """(train, val) records: val_data's records when it is set, else a seeded val_fraction of
+    the training records."""
+    if config.val_data:
+        return train, read(config.val_data)
+    order = np.random.default_rng(config.seed).permutation(len(train))
+    n_val = max(1, round(len(train) * config.val_fraction))
+    if n_val >= len(train):
+        raise ConfigError(f"{config.data}: too few examples to hold out a validation set")
+    return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]

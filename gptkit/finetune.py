@@ -28,38 +28,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .chat_template import CHATML
 from .checkpoint import load_checkpoint
 from .config import ConfigError
 from .evaluate import classify_report, save_results, tagging_metrics
 from .examples import (
     IGNORE,
+    EpochOrder,
     Example,
     chat_example,
     classification_example,
     collate,
     pack,
+    split_val,
     tagging_example,
 )
 from .loading import Pretrained, load_pretrained, load_trainable
 from .model import GPT
 from .peft import apply_peft, save_adapter
 from .predict import batched_logits, predict_labels, predict_tags
+from .preference import PreferenceTask
 from .prepare import prepare
 from .recommend import RANK_LABELS, rank_example
 from .recsys import read_interactions, train_records
-from .surgery import resize_vocab, set_head
+from .surgery import fit_chat_template, set_head
 from .tagging import check_tags, read_tagged_file
 from .taskdata import label_names, read_chat, read_labelled
 from .train import Batch, PretrainTask, Trainer, TrainResult
 from .train_config import FinetuneConfig
-
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
-
 
 # -- tasks ---------------------------------------------------------------------------------
 
@@ -76,9 +74,10 @@ class ExampleTask:
         kind = config.task
         self.fields = [f.strip() for f in config.label_field.split(",")]
         if kind == "sft":
-            self._prepare_chat()
-        train = self._read(config.data)
-        train, val = _split(train, self._read(config.val_data) if config.val_data else None, config)
+            self.template, self.tokenizer = fit_chat_template(
+                self.model, self.tokenizer, config.template
+            )
+        train, val = split_val(self._read(config.data), self._read, config)
         if kind in ("classify", "tag", "rank"):
             self._set_labels(train + val)
         self.records = {"train": train, "val": val}  # the raw records, for val metrics
@@ -92,21 +91,9 @@ class ExampleTask:
         # guard counts activations at, rather than the model's whole context.
         self.seq_len = max(len(e.ids) for e in self.train + self.val)
         self.pad_id = self.tokenizer.pad_id or 0
-        self._perm: tuple[int, np.ndarray] = (-1, np.empty(0))
+        self.order = EpochOrder(len(self.train), config.seed)
 
     # data preparation --------------------------------------------------------------------
-
-    def _prepare_chat(self) -> None:
-        """The tokenizer's own template, or ChatML with its two special tokens added (and the
-        embeddings grown to fit them) when the tokenizer lacks them."""
-        tok = self.tokenizer
-        if self.config.template == "auto" and tok.chat_template:
-            self.template = tok.chat_template
-            return
-        self.template = CHATML
-        self.tokenizer = tok.add_special_tokens(CHATML_TOKENS)
-        self.tokenizer.chat_template = CHATML  # saved with the model: chat and serve use it
-        resize_vocab(self.model, max(self.model.config.vocab_size, self.tokenizer.vocab_size))
 
     def _read(self, path: str) -> list[Any]:
         c = self.config
@@ -197,20 +184,10 @@ class ExampleTask:
     def epoch_size(self) -> int:
         return len(self.train)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm[0] != epoch:
-            rng = np.random.default_rng([self.config.seed, epoch])
-            self._perm = (epoch, rng.permutation(len(self.train)))
-        return self._perm[1]
-
     def train_batch(self, step: int, micro: int) -> Batch:
         B = self.config.batch_size
         start = (step * self.config.grad_accum + micro) * B
-        rows = []
-        for g in range(start, start + B):
-            epoch, pos = divmod(g, len(self.train))
-            rows.append(self.train[self._order(epoch)[pos]])
-        return collate(rows, self.pad_id)
+        return collate([self.train[i] for i in self.order.rows(start, B)], self.pad_id)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]:
         """The first eval_batches * batch_size val examples (all when 0), in batches of
@@ -239,19 +216,6 @@ class ExampleTask:
             return classify_report(pred, [labels for _, labels in val])
         pred = predict_tags(model, self.tokenizer, [words for words, _ in val])
         return tagging_metrics([tags for _, tags in val], pred)
-
-
-def _split(
-    train: list[Any], val: list[Any] | None, config: FinetuneConfig
-) -> tuple[list[Any], list[Any]]:
-    """The given val records, or a seeded val_fraction of the training records."""
-    if val is not None:
-        return train, val
-    order = np.random.default_rng(config.seed).permutation(len(train))
-    n_val = max(1, round(len(train) * config.val_fraction))
-    if n_val >= len(train):
-        raise ConfigError(f"{config.data}: too few examples to hold out a validation set")
-    return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
 
 
 class TextTask(PretrainTask):
@@ -337,14 +301,16 @@ class Distill:
 @dataclass
 class FinetuneResult:
     train: TrainResult
-    metrics: dict[str, float]  # val metrics of classify / tag runs
+    metrics: dict[str, Any]  # val metrics of classify / tag / rank / preference runs
     adapter: Path | None  # the adapter-only save of a parameter-efficient run
 
 
-def make_task(config: FinetuneConfig) -> ExampleTask | TextTask | Distill:
+def make_task(config: FinetuneConfig) -> ExampleTask | TextTask | Distill | PreferenceTask:
     """The task `config` describes, holding the model to fine-tune (loaded on the CPU; the
     Trainer moves it)."""
     lm = load_trainable(config.init_from, "cpu")
+    if config.task in ("reward", "dpo"):
+        return PreferenceTask(config, lm)
     task = TextTask(config, lm) if config.task == "lm" else ExampleTask(config, lm)
     return Distill(task, config) if config.objective == "distill" else task
 
@@ -353,17 +319,19 @@ def finetune(
     config: FinetuneConfig, *, resume: bool = False, overwrite: bool = False
 ) -> FinetuneResult:
     """Fine-tune as `config` says; on the main process, also score the val set (classify /
-    tag) and write the adapter-only save (parameter-efficient runs)."""
+    tag / rank / reward / dpo) and write the adapter-only save (parameter-efficient runs)."""
     task = make_task(config)
     if config.epochs:
         per_step = config.batch_size * config.grad_accum
         steps = math.ceil(config.epochs * task.epoch_size() / per_step)
         config = dataclasses.replace(config, max_steps=steps)
+        if isinstance(task, PreferenceTask):  # dpo precomputes for the pairs the steps draw
+            task.config = config
     trainer = Trainer(config, resume=resume, overwrite=overwrite, task=task)
     try:
         result = trainer.fit()
         metrics, adapter = {}, None
-        scored = config.task in ("classify", "tag", "rank")
+        scored = config.task in ("classify", "tag", "rank", "reward", "dpo")
         if trainer.dist.is_main and (scored or config.peft.enabled):
             # the saved checkpoint, whole on one device whatever DDP/FSDP did in training
             model, _, _ = load_checkpoint(result.checkpoint, device=trainer.dist.device)
@@ -386,7 +354,9 @@ def describe(result: FinetuneResult) -> str:
     if r.val_loss is not None:
         parts.append(f"val loss {r.val_loss:.4f}")
     parts += [
-        f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "n" and not k.endswith("_n")
+        f"{k} {v:.4f}"
+        for k, v in result.metrics.items()
+        if isinstance(v, float) and k != "n" and not k.endswith("_n")
     ]
     return (
         ", ".join(parts)

@@ -1,5 +1,5 @@
-"""Model surgery: a new head (LM -> classifier or tagger), a larger vocabulary. Both change a
-GPT in place and keep its body's weights."""
+"""Model surgery: a new head (LM -> classifier or tagger), a larger vocabulary, the ChatML
+tokens. Each changes a GPT in place and keeps its body's weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from .chat_template import CHATML
 from .model import GPT
+from .tokenizer import Tokenizer
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def set_head(
@@ -70,3 +74,16 @@ def resize_vocab(model: GPT, vocab_size: int) -> GPT:
     model.tok_emb.num_embeddings = vocab_size
     model.config = dataclasses.replace(model.config, vocab_size=vocab_size)
     return model
+
+
+def fit_chat_template(model: GPT, tokenizer: Tokenizer, setting: str) -> tuple[str, Tokenizer]:
+    """(template, tokenizer) to train chat data with: the tokenizer's own template ("auto",
+    when it has one), else ChatML with its two special tokens added to a copy of the
+    tokenizer and the embeddings grown to fit them. The template is saved with the model, so
+    chat and serve use it."""
+    if setting == "auto" and tokenizer.chat_template:
+        return tokenizer.chat_template, tokenizer
+    tokenizer = tokenizer.add_special_tokens(CHATML_TOKENS)
+    tokenizer.chat_template = CHATML
+    resize_vocab(model, max(model.config.vocab_size, tokenizer.vocab_size))
+    return CHATML, tokenizer

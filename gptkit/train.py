@@ -57,7 +57,9 @@ from .tokenizer import Tokenizer
 from .tokenizer_files import load_tokenizer
 from .train_config import TrainConfig
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [B, T] token ids, targets [B, T] (-100: skip)
+# inputs [B, T] token ids, targets [B, T] (-100: skip), then whatever else the task's loss takes
+# (a preference task: the reference model's log-probabilities)
+Batch = tuple[torch.Tensor, ...]
 
 CHECKPOINT = "checkpoint"
 
@@ -123,19 +125,21 @@ def check_training_memory(
     device: torch.device,
     *,
     seq_len: int | None = None,
+    rows_per_example: int = 1,
     trainable: int | None = None,
     weights_allocated: bool = False,
 ) -> None:
     """ResourceError unless training `model` as `config` says fits on `device` (see
     resources.py for what is counted). seq_len: the longest row a batch holds (None: the
-    model's block_size, as pretraining windows are)."""
+    model's block_size, as pretraining windows are); rows_per_example: rows a batch holds per
+    example (2 for a preference pair)."""
     shards = int(os.environ.get("WORLD_SIZE", "1")) if config.fsdp else 1
     # CPU ranks on one machine share its memory; each GPU rank has a device of its own.
     copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     need = resources.training_need(
         model,
         device,
-        config.batch_size,
+        config.batch_size * rows_per_example,
         seq_len=seq_len,
         trainable=trainable,
         shards=shards,
@@ -161,6 +165,12 @@ class Task(Protocol):
     def eval_batches(self, rank: int, world_size: int) -> Iterator[Batch]: ...
 
     def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    # Optional (preference.py has both):
+    #   val_loss(model, *batch) -> (loss sum, count): the validation loss, when plain
+    #     cross-entropy over the targets is not what the task minimises
+    #   step_values() -> {name: tensor}: what to log beside the loss, averaged since the last
+    #     log line
 
 
 class PretrainTask:
@@ -252,6 +262,7 @@ class Trainer:
             device,
             # fine-tuning tasks know the longest example they batch; windows are block_size
             seq_len=getattr(self.task, "seq_len", None),
+            rows_per_example=getattr(self.task, "rows_per_example", 1),
             trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             weights_allocated=True,
         )
@@ -358,9 +369,9 @@ class Trainer:
         total = torch.zeros((), device=self.dist.device)
         tokens, self.step_flops = 0, 0.0
         for i, m in enumerate(micros):
-            x, y = (t.to(self.dist.device) for t in self.task.train_batch(self.step, m))
+            x, y, *extra = (t.to(self.dist.device) for t in self.task.train_batch(self.step, m))
             with self.dist.sync_gradients(self.wrapped, i == len(micros) - 1), self._autocast():
-                loss = self.task.loss(self.wrapped, x, y)
+                loss = self.task.loss(self.wrapped, x, y, *extra)
             (loss / len(micros)).backward()
             total += loss.detach()
             tokens += x.numel()
@@ -380,15 +391,21 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean cross-entropy per scored target over the task's validation batches (plain
-        cross-entropy for every task, so distillation's val loss compares with the others)."""
+        cross-entropy for every task, so distillation's val loss compares with the others),
+        or the task's own val_loss (a preference loss per pair)."""
         self.wrapped.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        val_loss = getattr(self.task, "val_loss", None)
         for batch in self.task.eval_batches(self.dist.rank, self.dist.world_size):
-            x, y = (t.to(self.dist.device) for t in batch)
+            x, y, *extra = (t.to(self.dist.device) for t in batch)
             with self._autocast():
-                _, loss = self.wrapped(x, y, causal=self.task.causal)
-            n = (y != -100).sum()
-            total += torch.stack([loss.double() * n, n.double()])
+                if val_loss is not None:
+                    loss_sum, n = val_loss(self.wrapped, x, y, *extra)
+                else:
+                    _, loss = self.wrapped(x, y, causal=self.task.causal)
+                    n = (y != -100).sum()
+                    loss_sum = loss.double() * n
+            total += torch.stack([loss_sum.double(), n.double()])
         self.wrapped.train()
         loss_sum, count = self.dist.sum(total).tolist()
         return loss_sum / count
@@ -425,14 +442,18 @@ class Trainer:
                 mfu = self._mfu(sum(flops[-len(window) :]) / sum(times[-len(window) :]))
                 lr = lr_at(done - 1, config)
                 values = {"train/loss": train_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu}
-                self.metrics.log(done, values)
+                self.metrics.log(done, values | self._task_values())
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 window = []
             if last or (config.eval_every and done % config.eval_every == 0):
                 val_loss = self.evaluate()
-                self.metrics.log(done, {"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
+                line, values = f"step {done}: val loss {val_loss:.4f}", {"val/loss": val_loss}
+                if not hasattr(self.task, "val_loss"):  # a cross-entropy: its perplexity too
+                    values["val/ppl"] = math.exp(val_loss)
+                    line += f", ppl {values['val/ppl']:.2f}"
+                self.metrics.log(done, values)
                 if is_main:
-                    bar.write(f"step {done}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}")
+                    bar.write(line)
             if last or (config.checkpoint_every and done % config.checkpoint_every == 0):
                 self.save(val_loss)
         bar.close()
@@ -449,6 +470,15 @@ class Trainer:
             val_loss=val_loss,
             checkpoint=self.checkpoint_dir,
         )
+
+    def _task_values(self) -> dict[str, float]:
+        """What the task logs beside its loss (DPO: its rewards), averaged over the ranks."""
+        report = getattr(self.task, "step_values", None)
+        values = report() if report is not None else {}
+        if not values:
+            return {}
+        means = self.dist.mean(torch.stack(list(values.values())).to(self.dist.device))
+        return dict(zip(values, means.tolist(), strict=True))
 
     def _mfu(self, flops_per_s: float) -> float:
         """This rank's model FLOP/s over the device's matmul peak, never above 1: a step that

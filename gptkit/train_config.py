@@ -204,7 +204,8 @@ class PeftConfig:
         return cls(**d)
 
 
-FinetuneObjective = Literal["lm", "sft", "classify", "tag", "rank", "distill"]
+FinetuneObjective = Literal["lm", "sft", "classify", "tag", "rank", "distill", "reward", "dpo"]
+PreferenceLoss = Literal["sigmoid", "hinge", "ipo"]
 
 
 @dataclass
@@ -219,6 +220,8 @@ class FinetuneConfig(TrainConfig):
     rank      P(a user picks an item next) from their history (recsys.py: RecBole files)
     distill   the student learns a teacher's temperature-softened outputs plus the hard
               labels, on `distill_on` data
+    reward    a scalar reward head, trained on preference pairs (preference.py)
+    dpo       direct preference optimisation on preference pairs (preference.py)
     """
 
     out_dir: str = "runs/finetune"
@@ -249,6 +252,13 @@ class FinetuneConfig(TrainConfig):
     distill_on: FinetuneObjective = "lm"  # distill: the data the student learns from
     temperature: float = 2.0  # distill: softens both distributions (Hinton et al. 2015)
     distill_alpha: float = 0.5  # distill: weight of the soft loss; 1 - alpha on the hard labels
+    # dpo: how far the policy may move from the reference, and the loss on its reward margin
+    beta: float = 0.1
+    loss_type: PreferenceLoss = "sigmoid"
+    # reward, dpo: prompt + reply tokens per row; a longer prompt keeps its last
+    # max_prompt_length tokens (0: half of max_length), each reply is cut to fit
+    max_length: int = 1024
+    max_prompt_length: int = 0
 
     # fine-tuning defaults: a gentle learning rate and short runs
     batch_size: int = 8
@@ -286,7 +296,7 @@ class FinetuneConfig(TrainConfig):
         if self.objective == "distill":
             if not self.teacher:
                 raise ConfigError("objective 'distill' needs teacher= (the teacher model)")
-            if self.distill_on == "distill":
+            if self.distill_on in ("distill", "reward", "dpo"):
                 raise ConfigError("distill_on names the data: lm, sft, classify or tag")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
@@ -302,6 +312,12 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("need rank_negatives >= 1, rank_history >= 1, rank_per_user >= 0")
         if self.retrieval_k < 1:
             raise ConfigError(f"retrieval_k must be >= 1, got {self.retrieval_k}")
+        if self.loss_type not in PreferenceLoss.__args__:
+            raise ConfigError(f"loss_type={self.loss_type!r}: use one of {PreferenceLoss.__args__}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.max_length < 2 or not 0 <= self.max_prompt_length < self.max_length:
+            raise ConfigError("need max_length >= 2 and 0 <= max_prompt_length < max_length")
         self._validate_training()
 
     @staticmethod
