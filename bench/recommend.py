@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument(
         "--popular", action="store_true", help="candidates say how many users had them"
     )
-    parser.add_argument("--smoke", action="store_true", help="1 step, 1 user (tests)")
+    parser.add_argument("--smoke", action="store_true", help="1 step, 1 user, no timing (tests)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "recommend")
     args = parser.parse_args()
     steps, batch, per_user, users, val_batches = (
@@ -148,7 +148,7 @@ def main() -> None:
         text.append(score_candidates(lm.model, lm.tokenizer, context, texts).tolist())
     seconds = time.perf_counter() - start
     timed = sample[:3]  # scored again as whole texts, for the shared history's speed-up
-    whole = whole_text_seconds(lm, data, timed, seen)
+    whole = 0.0 if args.smoke else whole_text_seconds(lm, data, timed, seen)  # smoke: no timing
     shared = seconds / len(sample) * len(timed)
     scorers = {
         "most-popular": lambda qs: [[counts[i] for i in q.candidates] for q in qs],
@@ -167,10 +167,11 @@ def main() -> None:
     ):
         rows.append((name, "sample", ranking_metrics([rank_of_target(s) for s in scores])))
     print(f"\nthe text model ranked {len(sample)} users' candidates in {seconds:.0f} s")
-    print(
-        f"{len(timed)} users' candidates: {shared:.1f} s after a shared history (the mean rate), "
-        f"{whole:.1f} s as whole texts: {whole / shared:.1f}x"
-    )
+    if whole:
+        print(
+            f"{len(timed)} users' candidates: {shared:.1f} s after a shared history (the mean "
+            f"rate), {whole:.1f} s as whole texts: {whole / shared:.1f}x"
+        )
     print("\n| scorer | users | HR@10 | NDCG@10 |\n|---|---|---|---|")
     for name, which, m in rows:
         n = len(every) if which == "all" else len(sample)

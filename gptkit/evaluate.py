@@ -31,12 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sacrebleu
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from seqeval import metrics as seqeval_metrics
-from sklearn import metrics as sklearn_metrics
 
 from .generation import eval_mode
 from .tagging import ENTITY_SCHEMES, tag_scheme
@@ -64,6 +61,10 @@ TOKENIZATION = {
 def classification_metrics(gold: Sequence[str], pred: Sequence[str]) -> dict[str, float]:
     """{"accuracy", "macro_f1", "n"}: macro F1 averages over every label seen in gold or pred,
     so a label the model invents counts as a class with F1 0."""
+    # Imported here, as seqeval and sacrebleu below: scikit-learn adds ~1.5 s to the start of
+    # every gptkit process, most of which never score a classifier.
+    from sklearn import metrics as sklearn_metrics
+
     _check_pairs(gold, pred, "gold labels", "predictions")
     labels = sorted(set(gold) | set(pred))
     return {
@@ -113,6 +114,8 @@ def tagging_metrics(
         "n_tokens": len(pairs),
     }
     if tag_scheme(gold) in ENTITY_SCHEMES:
+        from seqeval import metrics as seqeval_metrics
+
         gold_lists, pred_lists = [_bioes(t) for t in gold], [_bioes(t) for t in pred]
         # seqeval's default mode is conlleval's: an I- tag after O (or after another type) still
         # starts an entity. zero_division=0: a model that predicts no entity has precision 0.
@@ -198,6 +201,8 @@ def generation_metrics(
     _check_pairs(refs, preds, "references", "predictions")
     preds, refs = list(preds), list(refs)
     results: dict[str, float] = {}
+    import sacrebleu
+
     if "bleu" in metrics:
         tokenize = TOKENIZATION[lang]["bleu_tokenize"]
         results["bleu"] = sacrebleu.corpus_bleu(preds, [refs], tokenize=tokenize).score

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,10 @@ from .peft import apply_peft
 from .preference_data import Pair, encode_pair, lm_rows, read_pairs, reward_rows
 from .surgery import CHATML_TOKENS, fit_chat_template, resize_vocab, set_head
 from .tokenizer import Tokenizer
-from .train import Batch, uses_autocast
 from .train_config import FinetuneConfig
+
+if TYPE_CHECKING:
+    from .train import Batch
 
 REWARD_LABELS = ["reward"]
 
@@ -156,6 +158,8 @@ class PreferenceTask:
             c = self.config
             drawn = self.order.rows(0, c.max_steps * c.grad_accum * c.batch_size)
             scored = range(min(len(self.val), c.eval_batches * c.batch_size or len(self.val)))
+            from .train import uses_autocast  # (the Trainer's module: torch.distributed, ~1 s)
+
             autocast = uses_autocast(c, device)
             self.ref = {
                 "train": self._reference(model, self.train, set(drawn), device, autocast),

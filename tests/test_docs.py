@@ -107,6 +107,8 @@ def ws(tmp_path_factory) -> Path:
         for w in WORDS["positive"]
     ]
     _jsonl(d / "chats.jsonl", chats)
+    pairs = [{"prompt": f"say {w}", "chosen": w, "rejected": "bad"} for w in WORDS["positive"]]
+    (d / "pairs.json").write_text(json.dumps(pairs))
     _jsonl(d / "test-generate.jsonl", [{"prompt": f"say {w}", "response": w} for w in "ab"])
     for folder in ("domain-texts", "texts"):
         (d / folder).mkdir()
@@ -406,6 +408,15 @@ RUNS: dict[str, Run] = {
         add=SHORT_FINETUNE,
         check=out_has("fine-tuned: 1 steps"),
     ),
+    "gptkit finetune reward --model M --data pairs.json peft.method=lora": Run(
+        swap=MODEL, add=SHORT_FINETUNE, check=out_has("fine-tuned: 1 steps", "accuracy")
+    ),
+    "gptkit finetune dpo --model smollm2-135m-instruct --data pairs.json peft.method=lora "
+    "beta=0.1": Run(
+        add=(*SHORT_FINETUNE, "max_length=64"),
+        smollm2=True,
+        check=out_has("fine-tuned: 1 steps", "kl_per_token"),
+    ),
     "gptkit tune classify --model M --data train.jsonl peft.method=lora max_steps=100 "
     "--trials 8": Run(
         swap={**MODEL, "max_steps=100": "max_steps=1", "8": "2"},
@@ -462,6 +473,11 @@ RUNS: dict[str, Run] = {
     ),
     "gptkit eval choice --model M --data items.jsonl --shots 5 --train pool.jsonl": Run(
         swap=MODEL, check=out_has("accuracy")
+    ),
+    "gptkit eval preference --model runs/finetune/checkpoint --ref M --data pairs.json": Run(
+        swap=MODEL,
+        setup=lambda ws: finetuned(ws, "dpo", "pairs.json"),
+        check=out_has("implicit reward", "kl_per_token"),
     ),
     "gptkit eval perplexity --model M --data text.txt": Run(
         swap=MODEL, check=out_has("perplexity")
@@ -662,14 +678,14 @@ RUNS: dict[str, Run] = {
         smollm2=True,
         shared_data=True,
         repo_root=True,
-        check=out_has("| gptkit SmolLM2 LoRA |", "shared history"),
+        check=out_has("| gptkit SmolLM2 LoRA |", "the text model ranked"),
     ),
     ".venv/bin/python bench/recommend.py": Run(
         add=("--smoke", "--out", "{ws}/recommend"),
         smollm2=True,
         shared_data=True,
         repo_root=True,
-        check=out_has("| ALS (implicit) |", "| gptkit + ALS |", "shared history"),
+        check=out_has("| ALS (implicit) |", "| gptkit + ALS |", "the text model ranked"),
     ),
     f"gptkit serve --model {SMOLLM2} --retrieval runs/kb": Run(
         elsewhere="test_a_retrieval_server_answers_with_sources"
