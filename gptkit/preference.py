@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .chat_template import CHATML
 from .config import ConfigError
 from .examples import IGNORE, EpochOrder, Example, collate, split_val
+from .generation import eval_mode
 from .loading import Pretrained, load_pretrained
 from .model import GPT
 from .peft import apply_peft
@@ -94,6 +95,11 @@ def reward_loss(scores: torch.Tensor) -> torch.Tensor:
 def last_scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """A reward head's score at each row's scored (last) token [R]."""
     return model(x)[y != IGNORE][:, 0]  # [R, T, 1] -> [R]
+
+
+def pair_batch(pairs: Sequence[tuple[Example, Example]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Inputs and targets [2B, T] of B pairs: the chosen rows, then the rejected rows."""
+    return collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
 
 
 def pair_stats(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -186,8 +192,7 @@ class PreferenceTask:
         B = self.config.batch_size
         for start in range(0, len(order), B):
             batch = order[start : start + B]
-            rows = [pairs[i][0] for i in batch] + [pairs[i][1] for i in batch]
-            x, y = (t.to(device) for t in collate(rows, self.pad_id))
+            x, y = (t.to(device) for t in pair_batch([pairs[i] for i in batch], self.pad_id))
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 logps, _ = reply_logps(model(x), y)
             out[batch] = logps.float().cpu().view(2, -1).T
@@ -198,8 +203,7 @@ class PreferenceTask:
 
     def _batch(self, split: str, indices: Sequence[int]) -> Batch:
         pairs = self.train if split == "train" else self.val
-        rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
-        x, y = collate(rows, self.pad_id)
+        x, y = pair_batch([pairs[i] for i in indices], self.pad_id)
         if self.config.objective == "reward":
             return x, y
         ref = self.ref[split][list(indices)]  # [B, 2]
@@ -322,33 +326,28 @@ def score_pairs(
     if not kept:
         raise ConfigError("no pair leaves a reply token within max_length")
     device = model.tok_emb.weight.device
-    was_training = model.training
-    model.eval()
+    rows = [reward_rows(e) if reward else lm_rows(e) for e in kept]
     scores, kl, kl_tokens = [], 0.0, 0
-    for start in range(0, len(kept), batch_size):
-        batch = kept[start : start + batch_size]
-        rows = [reward_rows(e) if reward else lm_rows(e) for e in batch]
-        x, y = (
-            t.to(device)
-            for t in collate([c for c, _ in rows] + [r for _, r in rows], tokenizer.pad_id or 0)
-        )
-        if reward:
-            scores.append(last_scores(model, x, y).float().cpu())
-            continue
-        logits = model(x)
-        logps, n = reply_logps(logits, y)
-        if ref is None:
-            scores.append((logps / n).cpu())
-            continue
-        ref_logits = ref(x)
-        ref_logps, _ = reply_logps(ref_logits, y)
-        scores.append((beta * (logps - ref_logps)).cpu())
-        keep = y != IGNORE
-        p = F.log_softmax(logits[keep].float(), -1)  # [N, V]
-        q = F.log_softmax(ref_logits[keep].float(), -1)
-        kl += float((p.exp() * (p - q)).sum())
-        kl_tokens += int(keep.sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            batch = pair_batch(rows[start : start + batch_size], tokenizer.pad_id or 0)
+            x, y = (t.to(device) for t in batch)
+            if reward:
+                scores.append(last_scores(model, x, y).float().cpu())
+                continue
+            logits = model(x)
+            logps, n = reply_logps(logits, y)
+            if ref is None:
+                scores.append((logps / n).cpu())
+                continue
+            ref_logits = ref(x)
+            ref_logps, _ = reply_logps(ref_logits, y)
+            scores.append((beta * (logps - ref_logps)).cpu())
+            keep = y != IGNORE
+            p = F.log_softmax(logits[keep].float(), -1)  # [N, V]
+            q = F.log_softmax(ref_logits[keep].float(), -1)
+            kl += float((p.exp() * (p - q)).sum())
+            kl_tokens += int(keep.sum())
     chosen = torch.cat([s.view(2, -1)[0] for s in scores])
     rejected = torch.cat([s.view(2, -1)[1] for s in scores])
     out: dict[str, Any] = {
@@ -390,5 +389,6 @@ def rewards(
             raise ConfigError("a conversation leaves no reply token within max_length")
         row, _ = reward_rows(e)
         x, y = collate([row], tokenizer.pad_id or 0)
-        out.append(float(last_scores(model.eval(), x.to(device), y.to(device))[0]))
+        with eval_mode(model):
+            out.append(float(last_scores(model, x.to(device), y.to(device))[0]))
     return out

@@ -304,16 +304,18 @@ def test_a_toy_preference_is_learned(data, objective, method):
         assert load(data / f"{objective}-{method}" / "checkpoint").config.labels == ["reward"]
 
 
-def test_a_resumed_dpo_run_equals_an_unbroken_one(data):
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_a_resumed_run_equals_an_unbroken_one(data, objective):
     lora = PeftConfig(method="lora", dropout=0.1)  # dropout: the RNG state must resume too
     whole = finetune(
-        config(data, "dpo", "whole", max_steps=6, decay_steps=6, peft=lora), overwrite=True
+        config(data, objective, f"whole-{objective}", max_steps=6, decay_steps=6, peft=lora),
+        overwrite=True,
     )
-    part = config(data, "dpo", "parts", max_steps=3, decay_steps=6, peft=lora)
+    part = config(data, objective, f"parts-{objective}", max_steps=3, decay_steps=6, peft=lora)
     finetune(part, overwrite=True)
     finetune(dataclasses.replace(part, max_steps=6), resume=True)
     a = load_checkpoint(whole.train.checkpoint)[0].state_dict()
-    b = load_checkpoint(data / "parts" / "checkpoint")[0].state_dict()
+    b = load_checkpoint(data / f"parts-{objective}" / "checkpoint")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
