@@ -4,6 +4,7 @@ in English and in Chinese (docs/RESULTS.md, "Preference tuning").
 For each language, a seeded split of ../shared/data/preference/dpo_{en,zh}_demo.json (270 pairs
 to train on, 30 held out), then, on the held-out pairs:
 
+  longer   the baseline: the longer reply is the chosen one
   before   the untouched model's own preference: its mean log-probability per reply token
   reward   `gptkit finetune reward ...`: how often the reward model ranks the chosen reply first
   dpo      `gptkit finetune dpo ...`: how often the policy's implicit reward beta log(pi/pi_ref)
@@ -85,7 +86,12 @@ def run(lang: str, args: argparse.Namespace) -> dict[str, dict]:
     common = ["--model", MODEL, "--data", str(train), f"val_data={val}", "peft.method=lora"]
     common += ["peft.r=16", "peft.alpha=32", "batch_size=4", f"max_steps={steps}"]
     common += [f"max_length={length}", "eval_every=0", "progress=false"]
-    results = {"before": score(MODEL, val, out / "before.json", "--max-length", length)}
+    held_out = read_pairs(str(val))
+    longer = [len(p.chosen) > len(p.rejected) for p in held_out]  # the baseline to beat
+    results = {
+        "longer reply": {"n": len(longer), "accuracy": float(np.mean(longer)), "margin": 0.0}
+    }
+    results["before"] = score(MODEL, val, out / "before.json", "--max-length", length)
     gptkit("finetune", "reward", *common, "lr=5e-4", f"out_dir={out / 'reward'}", "--overwrite")
     results["reward"] = score(
         str(out / "reward" / "checkpoint"), val, out / "reward.json", "--max-length", length
@@ -96,7 +102,7 @@ def run(lang: str, args: argparse.Namespace) -> dict[str, dict]:
     policy = str(out / "dpo" / "checkpoint")
     results["dpo"] = score(policy, val, out / "dpo.json", "--ref", MODEL, "--max-length", length)
     results["dpo, own log-prob"] = score(policy, val, out / "dpo-own.json", "--max-length", length)
-    prompts = [p.prompt for p in read_pairs(str(val))[: 1 if args.smoke else 3]]
+    prompts = [p.prompt for p in held_out[: 1 if args.smoke else 3]]
     tokens = 8 if args.smoke else 64
     before, after = answers(MODEL, prompts, tokens), answers(policy, prompts, tokens)
     for prompt, b, a in zip(prompts, before, after, strict=True):
@@ -120,10 +126,9 @@ def main() -> None:
     for lang, results in table.items():
         for name, r in results.items():
             kl = f"{r['kl_per_token']:.3f}" if "kl_per_token" in r else ""
-            scorer = f"{name}: {r['score']}"
-            print(
-                f"| {lang} ({r['n']}) | {scorer} | {100 * r['accuracy']:.1f} | {r['margin']:.3f} | {kl} |"
-            )
+            scorer = f"{name}: {r['score']}" if "score" in r else name
+            accuracy = f"{100 * r['accuracy']:.1f}"
+            print(f"| {lang} ({r['n']}) | {scorer} | {accuracy} | {r['margin']:.3f} | {kl} |")
     (args.out / "results.json").write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -680,6 +680,13 @@ RUNS: dict[str, Run] = {
         repo_root=True,
         check=out_has("| gptkit SmolLM2 LoRA |", "the text model ranked"),
     ),
+    ".venv/bin/python bench/preference.py": Run(
+        add=("--smoke", "--lang", "en", "--out", "{ws}/preference"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("| en (2) | dpo: implicit reward |", "untouched:"),
+    ),
     ".venv/bin/python bench/recommend.py": Run(
         add=("--smoke", "--out", "{ws}/recommend"),
         smollm2=True,
