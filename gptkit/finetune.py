@@ -1,7 +1,7 @@
 """Fine-tuning: task data -> (inputs, targets) examples -> the one Trainer.
 
-Every objective is next-token-style cross-entropy over targets, with -100 where nothing is
-scored, so the Trainer needs no per-objective loop:
+Every objective is a loss over (inputs, targets) batches, with -100 where nothing is scored, so
+the Trainer needs no per-objective loop; all but the preference ones are cross-entropy:
 
     lm        token windows from text (continued pretraining; PretrainTask)
     sft       a conversation rendered with its chat template; targets only on the assistant's
@@ -14,6 +14,9 @@ scored, so the Trainer needs no per-objective loop:
               the first position of a causal model that has seen the whole word
     distill   any of the above, with the loss mixing the teacher's softened distribution
               (Hinton et al. 2015) and the hard targets
+    reward    preference pairs, scored at the last token by a one-output head;
+    dpo       preference pairs, by the policy's log-probabilities against its starting self:
+              both in preference.py, whose batches carry a pair as two rows
 
 Batches are drawn from a seeded permutation per epoch, indexed by (step, micro-batch), so a
 resumed run sees exactly the batches an unbroken one would.
