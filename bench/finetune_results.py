@@ -239,14 +239,13 @@ def run_task(model: str, name: str) -> dict:
     limit = SMOKE["test_limit"] or limit
     train, val, test = data()
     out = OUT / model / name
-    settings = {**SETTINGS[model], **extra.get(model, {}), **SMOKE["settings"]}
+    settings = {"eval_batches": 8, **SETTINGS[model], **extra.get(model, {}), **SMOKE["settings"]}
     config = FinetuneConfig(
         objective=objective,
         init_from=MODELS[model],
         data=str(train),
         val_data=str(val),
         out_dir=str(out),
-        eval_batches=8,
         eval_every=0,
         threads=2,
         tensorboard=False,
@@ -340,7 +339,13 @@ def main() -> None:
     OUT = args.out
     MODELS["here"] = args.here or MODELS["here"]
     if args.max_steps:
-        SMOKE["settings"] = {"max_steps": args.max_steps, "warmup_steps": 0}
+        # a smoke run: a batch of 2, one of them for the val loss and metrics
+        SMOKE["settings"] = {
+            "max_steps": args.max_steps,
+            "warmup_steps": 0,
+            "batch_size": 2,
+            "eval_batches": 1,
+        }
     SMOKE["test_limit"] = args.test_limit or 0
     if args.table:
         print(table())
