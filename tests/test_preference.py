@@ -419,3 +419,13 @@ def test_torchrun_two_processes_train_dpo_like_one(data, tmp_path):
     a = load_checkpoint(tmp_path / "one" / "checkpoint")[0].state_dict()
     b = load_checkpoint(tmp_path / "two" / "checkpoint")[0].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_tune_searches_a_dpo_run_by_its_val_loss(data):
+    from gptkit.tune import tune
+
+    result = tune(
+        config(data, "dpo", "tune", max_steps=2, peft=PeftConfig(method="lora")), trials=2
+    )
+    assert len(result.trials) == 2 and result.best_metrics["score"] == "implicit reward"
+    assert result.best_val_loss == min(t["val_loss"] for t in result.trials)
