@@ -3,6 +3,7 @@
 import csv
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -222,13 +223,8 @@ def test_errors_from_rows_and_workers(tmp_path, tok):
         prepare([tmp_path / "d.txt"], tmp_path / "out", tok, workers=2, progress=False)
 
 
-def test_dataset_without_datasets_package(tmp_path, tok):
-    try:
-        import datasets  # noqa: F401
-
-        pytest.skip("datasets is installed; streaming one needs a network")
-    except ImportError:
-        pass
+def test_dataset_without_datasets_package(tmp_path, tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails, as uninstalled
     with pytest.raises(PrepareError, match="pip install datasets"):
         run([], tmp_path / "out", tok, dataset="some/name")
 

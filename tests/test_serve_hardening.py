@@ -167,8 +167,11 @@ def test_long_prompt_is_prefilled_in_chunks_between_decoding_steps(lm):
     short_texts, long_text = [], []
 
     def short_emit(event):
-        if event[0] == "text":  # on the engine thread: was the long prompt half in?
+        # on the engine thread, once per decoding step (logprobs=0 makes every step emit one,
+        # where a text piece may be held back): was the long prompt half in?
+        if event[0] == "logprob":
             during.append(engine._filling is not None)
+        if event[0] == "text":
             short_texts.append(event[1])
 
     def long_emit(event):
@@ -180,7 +183,9 @@ def test_long_prompt_is_prefilled_in_chunks_between_decoding_steps(lm):
     try:
         short = Sequence(
             tok.encode("hello"),
-            SampleConfig(max_new_tokens=1500, temperature=0, logit_bias={tok.eos_id: -100.0}),
+            SampleConfig(
+                max_new_tokens=1500, temperature=0, logit_bias={tok.eos_id: -100.0}, logprobs=0
+            ),
             short_emit,
         )
         engine.submit(short)
