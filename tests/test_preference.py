@@ -19,6 +19,7 @@ from conftest import save_finetune_base, tiny_chat_lm
 from gptkit.api import load
 from gptkit.chat_template import CHATML
 from gptkit.checkpoint import load_checkpoint, save_checkpoint
+from gptkit.config import ConfigError
 from gptkit.examples import collate
 from gptkit.finetune import finetune
 from gptkit.preference import dpo_loss, reply_logps, score_pairs
@@ -368,21 +369,24 @@ def test_cli_trains_and_scores_a_policy_and_a_reward_model(data, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "settings,message",
     [
-        (["loss_type=kto"], "loss_type='kto'"),
-        (["beta=0"], "beta must be > 0"),
-        (["max_length=64", "max_prompt_length=64"], "max_prompt_length < max_length"),
-        (["--data", "NOTPAIRS"], "not a preference pair"),
+        (dict(loss_type="kto"), "loss_type='kto'"),
+        (dict(beta=0.0), "beta must be > 0"),
+        (dict(max_length=64, max_prompt_length=64), "max_prompt_length < max_length"),
     ],
 )
-def test_bad_settings_are_one_line(data, tmp_path, args, message):
+def test_bad_settings_are_refused(data, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        config(data, "dpo", "bad", **settings).validate()
+
+
+def test_a_file_of_other_records_is_one_line(data, tmp_path):
     (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "hi", "response": "hello"}))
-    args = [str(tmp_path / "sft.jsonl") if a == "NOTPAIRS" else a for a in args]
-    data_args = [] if "--data" in args else ["--data", str(data / "pairs.jsonl")]
     out = f"out_dir={json.dumps(str(tmp_path / 'run'))}"
-    done = gptkit("finetune", "dpo", "--model", str(data / "base"), *data_args, out, *args)
-    assert done.returncode != 0 and message in done.stderr
+    model_data = ["--model", str(data / "base"), "--data", str(tmp_path / "sft.jsonl")]
+    done = gptkit("finetune", "dpo", *model_data, out, "loss_type=hinge")
+    assert done.returncode != 0 and "not a preference pair" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
