@@ -146,10 +146,9 @@ def eval_preference(
 ) -> dict:
     pairs = read_pairs(path)[: limit or None]
     reference = load_reference(ref, lm.model) if ref else None
-    scores = score_pairs(
+    return score_pairs(
         lm.model, lm.tokenizer, pairs, ref=reference, beta=beta, max_length=max_length
     )
-    return scores
 
 
 def run_eval(task: str, lm: LM, data: Sequence[str], **options: Any) -> dict[str, Any]:
