@@ -328,8 +328,6 @@ def finetune(
         per_step = config.batch_size * config.grad_accum
         steps = math.ceil(config.epochs * task.epoch_size() / per_step)
         config = dataclasses.replace(config, max_steps=steps)
-        if isinstance(task, PreferenceTask):  # dpo precomputes for the pairs the steps draw
-            task.config = config
     trainer = Trainer(config, resume=resume, overwrite=overwrite, task=task)
     try:
         result = trainer.fit()

@@ -407,6 +407,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
         causal: bool = True,
     ):
         """Logits [B, T, V]; with targets [B, T] (-100 = ignore), returns (logits, loss).
@@ -416,11 +417,17 @@ class GPT(nn.Module):
         classifier of F fields takes targets [B, T, F], each within its field's labels.
 
         last_only computes logits for the last position only ([B, 1, V]), which is all a
-        generation step needs and saves a [T, V] matmul on long prompts.
+        generation step needs and saves a [T, V] matmul on long prompts. keep [B, T] (bool)
+        computes them only where it is True, [N, V] in row-major order: DPO scores a reply's
+        tokens, not the prompt's or the padding's (the head is a fifth of SmolLM2's FLOPs).
         """
         x = self.features(idx, cache=cache, positions=positions, key_mask=key_mask, causal=causal)
         if last_only:
             x = x[:, -1:]
+        if keep is not None:
+            if targets is not None:
+                raise ValueError("keep= returns the kept positions' logits; score them yourself")
+            return self.head(x[keep])  # [N, V]
         logits = self.head(x)  # [B, T, V], or [B, T, L] for a classify / tag head
         if targets is None:
             return logits

@@ -57,14 +57,18 @@ def is_reward_model(model: GPT) -> bool:
 # -- the numbers a preference loss is made of ----------------------------------------------
 
 
-def reply_logps(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each row's scored targets, summed [R], and their count [R], from
-    logits [R, T, V] and targets [R, T] (IGNORE elsewhere)."""
-    R, T, V = logits.shape
-    token = -F.cross_entropy(
-        logits.float().reshape(R * T, V), y.reshape(R * T), ignore_index=IGNORE, reduction="none"
-    )  # [R * T]; 0 where ignored
-    return token.view(R, T).sum(-1), (y != IGNORE).sum(-1)
+def reply_logps(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's scored targets' log-probability, summed [R], their count [R], and the logits
+    at those positions [N, V], for inputs x and targets y [R, T] (IGNORE elsewhere). Logits
+    are computed at the scored positions only (GPT.forward's keep)."""
+    scored = y != IGNORE  # [R, T]
+    logits = model(x, keep=scored)  # [N, V]
+    token = -F.cross_entropy(logits.float(), y[scored], reduction="none")  # [N]
+    rows = scored.nonzero()[:, 0]  # [N]: each scored position's row
+    logps = token.new_zeros(len(x)).index_add(0, rows, token)  # [R]
+    return logps, scored.sum(-1), logits
 
 
 def dpo_loss(
@@ -162,7 +166,13 @@ class PreferenceTask:
                 head = model.config.head
                 raise ConfigError(f"dpo trains a language model; this one has a {head} head")
             c = self.config
-            drawn = self.order.rows(0, c.max_steps * c.grad_accum * c.batch_size)
+            # the pairs max_steps will draw; a run by epochs (its steps are counted from the
+            # data after this task exists) may draw any
+            drawn = (
+                range(len(self.train))
+                if c.epochs
+                else self.order.rows(0, c.max_steps * c.grad_accum * c.batch_size)
+            )
             scored = range(min(len(self.val), c.eval_batches * c.batch_size or len(self.val)))
             from .train import uses_autocast  # (the Trainer's module: torch.distributed, ~1 s)
 
@@ -194,7 +204,7 @@ class PreferenceTask:
             batch = order[start : start + B]
             x, y = (t.to(device) for t in pair_batch([pairs[i] for i in batch], self.pad_id))
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                logps, _ = reply_logps(model(x), y)
+                logps, _, _ = reply_logps(model, x, y)
             out[batch] = logps.float().cpu().view(2, -1).T
         return out
 
@@ -228,7 +238,7 @@ class PreferenceTask:
         if self.config.objective == "reward":
             scores = last_scores(model, x, y)
             return reward_loss(scores), pair_stats(scores.detach())
-        logps, n = reply_logps(model(x), y)
+        logps, n, _ = reply_logps(model, x, y)
         loss, rewards = dpo_loss(logps, ref, n, self.config.beta, self.config.loss_type)
         stats = pair_stats(rewards)
         chosen, rejected = logps.detach().chunk(2)
@@ -335,19 +345,16 @@ def score_pairs(
             if reward:
                 scores.append(last_scores(model, x, y).float().cpu())
                 continue
-            logits = model(x)
-            logps, n = reply_logps(logits, y)
+            logps, n, logits = reply_logps(model, x, y)
             if ref is None:
                 scores.append((logps / n).cpu())
                 continue
-            ref_logits = ref(x)
-            ref_logps, _ = reply_logps(ref_logits, y)
+            ref_logps, _, ref_logits = reply_logps(ref, x, y)
             scores.append((beta * (logps - ref_logps)).cpu())
-            keep = y != IGNORE
-            p = F.log_softmax(logits[keep].float(), -1)  # [N, V]
-            q = F.log_softmax(ref_logits[keep].float(), -1)
+            p = F.log_softmax(logits.float(), -1)  # [N, V]: the replies' tokens
+            q = F.log_softmax(ref_logits.float(), -1)
             kl += float((p.exp() * (p - q)).sum())
-            kl_tokens += int(keep.sum())
+            kl_tokens += len(p)
     chosen = torch.cat([s.view(2, -1)[0] for s in scores])
     rejected = torch.cat([s.view(2, -1)[1] for s in scores])
     out: dict[str, Any] = {
@@ -373,22 +380,31 @@ def rewards(
     tokenizer: Tokenizer,
     conversations: Sequence[list[dict[str, str]]],
     max_length: int = 1024,
+    batch_size: int = 8,
 ) -> list[float]:
-    """A reward model's score of each conversation (ending with the assistant reply to score)."""
+    """A reward model's score of each conversation (ending with the assistant reply to score),
+    in batches."""
     if not is_reward_model(model):
         raise ConfigError("lm.reward needs a reward model (from `gptkit finetune reward`)")
     template = chat_template_of(tokenizer)
-    out = []
-    device = model.tok_emb.weight.device
+    rows = []
     for conversation in conversations:
         if not conversation or conversation[-1].get("role") != "assistant":
             raise ConfigError("each conversation must end with the assistant reply to score")
-        pair = Pair(conversation[:-1], conversation[-1]["content"], conversation[-1]["content"])
-        e = encode_pair(tokenizer, pair, template, min(max_length, model.config.block_size), 0)
+        reply = conversation[-1]["content"]
+        e = encode_pair(
+            tokenizer, Pair(conversation[:-1], reply, reply), template,
+            min(max_length, model.config.block_size), 0,
+        )  # fmt: skip
         if e is None:
             raise ConfigError("a conversation leaves no reply token within max_length")
-        row, _ = reward_rows(e)
-        x, y = collate([row], tokenizer.pad_id or 0)
-        with eval_mode(model):
-            out.append(float(last_scores(model, x.to(device), y.to(device))[0]))
+        rows.append(reward_rows(e)[0])
+    device, out = model.tok_emb.weight.device, []
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            x, y = (
+                t.to(device)
+                for t in collate(rows[start : start + batch_size], tokenizer.pad_id or 0)
+            )
+            out += last_scores(model, x, y).float().tolist()
     return out

@@ -246,8 +246,8 @@ def test_dpo_loss_and_rewards_equal_trls_on_the_same_batch(tmp_path, loss_type):
     rows = [lm_rows(e) for e in encoded]
     x, y = collate([c for c, _ in rows] + [r for _, r in rows], 0)
     with torch.no_grad():
-        logps, n = reply_logps(ours_policy.eval()(x), y)
-        ref, _ = reply_logps(ours_ref(x), y)
+        logps, n, _ = reply_logps(ours_policy.eval(), x, y)
+        ref, _, _ = reply_logps(ours_ref, x, y)
     loss, rewards = dpo_loss(logps, ref, n, 0.1, loss_type)
     chosen, rejected = rewards.chunk(2)
     logps_chosen, logps_rejected = logps.chunk(2)
