@@ -228,6 +228,7 @@ def _serve_adapters(specs: list[str]) -> tuple[str | None, dict[str, str]]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .api import load
+    from .machine import decode_plan
     from .serve import ServeConfig, serve
     from .serve_guard import read_api_key
 
@@ -251,16 +252,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("with --retrieval, /v1/embeddings embeds with the index's embedder "
                           "(its vectors compare with the index's): drop --embedder")  # fmt: skip
     retriever = _retriever(args, retrieval) if retrieval else None  # a bad index fails first
-    # Row-major weights (the training layout) for batched decoding: on the 2-core AMD EPYC a
-    # SmolLM2 step of 8 rows takes 144 ms with them against 243 ms with the column-major decode
-    # layout, which is faster only for a single row (70 vs 83 ms). bench/serve_load.py, 8 clients:
-    # 30.2 vs 25.6 tokens/s; 1 client: 10.6 vs 12.6.
+    # Batched decoding wants row-major weights. On the 2-core AMD EPYC a SmolLM2 step of 8 rows
+    # took 144 ms with them against 243 ms with a column-major decode plan, which is faster only
+    # for a single row (70 vs 83 ms). A row-major plan serves every batch size at least as well
+    # as plain row-major weights (4 rows: 41 vs 84 ms), so it is kept.
     batched = config.max_batch > 1
+    decode_layout = not batched or not decode_plan().column_major
     lm = load(
         args.model,
         device=args.device,
         adapter=single,
-        decode_layout=not batched,
+        decode_layout=decode_layout,
         quantize=args.quantize,
     )
     embedder = None

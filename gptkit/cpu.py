@@ -18,12 +18,13 @@ from .machine import DecodePlan, decode_plan, lay_out, plan_linear
 class DecodeLinear(nn.Linear):
     """nn.Linear for CPU decoding, computed as this machine's `DecodePlan` says.
 
-    How to stream the weights fastest depends on the CPU: on an AMD EPYC (AVX2, 2 cores) a
-    column-major W split over K across the threads streamed ~24 GB/s against ~17 GB/s for one
-    F.linear call on a row-major W. Rather than fix that choice, the layout (column- or
-    row-major), the split (none, or K / N in parts per thread) and up to how many rows the split
-    pays are measured once per machine and cached. Every plan computes the same numbers up to
-    the rounding of a split sum.
+    How to stream the weights fastest depends on the CPU and on how BLAS is asked: on an AMD
+    EPYC (AVX-512, 2 cores) one F.linear call on a row-major W streamed ~16 GB/s, a
+    column-major W split over K across the threads ~27, and a row-major W split over N with W
+    as the left operand ~31. Rather than fix that choice, the layout (column- or row-major),
+    the split (none, or K / N in parts per thread), the operand order and up to how many rows
+    the split pays are measured once per machine and cached. Every plan computes the same
+    numbers up to the rounding of a split sum.
     """
 
     plan: DecodePlan = DecodePlan()  # use_decode_layout sets the machine's

@@ -221,11 +221,17 @@ class DecodePlan:
         products summed; row-major: N is split and the parts laid side by side).
     max_split_rows: with more rows than this, one F.linear call (a GEMM is no longer bound by
         streaming the weight).
+    weight_first: (row-major, split) each part computes W_i @ x.T, the weight as the left
+        operand, instead of x @ W_i.T. BLAS then streams W's rows as a matrix-vector product
+        does: on an AMD EPYC (2 cores) SmolLM2's matrices streamed at 31 GB/s this way against
+        27 for the column-major split, and two or three rows (speculative decoding's
+        verification) cost little more than one.
     """
 
     column_major: bool = True
     splits_per_thread: int = 1
     max_split_rows: int = 8
+    weight_first: bool = False
 
     @property
     def name(self) -> str:
@@ -233,12 +239,13 @@ class DecodePlan:
         if not self.splits_per_thread:
             return f"{layout}, one call"
         axis = "K" if self.column_major else "N"
-        return f"{layout}, split {axis} {self.splits_per_thread}x threads"
+        order = ", W @ x" if self.weight_first else ""
+        return f"{layout}, split {axis} {self.splits_per_thread}x threads{order}"
 
 
 CANDIDATES = [
     DecodePlan(column_major, splits, 8) for column_major in (True, False) for splits in (0, 1, 2)
-]
+] + [DecodePlan(False, splits, 8, weight_first=True) for splits in (1, 2)]
 
 
 def plan_linear(
@@ -256,6 +263,13 @@ def plan_linear(
         # thread i multiplies x[:, K_i] by the rows K_i of W.T; the partial products are summed
         x_parts = x.reshape(rows, splits, K // splits).transpose(0, 1)  # [s, rows, K/s]
         y = torch.bmm(x_parts, weight.t().view(splits, K // splits, N)).sum(0).view(out)
+    elif plan.weight_first and N % splits == 0 and weight.is_contiguous():
+        # thread i computes the outputs N_i as W[N_i] @ x.T
+        x_t = x.reshape(rows, K).t().expand(splits, K, rows)  # [s, K, rows], no copy
+        y = torch.bmm(weight.view(splits, N // splits, K), x_t)  # [s, N/s, rows]
+        # y is [N, rows] in memory: one row's is [1, N] already, more rows need a transposed
+        # copy (a strided view would slow every op after it, the next matmul most)
+        y = y.view(out) if rows == 1 else y.view(N, rows).t().contiguous().view(out)
     elif not plan.column_major and N % splits == 0 and weight.is_contiguous():
         # thread i computes the outputs N_i from the rows N_i of W
         w_parts = weight.view(splits, N // splits, K).transpose(1, 2)  # [s, K, N/s]
@@ -312,6 +326,8 @@ def decode_tuning(refresh: bool = False) -> Tuning:
 
 def _tuning_from_json(data: dict) -> Tuning | None:
     try:
+        if set(data["candidates"]) != {p.name for p in CANDIDATES}:
+            return None  # measured before today's candidates existed: measure them all
         return Tuning(
             DecodePlan(**data["plan"]),
             float(data["gemv_bytes_per_s"]),
@@ -323,48 +339,44 @@ def _tuning_from_json(data: dict) -> Tuning | None:
         return None
 
 
-def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 2.0) -> Tuning:
+def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 3.0) -> Tuning:
     """Time every candidate plan on the matrices of a transformer block of width `d_model`
     (qkv [3d, d], MLP up [4d, d] and down [d, 4d]), repeated until they outgrow the last-level
-    cache twice over (decoding streams every weight from memory once per token). Then find up
-    to how many rows the winner's split still beats one call. About a second; never much more
-    than `budget_s` (a busy machine gets fewer rounds); holds one layout's matrices (64-160 MB)
-    at a time."""
+    cache four times over (decoding streams every weight from memory once per token). Then find
+    up to how many rows the winner's split still beats one call. About two seconds; never much
+    more than `budget_s` (a busy machine gets fewer rounds). Holds the matrices in both layouts
+    (256-512 MB), so every round times every candidate: a busy moment slows one timing, not
+    one layout's."""
     start, was_busy = time.perf_counter(), busy()
     deadline = start + budget_s
-    target = min(max(2 * cpu().l3_bytes, 64 << 20), 160 << 20)
+    target = min(max(4 * cpu().l3_bytes, 128 << 20), 256 << 20)
     shapes = [(3 * d_model, d_model), (4 * d_model, d_model), (d_model, 4 * d_model)]
     copies = max(1, math.ceil(target / sum(n * k * 4 for n, k in shapes)))
-    rates: dict[DecodePlan, float] = {}  # bytes/s at one row
-    split_rows: dict[DecodePlan, int] = {}  # up to how many rows its split beats one call
-    for column_major in (True, False):
-        one_call = DecodePlan(column_major, 0)
-        weights = [
-            lay_out(torch.empty(n, k).uniform_(-0.05, 0.05), one_call)
-            for _ in range(copies)
-            for n, k in shapes
-        ]
-        total = sum(w.numel() * 4 for w in weights)
-        plans = [p for p in CANDIDATES if p.column_major == column_major]
-        # a quarter of the budget for this layout's plans at one row, one for more rows
-        stop = min(deadline, time.perf_counter() + budget_s / 4)
-        for plan, seconds in _time_plans(weights, 1, plans, rounds, stop).items():
-            rates[plan] = total / seconds
-        # Rows beyond one (a batch, or a few prompt tokens): up to where does this layout's
-        # best split still beat one call?
-        split = max((p for p in plans if p.splits_per_thread), key=rates.__getitem__)
-        split_rows[split] = 1
-        stop = min(deadline, time.perf_counter() + budget_s / 4)
-        for rows in (2, 4, 8, 16, 32) if rates[split] > rates[one_call] else ():
-            wide = dataclasses.replace(split, max_split_rows=rows)
-            times = _time_plans(weights, rows, [wide, one_call], 2, stop)
-            if times[wide] > times[one_call] or time.perf_counter() > stop:
-                break
-            split_rows[split] = rows
-        del weights  # before the other layout's copies are made
+    weights: dict[bool, list[torch.Tensor]] = {False: [], True: []}  # by column_major
+    for _ in range(copies):
+        for n, k in shapes:
+            w = torch.empty(n, k).uniform_(-0.05, 0.05)
+            weights[False].append(w)
+            weights[True].append(lay_out(w, DecodePlan(column_major=True)))
+    total = sum(w.numel() * 4 for w in weights[False])
+    # half the budget for every candidate at one row, the rest for more rows
+    times = _time_plans(weights, 1, CANDIDATES, rounds, start + budget_s / 2)
+    rates = {plan: total / seconds for plan, seconds in times.items()}  # bytes/s at one row
     best = max(rates, key=rates.__getitem__)
+    # Rows beyond one (a batch, a few prompt tokens, a speculative check): up to where does
+    # the winner's split still beat one call?
+    split_rows = 1
+    one_call = DecodePlan(best.column_major, 0)
+    for rows in (2, 4, 8, 16, 32) if best.splits_per_thread else ():
+        wide = dataclasses.replace(best, max_split_rows=rows)
+        times = _time_plans(weights, rows, [wide, one_call], 3, deadline)
+        if times[wide] > times[one_call]:
+            break
+        split_rows = rows
+        if time.perf_counter() > deadline:
+            break
     return Tuning(
-        dataclasses.replace(best, max_split_rows=split_rows.get(best, 1)),
+        dataclasses.replace(best, max_split_rows=split_rows),
         rates[best],
         time.perf_counter() - start,
         {p.name: r for p, r in rates.items()},
@@ -373,18 +385,22 @@ def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 2.0) -
 
 
 def _time_plans(
-    weights: list[torch.Tensor], rows: int, plans: list[DecodePlan], rounds: int, stop: float
+    weights: dict[bool, list[torch.Tensor]],
+    rows: int,
+    plans: list[DecodePlan],
+    rounds: int,
+    stop: float,
 ) -> dict[DecodePlan, float]:
-    """Each plan's best seconds for one pass over every weight with `rows` input rows. Each
-    round times every plan in turn, so a busy moment slows one timing, not one plan; past
-    the `stop` time (perf_counter) no new round starts after the first timed one."""
-    widths = {w.shape[1] for w in weights}
+    """Each plan's best seconds for one pass over every weight (in its layout: weights by
+    column_major) with `rows` input rows. Each round times every plan in turn; past the `stop`
+    time (perf_counter) no new round starts after the first timed one."""
+    widths = {w.shape[1] for w in weights[False]}
     inputs = {k: torch.randn(rows, k) for k in widths}
     best = dict.fromkeys(plans, math.inf)
     for round in range(rounds + 1):
         for plan in plans:
             t0 = time.perf_counter()
-            for w in weights:
+            for w in weights[plan.column_major]:
                 plan_linear(inputs[w.shape[1]], w, None, plan)
             if round:  # round 0 warms up caches and thread pools
                 best[plan] = min(best[plan], time.perf_counter() - t0)

@@ -140,6 +140,12 @@ def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     monkeypatch.setattr(machine, "_tunings", {})
     machine.decode_plan()
     assert len(measured) == 3  # a damaged file is measured again, not an error
+    data["busy"] = False
+    del data["candidates"][CANDIDATES[-1].name]  # written before that candidate existed
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(machine, "_tunings", {})
+    machine.decode_plan()
+    assert len(measured) == 4  # a plan chosen without today's candidates is measured again
 
 
 def test_mfu_never_shows_above_100_percent_and_raises_the_peak(tmp_path, monkeypatch):
