@@ -1,7 +1,9 @@
 """GGUF (llama.cpp's file format) -> gptkit: config, float32 weights and tokenizer from one file.
 
 gguf_header.py reads the file's header; the `gguf` package (gguf-py, maintained with llama.cpp)
-dequantizes the tensors, so no quantization kernel is written here. What this module adds is
+dequantizes the tensors. The three simplest and most common block types (Q8_0, Q4_0, Q4_1) are
+dequantized here with torch instead, in the same float32 arithmetic and to the same bits, but
+~10x faster: loading SmolLM2-135M's Q4_1 file took 1.3 s of numpy. What this module adds is
 the mapping:
 
 - metadata keys (`llama.block_count`, ...) become a Hugging Face Llama config dict, which
@@ -159,6 +161,24 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of each block [n, bytes] uint8, as float32 [n, 1]."""
+    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] bytes -> [n, 32] 4-bit values: every low nibble, then every high one."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+# Block bytes [n, type_size] uint8 -> values [n, 32] float32, as gguf.quants computes them.
+DEQUANTIZE = {
+    "Q8_0": lambda b: b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0),
+    "Q4_0": lambda b: _f16(b, 0) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float(),
+    "Q4_1": lambda b: _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2),
+}
+
+
 def _tensors(f: GGUFFile, config: GPTConfig) -> LazyTensors:
     """Every tensor, dequantized to float32 when taken, under HF Llama names, q/k back in HF
     row order.
@@ -187,12 +207,16 @@ def _tensors(f: GGUFFile, config: GPTConfig) -> LazyTensors:
             file.seek(t.offset)
             if file.readinto(raw) != t.n_bytes:
                 raise f.fail(f"tensor {t.name}: the file changed while it was being read")
-        data = np.frombuffer(raw, dtype=t.dtype).reshape(-1, t.row)
         try:
-            values = f.gguf.quants.dequantize(data, t.qtype)
+            if t.qtype.name in DEQUANTIZE:
+                type_size = f.gguf.GGML_QUANT_SIZES[t.qtype][1]
+                blocks = torch.frombuffer(raw, dtype=torch.uint8).view(-1, type_size)
+                w = DEQUANTIZE[t.qtype.name](blocks).reshape(t.shape)
+            else:
+                data = np.frombuffer(raw, dtype=t.dtype).reshape(-1, t.row)
+                w = torch.from_numpy(f.gguf.quants.dequantize(data, t.qtype)).reshape(t.shape)
         except Exception as e:
             raise f.fail(f"cannot dequantize tensor {t.name} ({t.qtype.name}): {e}") from None
-        w = torch.from_numpy(values).reshape(t.shape)
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         return unpermute_rope(w, heads[kind]) if kind in heads else w
 

@@ -24,6 +24,7 @@ gguf = pytest.importorskip("gguf", reason="GGUF import needs the gguf package")
 from ggufkit import TINY_TOKENS, permute, tiny_weights, write_gguf  # noqa: E402
 
 from gptkit.convert_gguf import (  # noqa: E402
+    DEQUANTIZE,
     load_gguf,
     read_gguf,
     unpermute_rope,
@@ -347,6 +348,21 @@ def test_dequantize_types(tmp_path, qtype):
     if qtype != Q.F32:  # quantized for real, not silently stored as float
         assert errors["blocks.0.attn.qkv.weight"] > 0
     assert tok.encode("hi <|im_end|>")[-1] == 2 and tok.chat_template == "{{ messages }}"
+
+
+@pytest.mark.parametrize("name", DEQUANTIZE)
+def test_torch_dequantizers_equal_gguf_py_to_the_bit(name):
+    """gptkit's own Q8_0/Q4_0/Q4_1 dequantizers against gguf-py's on random blocks: every
+    byte pattern, the float16 scales included (infinities and NaNs where the bits make them)."""
+    import gguf
+
+    qtype = Q[name]
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+    raw = np.random.default_rng(0).integers(0, 256, (4096, type_size), dtype=np.uint8)
+    with np.errstate(invalid="ignore"):  # inf * 0 and inf - inf: NaN, as in torch
+        want = gguf.quants.dequantize(raw, qtype).reshape(4096, -1)
+    got = DEQUANTIZE[name](torch.from_numpy(raw.copy()))
+    np.testing.assert_array_equal(got.numpy(), want)  # NaN where gguf-py has NaN
 
 
 # llama.cpp preset -> (its ftype, bound on the worst tensor's relative error). The presets mix
