@@ -17,7 +17,8 @@ from two models live in different spaces, and comparing them gives confident non
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,52 @@ class Embedder:
         raise NotImplementedError
 
 
+@dataclass
+class _Request:
+    texts: list[str]
+    vectors: np.ndarray | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class SharedEncoder:
+    """One embedder for many threads (a server's handlers): requests that arrive while the
+    embedder is busy wait, and whichever runs next embeds all of them in one batch. On 2 cores
+    32 queries embedded one by one take several times one batch of 32; a lone request is
+    embedded at once, as before. The results are each request's own rows."""
+
+    embedder: Embedder
+    _busy: threading.Lock = field(default_factory=threading.Lock)  # held while encoding
+    _queue: threading.Lock = field(default_factory=threading.Lock)  # guards _waiting
+    _waiting: list[_Request] = field(default_factory=list)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        request = _Request(texts)
+        with self._queue:
+            self._waiting.append(request)
+        with self._busy:
+            if not request.done:  # nobody took it while we waited: take every waiting one
+                with self._queue:
+                    batch, self._waiting = self._waiting, []
+                self._run(batch)
+        if request.error is not None:
+            raise request.error
+        return request.vectors
+
+    def _run(self, batch: list[_Request]) -> None:
+        try:
+            vectors = self.embedder.encode([t for r in batch for t in r.texts])  # [N, dim]
+        except BaseException as e:  # every request of the batch gets the error
+            for r in batch:
+                r.error, r.done = e, True
+            return
+        start = 0
+        for r in batch:
+            r.vectors, r.done = vectors[start : start + len(r.texts)], True
+            start += len(r.texts)
+
+
 def _unit(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # [N, 1]
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -78,6 +125,13 @@ class SentenceEmbedder(Embedder):
         self.model = SentenceTransformer(str(_model_dir(name)), device=device or "cpu")
         self.dim = int(self.model.get_embedding_dimension())
         self.max_tokens = int(self.model.max_seq_length)
+        # Counting uses a copy of the tokenizer: a call of the model's own sets its padding and
+        # truncation for that call, which breaks an encode() running in another thread.
+        from tokenizers import Tokenizer
+
+        self._counter = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
+        self._counter.no_padding()
+        self._counter.no_truncation()
 
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         vectors = self.model.encode(
@@ -90,8 +144,8 @@ class SentenceEmbedder(Embedder):
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        ids = self.model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [len(row) for row in ids]
+        encoded = self._counter.encode_batch(list(texts), add_special_tokens=False)
+        return [len(e.ids) for e in encoded]
 
 
 def _model_dir(name: str) -> Path:

@@ -39,7 +39,7 @@ import numpy as np
 
 from .atomic_dir import fsync_tree, resolve_directory, staging_dir, swap_in
 from .config import ConfigError
-from .embed import Embedder, load_embedder
+from .embed import Embedder, SharedEncoder, load_embedder
 from .rag_docs import Chunk, Document, check_chunking, chunk_document, read_documents
 
 FORMAT, VERSION = "gptkit-index", 1
@@ -243,6 +243,7 @@ class Index:
     def __init__(self, path: Path, manifest: dict[str, Any], embedder: Embedder | None, device):
         faiss, bm25s, _ = _imports()
         self.path, self.manifest, self._embedder, self._device = path, manifest, embedder, device
+        self._shared = SharedEncoder(embedder) if embedder is not None else None
         self.identity: dict[str, Any] = manifest["embedder"]
         self._vectors = faiss.read_index(str(path / VECTORS))
         if manifest["vectors"] == "hnsw":
@@ -257,7 +258,7 @@ class Index:
         self._chunks = [Chunk(*row[1:]) for row in rows]
         self._positions = {c.id: pos for pos, c in enumerate(self._chunks)}
         self._documents = docs
-        self._lock = threading.Lock()  # one embedder call at a time (server threads)
+        self._lock = threading.Lock()  # loads the embedder once (server threads)
         self.skipped: list[Path] = []  # files of folders that build/add passed over
         if len(self._chunks) != self._vectors.ntotal:
             raise IndexFileError(
@@ -297,7 +298,9 @@ class Index:
         if self._embedder is None:
             with self._lock:
                 if self._embedder is None:
-                    self._embedder = load_embedder(self.identity["name"], self._device)
+                    loaded = load_embedder(self.identity["name"], self._device)
+                    self._shared = SharedEncoder(loaded)  # before other threads see it
+                    self._embedder = loaded
             if self._embedder.identity != self.identity:
                 raise IndexFileError(
                     f"{self.path}: the embedder {self.identity['name']!r} now loads as "
@@ -333,8 +336,7 @@ class Index:
                 pieces = [c.text for c in chunk_document(doc, embedder.count_tokens, size, 0)]
             owners += [i] * len(pieces)
             parts += pieces
-        with self._lock:
-            vectors = embedder.encode(parts)  # [P, dim]
+        vectors = self._shared.encode(parts)  # [P, dim], batched with other threads' queries
         if len(parts) == len(texts):
             return vectors
         mean = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)

@@ -364,3 +364,41 @@ def test_a_query_longer_than_the_embedder_reads_is_embedded_whole(index):
     assert index.similarities(query, [index.search(query, k=1, mode="dense")[0]])[0] > float(
         index.vectors()[0] @ cut
     )
+
+
+def test_queries_from_many_threads_are_embedded_together_each_getting_its_own(index):
+    """Server threads searching at once: queries that wait while the embedder is busy go in
+    one batch, and each thread gets its own query's hits (those of a search alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    embedder = index.embedder()
+    calls: list[int] = []
+    real = embedder.encode
+
+    def counted(texts, *args, **kwargs):
+        calls.append(len(texts))
+        return real(texts, *args, **kwargs)
+
+    alone = {q: index.search(q, k=1, mode="dense")[0].doc_id for q in QUERIES}
+    queries = list(QUERIES) * 8  # 40 searches
+    embedder.encode = counted
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            found = list(pool.map(lambda q: index.search(q, k=1, mode="dense")[0].doc_id, queries))
+    finally:
+        del embedder.encode
+    assert found == [alone[q] for q in queries] == [QUERIES[q] for q in queries]
+    assert sum(calls) == len(queries) and len(calls) < len(queries)  # some were batched
+
+
+def test_an_embedder_error_reaches_every_request_of_its_batch():
+    from gptkit.embed import Embedder, SharedEncoder
+
+    class Failing(Embedder):
+        def encode(self, texts, batch_size=32, progress=False):
+            raise RuntimeError("out of memory")
+
+    shared = SharedEncoder(Failing())
+    with pytest.raises(RuntimeError, match="out of memory"):
+        shared.encode(["a question"])
+    assert shared._waiting == []  # nothing is left queued for the next caller
