@@ -7,9 +7,10 @@ and what is fast on one is not on the other. So nothing here is a constant of on
     peak_flops()   the matmul FLOP/s this device reaches: the best of several short runs,
                    raised (never lowered) when a training step is seen going faster
     decode_plan()  how CPU decoding multiplies a few rows by a weight matrix (DecodeLinear):
-                   weight layout, how many parts the threads split it into, and up to how many
-                   rows the split pays; chosen by timing every candidate on matrices larger
-                   than the last-level cache, with the GEMV bandwidth that best one streams
+                   weight layout, how many parts the threads split it into, which operand
+                   goes first, and up to how many rows the split pays; chosen by timing every
+                   candidate on matrices larger than the last-level cache, with the GEMV
+                   bandwidth that best one streams
 
 Measurements are cached as JSON in cache_dir(): $XDG_CACHE_HOME/gptkit/machine/<cpu>/<torch>
 (~/.cache when XDG_CACHE_HOME is unset), one file per fact and thread count, so a new CPU, a
@@ -263,13 +264,19 @@ def plan_linear(
         # thread i multiplies x[:, K_i] by the rows K_i of W.T; the partial products are summed
         x_parts = x.reshape(rows, splits, K // splits).transpose(0, 1)  # [s, rows, K/s]
         y = torch.bmm(x_parts, weight.t().view(splits, K // splits, N)).sum(0).view(out)
-    elif plan.weight_first and N % splits == 0 and weight.is_contiguous():
-        # thread i computes the outputs N_i as W[N_i] @ x.T
-        x_t = x.reshape(rows, K).t().expand(splits, K, rows)  # [s, K, rows], no copy
-        y = torch.bmm(weight.view(splits, N // splits, K), x_t)  # [s, N/s, rows]
-        # y is [N, rows] in memory: one row's is [1, N] already, more rows need a transposed
-        # copy (a strided view would slow every op after it, the next matmul most)
-        y = y.view(out) if rows == 1 else y.view(N, rows).t().contiguous().view(out)
+    elif plan.weight_first and splits <= N and weight.is_contiguous():
+        # thread i computes the outputs N_i as W[N_i] @ x.T; the rows past a multiple of the
+        # split (GPT-2's head of 50,257 tokens) take one more small product
+        x2 = x.reshape(rows, K)
+        main = N - N % splits
+        x_t = x2.t().expand(splits, K, rows)  # [s, K, rows], no copy
+        y = torch.bmm(weight[:main].view(splits, main // splits, K), x_t)  # [s, main/s, rows]
+        y = y.view(main, rows).t()  # [rows, main]
+        if main < N:
+            y = torch.cat([y, F.linear(x2, weight[main:])], dim=1)
+        # One row's y is contiguous already; more rows need a transposed copy (a strided view
+        # would slow every op after it, the next matmul most).
+        y = y.contiguous().view(out)
     elif not plan.column_major and N % splits == 0 and weight.is_contiguous():
         # thread i computes the outputs N_i from the rows N_i of W
         w_parts = weight.view(splits, N // splits, K).transpose(1, 2)  # [s, K, N/s]
