@@ -228,7 +228,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         raise ConfigError(f"--type {args.type} is for --to gguf")
     if args.quantize is not None and args.to != "gptkit":
         raise ConfigError(f"--quantize {args.quantize} writes a gptkit checkpoint (--to gptkit)")
-    if args.to == "peft":  # the LoRA alone, for the base's --to hf export
+    if args.to == "peft":  # the adapter alone, for the base's --to hf export
         from .peft_format import export_peft
 
         model, _, meta = load_checkpoint(args.source)

@@ -1,4 +1,4 @@
-"""LoRA adapters in Hugging Face PEFT's format, both ways.
+"""Adapters in Hugging Face PEFT's format: LoRA, DoRA and (IA)^3 out, LoRA in.
 
 Out: `gptkit convert RUN/checkpoint OUT --to peft`. In: `--adapter PEFT_DIR` (and
 `gptkit.load(..., adapter=PEFT_DIR)`) on the model the adapter was trained for, merged into
@@ -11,6 +11,9 @@ model that `gptkit convert BASE OUT --to hf` writes, so the names come from the 
 
 - a LoRA on a fused gptkit layer (Llama's qkv, gate/up) becomes one LoRA per Hugging Face
   layer: each takes its rows of B and the shared A, so B A splits exactly as the weight does;
+  DoRA (PEFT's `use_dora`) splits its per-row magnitudes the same way;
+- (IA)^3's key/value scales go to k_proj and v_proj (GPT-2's fused c_attn gets ones for its
+  query rows), its hidden-unit scales to the down projection, a "feedforward" module;
 - GPT-2's fused c_attn stays fused; its Conv1D stores the weight transposed, which PEFT's
   `fan_in_fan_out` says (A and B themselves are not transposed);
 - the scale alpha / r carries over as `lora_alpha` and `r`.
@@ -32,66 +35,122 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
 from .convert import ConversionError
-from .hf_arch import arch_of, expand_rules, gptkit_config_to_hf, stored_names
+from .hf_arch import Rule, arch_of, expand_rules, gptkit_config_to_hf, stored_names
 from .model import GPT
-from .peft import LoRALinear, peft_config
+from .peft import IA3, LoRALinear, peft_config
 from .safeload import read_json
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
+def _rules(model: GPT, names) -> dict[str, Rule]:
+    """gptkit layer name -> its export rule (the Hugging Face layers it becomes)."""
+    model_type = gptkit_config_to_hf(model.config)["model_type"]
+    rules = expand_rules(arch_of(model_type), model.config, {f"{n}.weight" for n in names})
+    return {r.ours.removesuffix(".weight"): r for r in rules}
+
+
+def _per_layer(rule: Rule, config, rows: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(Hugging Face layer name, its part of `rows`): a tensor over a fused layer's output rows
+    (dim 0) split as the export splits the weight."""
+    parts = rows.split(rule.split(config)) if rule.split else [rows]
+    return [(t.removesuffix(".weight"), p) for t, p in zip(rule.theirs, parts, strict=True)]
+
+
 def peft_lora_tensors(model: GPT) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """({PEFT tensor name: tensor}, the Hugging Face module names they adapt)."""
-    config = model.config
-    model_type = gptkit_config_to_hf(config)["model_type"]
+    """({PEFT tensor name: tensor}, the Hugging Face module names they adapt) of a LoRA or
+    DoRA model. Each Hugging Face layer gets its rows of B (and of DoRA's magnitudes) and a
+    copy of the shared A."""
     loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    rules = {
-        r.ours.removesuffix(".weight"): r
-        for r in expand_rules(arch_of(model_type), config, {f"{n}.weight" for n in loras})
-    }
+    rules = _rules(model, loras)
     tensors, modules = {}, []
     for name, lora in loras.items():
-        rule = rules[name]
-        a, b = lora.lora_A.detach(), lora.lora_B.detach()  # [r, in], [out, r]
-        parts = b.split(rule.split(config)) if rule.split else [b]
-        for theirs, b_part in zip(rule.theirs, parts, strict=True):
-            module = theirs.removesuffix(".weight")
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a.float().clone()  # own copy
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b_part.float().contiguous()
+        a = lora.lora_A.detach().float()  # [r, in]
+        b_parts = _per_layer(rules[name], model.config, lora.lora_B.detach().float())
+        m = getattr(lora, "magnitude", None)  # DoRA: [out]
+        m_parts = _per_layer(rules[name], model.config, m.detach().float()) if m is not None else []
+        for module, b in b_parts:
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = a.clone()  # its own copy
+            tensors[f"{key}.lora_B.weight"] = b.contiguous()
             modules.append(module)
+        for module, magnitude in m_parts:
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = magnitude.contiguous()
     return tensors, modules
 
 
-def export_peft(model: GPT, out_dir: str | Path, base: str | None = None) -> Path:
-    """Write `model`'s LoRA as a PEFT adapter directory for its `--to hf` export.
+def peft_ia3_tensors(model: GPT) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """({PEFT tensor name: tensor}, the Hugging Face modules, those of them that scale their
+    input ("feedforward" in PEFT's terms)) of an (IA)^3 model. PEFT scales a layer's whole
+    output; gptkit scales only the key and value rows of a fused qkv, so Llama's q_proj is
+    left out and GPT-2's c_attn gets ones for its query rows."""
+    scaled = {name: m for name, m in model.named_modules() if isinstance(m, IA3)}
+    rules = _rules(model, scaled)
+    tensors, modules, feedforward = {}, [], []
+    for name, ia3 in scaled.items():
+        scales = ia3.ia3_l.detach().float()
+        if ia3.start is None:  # the MLP's hidden units: the down projection's input, [1, in]
+            module = rules[name].theirs[0].removesuffix(".weight")
+            tensors[f"base_model.model.{module}.ia3_l"] = scales[None].clone()
+            modules.append(module)
+            feedforward.append(module)
+            continue
+        rows = torch.cat([scales.new_ones(ia3.start), scales])  # every output row's scale
+        end = 0  # where this layer's rows end
+        for module, part in _per_layer(rules[name], model.config, rows):
+            end += len(part)
+            if end > ia3.start:  # a layer with rows gptkit scales (not Llama's q_proj)
+                tensors[f"base_model.model.{module}.ia3_l"] = part[:, None].contiguous()
+                modules.append(module)
+    return tensors, modules, feedforward
 
-    Raises ConversionError for what PEFT's LoRA cannot hold here: another method, or a task
-    head the fine-tune trained (export those merged with --to hf instead). Tokens an SFT run
-    added to the vocabulary are not in the adapter: such a run exports merged, too.
+
+def export_peft(model: GPT, out_dir: str | Path, base: str | None = None) -> Path:
+    """Write `model`'s LoRA, DoRA or (IA)^3 as a PEFT adapter directory for its `--to hf`
+    export.
+
+    Raises ConversionError for what PEFT cannot hold here: another method, or a task head the
+    fine-tune trained (export those merged with --to hf instead). Tokens an SFT run added to
+    the vocabulary are not in the adapter: such a run exports merged, too.
     """
     peft = peft_config(model)
-    if peft is None or peft.method != "lora":
+    if peft is None or peft.method not in ("lora", "dora", "ia3"):
         method = "no adapter" if peft is None else f"peft.method={peft.method!r}"
-        raise ConversionError(f"--to peft writes LoRA adapters; this model has {method}")
+        raise ConversionError(
+            f"--to peft writes LoRA, DoRA and (IA)^3 adapters; this model has {method}"
+        )
     if model.config.head != "lm":
         raise ConversionError(
-            f"--to peft writes language-model LoRAs; this model has a {model.config.head} head "
-            "it trained (export it merged with --to hf)"
+            f"--to peft writes language-model adapters; this model has a {model.config.head} "
+            "head it trained (export it merged with --to hf)"
         )
-    tensors, modules = peft_lora_tensors(model)
     model_type = gptkit_config_to_hf(model.config)["model_type"]
-    config = {
-        "peft_type": "LORA",
+    common = {
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base,
-        "r": peft.r,
-        "lora_alpha": peft.alpha,
-        "lora_dropout": peft.dropout,
-        "target_modules": sorted(modules),  # full names: exactly the layers gptkit adapted
         "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
-        "bias": "none",
         "inference_mode": True,
     }
+    if peft.method == "ia3":
+        tensors, modules, feedforward = peft_ia3_tensors(model)
+        config = {
+            "peft_type": "IA3",
+            **common,
+            "target_modules": sorted(modules),
+            "feedforward_modules": sorted(feedforward),
+        }
+    else:
+        tensors, modules = peft_lora_tensors(model)
+        config = {
+            "peft_type": "LORA",
+            **common,
+            "r": peft.r,
+            "lora_alpha": peft.alpha,
+            "lora_dropout": peft.dropout,
+            "target_modules": sorted(modules),  # full names: exactly the layers gptkit adapted
+            "bias": "none",
+            "use_dora": peft.method == "dora",
+        }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / PEFT_WEIGHTS, metadata={"format": "pt"})

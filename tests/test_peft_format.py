@@ -25,24 +25,31 @@ peft = pytest.importorskip("peft", reason="PEFT is the reference")
 transformers = pytest.importorskip("transformers", reason="transformers is the reference")
 
 
-def lora_model(name: str, targets: list[str]) -> tuple[GPT, GPT]:
-    """(base, the base with a LoRA whose B is random, so every update shows in the logits)."""
+def lora_model(name: str, targets: list[str], method: str = "lora") -> tuple[GPT, GPT]:
+    """(base, the base with an adapter whose trained tensors are random (LoRA's B, DoRA's
+    magnitudes, (IA)^3's scales), so every update shows in the logits)."""
     torch.manual_seed(0)
     base = GPT(preset(name, block_size=32)).eval()
-    tuned = apply_peft(
-        copy.deepcopy(base), PeftConfig(method="lora", r=4, alpha=8, targets=targets)
-    )
+    config = PeftConfig(method=method, r=4, alpha=8, targets=targets)
+    tuned = apply_peft(copy.deepcopy(base), config)
     with torch.no_grad():
         for n, p in tuned.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+            elif "magnitude" in n or "ia3_l" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
     return base, tuned.eval()
 
 
+ALL = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
 CASES = {
-    "llama-all": ("tiny-llama", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]),
+    "llama-all": ("tiny-llama", ALL),
     "llama-qkv": ("tiny-llama", ["attn.qkv"]),
-    "gpt2-all": ("tiny", ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]),
+    "gpt2-all": ("tiny", ALL),
+    "llama-dora": ("tiny-llama", ALL, "dora"),
+    "gpt2-dora": ("tiny", ALL, "dora"),
+    "llama-ia3": ("tiny-llama", ALL, "ia3"),
+    "gpt2-ia3": ("tiny", ALL, "ia3"),
 }
 
 
@@ -56,8 +63,9 @@ def test_peft_loads_the_adapter_and_computes_gptkits_logits(tmp_path, case):
     with torch.no_grad():
         ours, theirs, plain = tuned(ids), model(ids).logits, base(ids)
     diff = (ours - theirs).abs().max().item()
-    print(f"\n{case}: LoRA moves logits by {(ours - plain).abs().max():.2f}; vs PEFT {diff:.1e}")
-    assert (ours - plain).abs().max() > 0.05 and diff <= 1e-4
+    moved = (ours - plain).abs().max().item()
+    print(f"\n{case}: the adapter moves logits by {moved:.2f}; vs PEFT {diff:.1e}")
+    assert moved > 0.05 and diff <= 1e-4
 
 
 def test_the_cli_writes_the_adapter_of_a_lora_checkpoint(tmp_path):
