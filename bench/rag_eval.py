@@ -73,8 +73,8 @@ def bank(out: Path, smoke: bool) -> tuple[Path, Path]:
     )
 
 
-def squad(out: Path, questions: int, smoke: bool) -> tuple[Path, Path, Path]:
-    """(paragraphs, retrieval queries, QA rows) of the fixed question subset."""
+def squad_questions(questions: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(every paragraph as a document, every question, the fixed subset of `questions`)."""
     docs, qas = [], []
     for article in json.loads(SQUAD.read_text())["data"]:
         title = article["title"].replace("_", " ")
@@ -86,7 +86,12 @@ def squad(out: Path, questions: int, smoke: bool) -> tuple[Path, Path, Path]:
                 qas.append(
                     {**row, "context": paragraph["context"], "title": title, "doc_id": doc_id}
                 )
-    subset = random.Random(0).sample(qas, questions)
+    return docs, qas, random.Random(0).sample(qas, questions)
+
+
+def squad(out: Path, questions: int, smoke: bool) -> tuple[Path, Path, Path]:
+    """(paragraphs, retrieval queries, QA rows) of the fixed question subset."""
+    docs, _, subset = squad_questions(questions)
     if smoke:
         subset = subset[:3]
         kept = {q["doc_id"] for q in subset}

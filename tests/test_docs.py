@@ -505,6 +505,13 @@ RUNS: dict[str, Run] = {
         repo_root=True,
         check=out_has("recall@5", "rag (retrieved, k=3)", "rag (oracle)"),
     ),
+    ".venv/bin/python bench/rag_sft.py": Run(
+        add=("--smoke", "--out", "{ws}/rag-sft"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has("| retrieved |", "| closed-book |", "retrieved F1 - closed-book F1"),
+    ),
     ".venv/bin/python bench/rag_index.py": Run(
         add=("--smoke",),
         shared_data=True,
