@@ -16,7 +16,7 @@ questions again:
 Every step is the documented command, run as a subprocess and printed, everything written under
 --out (runs/rag-sft): index the 2,067 paragraphs, fine-tune (LoRA r=16), then `eval rag` of the
 tuned model with its retrieved sources and closed-book. The full run takes about 25 minutes on
-2 cores, most of it the 60 training steps.
+a 2-core AMD EPYC, most of it the 60 training steps.
 
     .venv/bin/python bench/rag_sft.py [--steps 60] [--chats 400] [--questions 200] [--smoke]
 """

@@ -3,8 +3,8 @@
 gguf_header.py reads the file's header; the `gguf` package (gguf-py, maintained with llama.cpp)
 dequantizes the tensors. The three simplest and most common block types (Q8_0, Q4_0, Q4_1) are
 dequantized here with torch instead, in the same float32 arithmetic and to the same bits, but
-~10x faster: loading SmolLM2-135M's Q4_1 file took 1.3 s of numpy. What this module adds is
-the mapping:
+faster: on a 2-core AMD EPYC, SmolLM2-135M's 211 such tensors take 0.20 s against gguf-py's
+0.52, and a whole load 1.19 s against 1.82. What this module adds is the mapping:
 
 - metadata keys (`llama.block_count`, ...) become a Hugging Face Llama config dict, which
   `convert.hf_config_to_gptkit` turns into a GPTConfig with the same checks as HF imports;

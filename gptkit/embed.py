@@ -72,8 +72,8 @@ class SharedEncoder:
     """One embedder for many threads (a server's handlers): requests that arrive while the
     embedder is busy wait, and whichever runs next embeds all of them in one batch; a lone
     request is embedded at once. Each request gets its own rows. With 32 searches in flight on
-    2 cores (bench/rag_index.py) the median latency fell from 827 ms, one query at a time
-    behind a lock, to 162 ms."""
+    a 2-core AMD EPYC (bench/rag_index.py) the median latency fell from 827 ms, one query at a
+    time behind a lock, to 162 ms."""
 
     embedder: Embedder
     _busy: threading.Lock = field(default_factory=threading.Lock)  # held while encoding

@@ -270,7 +270,8 @@ def plan_linear(
         x2 = x.reshape(rows, K)
         main = N - N % splits
         x_t = x2.t().expand(splits, K, rows)  # [s, K, rows], no copy
-        y = torch.bmm(weight[:main].view(splits, main // splits, K), x_t)  # [s, main/s, rows]
+        w = weight if main == N else weight[:main]  # (a slice is one more op per token)
+        y = torch.bmm(w.view(splits, main // splits, K), x_t)  # [s, main/s, rows]
         y = y.view(main, rows).t()  # [rows, main]
         if main < N:
             y = torch.cat([y, F.linear(x2, weight[main:])], dim=1)
