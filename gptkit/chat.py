@@ -38,7 +38,7 @@ class ChatSession:
         self.retriever = retriever
         self.sources: list[Hit] = []  # the latest user turn's, in its prompt
         self.stop = turn_stops(lm.tokenizer)
-        prompt_room(self._reply_tokens(), lm.config.block_size)  # refuse now, not at the reply
+        prompt_room(self._reply_tokens(), lm.model.context)  # refuse now, not at the reply
         self.messages: list[dict[str, str]] = []
         self.reset()
 
@@ -54,11 +54,11 @@ class ChatSession:
 
     def _reply_tokens(self) -> int:
         """max_new_tokens as asked; by default 256, or half the context of a small model."""
-        return self.sampling.get("max_new_tokens", min(256, self.lm.config.block_size // 2))
+        return self.sampling.get("max_new_tokens", min(256, self.lm.model.context // 2))
 
     def _fit_context(self) -> None:
         """Drop the oldest turns (never the system prompt) until the prompt leaves room."""
-        budget = prompt_room(self._reply_tokens(), self.lm.config.block_size)
+        budget = prompt_room(self._reply_tokens(), self.lm.model.context)
         first = 1 if self.system else 0
         while (
             len(self.lm.tokenizer.encode(self.prompt())) > budget and len(self.messages) > first + 1

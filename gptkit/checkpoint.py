@@ -156,14 +156,17 @@ def save_checkpoint(
         if model.config.tie_embeddings:
             state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        peft = peft_config(model)
+        # A whole quantized model (quantize.py); a fine-tune's int8 base is its PeftConfig's.
+        mode = quantized(model) if peft is None or peft.quantize == "none" else None
         meta = {
             "format": FORMAT,
             "gptkit_version": version("gptkit"),
             "model": model.config.to_dict(),
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
             "tokenizer": tokenizer.kind if tokenizer is not None else None,
-            "peft": peft.to_dict() if (peft := peft_config(model)) else None,
-            **({"quantize": mode} if (mode := quantized(model)) else {}),
+            "peft": peft.to_dict() if peft else None,
+            **({"quantize": mode} if mode else {}),
             **(extra or {}),
         }
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

@@ -46,7 +46,7 @@ class ClassifyServer:
     def _run(self, texts: list[str]) -> tuple[list[tuple[str, list[str], list]], int]:
         """(field, labels, probability rows) per field, and the tokens the model read."""
         model, tok = self.lm.model, self.lm.tokenizer
-        rows = classification_rows(tok, texts, model.config.block_size)  # encoded once
+        rows = classification_rows(tok, texts, model.context)  # encoded once
         groups = class_probs(model, tok, texts, self.config.max_batch, rows)
         tokens = sum(len(row.ids) for row in rows)
         return [(f, labels, probs.tolist()) for f, labels, probs in groups], tokens

@@ -175,7 +175,7 @@ class ModelEmbedder(Embedder):
 
     def __post_init__(self):
         self.dim = self.lm.model.config.n_embd
-        self.max_tokens = self.lm.model.config.block_size
+        self.max_tokens = self.lm.model.context
 
     def encode(self, texts: list[str], batch_size: int = 0, progress: bool = False) -> np.ndarray:
         from tqdm import tqdm

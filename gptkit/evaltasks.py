@@ -116,7 +116,7 @@ def eval_generate(
     results say which was used."""
     prompts, refs, stop = generation_prompts(lm, path, limit, chat)
     try:
-        budget = prompt_room(max_new_tokens, lm.config.block_size)
+        budget = prompt_room(max_new_tokens, lm.model.context)
     except ContextLengthError as e:
         raise ConfigError(str(e)) from None
     truncated = 0

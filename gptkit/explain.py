@@ -107,11 +107,11 @@ def trace(lm: LM, text: str, layers: list[int] | None = None) -> Explanation:
         raise ValueError("the text is empty: give explain at least one token of text")
     start = tok.bos_id if tok.bos_id is not None else tok.eos_id
     ids = ids if start is None else [start, *ids]
-    if len(ids) > model.config.block_size:
+    if len(ids) > model.context:
         extra = " (with the start token)" if start is not None else ""
         raise ContextLengthError(
             f"the text is {len(ids)} tokens{extra} but the model's context is "
-            f"{model.config.block_size}; shorten the text"
+            f"{model.context}; shorten the text"
         )
     logits, attention = record(model, ids, layers)
     logp = F.log_softmax(logits, dim=-1)  # [T, V]; row j predicts token j + 1

@@ -80,6 +80,8 @@ class ExampleTask:
             self.template, self.tokenizer = fit_chat_template(
                 self.model, self.tokenizer, config.template
             )
+        # positions an example may take (a soft prompt, applied later, takes some)
+        self.context = self.model.context - config.peft.prompt_positions
         train, val = split_val(self._read(config.data), self._read, config)
         if kind in ("classify", "tag", "rank"):
             self._set_labels(train + val)
@@ -87,7 +89,7 @@ class ExampleTask:
         self.train = [e for e in map(self._encode, train) if e is not None]
         self.val = [e for e in map(self._encode, val) if e is not None]
         if config.packing and kind == "sft":
-            self.train = pack(self.train, self.model.config.block_size)
+            self.train = pack(self.train, self.context)
         if not self.train:
             raise ConfigError(f"{config.data}: no training example fits the model's context")
         # The longest row a batch can hold (batches pad to their longest): what the memory
@@ -127,7 +129,7 @@ class ExampleTask:
         return [grounded_messages(chat, retriever.retrieve(chat)) for chat in chats]
 
     def _encode(self, record: Any) -> Example | None:
-        tok, block_size = self.tokenizer, self.model.config.block_size
+        tok, block_size = self.tokenizer, self.context
         if self.config.task == "sft":
             return chat_example(tok, record, self.template, block_size)
         if self.config.task == "classify":
@@ -234,11 +236,11 @@ class TextTask(PretrainTask):
         self.name, self.model = config.objective, lm.model
 
     def build_model(self, device: torch.device) -> GPT:
-        self.block_size = self.model.config.block_size
+        self.block_size = self.model.context - self.config.peft.prompt_positions
         return apply_peft(self.model.to(device).train(), self.config.peft)
 
     def epoch_size(self) -> int:
-        return len(self.train_data) // self.model.config.block_size
+        return len(self.train_data) // (self.model.context - self.config.peft.prompt_positions)
 
 
 class Distill:

@@ -222,6 +222,8 @@ class GPT(nn.Module):
         self._make_buffers()
         self.drop = _dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # Prompt tuning (peft.py) sets a module here: learned embeddings before every sequence.
+        self.register_module("prompt", None)
         self.norm_f = make_norm(config) if config.prenorm else nn.Identity()
         if config.head == "lm":
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -271,6 +273,11 @@ class GPT(nn.Module):
     ) -> GPT:
         """A GPT whose parameters *are* the tensors of `state` (see `assign`)."""
         return cls.skeleton(config).assign(state, device, dtype)
+
+    @property
+    def context(self) -> int:
+        """Positions an input may take: the context, less a soft prompt's (peft.py)."""
+        return self.config.block_size - (self.prompt.length if self.prompt is not None else 0)
 
     @property
     def head(self) -> nn.Linear:
@@ -371,8 +378,11 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is not None and (positions is not None or key_mask is not None):
             raise ValueError("a pass through a KV cache takes its positions and mask from it")
+        # A soft prompt takes the first positions; its keys and values go before every layer's.
+        offset = self.prompt.attach(self) if self.prompt is not None else 0
         start = cache.length if cache is not None else 0
-        limit = min(self.config.block_size, cache.max_len if cache is not None else math.inf)
+        limit = self.config.block_size - offset
+        limit = min(limit, cache.max_len) if cache is not None else limit
         if start + T > limit:
             raise ContextLengthError(
                 f"{start + T} tokens do not fit the context of {limit} positions; "
@@ -384,7 +394,17 @@ class GPT(nn.Module):
             columns = cache.columns(T)
         elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
-        x = self.tok_emb(idx)  # [B, T, C]
+        if offset:
+            positions = positions + offset
+        x, rope = self.embed(self.tok_emb(idx), positions)  # [B, T, C]
+        masks = self._masks(B, T, start, key_mask, idx.device, causal, columns)
+        for block in self.blocks:
+            x = block(x, rope, masks, cache)
+        return self.norm_f(x)
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor):
+        """(the first block's input [B, T, C], rope tables or None) for token embeddings
+        x [B, T, C] at positions [B, T]."""
         rope = None
         if self.config.positions == "learned":
             x = x + self.pos_emb(positions)
@@ -392,11 +412,7 @@ class GPT(nn.Module):
             x = x + self.pos_table[positions]
         else:
             rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
-        x = self.drop(x)
-        masks = self._masks(B, T, start, key_mask, idx.device, causal, columns)
-        for block in self.blocks:
-            x = block(x, rope, masks, cache)
-        return self.norm_f(x)
+        return self.drop(x), rope
 
     def forward(
         self,

@@ -13,9 +13,17 @@
   rows and columns.
 - Adapters (Houlsby et al. 2019): a bottleneck MLP h + up(gelu(down(h))) after the output
   projection of every attention and MLP sublayer, `up` zero-initialised (identity at start).
+- AdaLoRA (Zhang et al. 2023): LoRA in SVD form whose rank budget moves to the layers that
+  matter during training (adalora.py).
 - Prefix tuning (Li & Liang 2021): every layer gets `prefix_length` learned key/value
   positions that all queries may attend to, initialised from the model's own keys and values
   for random tokens (the paper found real activations train better than random vectors).
+  These are P-tuning v2's deep prompts (Liu et al. 2022), without its optional MLP.
+- Prompt tuning (Lester et al. 2021): `prefix_length` learned input embeddings before every
+  sequence, initialised from random tokens' embeddings (`SoftPrompt`).
+
+`quantize="int8"` stores every frozen linear layer of the blocks in int8 (quantize.py), a
+quarter of float32's bytes, with the gradient passing through to LoRA and the layers below.
 
 A classify / tag head is new, so it trains too. Parameter names gain a level (a LoRA'd
 `attn.qkv.weight` is stored as `attn.qkv.base.weight`); checkpoints record the PeftConfig and
@@ -38,8 +46,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .adalora import AdaLoRALinear
 from .config import ConfigError, first_line
 from .model import GPT
+from .quantize import dequantize, quantize_frozen
 from .safeload import read_json
 from .surgery import resize_vocab, set_head
 from .train_config import PeftConfig
@@ -176,6 +186,22 @@ class Adapter(nn.Module):
         return h + self.up(F.gelu(self.down(h)))
 
 
+def _prepend(pk, pv, k, v, mask, is_causal: bool):
+    """Keys and values pk, pv [Hkv, P, D] put before a layer's k, v [B, Hkv, S, D], with the
+    attention mask widened to match: every query may attend to every prefix position.
+    Returns (k, v [B, Hkv, P + S, D], mask, is_causal) for the attention call."""
+    B, _, S, _ = k.shape
+    P = pk.shape[1]
+    k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+    v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+    if mask is None and is_causal:  # a prefill from position 0: T == S queries
+        mask = torch.ones(S, S, dtype=torch.bool, device=k.device).tril()[None, None]
+    if mask is not None:  # [B or 1, 1, T, S] -> [B or 1, 1, T, P + S]
+        visible = mask.new_ones(*mask.shape[:-1], P)
+        mask = torch.cat([visible, mask], dim=-1)
+    return k, v, mask, False
+
+
 class Prefix(nn.Module):
     """Learned keys and values [Hkv, P, D] put before a layer's keys; Attention calls it."""
 
@@ -184,18 +210,65 @@ class Prefix(nn.Module):
         self.k, self.v = nn.Parameter(k.clone()), nn.Parameter(v.clone())
 
     def forward(self, k, v, mask, is_causal: bool):
-        """k, v [B, Hkv, S, D] -> [B, Hkv, P + S, D], with the attention mask widened to match:
-        every query may attend to every prefix position."""
-        B, _, S, _ = k.shape
-        P = self.k.shape[1]
-        k = torch.cat([self.k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([self.v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-        if mask is None and is_causal:  # a prefill from position 0: T == S queries
-            mask = torch.ones(S, S, dtype=torch.bool, device=k.device).tril()[None, None]
-        if mask is not None:  # [B or 1, 1, T, S] -> [B or 1, 1, T, P + S]
-            visible = mask.new_ones(*mask.shape[:-1], P)
-            mask = torch.cat([visible, mask], dim=-1)
-        return k, v, mask, False
+        return _prepend(self.k, self.v, k, v, mask, is_causal)
+
+
+class PromptKV(nn.Module):
+    """One layer's keys and values of the soft prompt: kept from the prompt's own pass
+    (`recording`), put before the input's keys in every later one. No parameters: they are
+    the prompt's, through the frozen layers below."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = self.v = None  # [Hkv, P, D]
+        self.recording = False
+
+    def forward(self, k, v, mask, is_causal: bool):
+        if self.recording:  # k, v [1, Hkv, P, D]: the prompt's own causal pass
+            self.k, self.v = k[0], v[0]
+            return k, v, mask, is_causal
+        return _prepend(self.k, self.v, k, v, mask, is_causal)
+
+
+class SoftPrompt(nn.Module):
+    """Prompt tuning (Lester et al. 2021): P learned input embeddings [P, C] before every
+    sequence, the model frozen. They take positions 0..P-1 and the input P on, as in Hugging
+    Face PEFT. Since attention is causal, the prompt's keys and values at every layer depend
+    on the prompt alone: one pass over it per forward (`attach`) gives them, and each layer
+    puts them before its own (PromptKV), so padding, KV caches and task heads see only the
+    input's positions."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.embeddings = nn.Parameter(embeddings.clone())  # [P, C]
+        self._kept: tuple | None = None  # what the last no-grad pass was computed from
+
+    @property
+    def length(self) -> int:
+        return self.embeddings.shape[0]
+
+    def attach(self, model: GPT) -> int:
+        """Run `model`'s layers over the prompt so that each layer's PromptKV holds its keys
+        and values; returns the number of positions the prompt takes. Without gradients
+        (generation: every token) the result is kept until the embeddings change."""
+        e = self.embeddings
+        key = (e._version, e.dtype, e.device, model.training)
+        if not torch.is_grad_enabled() and self._kept == key:
+            return self.length
+        layers = [block.attn.prefix for block in model.blocks]  # PromptKV each
+        positions = torch.arange(self.length, device=self.embeddings.device)[None]  # [1, P]
+        x, rope = model.embed(self.embeddings[None], positions)  # [1, P, C]
+        masks = model._masks(1, self.length, 0, None, x.device)  # plain causal
+        for layer in layers:
+            layer.recording = True
+        try:
+            for block in model.blocks:
+                x = block(x, rope, masks, None)
+        finally:
+            for layer in layers:
+                layer.recording = False
+        self._kept = None if torch.is_grad_enabled() else key
+        return self.length
 
 
 def _linears(model: GPT, targets: list[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -239,21 +312,23 @@ def apply_peft(model: GPT, config: PeftConfig, init: bool = True) -> GPT:
     if getattr(model, "peft", None) is not None:
         raise ConfigError("the model already has a parameter-efficient method applied")
     c, length = model.config, config.prefix_length
-    if config.method == "prefix" and length >= c.block_size:
+    if config.method in ("prefix", "prompt") and length >= c.block_size:
         raise ConfigError(f"peft.prefix_length must be < the context {c.block_size}")
-    prefix = None
+    w = model.tok_emb.weight
     if config.method == "prefix" and init:
         prefix = _prefix_init(model, length)
     elif config.method == "prefix":
-        w = model.tok_emb.weight
         zeros = torch.zeros(
             c.n_layer, c.n_kv_head, length, c.head_dim, device=w.device, dtype=w.dtype
         )
         prefix = (zeros, zeros)
+    elif config.method == "prompt":  # embeddings of random tokens (PEFT's SAMPLE_VOCAB)
+        ids = torch.randint(0, c.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
+        prompt = w.detach()[ids.to(w.device)] if init else w.new_zeros(length, c.n_embd)
     for p in model.parameters():
         p.requires_grad_(False)
-    if config.method in ("lora", "dora"):
-        kind = LoRALinear if config.method == "lora" else DoRALinear
+    if config.method in ("lora", "dora", "adalora"):
+        kind = {"lora": LoRALinear, "dora": DoRALinear, "adalora": AdaLoRALinear}[config.method]
         for parent, attr, linear in _linears(model, config.targets):
             setattr(parent, attr, kind(linear, config.r, config.alpha, config.dropout))
     elif config.method == "ia3":
@@ -265,12 +340,18 @@ def apply_peft(model: GPT, config: PeftConfig, init: bool = True) -> GPT:
         for block in model.blocks:
             block.attn.proj = Adapter(block.attn.proj, config.adapter_size)
             block.mlp.proj = Adapter(block.mlp.proj, config.adapter_size)
+    elif config.method == "prompt":
+        for block in model.blocks:
+            block.attn.prefix = PromptKV()
+        model.prompt = SoftPrompt(prompt)
     else:
         keys, values = prefix
         for i, block in enumerate(model.blocks):
             block.attn.prefix = Prefix(keys[i], values[i])
     if model.config.head != "lm":  # a new head has to learn, whatever the method
         model.score.requires_grad_(True)
+    if config.quantize == "int8":
+        quantize_frozen(model.blocks)
     model.peft = config
     return model
 
@@ -280,18 +361,20 @@ def peft_config(model: GPT) -> PeftConfig | None:
 
 
 # The methods whose update folds into the base weights.
-MERGEABLE = ("lora", "dora", "ia3")
+MERGEABLE = ("lora", "dora", "adalora", "ia3")
 
 
 def merge_peft(model: GPT) -> GPT:
-    """Fold every LoRA, DoRA or (IA)^3 update into its base weight and drop those modules, in place:
-    the result is a plain GPT (exportable, as fast as the base model) with the same outputs."""
+    """Fold every LoRA, DoRA, AdaLoRA or (IA)^3 update into its base weight and drop those
+    modules, in place: the result is a plain GPT (exportable, as fast as the base model) with
+    the same outputs. An int8 base is dequantized first: the merged weights are float32."""
     config = peft_config(model)
     if config is None or config.method not in MERGEABLE:
         method = "none" if config is None else config.method
-        raise ConfigError(f"merging needs LoRA, DoRA or (IA)^3; this model has {method}")
+        raise ConfigError(f"merging needs LoRA, DoRA, AdaLoRA or (IA)^3; this model has {method}")
+    dequantize(model.blocks)
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear | IA3):
+        if isinstance(module, LoRALinear | AdaLoRALinear | IA3):
             module.merge()
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, module.base)

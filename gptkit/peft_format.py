@@ -1,4 +1,4 @@
-"""Adapters in Hugging Face PEFT's format: LoRA, DoRA and (IA)^3 out, LoRA in.
+"""Adapters in Hugging Face PEFT's format: LoRA, DoRA, (IA)^3 and prompt tuning out, LoRA in.
 
 Out: `gptkit convert RUN/checkpoint OUT --to peft`. In: `--adapter PEFT_DIR` (and
 `gptkit.load(..., adapter=PEFT_DIR)`) on the model the adapter was trained for, merged into
@@ -16,7 +16,9 @@ model that `gptkit convert BASE OUT --to hf` writes, so the names come from the 
   query rows), its hidden-unit scales to the down projection, a "feedforward" module;
 - GPT-2's fused c_attn stays fused; its Conv1D stores the weight transposed, which PEFT's
   `fan_in_fan_out` says (A and B themselves are not transposed);
-- the scale alpha / r carries over as `lora_alpha` and `r`.
+- the scale alpha / r carries over as `lora_alpha` and `r`;
+- a soft prompt is PEFT's PROMPT_TUNING `prompt_embeddings` as it is (both put it at
+  positions 0..P-1 and the input after it).
 
 Reading maps the other way: each Hugging Face layer's B A (times lora_alpha / r, or / sqrt(r)
 with rsLoRA) is added to its rows of the gptkit weight. Merged, the model runs at the base's
@@ -106,36 +108,47 @@ def peft_ia3_tensors(model: GPT) -> tuple[dict[str, torch.Tensor], list[str], li
 
 
 def export_peft(model: GPT, out_dir: str | Path, base: str | None = None) -> Path:
-    """Write `model`'s LoRA, DoRA or (IA)^3 as a PEFT adapter directory for its `--to hf`
-    export.
+    """Write `model`'s LoRA, DoRA, (IA)^3 or soft prompt as a PEFT adapter directory for its
+    `--to hf` export.
 
     Raises ConversionError for what PEFT cannot hold here: another method, or a task head the
     fine-tune trained (export those merged with --to hf instead). Tokens an SFT run added to
     the vocabulary are not in the adapter: such a run exports merged, too.
     """
     peft = peft_config(model)
-    if peft is None or peft.method not in ("lora", "dora", "ia3"):
+    if peft is None or peft.method not in ("lora", "dora", "ia3", "prompt"):
         method = "no adapter" if peft is None else f"peft.method={peft.method!r}"
         raise ConversionError(
-            f"--to peft writes LoRA, DoRA and (IA)^3 adapters; this model has {method}"
+            "--to peft writes LoRA, DoRA, (IA)^3 and prompt-tuning adapters; this model has "
+            + method
         )
     if model.config.head != "lm":
         raise ConversionError(
             f"--to peft writes language-model adapters; this model has a {model.config.head} "
             "head it trained (export it merged with --to hf)"
         )
-    model_type = gptkit_config_to_hf(model.config)["model_type"]
-    common = {
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base,
-        "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
-        "inference_mode": True,
-    }
-    if peft.method == "ia3":
+    c = model.config
+    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base, "inference_mode": True}
+    # GPT-2's Conv1D stores its weights transposed
+    fan_in_fan_out = gptkit_config_to_hf(c)["model_type"] == "gpt2"
+    if peft.method == "prompt":
+        tensors = {"prompt_embeddings": model.prompt.embeddings.detach().float().contiguous()}
+        config = {
+            "peft_type": "PROMPT_TUNING",
+            **common,
+            "num_virtual_tokens": peft.prefix_length,
+            "token_dim": c.n_embd,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": c.n_head,
+            "num_layers": c.n_layer,
+            "prompt_tuning_init": "RANDOM",  # how it started; the tensor is what it became
+        }
+    elif peft.method == "ia3":
         tensors, modules, feedforward = peft_ia3_tensors(model)
         config = {
             "peft_type": "IA3",
             **common,
+            "fan_in_fan_out": fan_in_fan_out,
             "target_modules": sorted(modules),
             "feedforward_modules": sorted(feedforward),
         }
@@ -144,6 +157,7 @@ def export_peft(model: GPT, out_dir: str | Path, base: str | None = None) -> Pat
         config = {
             "peft_type": "LORA",
             **common,
+            "fan_in_fan_out": fan_in_fan_out,
             "r": peft.r,
             "lora_alpha": peft.alpha,
             "lora_dropout": peft.dropout,

@@ -88,7 +88,7 @@ def class_probs(
     needs_head(model, "classify", "classifying")
     c = model.config
     if examples is None:
-        examples = classification_rows(tokenizer, texts, c.block_size)
+        examples = classification_rows(tokenizer, texts, model.context)
     pad = tokenizer.pad_id or 0
     last = [logits[-1] for logits in batched_logits(model, examples, pad, batch_size)]
     outputs = torch.stack(last) if last else torch.empty(0, len(c.labels))  # [N, L]
@@ -145,7 +145,7 @@ def tag_words(
     c = model.config
     fallback = "O" if "O" in c.labels else c.labels[0]
     examples = [
-        tagging_example(tokenizer, words, [0] * len(words), c.block_size) for words in sentences
+        tagging_example(tokenizer, words, [0] * len(words), model.context) for words in sentences
     ]
     pad = tokenizer.pad_id or 0
     predictions = []

@@ -144,7 +144,7 @@ class PreferenceTask:
 
     def _encode(self, pairs: Sequence[Pair]) -> list[tuple[Example, Example]]:
         c = self.config
-        max_length = min(c.max_length, self.model.config.block_size)
+        max_length = min(c.max_length, self.model.context - c.peft.prompt_positions)
         rows = reward_rows if c.objective == "reward" else lm_rows
         encoded = [
             encode_pair(self.tokenizer, p, self.template, max_length, c.max_prompt_length)
@@ -330,7 +330,7 @@ def score_pairs(
         head = model.config.head
         raise ConfigError(f"preference scoring needs a language or reward model, not a {head} head")
     template = chat_template_of(tokenizer)
-    max_length = min(max_length, model.config.block_size)
+    max_length = min(max_length, model.context)
     encoded = [encode_pair(tokenizer, p, template, max_length, max_prompt_length) for p in pairs]
     kept = [e for e in encoded if e is not None]
     if not kept:
@@ -394,7 +394,7 @@ def rewards(
         reply = conversation[-1]["content"]
         e = encode_pair(
             tokenizer, Pair(conversation[:-1], reply, reply), template,
-            min(max_length, model.config.block_size), 0,
+            min(max_length, model.context), 0,
         )  # fmt: skip
         if e is None:
             raise ConfigError("a conversation leaves no reply token within max_length")

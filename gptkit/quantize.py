@@ -22,7 +22,9 @@ is in `bench/quantize_quality.py`, +5% over fp32):
   (each simulated in float32, 12k tokens).
 
 Quantized models generate and serve, and save (`gptkit convert CKPT OUT --quantize int8`): such a
-checkpoint loads already quantized. They are not trained.
+checkpoint loads already quantized. Their weights are not trained, but gradients flow through
+them to what is: `peft.quantize=int8` keeps a fine-tune's frozen layers in int8 under LoRA
+(`quantize_frozen`), QLoRA's idea on a CPU.
 """
 
 from __future__ import annotations
@@ -81,27 +83,76 @@ class Int8Linear(nn.Module):
         q, _ = torch.ops.quantized.linear_unpack(self.packed)
         return q.int_repr(), q.q_per_channel_scales().float()
 
+    # The saved tensors as attributes too: torch.distributed.checkpoint (a training run's
+    # checkpoints) finds each state-dict entry by its name.
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        return self.int8()[0]
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.int8()[1]
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
         destination[prefix + "weight_int8"], destination[prefix + "weight_scale"] = self.int8()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        super()._load_from_state_dict(state_dict, prefix, *args)  # the bias
-        q, scale = state_dict.get(prefix + "weight_int8"), state_dict.get(prefix + "weight_scale")
+    def _load_from_state_dict(
+        self, state_dict, prefix, metadata, strict, missing, unexpected, errors
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, metadata, strict, missing, unexpected, errors
+        )  # the bias
+        names = (prefix + "weight_int8", prefix + "weight_scale")
+        q, scale = (state_dict.get(name) for name in names)
         if q is not None and scale is not None:
             self.packed = _pack(q, scale)
+        unexpected[:] = [k for k in unexpected if k not in names]  # they were expected
+
+    def to_linear(self) -> nn.Linear:
+        """The float32 nn.Linear these int8 weights stand for (q * scale)."""
+        q, scale = self.int8()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(q.float() * scale[:, None])
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 -> [..., N] float32."""
+        if torch.is_grad_enabled() and x.requires_grad:  # training what comes before or beside
+            y = _BackToInput.apply(x, self)
+        else:
+            y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> x W^T [..., N] on the int8 kernel, without the bias."""
         if x.numel() == x.shape[-1]:  # one row: the kernel's per-tensor scale is per-row
             y = torch.ops.quantized.linear_dynamic(x, self.packed, False)
         else:
             r = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # [..., 1]
             y = torch.ops.quantized.linear_dynamic(x / r, self.packed, False) * r
-        return y if self.bias is None else y + self.bias
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class _BackToInput(torch.autograd.Function):
+    """x W^T on the int8 kernel, with the gradient to x through W dequantized a layer at a time
+    (the kernel has no backward; the weights themselves are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        q, scale = ctx.layer.int8()  # [N, K], [N]
+        return dy @ (q.to(dy.dtype) * scale.to(dy.dtype)[:, None]), None  # [..., K]
 
 
 def _pack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
@@ -147,9 +198,34 @@ def quantized_skeleton(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def _replace_linears(module: nn.Module, make) -> None:
+def quantize_frozen(module: nn.Module) -> None:
+    """Make every frozen linear layer under `module` int8, in place (an empty one awaiting its
+    tensors on the meta device); the layers that train stay as they are."""
+    weight = next(module.parameters())
+    if weight.device.type != "meta":
+        check("int8", weight.device)
+
+    def make(linear: nn.Linear) -> Int8Linear:
+        if linear.weight.device.type == "meta":
+            return Int8Linear.empty(linear)
+        with torch.no_grad():
+            return Int8Linear.from_linear(linear)
+
+    _replace_linears(module, make, lambda linear: not linear.weight.requires_grad)
+
+
+def dequantize(module: nn.Module) -> None:
+    """Every int8 layer under `module` back to a float32 nn.Linear, in place."""
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
+        if isinstance(child, Int8Linear):
+            setattr(module, name, child.to_linear())
+        else:
+            dequantize(child)
+
+
+def _replace_linears(module: nn.Module, make, which=lambda linear: True) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear) and which(child):
             setattr(module, name, make(child))
         else:
-            _replace_linears(child, make)
+            _replace_linears(child, make, which)

@@ -77,7 +77,7 @@ def score_candidates(
     if not tails:
         return torch.empty(0)
     longest = max(len(t) for t in tails)
-    room = model.config.block_size - longest
+    room = model.context - longest
     if room < 1:
         raise ConfigError(f"a candidate of {longest} tokens does not fit the context")
     head = tokenizer.encode(context)[-room:]

@@ -222,7 +222,7 @@ def create_app(
     async def models():
         if classifier:
             card = {"id": name, "object": "model", "created": 0, "owned_by": "gptkit"}
-            card["context_length"] = lm.config.block_size
+            card["context_length"] = lm.model.context
             return {"object": "list", "data": [{**card, **classifier.card()}, *embedder_cards]}
         cards = []
         for model, served in server.models.items():

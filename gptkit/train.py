@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import machine, resources
+from . import adalora, machine, resources
 from .checkpoint import (
     CheckpointError,
     check_tokenizer_fits,
@@ -272,6 +272,8 @@ class Trainer:
             self.model.compile()  # in place: parameter names stay those of the plain model
         self.wrapped = self.dist.wrap(self.model, config.fsdp)
         self.optimizer = self._build_optimizer()
+        peft = getattr(self.model, "peft", None)
+        self.adalora = peft if peft is not None and peft.method == "adalora" else None
 
         self.step = 0
         torch.manual_seed(config.seed + self.dist.rank)  # dropout masks differ across ranks
@@ -372,15 +374,22 @@ class Trainer:
             x, y, *extra = (t.to(self.dist.device) for t in self.task.train_batch(self.step, m))
             with self.dist.sync_gradients(self.wrapped, i == len(micros) - 1), self._autocast():
                 loss = self.task.loss(self.wrapped, x, y, *extra)
-            (loss / len(micros)).backward()
+            scaled = loss / len(micros)
+            if self.adalora and i == len(micros) - 1:  # once per step, with the synced micro
+                reg = adalora.penalty(self.model, self.adalora.orth_reg)
+                scaled = scaled if reg is None else scaled + reg
+            scaled.backward()
             total += loss.detach()
             tokens += x.numel()
             self.step_flops += x.numel() * (self.dense_flops + self.attention_flops * x.shape[-1])
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.adalora:  # scores the triplets from this step's gradients, so before zero_grad
+            schedule = config.decay_steps or config.max_steps  # the learning rate's
+            adalora.allocate(self.model, self.step, schedule, self.adalora)
+        self.optimizer.zero_grad(set_to_none=True)
         return total / len(micros), tokens * self.dist.world_size
 
     def _autocast(self):
@@ -456,6 +465,8 @@ class Trainer:
                     bar.write(line)
             if last or (config.checkpoint_every and done % config.checkpoint_every == 0):
                 self.save(val_loss)
+        if self.adalora and is_main:
+            bar.write("AdaLoRA ranks after the run:\n" + adalora.describe_ranks(self.model))
         bar.close()
         self.metrics.close()
         seconds = sum(times)
@@ -472,9 +483,15 @@ class Trainer:
         )
 
     def _task_values(self) -> dict[str, float]:
-        """What the task logs beside its loss (DPO: its rewards), averaged over the ranks."""
+        """What the task logs beside its loss (DPO: its rewards; AdaLoRA: the mean rank),
+        averaged over the ranks."""
         report = getattr(self.task, "step_values", None)
         values = report() if report is not None else {}
+        if self.adalora:
+            ranks = list(adalora.ranks(self.model).values())
+            values["adalora/mean_rank"] = torch.tensor(
+                sum(ranks) / len(ranks), device=self.dist.device
+            )
         if not values:
             return {}
         means = self.dist.mean(torch.stack(list(values.values())).to(self.dist.device))

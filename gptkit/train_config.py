@@ -152,7 +152,7 @@ def _check_types(config: Any, optional: dict[str, type]) -> None:
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
-PeftMethod = Literal["none", "lora", "dora", "ia3", "adapter", "prefix"]
+PeftMethod = Literal["none", "lora", "dora", "adalora", "ia3", "adapter", "prefix", "prompt"]
 
 
 @dataclass
@@ -161,31 +161,57 @@ class PeftConfig:
 
     lora     W x + (alpha / r) B A x on the target linear layers (Hu et al. 2021)
     dora     LoRA's update, each output row then rescaled to a learned magnitude (Liu et al. 2024)
+    adalora  LoRA in SVD form whose ranks move to the layers that matter, from r down to
+             target_r on average (Zhang et al. 2023)
     ia3      learned vectors rescaling each layer's keys, values and MLP hidden units
              (Liu et al. 2022)
     adapter  a bottleneck MLP after each sublayer's output projection (Houlsby et al. 2019)
-    prefix   learned keys and values before every layer's sequence (Li & Liang 2021)
-    Every other weight is frozen; a classify or tag head is trained too.
+    prefix   learned keys and values before every layer's sequence (Li & Liang 2021); the deep
+             prompts of P-tuning v2 (Liu et al. 2022)
+    prompt   learned input embeddings before every sequence: prompt tuning (Lester et al. 2021)
+    Every other weight is frozen; a classify or tag head is trained too. quantize="int8" keeps
+    the frozen linear layers in int8 (QLoRA's idea on a CPU): a quarter of their memory.
     """
 
     method: PeftMethod = "none"
-    r: int = 8  # lora, dora: rank of the update B A
-    alpha: float = 16.0  # lora, dora: the update is scaled by alpha / r
-    dropout: float = 0.0  # lora, dora: dropout on the update's input
-    # lora, dora: linear layers to adapt, matched against the end of their names
+    r: int = 8  # lora, dora: rank of the update B A; adalora: each layer's starting rank
+    alpha: float = 16.0  # lora, dora, adalora: the update is scaled by alpha / r
+    dropout: float = 0.0  # lora, dora, adalora: dropout on the update's input
+    # lora, dora, adalora: linear layers to adapt, matched against the end of their names
     targets: list[str] = field(
         default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
     )
     adapter_size: int = 64  # adapter: bottleneck width
-    prefix_length: int = 16  # prefix: learned key/value positions per layer
+    prefix_length: int = 16  # prefix: learned key/value positions per layer; prompt: embeddings
+    # adalora: the mean rank to end with; steps at full rank first and at the final ranks
+    # last (between them the budget falls as a cube); steps between reallocations; the weight
+    # of the penalty that keeps the singular vectors orthogonal
+    target_r: int = 4
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    orth_reg: float = 0.5
+    quantize: Literal["none", "int8"] = "none"  # the frozen linear layers' storage
 
     def __post_init__(self) -> None:
         _check_types(self, optional={})
         if self.method not in PeftMethod.__args__:
             raise ConfigError(f"peft.method={self.method!r} is not one of {PeftMethod.__args__}")
-        for name in ("r", "adapter_size", "prefix_length"):
+        for name in ("r", "adapter_size", "prefix_length", "target_r", "delta_t"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"peft.{name} must be >= 1, got {getattr(self, name)}")
+        if self.method == "adalora" and self.target_r > self.r:
+            raise ConfigError(f"peft.target_r={self.target_r} must be <= peft.r={self.r}")
+        for name in ("tinit", "tfinal", "orth_reg"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"peft.{name} must be >= 0, got {getattr(self, name)}")
+        if self.quantize not in ("none", "int8"):
+            raise ConfigError(f"peft.quantize={self.quantize!r} is not one of ('none', 'int8')")
+        if self.quantize != "none" and self.method == "dora":
+            raise ConfigError(
+                "peft.quantize=int8 needs the base weights as they are; DoRA "
+                "renormalises them every step: use lora or adalora"
+            )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
@@ -194,6 +220,11 @@ class PeftConfig:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    @property
+    def prompt_positions(self) -> int:
+        """Positions a soft prompt takes from the model's context (prompt tuning only)."""
+        return self.prefix_length if self.method == "prompt" else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -318,6 +349,8 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.max_length < 2 or not 0 <= self.max_prompt_length < self.max_length:
             raise ConfigError("need max_length >= 2 and 0 <= max_prompt_length < max_length")
+        if self.peft.method == "adalora" and self.fsdp:
+            raise ConfigError("AdaLoRA scores whole adapter matrices; FSDP shards them: use DDP")
         self._validate_training()
 
     @staticmethod

@@ -270,10 +270,15 @@ OBJECTIVES = [
 ]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter", "prefix"])
+METHODS = ["lora", "dora", "adalora", "ia3", "adapter", "prefix", "prompt", "lora+int8"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("objective,file", OBJECTIVES + [("distill", "cls.jsonl")])
 def test_every_method_runs_with_every_objective(data, objective, file, method):
-    settings = dict(max_steps=3, peft=PeftConfig(method=method, prefix_length=4))
+    name, _, quantize = method.partition("+")
+    peft = PeftConfig(method=name, prefix_length=4, quantize=quantize or "none", tinit=1)
+    settings = dict(max_steps=3, peft=peft)
     if objective == "distill":  # a classifier teacher for a classifier student
         teacher = run(data, "classify", "cls.jsonl", "teacher-cls", max_steps=2).train.checkpoint
         settings |= dict(teacher=str(teacher), distill_on="classify")
@@ -290,15 +295,25 @@ def test_every_method_runs_with_every_objective(data, objective, file, method):
     )
 
 
-def test_a_resumed_finetune_equals_an_unbroken_one(data):
-    lora = PeftConfig(method="lora", dropout=0.1)  # dropout: the RNG state must resume too
+@pytest.mark.parametrize(
+    "lora",
+    [
+        PeftConfig(method="lora", dropout=0.1),  # dropout: the RNG state must resume too
+        # AdaLoRA: its sensitivity scores, and the ranks they chose, must resume too
+        PeftConfig(method="adalora", r=4, target_r=2, tinit=1, tfinal=2, dropout=0.1),
+        PeftConfig(method="lora", quantize="int8"),  # int8 base layers load back as they were
+    ],
+    ids=["lora", "adalora", "lora+int8"],
+)
+def test_a_resumed_finetune_equals_an_unbroken_one(data, lora):
     # the schedule is fixed by decay_steps, so stopping at step 4 changes nothing but the stop
-    whole = run(data, "classify", "cls.jsonl", "whole", max_steps=8, decay_steps=8, peft=lora)
+    out = f"whole-{lora.method}-{lora.quantize}"
+    whole = run(data, "classify", "cls.jsonl", out, max_steps=8, decay_steps=8, peft=lora)
     config = FinetuneConfig(
         objective="classify",
         init_from=str(data / "base"),
         data=str(data / "cls.jsonl"),
-        out_dir=str(data / "parts"),
+        out_dir=str(data / f"parts-{lora.method}-{lora.quantize}"),
         max_steps=4,
         decay_steps=8,
         peft=lora,
@@ -307,8 +322,12 @@ def test_a_resumed_finetune_equals_an_unbroken_one(data):
     finetune(config, overwrite=True)
     finetune(dataclasses.replace(config, max_steps=8), resume=True)
     a = load_checkpoint(whole.train.checkpoint)[0].state_dict()
-    b = load_checkpoint(data / "parts" / "checkpoint")[0].state_dict()
+    b = load_checkpoint(data / f"parts-{lora.method}-{lora.quantize}" / "checkpoint")[0]
+    b = b.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if lora.method == "adalora":  # the allocator ran: some singular values were cut
+        e = [v for k, v in a.items() if k.endswith("lora_E")]
+        assert 0 < sum(int((v == 0).sum()) for v in e) < sum(v.numel() for v in e)
 
 
 def test_epochs_set_the_number_of_steps(data):

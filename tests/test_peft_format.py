@@ -1,6 +1,6 @@
-"""LoRA adapters in Hugging Face PEFT's format, checked by PEFT itself: `peft.PeftModel`
-loads what `gptkit convert RUN --to peft` writes onto what `--to hf` writes of the base, and
-computes gptkit's logits."""
+"""LoRA, DoRA, (IA)^3 and prompt-tuning adapters in Hugging Face PEFT's format, checked by
+PEFT itself: `peft.PeftModel` loads what `gptkit convert RUN --to peft` writes onto what
+`--to hf` writes of the base, and computes gptkit's logits."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def lora_model(name: str, targets: list[str], method: str = "lora") -> tuple[GPT
     magnitudes, (IA)^3's scales), so every update shows in the logits)."""
     torch.manual_seed(0)
     base = GPT(preset(name, block_size=32)).eval()
-    config = PeftConfig(method=method, r=4, alpha=8, targets=targets)
+    config = PeftConfig(method=method, r=4, alpha=8, targets=targets, prefix_length=4)
     tuned = apply_peft(copy.deepcopy(base), config)
     with torch.no_grad():
         for n, p in tuned.named_parameters():
@@ -50,6 +50,8 @@ CASES = {
     "gpt2-dora": ("tiny", ALL, "dora"),
     "llama-ia3": ("tiny-llama", ALL, "ia3"),
     "gpt2-ia3": ("tiny", ALL, "ia3"),
+    "llama-prompt": ("tiny-llama", ALL, "prompt"),
+    "gpt2-prompt": ("tiny", ALL, "prompt"),
 }
 
 
@@ -61,7 +63,8 @@ def test_peft_loads_the_adapter_and_computes_gptkits_logits(tmp_path, case):
     model = peft.PeftModel.from_pretrained(hf_base, export_peft(tuned, tmp_path / "peft")).eval()
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
-        ours, theirs, plain = tuned(ids), model(ids).logits, base(ids)
+        # a soft prompt's positions come first in PEFT's logits
+        ours, theirs, plain = tuned(ids), model(ids).logits[:, -ids.shape[1] :], base(ids)
     diff = (ours - theirs).abs().max().item()
     moved = (ours - plain).abs().max().item()
     print(f"\n{case}: the adapter moves logits by {moved:.2f}; vs PEFT {diff:.1e}")

@@ -62,7 +62,7 @@ def _budget(model: GPT, prompts: list[list[int]], max_new_tokens: int) -> int:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the BOS/EOS token)")
     longest = max(len(p) for p in prompts)
-    return context_budget(longest, max_new_tokens, model.config.block_size)
+    return context_budget(longest, max_new_tokens, model.context)
 
 
 def new_sampler(model: GPT, prompts: list[list[int]], sample: SampleConfig, vocab_size=None):

@@ -116,7 +116,7 @@ class DraftModel:
 
     def __init__(self, model: GPT, max_len: int, device: torch.device):
         self.model, self.device = model, device
-        self.cache = model.new_cache(1, min(max_len, model.config.block_size))
+        self.cache = model.new_cache(1, min(max_len, model.context))
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
 
     @torch.inference_mode()
