@@ -1,8 +1,9 @@
 """Peak memory of loading SmolLM2-135M-Instruct and generating with it, against its weights.
 
 Each case runs in a fresh process that records its resident memory after `import gptkit`
-(torch alone is ~230 MB) and its peak (VmHWM) after loading and generating 32 tokens. Three
-cases: fp32; int8 quantized as it loads (`--quantize int8`: the fp32 weights first); and an
+(torch alone is ~230 MB), its peak (VmHWM) after loading, and after generating 32 tokens,
+beside the weights it holds (int8 rows and their scales for an int8 layer). Three cases:
+fp32; int8 quantized as it loads (`--quantize int8`: the fp32 weights first); and an
 int8 checkpoint saved by `gptkit convert smollm2-135m-instruct DIR --quantize int8`, which
 loads already quantized.
 
@@ -29,7 +30,11 @@ lm = gptkit.load(sys.argv[1], device="cpu", quantize=sys.argv[2] or None)
 loaded = mb("VmHWM")
 lm.generate("The capital of France is", max_new_tokens=32, temperature=0)
 fp32 = sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20 if not sys.argv[2] else None
-print(json.dumps({"start": start, "load_peak": loaded, "peak": mb("VmHWM"), "fp32_mb": fp32}))
+# the weights as held: an int8 layer's saved tensors are its int8 rows and their scales
+tensors = {t.data_ptr(): t for t in lm.model.state_dict().values()}.values()  # tied: once
+own = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+print(json.dumps({"start": start, "load_peak": loaded, "peak": mb("VmHWM"), "fp32_mb": fp32,
+                  "own_mb": own}))
 """
 
 
@@ -57,13 +62,15 @@ def main() -> None:
     weights = rows["fp32"]["fp32_mb"]
     print(f"SmolLM2-135M-Instruct, fp32 weights {weights:.0f} MiB; MiB of resident memory")
     print(
-        f"{'weights':<10} {'after import':>13} {'peak':>7} {'peak - import':>14} {'/ weights':>10}"
+        f"{'weights':<10} {'held MiB':>9} {'after import':>13} {'load peak':>10} {'peak':>7} "
+        f"{'peak - import':>14} {'/ fp32':>7} {'load / held':>12}"
     )
     for name, r in rows.items():
         grown = r["peak"] - r["start"]
+        load = (r["load_peak"] - r["start"]) / r["own_mb"]
         print(
-            f"{name:<10} {r['start']:>13.0f} {r['peak']:>7.0f} {grown:>14.0f} "
-            f"{grown / weights:>9.2f}x"
+            f"{name:<10} {r['own_mb']:>9.0f} {r['start']:>13.0f} {r['load_peak']:>10.0f} "
+            f"{r['peak']:>7.0f} {grown:>14.0f} {grown / weights:>6.2f}x {load:>11.2f}x"
         )
     if args.json is not None:
         args.json.write_text(json.dumps({"weights_mb": weights, **rows}, indent=2))

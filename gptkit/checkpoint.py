@@ -36,10 +36,10 @@ from .config import ConfigError, GPTConfig, first_line
 from .convert import unpickling_problem
 from .model import GPT
 from .peft import apply_peft, peft_config
+from .quantize import Int8Linear, quantized, quantized_skeleton
 from .quantize import check as check_quantize
-from .quantize import quantized, quantized_skeleton
 from .safeload import MetadataError, first_non_finite, read_json
-from .tensorfile import read_safetensors
+from .tensorfile import read_safetensors, tensor_shapes
 from .tokenizer import Tokenizer, TokenizerError
 from .tokenizer_files import load_tokenizer
 from .train_config import PeftConfig
@@ -214,17 +214,18 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_state_dict(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def check_state_dict(model: GPT, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor of a file
+    whose tensors have `shapes` (tensor_shapes)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:  # absent, or the int8 head's own (quantize.py)
         expected.pop("lm_head.weight", None)
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems = [f"missing {k}" for k in expected if k not in shapes]
+    problems += [f"unexpected {k}" for k in shapes if k not in expected]
     problems += [
-        f"{k} has shape {tuple(state[k].shape)}, the config needs {tuple(shape)}"
+        f"{k} has shape {shapes[k]}, the config needs {shape}"
         for k, shape in expected.items()
-        if k in state and state[k].shape != shape
+        if k in shapes and shapes[k] != shape
     ]
     if problems:
         shown = "; ".join(problems[:5]) + (
@@ -250,10 +251,6 @@ def load_checkpoint(
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
-    try:
-        state = read_safetensors(weights)  # tensors of their own: see tensorfile.py
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} cannot be read ({e}); the file is damaged") from None
     model = GPT.skeleton(config)
     if peft is not None:  # the same adapter modules as the model that was saved
         apply_peft(model, peft, init=False)
@@ -263,9 +260,23 @@ def load_checkpoint(
             check_quantize(mode, torch.device(device))
         except ConfigError as e:
             raise CheckpointError(f"{directory}: a quantized checkpoint: {e}") from None
-    check_state_dict(model, state, str(weights))
-    check_finite(state.items(), weights)
-    model.assign(state, device, dtype).eval()  # the loaded tensors themselves: no second copy
+    try:
+        shapes = tensor_shapes(weights)
+        check_state_dict(model, shapes, str(weights))
+        # int8 layers are read and packed one at a time, after the rest: reading all of their
+        # tensors first would hold the int8 weights twice at the peak (packed and as read)
+        int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+        later = {f"{name}.{t}" for name in int8 for t in Int8Linear.TENSORS}
+        state = read_safetensors(weights, (k for k in shapes if k not in later))
+        check_finite(state.items(), weights)
+        model.assign(state, device, dtype)  # the loaded tensors themselves: no second copy
+        for name, layer in int8.items():
+            pair = read_safetensors(weights, (f"{name}.{t}" for t in Int8Linear.TENSORS))
+            check_finite(pair.items(), weights)
+            layer.load_int8(*pair.values())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e}); the file is damaged") from None
+    model.eval()
 
     tokenizer = None
     if (directory / TOKENIZER).is_dir():

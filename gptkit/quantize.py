@@ -47,6 +47,8 @@ class Int8Linear(nn.Module):
     one awaiting those tensors (a checkpoint's skeleton): loading its state packs them.
     """
 
+    TENSORS = ("weight_int8", "weight_scale")  # what it saves beside the bias
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         """q: int8 [N, K] with |q| <= WEIGHT_MAX; scale: [N]; bias: [N] or None."""
         super().__init__()
@@ -103,11 +105,15 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, metadata, strict, missing, unexpected, errors
         )  # the bias
-        names = (prefix + "weight_int8", prefix + "weight_scale")
+        names = [prefix + name for name in self.TENSORS]
         q, scale = (state_dict.get(name) for name in names)
         if q is not None and scale is not None:
-            self.packed = _pack(q, scale)
+            self.load_int8(q, scale)
         unexpected[:] = [k for k in unexpected if k not in names]  # they were expected
+
+    def load_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Take saved weights: q int8 [N, K], scale [N] (packed: q itself is not kept)."""
+        self.packed = _pack(q, scale)
 
     def to_linear(self) -> nn.Linear:
         """The float32 nn.Linear these int8 weights stand for (q * scale)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -36,12 +37,21 @@ _DTYPES = {
 }
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, on the CPU. Raises safetensors' SafetensorError
-    for a damaged file, as `load_file` does."""
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the header alone. Raises SafetensorError as `load_file` does."""
+    with safe_open(Path(path), framework="pt") as f:  # checks the header against the file's size
+        names = f.keys()  # (safe_open is no mapping: `in f` does not iterate its names)
+        return {name: tuple(f.get_slice(name).get_shape()) for name in names}
+
+
+def read_safetensors(
+    path: str | Path, names: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (or those named), on the CPU. Raises safetensors'
+    SafetensorError for a damaged file, as `load_file` does."""
     path = Path(path)
     with safe_open(path, framework="pt") as f:  # checks the header against the file's size
-        names = list(f.keys())
+        names = list(f.keys()) if names is None else list(names)
     with path.open("rb") as file:
         (header_size,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(header_size))

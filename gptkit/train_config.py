@@ -349,8 +349,17 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if self.max_length < 2 or not 0 <= self.max_prompt_length < self.max_length:
             raise ConfigError("need max_length >= 2 and 0 <= max_prompt_length < max_length")
-        if self.peft.method == "adalora" and self.fsdp:
-            raise ConfigError("AdaLoRA scores whole adapter matrices; FSDP shards them: use DDP")
+        if self.peft.method == "adalora":
+            if self.fsdp:
+                raise ConfigError(
+                    "AdaLoRA scores whole adapter matrices; FSDP shards them: use DDP"
+                )
+            schedule = self.decay_steps or self.max_steps
+            if self.peft.tinit + self.peft.tfinal >= schedule:
+                raise ConfigError(
+                    f"peft.tinit + peft.tfinal must be < the {schedule} scheduled steps, so the "
+                    "rank budget has steps to fall in"
+                )
         self._validate_training()
 
     @staticmethod

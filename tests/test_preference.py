@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import re
 import subprocess
@@ -303,6 +304,24 @@ def test_a_toy_preference_is_learned(data, objective, method):
         assert 0 < after["kl_per_token"] < 5 and "logps/chosen" in train[-1]
     else:
         assert load(data / f"{objective}-{method}" / "checkpoint").config.labels == ["reward"]
+
+
+@pytest.mark.parametrize(
+    "method", ["dora", "adalora", "ia3", "adapter", "prefix", "prompt", "lora+int8"]
+)
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_every_peft_method_trains_a_preference_objective(data, objective, method):
+    """The other methods (LoRA learns above) train DPO and reward models, and their adapters
+    put back onto the base model are the fine-tuned model."""
+    name, _, quantize = method.partition("+")
+    peft = PeftConfig(method=name, prefix_length=4, quantize=quantize or "none", tinit=1)
+    out = f"{objective}-{method}"
+    result = finetune(config(data, objective, out, max_steps=3, beta=0.5, peft=peft))
+    assert result.train.steps == 3 and math.isfinite(result.train.val_loss)
+    full = load(result.train.checkpoint)
+    on_base = load(data / "base", adapter=data / out / "adapter")
+    x = torch.tensor([full.tokenizer.encode("<|im_start|>user\nhi")])
+    torch.testing.assert_close(on_base.model(x), full.model(x))
 
 
 @pytest.mark.parametrize("objective", ["dpo", "reward"])
