@@ -620,9 +620,9 @@ RUNS: dict[str, Run] = {
             (
                 "smollm2-adalora",
                 "peft.method=adalora peft.r=16 peft.target_r=8 peft.alpha=32 peft.tinit=10 "
-                "peft.tfinal=10 peft.delta_t=5 lr=1e-3",
+                "peft.tfinal=10 peft.delta_t=5 lr=1e-2",
             ),
-            ("smollm2-prompt", "peft.method=prompt peft.prefix_length=20 lr=3e-2"),
+            ("smollm2-prompt", "peft.method=prompt peft.prefix_length=20 lr=1e-3"),
             (
                 "smollm2-lora-int8",
                 "peft.method=lora peft.r=16 peft.alpha=32 lr=1e-3 peft.quantize=int8",
