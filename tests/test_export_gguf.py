@@ -4,8 +4,9 @@
   gptkit's (f32 files; f16 files against gptkit on f16-rounded weights), its tokenizer the same
   ids, and a f32 file reads back into gptkit bit-equal;
 - SmolLM2 exported as a user types it (`gptkit convert ... --to gguf`): identical tokenization on
-  the import tests' multilingual texts and 64 identical greedy tokens (f32); top-1 agreement over
-  300 teacher-forced positions (q8_0);
+  the import tests' multilingual texts and 64 identical greedy tokens (f32); q8_0 tensors byte
+  for byte those of llama.cpp's own quantizer, and top-1 agreement over 300 teacher-forced
+  positions;
 - what cannot be exported is a one-line error, and a failed export leaves the old file whole.
 """
 
@@ -186,9 +187,43 @@ def test_smollm2_f32_reads_back_bit_equal(smollm2_exports, smollm2):
 
 
 @pytest.mark.reference("llama.cpp")
+def test_smollm2_q8_0_is_llama_cpps_own_quantization(smollm2_exports, tmp_path):
+    """llama.cpp's quantizer (`llama_model_quantize`, what `llama-quantize` runs) turns our f32
+    file into a Q8_0 file whose every quantized tensor is byte for byte the one our q8_0 export
+    wrote; only the output matrix (here the tied embedding) differs: we keep it in F16."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 1
+    theirs_path = tmp_path / "llama-quantize-q8_0.gguf"
+    source = str(smollm2_exports / "f32.gguf").encode()
+    assert (
+        llama_cpp.llama_model_quantize(source, str(theirs_path).encode(), ctypes.byref(params)) == 0
+    )
+    ours = {t.name: t for t in gguf.GGUFReader(smollm2_exports / "q8_0.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(theirs_path).tensors}
+    assert set(ours) == set(theirs)
+    differ = [
+        name
+        for name, t in ours.items()
+        if t.tensor_type != theirs[name].tensor_type
+        or not np.array_equal(np.asarray(t.data), np.asarray(theirs[name].data))
+    ]
+    assert differ == ["token_embd.weight"]
+    assert ours["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    quantized = [t for t in ours.values() if t.tensor_type == gguf.GGMLQuantizationType.Q8_0]
+    assert len(quantized) == 7 * 30  # every matrix of the 30 blocks
+
+
+@pytest.mark.reference("llama.cpp")
 def test_smollm2_q8_0_agrees_on_the_top_token_but_at_near_ties(smollm2_exports, smollm2):
     """llama.cpp multiplies q8_0 weights with activations it rounds to 8 bits too; where fp32
-    has two tokens within half a logit of each other, that may pick the other one."""
+    has two tokens within half a logit of each other, that may pick the other one. Measured on
+    these 300 positions (AMD EPYC): 0.967 agreement; gptkit itself on the q8_0 weights agrees
+    0.980 with its fp32, and llama.cpp's own Q8_0 file of the model 0.970: the format's cost,
+    not the export's (the test above: the same bytes)."""
     model, tok = smollm2
     ids = tok.encode(LONG_TEXT)[:300]
     reference = llama_logits(llama(smollm2_exports / "q8_0.gguf"), ids)
