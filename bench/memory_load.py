@@ -29,11 +29,12 @@ start = mb("VmRSS")
 lm = gptkit.load(sys.argv[1], device="cpu", quantize=sys.argv[2] or None)
 loaded = mb("VmHWM")
 lm.generate("The capital of France is", max_new_tokens=32, temperature=0)
+peak = mb("VmHWM")  # before the sizes below: an int8 layer's state dict unpacks its rows
 fp32 = sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20 if not sys.argv[2] else None
 # the weights as held: an int8 layer's saved tensors are its int8 rows and their scales
 tensors = {t.data_ptr(): t for t in lm.model.state_dict().values()}.values()  # tied: once
 own = sum(t.numel() * t.element_size() for t in tensors) / 2**20
-print(json.dumps({"start": start, "load_peak": loaded, "peak": mb("VmHWM"), "fp32_mb": fp32,
+print(json.dumps({"start": start, "load_peak": loaded, "peak": peak, "fp32_mb": fp32,
                   "own_mb": own}))
 """
 
