@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .train_config import PeftConfig
+
 BETA1 = BETA2 = 0.85  # the smoothing of the sensitivity and of its uncertainty
 
 
@@ -112,7 +114,7 @@ def penalty(model: nn.Module, weight: float) -> torch.Tensor | None:
     return weight * total / (2 * len(found))
 
 
-def budget(step: int, total_steps: int, r: int, target_r: int, tinit: int, tfinal: int) -> int:
+def budget(step: int, total_steps: int, r: int, target_r: int, tinit: int, tfinal: int) -> float:
     """The mean rank allowed after `step` optimizer steps: r for tinit steps, then a cubic fall
     to target_r, reached tfinal steps before the end."""
     if step <= tinit:
@@ -125,7 +127,7 @@ def budget(step: int, total_steps: int, r: int, target_r: int, tinit: int, tfina
 
 
 @torch.no_grad()
-def allocate(model: nn.Module, step: int, total_steps: int, config) -> None:
+def allocate(model: nn.Module, step: int, total_steps: int, config: PeftConfig) -> None:
     """AdaLoRA's update after optimizer step `step` (1-based, gradients still in place): score
     every triplet, then zero the singular values of those below the budget (every delta_t
     steps while it falls, and at its end), or keep the final ranks (after)."""
@@ -160,10 +162,9 @@ def ranks(model: nn.Module) -> dict[str, int]:
 
 def describe_ranks(model: nn.Module) -> str:
     """One line per block: `block 3: attn.qkv 5, attn.proj 2, ...`, then the total."""
-    per_block: dict[str, list[str]] = {}
-    for name, rank in ranks(model).items():
+    found, per_block = ranks(model), {}
+    for name, rank in found.items():
         _, index, layer = name.split(".", 2)  # blocks.3.attn.qkv
         per_block.setdefault(index, []).append(f"{layer} {rank}")
     lines = [f"block {i}: {', '.join(parts)}" for i, parts in per_block.items()]
-    total = sum(ranks(model).values())
-    return "\n".join(lines + [f"total rank {total} over {len(ranks(model))} layers"])
+    return "\n".join(lines + [f"total rank {sum(found.values())} over {len(found)} layers"])

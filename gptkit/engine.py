@@ -132,7 +132,7 @@ class Engine:
 
     @property
     def context(self) -> int:
-        return self.config.block_size
+        return self.lm.model.context  # a soft prompt's positions left out
 
     def start(self) -> Engine:
         """Start the engine thread; after `close`, start a fresh one (an app's lifespan can run
