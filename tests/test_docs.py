@@ -550,6 +550,9 @@ RUNS: dict[str, Run] = {
     ".venv/bin/python bench/decode_gpt2.py": Run(
         add=SMALL_DECODE, repo_root=True, check=out_has("gptkit fp32", "tok/s")
     ),
+    ".venv/bin/python bench/quant_kernels.py": Run(
+        add=("--smoke",), repo_root=True, check=out_has("int4 ms", "1024")
+    ),
     ".venv/bin/python bench/quantize_quality.py": Run(
         add=("--tokens", "200", "--window", "64"),
         smollm2=True,
