@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptkit.api import load
 from gptkit.checkpoint import save_checkpoint
 from gptkit.cli_rank import trained_settings
 from gptkit.config import ConfigError, preset
+from gptkit.finetune import finetune
 from gptkit.model import GPT
 from gptkit.predict import batched_logits
 from gptkit.recommend import RANK_LABELS, needs_ranker, rank_example, score_candidates
@@ -30,6 +32,7 @@ from gptkit.recsys import (
 )
 from gptkit.surgery import set_head
 from gptkit.tokenizer import char_tokenizer
+from gptkit.train_config import FinetuneConfig, PeftConfig
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;|'()\n-"
 N_ITEMS, N_USERS, PER_USER = 40, 12, 8
@@ -193,6 +196,32 @@ def test_finetune_rank_then_eval_rank_and_recommend(tmp_path):
     picks = json.loads(done.stdout)
     assert len(picks) == 4 and not {"1", "2"} & {p["item"] for p in picks}
     assert [p["score"] for p in picks] == sorted((p["score"] for p in picks), reverse=True)
+
+
+@pytest.mark.parametrize(
+    "method", ["lora", "dora", "adalora", "ia3", "adapter", "prefix", "prompt", "lora+int8"]
+)
+def test_every_peft_method_trains_a_ranker(tmp_path, method):
+    """The rank objective with each parameter-efficient method: it trains, and its adapter on
+    the base model is the fine-tuned ranker."""
+    folder = write_recbole(tmp_path / "toy")
+    tok = char_tokenizer(CHARS, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    base = GPT(preset("tiny-llama", vocab_size=tok.vocab_size, block_size=256))
+    save_checkpoint(tmp_path / "base", base, tok)
+    name, _, quantize = method.partition("+")
+    peft = PeftConfig(method=name, prefix_length=4, quantize=quantize or "none", tinit=1)
+    config = FinetuneConfig(
+        objective="rank", init_from=str(tmp_path / "base"), data=str(folder),
+        out_dir=str(tmp_path / "run"), max_steps=3, batch_size=8, rank_negatives=2,
+        rank_history=3, progress=False, tensorboard=False, threads=1, peft=peft,
+    )  # fmt: skip
+    result = finetune(config)
+    assert result.train.steps == 3 and math.isfinite(result.train.val_loss)
+    full = load(result.train.checkpoint)
+    on_base = load(tmp_path / "base", adapter=tmp_path / "run" / "adapter")
+    x = torch.tensor([tok.encode("Film 1; Film 2")])
+    torch.testing.assert_close(on_base.model(x), full.model(x))
 
 
 def test_bad_inputs_are_one_line(tmp_path):
