@@ -462,11 +462,14 @@ def test_cli_eval_choice_and_perplexity(data, tmp_path):
     assert "perplexity" in done.stdout
 
 
-def test_torchrun_two_processes_fine_tune_like_one(data, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_torchrun_two_processes_fine_tune_like_one(data, tmp_path, method):
     """classify + LoRA under DDP (gloo, 2 CPU processes, one micro-batch each) ends with the
-    weights of one process running both micro-batches; only rank 0 reports."""
+    weights of one process running both micro-batches; only rank 0 reports. AdaLoRA too: its
+    penalty joins each rank's synced micro-batch, and its scores read the averaged gradients."""
     args = ["classify", "--model", str(data / "base"), "--data", str(data / "cls.jsonl")]
-    args += ["max_steps=4", "grad_accum=2", "batch_size=8", "peft.method=lora", "threads=1"]
+    args += ["max_steps=4", "grad_accum=2", "batch_size=8", f"peft.method={method}", "threads=1"]
+    args += ["peft.tinit=1"] if method == "adalora" else []
     args += ["progress=false", "tensorboard=false"]
     one = gptkit("finetune", *args, f"out_dir={json.dumps(str(tmp_path / 'one'))}")
     assert one.returncode == 0, one.stderr
