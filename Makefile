@@ -19,8 +19,9 @@ $(BIN)/gptkit: pyproject.toml
 # llama.cpp (the GGUF parity reference) built for any x86-64 with AVX2, never for this CPU alone:
 # pip's default GGML_NATIVE=ON turns on llama.cpp's AMX kernels on Intel Xeons, and they segfault
 # there (llama.cpp issue 20824). Its multimodal library (LLAVA_BUILD) is left out: the tests never
-# load it, and the build is 210 -> 182 s without it. The wheel is built once into a folder named
-# by its version and options, so a natively built wheel in pip's own cache is never picked up.
+# load it, and without it the build took 182 s instead of 210 (one build each, a 2-core AMD
+# EPYC). The wheel is built once into a folder named by its version and options, so a natively
+# built wheel in pip's own cache is never picked up.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
 LLAMA_CPP_WHEELS := $(HOME)/.cache/gptkit/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable-v2
