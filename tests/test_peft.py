@@ -10,7 +10,14 @@ from gptkit.checkpoint import load_checkpoint, save_checkpoint
 from gptkit.config import ConfigError, preset
 from gptkit.generation import SampleConfig, generate
 from gptkit.model import GPT, ContextLengthError
-from gptkit.peft import LoRALinear, apply_peft, load_adapter, merge_peft, save_adapter
+from gptkit.peft import (
+    MERGEABLE,
+    LoRALinear,
+    apply_peft,
+    load_adapter,
+    merge_peft,
+    save_adapter,
+)
 from gptkit.quantize import Int8Linear
 from gptkit.surgery import set_head
 from gptkit.train_config import PeftConfig
@@ -272,7 +279,7 @@ def test_adalora_training_ends_on_its_target_rank_with_ranks_that_differ():
     assert "total rank 16 over 8 layers" in adalora.describe_ranks(model)
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "adapter", "prefix", "prompt"])
 def test_an_int8_base_trains_the_adapter_and_merges_into_a_float_model(tmp_path, method):
     """QLoRA's idea: the frozen linear layers in int8 (a quarter of the bytes); the loss's
     gradient reaches the adapter through them, and the result merges, saves and reloads."""
@@ -297,7 +304,7 @@ def test_an_int8_base_trains_the_adapter_and_merges_into_a_float_model(tmp_path,
     loaded, _, meta = load_checkpoint(tmp_path / "ckpt")
     assert meta["peft"]["quantize"] == "int8" and "quantize" not in meta
     torch.testing.assert_close(loaded(X), expected)
-    if method != "adapter":
+    if method in MERGEABLE:
         with torch.no_grad():
             merged = merge_peft(loaded)
             assert set(merged.state_dict()) == set(tiny().state_dict())
