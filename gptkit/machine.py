@@ -272,12 +272,15 @@ def plan_linear(
         x_t = x2.t().expand(splits, K, rows)  # [s, K, rows], no copy
         w = weight if main == N else weight[:main]  # (a slice is one more op per token)
         y = torch.bmm(w.view(splits, main // splits, K), x_t)  # [s, main/s, rows]
-        y = y.view(main, rows).t()  # [rows, main]
-        if main < N:
-            y = torch.cat([y, F.linear(x2, weight[main:])], dim=1)
-        # One row's y is contiguous already; more rows need a transposed copy (a strided view
-        # would slow every op after it, the next matmul most).
-        y = y.contiguous().view(out)
+        if rows == 1 and main == N:  # [N, 1] is one row's [1, N] in memory already
+            y = y.view(out)
+        else:
+            y = y.view(main, rows).t()  # [rows, main]
+            if main < N:
+                y = torch.cat([y, F.linear(x2, weight[main:])], dim=1)
+            # a transposed copy: a strided view would slow every op after it, the next
+            # matmul most
+            y = y.contiguous().view(out)
     elif not plan.column_major and N % splits == 0 and weight.is_contiguous():
         # thread i computes the outputs N_i from the rows N_i of W
         w_parts = weight.view(splits, N // splits, K).transpose(1, 2)  # [s, K, N/s]
