@@ -39,7 +39,7 @@ from .peft import apply_peft, peft_config
 from .quantize import Int8Linear, quantized, quantized_skeleton
 from .quantize import check as check_quantize
 from .safeload import MetadataError, first_non_finite, read_json
-from .tensorfile import read_safetensors, tensor_shapes
+from .tensorfile import TensorFile
 from .tokenizer import Tokenizer, TokenizerError
 from .tokenizer_files import load_tokenizer
 from .train_config import PeftConfig
@@ -216,7 +216,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 def check_state_dict(model: GPT, shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor of a file
-    whose tensors have `shapes` (tensor_shapes)."""
+    whose tensors have `shapes` (TensorFile.shapes)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:  # absent, or the int8 head's own (quantize.py)
         expected.pop("lm_head.weight", None)
@@ -261,17 +261,18 @@ def load_checkpoint(
         except ConfigError as e:
             raise CheckpointError(f"{directory}: a quantized checkpoint: {e}") from None
     try:
-        shapes = tensor_shapes(weights)
+        file = TensorFile(weights)
+        shapes = file.shapes
         check_state_dict(model, shapes, str(weights))
         # int8 layers are read and packed one at a time, after the rest: reading all of their
         # tensors first would hold the int8 weights twice at the peak (packed and as read)
         int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
         later = {f"{name}.{t}" for name in int8 for t in Int8Linear.TENSORS}
-        state = read_safetensors(weights, (k for k in shapes if k not in later))
+        state = file.read(k for k in shapes if k not in later)
         check_finite(state.items(), weights)
         model.assign(state, device, dtype)  # the loaded tensors themselves: no second copy
         for name, layer in int8.items():
-            pair = read_safetensors(weights, (f"{name}.{t}" for t in Int8Linear.TENSORS))
+            pair = file.read(f"{name}.{t}" for t in Int8Linear.TENSORS)
             check_finite(pair.items(), weights)
             layer.load_int8(*pair.values())
     except (SafetensorError, OSError) as e:

@@ -37,34 +37,42 @@ _DTYPES = {
 }
 
 
-def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape, from the header alone. Raises SafetensorError as `load_file` does."""
-    with safe_open(Path(path), framework="pt") as f:  # checks the header against the file's size
-        names = f.keys()  # (safe_open is no mapping: `in f` does not iterate its names)
-        return {name: tuple(f.get_slice(name).get_shape()) for name in names}
+class TensorFile:
+    """A safetensors file whose tensors are read a few at a time: its header is checked (by
+    safetensors) and parsed once, then `read` takes the tensors it is asked for. Raises
+    safetensors' SafetensorError for a damaged file, as `load_file` does."""
 
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with safe_open(self.path, framework="pt"):  # checks the header against the file's size
+            pass
+        with self.path.open("rb") as file:
+            (self._header_size,) = struct.unpack("<Q", file.read(8))
+            self._header = json.loads(file.read(self._header_size))
+        self._header.pop("__metadata__", None)
 
-def read_safetensors(
-    path: str | Path, names: Iterable[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file (or those named), on the CPU. Raises safetensors'
-    SafetensorError for a damaged file, as `load_file` does."""
-    path = Path(path)
-    with safe_open(path, framework="pt") as f:  # checks the header against the file's size
-        names = list(f.keys()) if names is None else list(names)
-    with path.open("rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(info["shape"]) for name, info in self._header.items()}
+
+    def read(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors named (default: all), on the CPU, each owning its memory."""
         tensors = {}
-        for name in names:
-            info = header[name]
-            begin, end = info["data_offsets"]
-            if info["dtype"] not in _DTYPES:  # one clear line, as for any unreadable file
-                raise SafetensorError(f"tensor {name} has dtype {info['dtype']}, not read here")
-            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-            buffer = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
-            file.seek(8 + header_size + begin)
-            if file.readinto(buffer) != end - begin:
-                raise OSError(f"{path}: the file changed while it was being read")
-            tensors[name] = tensor
-    return tensors
+        with self.path.open("rb") as file:
+            for name in self._header if names is None else names:
+                info = self._header[name]
+                begin, end = info["data_offsets"]
+                if info["dtype"] not in _DTYPES:  # one clear line, as for any unreadable file
+                    raise SafetensorError(f"tensor {name} has dtype {info['dtype']}, not read here")
+                tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                buffer = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes
+                file.seek(8 + self._header_size + begin)
+                if file.readinto(buffer) != end - begin:
+                    raise OSError(f"{self.path}: the file changed while it was being read")
+                tensors[name] = tensor
+        return tensors
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU (TensorFile)."""
+    return TensorFile(path).read()
