@@ -126,12 +126,12 @@ def eval_code(
     problems = read_problems(path)[: limit or None]
     chat = bool(lm.tokenizer.chat_template) if chat is None else chat
     prompts = [code_prompt(lm, p, chat) for p in problems]
-    room = lm.config.block_size - max_new_tokens
+    room = lm.model.context - max_new_tokens
     for p, prompt in zip(problems, prompts, strict=True):
         if len(lm.tokenizer.encode(prompt)) > room:
             raise ConfigError(
                 f"{p['task_id']}'s prompt and {max_new_tokens} new tokens do not fit the "
-                f"model's context of {lm.config.block_size}; lower --max-new-tokens"
+                f"model's context of {lm.model.context}; lower --max-new-tokens"
             )
     stop = ["```"] if chat else STOP
     sampling = dict(max_new_tokens=max_new_tokens, stop=stop, temperature=temperature)

@@ -262,12 +262,6 @@ def _tail_logprobs(
     return (-nll.view(B, L).double().sum(dim=1)).tolist()
 
 
-def context_of(model) -> int:
-    """The positions an input may take: a GPT's context less a soft prompt's; any other
-    model's block_size."""
-    return getattr(model, "context", model.config.block_size)
-
-
 def perplexity_windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, n_scored) of each window over a text of n_tokens.
 
@@ -303,7 +297,7 @@ def perplexity(
     ids = torch.as_tensor(token_ids, dtype=torch.long)  # [N]
     if ids.ndim != 1 or len(ids) < 2:
         raise ValueError("perplexity needs a 1-D sequence of at least 2 tokens")
-    block_size = context_of(model)
+    block_size = model.context
     stride = stride if stride is not None else max(1, block_size // 2)
     if not 1 <= stride <= block_size:
         raise ValueError(f"stride must be in 1..block_size ({block_size}), got {stride}")
@@ -339,7 +333,7 @@ def continuation_logprobs(
     Pairs are scored longest first in batches of batch_size, padded on the right.
     """
     _check_pairs(contexts, continuations, "contexts", "continuations")
-    block_size = context_of(model)
+    block_size = model.context
     for i, (context, continuation) in enumerate(zip(contexts, continuations, strict=True)):
         if not context:
             raise ValueError(f"pair {i} has an empty context; start it with a BOS or EOS token")

@@ -70,7 +70,7 @@ class Canonical:
     """Stands in for an LM: answers each prompt with its canonical solution (and a wrong one
     for the second sample), so eval_code's bookkeeping is checked against known outcomes."""
 
-    config = SimpleNamespace(block_size=10_000)
+    model = SimpleNamespace(context=10_000)  # the positions a prompt may take
     tokenizer = SimpleNamespace(encode=str.split, chat_template=None)  # plain prompts
 
     def __init__(self, problems):

@@ -318,6 +318,7 @@ class UnigramModel(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(logits)  # [V]
         self.config = SimpleNamespace(block_size=block_size)
+        self.context = block_size  # the positions an input may take (GPT.context)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.logits.expand(*idx.shape, -1)  # [B, T, V]
