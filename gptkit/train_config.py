@@ -207,6 +207,11 @@ class PeftConfig:
                 raise ConfigError(f"peft.{name} must be >= 0, got {getattr(self, name)}")
         if self.quantize not in ("none", "int8"):
             raise ConfigError(f"peft.quantize={self.quantize!r} is not one of ('none', 'int8')")
+        if self.quantize != "none" and self.method == "none":
+            raise ConfigError(
+                "peft.quantize=int8 stores the frozen base under a parameter-efficient method; "
+                "set peft.method (e.g. lora): full fine-tuning trains every weight in float32"
+            )
         if self.quantize != "none" and self.method == "dora":
             raise ConfigError(
                 "peft.quantize=int8 needs the base weights as they are; DoRA "

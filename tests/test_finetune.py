@@ -346,6 +346,11 @@ def test_epochs_set_the_number_of_steps(data):
         (dict(objective="distill"), "needs teacher"),
         (dict(peft=PeftConfig(method="lora", targets=["q_proj"])), "match no linear layer"),
         (dict(model={"preset": "small", "dropout": 0.1}), "do not apply to fine-tuning"),
+        (
+            dict(peft=PeftConfig(method="adalora", tinit=1)),
+            r"tinit \+ peft.tfinal must be < the 1 scheduled",
+        ),
+        (dict(peft=PeftConfig(method="adalora"), fsdp=True), "FSDP shards them"),
     ],
 )
 def test_bad_settings_are_one_clear_error(data, settings, message):

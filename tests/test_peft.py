@@ -145,6 +145,20 @@ def test_dora_and_adalora_merge_into_a_plain_model(method):
         torch.testing.assert_close(merged(X), unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(quantize="int8"), "set peft.method"),
+        (dict(method="dora", quantize="int8"), "DoRA renormalises"),
+        (dict(method="adalora", r=4, target_r=8), "target_r=8 must be <= peft.r=4"),
+        (dict(quantize="int4"), "is not one of"),
+    ],
+)
+def test_bad_peft_settings_are_one_clear_error(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        PeftConfig(**settings)
+
+
 def test_lora_targets_pick_layers_and_a_typo_is_an_error():
     model = apply_peft(tiny(), PeftConfig(method="lora", targets=["attn.qkv"]))
     assert isinstance(model.blocks[0].attn.qkv, LoRALinear)
