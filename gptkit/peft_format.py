@@ -141,7 +141,9 @@ def export_peft(model: GPT, out_dir: str | Path, base: str | None = None) -> Pat
             "num_transformer_submodules": 1,
             "num_attention_heads": c.n_head,
             "num_layers": c.n_layer,
-            "prompt_tuning_init": "RANDOM",  # how it started; the tensor is what it became
+            # how PEFT builds the embedding before the saved tensor replaces it (gptkit started
+            # from sampled token embeddings; RANDOM needs nothing and every PEFT version has it)
+            "prompt_tuning_init": "RANDOM",
         }
     elif peft.method == "ia3":
         tensors, modules, feedforward = peft_ia3_tensors(model)
