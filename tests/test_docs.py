@@ -271,6 +271,18 @@ def out_has(*needles: str) -> Callable[[subprocess.CompletedProcess, Path], None
     return check
 
 
+def bench_smoke(out: str, *expected: str, extra: tuple[str, ...] = ()) -> Run:
+    """A bench script's --smoke run on ../shared/data with SmolLM2 from the repository root,
+    writing under the workspace's `out`; its output must hold each of `expected`."""
+    return Run(
+        add=("--smoke", *extra, "--out", f"{{ws}}/{out}"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=out_has(*expected),
+    )
+
+
 def file_made(*paths: str) -> Callable[[subprocess.CompletedProcess, Path], None]:
     def check(done: subprocess.CompletedProcess, ws: Path) -> None:
         for path in paths:
@@ -492,26 +504,14 @@ RUNS: dict[str, Run] = {
         setup=lambda ws: finetuned(ws, "classify", "train.jsonl"),
         check=file_made("merged/model.safetensors"),
     ),
-    ".venv/bin/python bench/sentiment_monitor.py": Run(
-        add=("--smoke", "--out", "{ws}/sentiment-monitor"),
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=out_has("topic_accuracy", "items/s", "report.html"),
+    ".venv/bin/python bench/sentiment_monitor.py": bench_smoke(
+        "sentiment-monitor", "topic_accuracy", "items/s", "report.html"
     ),
-    ".venv/bin/python bench/rag_eval.py": Run(
-        add=("--smoke", "--out", "{ws}/rag"),
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=out_has("recall@5", "rag (retrieved, k=3)", "rag (oracle)"),
+    ".venv/bin/python bench/rag_eval.py": bench_smoke(
+        "rag", "recall@5", "rag (retrieved, k=3)", "rag (oracle)"
     ),
-    ".venv/bin/python bench/rag_sft.py": Run(
-        add=("--smoke", "--out", "{ws}/rag-sft"),
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=out_has("| retrieved |", "| closed-book |", "retrieved F1 - closed-book F1"),
+    ".venv/bin/python bench/rag_sft.py": bench_smoke(
+        "rag-sft", "| retrieved |", "| closed-book |", "retrieved F1 - closed-book F1"
     ),
     ".venv/bin/python bench/rag_index.py": Run(
         add=("--smoke",),
@@ -696,26 +696,14 @@ RUNS: dict[str, Run] = {
             len(done.stdout.strip().splitlines()) == 10 and "Toy Story" not in done.stdout
         ),
     ),
-    ".venv/bin/python bench/recommend.py --popular --out runs/recommend-popular": Run(
-        add=("--smoke", "--out", "{ws}/recommend-popular"),  # the last --out counts
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=out_has("| gptkit SmolLM2 LoRA |", "the text model ranked"),
+    ".venv/bin/python bench/recommend.py --popular --out runs/recommend-popular": bench_smoke(
+        "recommend-popular", "| gptkit SmolLM2 LoRA |", "the text model ranked"
+    ),  # (the last --out counts)
+    ".venv/bin/python bench/preference.py": bench_smoke(
+        "preference", "| en (2) | dpo: implicit reward |", "untouched:", extra=("--lang", "en")
     ),
-    ".venv/bin/python bench/preference.py": Run(
-        add=("--smoke", "--lang", "en", "--out", "{ws}/preference"),
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=out_has("| en (2) | dpo: implicit reward |", "untouched:"),
-    ),
-    ".venv/bin/python bench/recommend.py": Run(
-        add=("--smoke", "--out", "{ws}/recommend"),
-        smollm2=True,
-        shared_data=True,
-        repo_root=True,
-        check=out_has("| ALS (implicit) |", "| gptkit + ALS |", "the text model ranked"),
+    ".venv/bin/python bench/recommend.py": bench_smoke(
+        "recommend", "| ALS (implicit) |", "| gptkit + ALS |", "the text model ranked"
     ),
     f"gptkit serve --model {SMOLLM2} --retrieval runs/kb": Run(
         elsewhere="test_a_retrieval_server_answers_with_sources"
