@@ -698,7 +698,7 @@ RUNS: dict[str, Run] = {
     ),
     ".venv/bin/python bench/recommend.py --popular --out runs/recommend-popular": bench_smoke(
         "recommend-popular", "| gptkit SmolLM2 LoRA |", "the text model ranked"
-    ),  # (the last --out counts)
+    ),  # bench_smoke's --out comes after the documented one, so it is the one used
     ".venv/bin/python bench/preference.py": bench_smoke(
         "preference", "| en (2) | dpo: implicit reward |", "untouched:", extra=("--lang", "en")
     ),
