@@ -232,8 +232,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         from .peft_format import export_peft
 
         model, _, meta = load_checkpoint(args.source)
-        out = export_peft(model, args.out, base=meta.get("init_from"))
-        print(f"wrote a PEFT LoRA adapter directory to {out}")
+        trained = (meta.get("train") or {}).get("config") or {}  # a fine-tune's settings
+        out = export_peft(model, args.out, base=trained.get("init_from"))
+        print(f"wrote a PEFT adapter directory ({model.peft.method}) to {out}")
         return
     if args.to == "hf":
         model, tokenizer, _ = load_checkpoint(args.source)

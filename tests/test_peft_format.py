@@ -73,11 +73,14 @@ def test_peft_loads_the_adapter_and_computes_gptkits_logits(tmp_path, case):
 
 def test_the_cli_writes_the_adapter_of_a_lora_checkpoint(tmp_path):
     _, tuned = lora_model("tiny-llama", ["attn.qkv", "mlp.fc"])
-    save_checkpoint(tmp_path / "run", tuned)
+    # the base a fine-tune started from, as its checkpoint records it
+    save_checkpoint(tmp_path / "run", tuned, extra={"train": {"config": {"init_from": "base-x"}}})
     cmd = [sys.executable, "-m", "gptkit", "convert", str(tmp_path / "run"), str(tmp_path / "p")]
     done = subprocess.run([*cmd, "--to", "peft"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "PEFT adapter directory (lora)" in done.stdout
     config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "base-x"
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
     # fused qkv and gate/up became one LoRA per Hugging Face layer, in both blocks
     names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
