@@ -50,7 +50,7 @@ from .examples import (
 )
 from .loading import Pretrained, load_pretrained, load_trainable
 from .model import GPT
-from .peft import apply_peft, save_adapter
+from .peft import apply_peft, input_room, save_adapter
 from .predict import batched_logits, predict_labels, predict_tags
 from .preference import PreferenceTask
 from .prepare import prepare
@@ -81,7 +81,7 @@ class ExampleTask:
                 self.model, self.tokenizer, config.template
             )
         # positions an example may take (a soft prompt, applied later, takes some)
-        self.context = self.model.context - config.peft.prompt_positions
+        self.context = input_room(self.model, config.peft)
         train, val = split_val(self._read(config.data), self._read, config)
         if kind in ("classify", "tag", "rank"):
             self._set_labels(train + val)
@@ -236,11 +236,11 @@ class TextTask(PretrainTask):
         self.name, self.model = config.objective, lm.model
 
     def build_model(self, device: torch.device) -> GPT:
-        self.block_size = self.model.context - self.config.peft.prompt_positions
+        self.block_size = input_room(self.model, self.config.peft)
         return apply_peft(self.model.to(device).train(), self.config.peft)
 
     def epoch_size(self) -> int:
-        return len(self.train_data) // (self.model.context - self.config.peft.prompt_positions)
+        return len(self.train_data) // input_room(self.model, self.config.peft)
 
 
 class Distill:

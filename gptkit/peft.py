@@ -356,6 +356,18 @@ def apply_peft(model: GPT, config: PeftConfig, init: bool = True) -> GPT:
     return model
 
 
+def input_room(model: GPT, config: PeftConfig) -> int:
+    """The positions an input may take once `config` is applied to `model`: a soft prompt
+    takes prefix_length of the context. ConfigError when it would leave none."""
+    room = model.context - config.prompt_positions
+    if room < 1:
+        raise ConfigError(
+            f"peft.prefix_length={config.prefix_length} leaves no room in the context of "
+            f"{model.context}; use fewer prompt embeddings"
+        )
+    return room
+
+
 def peft_config(model: GPT) -> PeftConfig | None:
     return getattr(model, "peft", None)
 

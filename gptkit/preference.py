@@ -38,7 +38,7 @@ from .examples import IGNORE, EpochOrder, Example, collate, split_val
 from .generation import eval_mode
 from .loading import Pretrained, load_pretrained
 from .model import GPT
-from .peft import apply_peft
+from .peft import apply_peft, input_room
 from .preference_data import Pair, encode_pair, lm_rows, read_pairs, reward_rows
 from .surgery import CHATML_TOKENS, fit_chat_template, resize_vocab, set_head
 from .tokenizer import Tokenizer
@@ -144,7 +144,7 @@ class PreferenceTask:
 
     def _encode(self, pairs: Sequence[Pair]) -> list[tuple[Example, Example]]:
         c = self.config
-        max_length = min(c.max_length, self.model.context - c.peft.prompt_positions)
+        max_length = min(c.max_length, input_room(self.model, c.peft))
         rows = reward_rows if c.objective == "reward" else lm_rows
         encoded = [
             encode_pair(self.tokenizer, p, self.template, max_length, c.max_prompt_length)

@@ -351,6 +351,7 @@ def test_epochs_set_the_number_of_steps(data):
             r"tinit \+ peft.tfinal must be < the 1 scheduled",
         ),
         (dict(peft=PeftConfig(method="adalora"), fsdp=True), "FSDP shards them"),
+        (dict(peft=PeftConfig(method="prompt", prefix_length=100_000)), "leaves no room"),
     ],
 )
 def test_bad_settings_are_one_clear_error(data, settings, message):
