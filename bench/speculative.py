@@ -10,9 +10,11 @@ Two real prompts in SmolLM2's chat template, built from SQuAD v1.1 dev (Wikipedi
 
 Each is decoded greedily (up to --new tokens, batch 1) plainly and with prompt lookup at
 each --k (guesses per pass); a round times each once, round-robin, and the table gives medians
-of --rounds. tokens/s is new tokens over the whole call's wall time, prompt processing included,
-as a user waits for it. Speculation must not change a token: the bench fails if the greedy
-outputs differ.
+of --rounds. Two rates: "call" is new tokens over the whole call's wall time, prompt processing
+included, as a user waits for it; "decode" leaves the prompt out (it is the same pass with and
+without speculation): the new tokens after the first over the call's time less the time of a
+1-token call. Speculation must not change a token: the bench fails if the greedy outputs
+differ.
 
     .venv/bin/python bench/speculative.py [--new 128] [--k 2 4 8] [--rounds 3] [--threads N]
         [--smoke]
@@ -42,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new", type=int, default=128, help="new tokens at most")
     parser.add_argument(
-        "--k", type=int, nargs="+", default=[2, 4, 8], help="prompt lookup's guesses per pass"
+        "--k", type=int, nargs="+", default=[2, 3, 4, 8], help="prompt lookup's guesses per pass"
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
@@ -59,13 +61,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def header() -> str:
-    """The machine, with the CPU model as lscpu names it, and how busy it is."""
+    """The machine, with the CPU model as lscpu names it, how busy it is, and its decode plan:
+    a pass over up to max_split_rows tokens streams the weights as one token's does."""
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     names = [line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line]
     load = os.getloadavg()[0]
+    plan = machine.decode_plan()
     return (
         f"machine: {machine.cpu().describe()}; lscpu model name: {names[0] if names else '?'}; "
-        f"load average {load:.1f} (other work on the machine shares the cores)"
+        f"load average {load:.1f} (other work on the machine shares the cores); decode plan "
+        f"{plan.name}, split up to {plan.max_split_rows} rows"
     )
 
 
@@ -93,7 +98,11 @@ def race(lm, prompt: str, args: argparse.Namespace) -> dict:
     """Plain vs prompt lookup at each k on one prompt: tokens/s (medians), speedups and
     acceptance; the greedy tokens must be identical."""
     options = dict(temperature=0, max_new_tokens=args.new)
-    runs = {"plain": options, **{k: {**options, "prompt_lookup": k} for k in args.k}}
+    runs = {
+        "prompt": {**options, "max_new_tokens": 1},  # the prompt's pass and one token
+        "plain": options,
+        **{k: {**options, "prompt_lookup": k} for k in args.k},
+    }
     for run in runs.values():  # warm up every path (allocations, the decode plan)
         lm.complete(prompt, **run)
     times: dict = {name: [] for name in runs}
@@ -103,14 +112,19 @@ def race(lm, prompt: str, args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             last[name] = lm.complete(prompt, **run)[0]
             times[name].append(time.perf_counter() - start)
-            if last[name].ids != last["plain"].ids:
+            if name != "prompt" and last[name].ids != last["plain"].ids:
                 raise SystemExit(f"prompt lookup (k={name}) changed the greedy output: a bug")
     new = len(last["plain"].ids)
-    rate = {name: new / statistics.median(t) for name, t in times.items()}
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    prompt_seconds = seconds.pop("prompt")
+    rate = {name: new / s for name, s in seconds.items()}
+    decode = {name: (new - 1) / (s - prompt_seconds) for name, s in seconds.items()}
     lookup = {
         k: {
             "rate": rate[k],
             "speedup": rate[k] / rate["plain"],
+            "decode_rate": decode[k],
+            "decode_speedup": decode[k] / decode["plain"],
             "acceptance": last[k].stats.acceptance,
             "tokens_per_pass": last[k].stats.tokens_per_pass,
         }
@@ -119,7 +133,9 @@ def race(lm, prompt: str, args: argparse.Namespace) -> dict:
     return {
         "prompt_tokens": len(lm.prompt_ids(prompt)),
         "new_tokens": new,
+        "prompt_seconds": prompt_seconds,
         "plain": rate["plain"],
+        "plain_decode": decode["plain"],
         "lookup": lookup,
         "reply": last["plain"].text,
     }
@@ -134,20 +150,24 @@ def main() -> None:
     results = {name: race(lm, prompt, args) for name, prompt in prompts(lm.tokenizer).items()}
     print(
         f"SmolLM2-135M-Instruct fp32, greedy, up to {args.new} new tokens, batch 1, "
-        f"{torch.get_num_threads()} threads, medians of {args.rounds}; tokens/s = new tokens / "
-        "wall time of the call (prompt included)"
+        f"{torch.get_num_threads()} threads, medians of {args.rounds}; tokens/s: call = new tokens "
+        "/ the call's wall time, decode = the same less the prompt's pass"
     )
     print(
-        f"{'prompt':<10} {'prompt tok':>10} {'new tok':>8} {'plain tok/s':>12} {'k':>3} "
-        f"{'lookup tok/s':>13} {'speedup':>8} {'accepted':>9} {'tok/pass':>9}"
+        f"{'prompt':<10} {'prompt tok':>10} {'prompt s':>8} {'k':>3} {'plain call':>10} "
+        f"{'lookup call':>11} {'speedup':>8} {'plain decode':>12} {'lookup decode':>13} "
+        f"{'speedup':>8} {'accepted':>9} {'tok/pass':>9}"
     )
     for name, r in results.items():
         for k, x in r["lookup"].items():
             print(
-                f"{name:<10} {r['prompt_tokens']:>10} {r['new_tokens']:>8} {r['plain']:>12.1f} "
-                f"{k:>3} {x['rate']:>13.1f} {x['speedup']:>7.2f}x {x['acceptance']:>9.0%} "
-                f"{x['tokens_per_pass']:>9.2f}"
+                f"{name:<10} {r['prompt_tokens']:>10} {r['prompt_seconds']:>8.2f} {k:>3} "
+                f"{r['plain']:>10.1f} {x['rate']:>11.1f} {x['speedup']:>7.2f}x "
+                f"{r['plain_decode']:>12.1f} {x['decode_rate']:>13.1f} "
+                f"{x['decode_speedup']:>7.2f}x {x['acceptance']:>9.0%} {x['tokens_per_pass']:>9.2f}"
             )
+    counts = ", ".join(f"{name} {r['new_tokens']}" for name, r in results.items())
+    print(f"new tokens: {counts}")
     print("greedy outputs token-identical: yes (checked every round)")
     for name, r in results.items():
         print(f"{name} reply: {r['reply'][:200]!r}")

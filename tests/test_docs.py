@@ -545,7 +545,7 @@ RUNS: dict[str, Run] = {
         smollm2=True,
         shared_data=True,
         repo_root=True,
-        check=out_has("plain tok/s", "token-identical: yes"),
+        check=out_has("plain decode", "token-identical: yes"),
     ),
     ".venv/bin/python bench/decode_gpt2.py": Run(
         add=SMALL_DECODE, repo_root=True, check=out_has("gptkit fp32", "tok/s")

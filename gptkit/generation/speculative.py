@@ -255,12 +255,13 @@ def verify(
     one of its own (the replacement of the first refused guess, or one after them all).
 
     hidden [1, k + 1, C]: the model's final states after the first j guesses, j = 0..k; head
-    makes them logits. Only the rows the check reaches get logits: the head is a large matrix
-    (28M of SmolLM2-135M's weights) and most passes stop at an early guess.
+    makes them logits, all in one call: the head is a large matrix (28M of SmolLM2-135M's
+    weights), and a product with a few rows streams it once, as one row does.
     """
+    logits = head(hidden)[0]  # [k + 1, V]
     picks = []
     for j in range(len(draft.tokens) + 1):
-        row = head(hidden[:, j])  # [1, V]
+        row = logits[j : j + 1]  # [1, V]
         p = sampler.distribution(row)[0]  # [V], in the state after the tokens before j
         if j == len(draft.tokens):
             token = draw(p, sampler)
