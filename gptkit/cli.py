@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli_flags import allow_pickle_flag, quantize_flag
+from .cli_flags import allow_pickle_flag, dtype_flag, quantize_flag
 from .cli_generate import add_generation_parsers
 from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
@@ -146,10 +146,14 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from . import precision
     from .api import load
     from .evaltasks import run_eval
     from .evaluate import format_table, save_results
+    from .loading import resolve_device
 
+    if args.dtype != "float32" and args.task in ("retrieval", "rag", "code", "rank"):
+        raise ConfigError(f"--dtype is for eval of a model's scores, not eval {args.task}")
     if args.task in ("retrieval", "rag"):
         from .rag_eval import cmd_eval_rag
 
@@ -182,8 +186,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         beta=args.beta,
         max_length=args.max_length,
     )
-    lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
-    results = run_eval(args.task, lm, args.data, **options)
+    device = resolve_device(args.device)
+    precision.check(args.dtype, device, args.quantize)
+    lm = load(args.model, device=device, adapter=args.adapter, quantize=args.quantize)
+    with precision.compute(args.dtype, device):
+        results = run_eval(args.task, lm, args.data, **options)
     print(format_table(results, title=f"{args.task}: {', '.join(args.data)}"))
     if args.out:
         save_results({"task": args.task, "model": args.model, **results}, args.out)
@@ -362,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint, HF dir/hub name, GGUF or name")
     p.add_argument("--adapter", help="an adapter directory from a finetune run")
     quantize_flag(p)
+    dtype_flag(p)
     p.add_argument("--data", required=True, nargs="+", help="data file(s)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N examples")
     p.add_argument("--out", type=Path, help="also save the results as JSON")

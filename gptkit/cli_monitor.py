@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .cli_flags import quantize_flag
+from .cli_flags import dtype_flag, quantize_flag
 from .monitor_rules import MonitorError
 
 REPORT_USAGE = "gptkit monitor report --db DB --out FILE"
@@ -57,10 +57,13 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     import torch
 
     from .api import load
+    from .loading import resolve_device
+    from .precision import check as check_dtype
     from .predict import label_function
 
+    check_dtype(args.dtype, resolve_device(args.device), args.quantize)
     lm = load(args.model, device=args.device, quantize=args.quantize)
-    classify = label_function(lm, batch_size=args.batch_size)
+    classify = label_function(lm, batch_size=args.batch_size, dtype=args.dtype)
     known = dict(lm.model.config.label_groups())  # {field: labels}, to check --negative
 
     stop = threading.Event()  # SIGTERM ends the run between batches, like Ctrl-C
@@ -105,6 +108,7 @@ def add_monitor_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's)")
     quantize_flag(p, classifier=True)
+    dtype_flag(p)
     p.add_argument("--follow", action="store_true", help="keep reading what is appended")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between looks for more")
     p.add_argument("--batch-size", type=int, default=32, help="texts classified together")

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .cli_flags import quantize_flag
+from .cli_flags import dtype_flag, quantize_flag
 from .config import ConfigError
 from .taskdata import read_texts
 
@@ -90,13 +90,17 @@ class Writer:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from . import precision
     from .api import load
+    from .loading import resolve_device
 
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    lm = load(args.model, device=args.device, quantize=args.quantize)
+    device = resolve_device(args.device)
+    precision.check(args.dtype, device, args.quantize)
+    lm = load(args.model, device=device, quantize=args.quantize)
     head = lm.config.head
     if head == "lm":
         raise ConfigError(
@@ -108,7 +112,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {args.out}: write .jsonl, .csv or .tsv (or set --format)")
     rows, total = _rows(args.data, args.text_field)
     fields = [f for f, _ in lm.config.label_groups()]
-    with _output(args.out) as out:
+    with _output(args.out) as out, precision.compute(args.dtype, device):
         writer = Writer(out, kind, fields)
         with tqdm(total=total, unit="text", desc="predict", disable=total is None) as meter:
             for chunk in _chunks(rows, CHUNK):
@@ -134,4 +138,5 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
     quantize_flag(p, classifier=True)
+    dtype_flag(p)
     p.set_defaults(func=cmd_predict)

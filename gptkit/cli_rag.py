@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_flags import dtype_flag
 from .config import ConfigError
 
 MODES = ("hybrid", "dense", "bm25")
@@ -26,14 +27,21 @@ def cmd_index(args: argparse.Namespace) -> None:
     elif not args.docs:
         raise ConfigError("name the documents to index: gptkit index DOCS... --out INDEX")
     elif args.add:
-        index = add_documents(args.out, args.docs, text_field=args.text_field)
+        embedder = None  # the one the index records, loaded when it is needed
+        if args.dtype != "float32":
+            from .embed import load_embedder
+            from .rag_index import Index
+
+            name = Index.open(args.out).identity["name"]
+            embedder = load_embedder(name, device=args.device, dtype=args.dtype)
+        index = add_documents(args.out, args.docs, text_field=args.text_field, embedder=embedder)
     else:
         missing = [str(p) for p in args.docs if not p.exists()]
         if missing:  # before the embedder takes its seconds to load
             raise ConfigError(f"{missing[0]}: no such file or folder")
         from .embed import load_embedder
 
-        embedder = load_embedder(args.embedder, device=args.device)
+        embedder = load_embedder(args.embedder, device=args.device, dtype=args.dtype)
         index = build_index(
             args.docs,
             args.out,
@@ -82,6 +90,7 @@ def add_rag_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delete", nargs="+", metavar="ID", help="remove these documents")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index")
     p.add_argument("--device", default=None)
+    dtype_flag(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="the chunks of an index that best match a query")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 QUANTIZE_CHOICES = ("int8",)  # weight formats quantize.py makes for CPU inference
+DTYPES = ("float32", "bfloat16")  # what batch inference computes its matmuls in (precision.py)
 
 Positions = Literal["learned", "sinusoidal", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from . import precision
 from .config import ConfigError
 from .generation import eval_mode
 
@@ -44,6 +45,8 @@ class Embedder:
     name: str  # what load_embedder() takes to load it again
     dim: int
     max_tokens: int  # longer texts are cut by the model: chunk below this
+    dtype: str = "float32"  # what encode's matmuls compute in (precision.py); not identity:
+    # bfloat16 vectors are the float32 ones to a cosine of ~0.99997, in the same space
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -135,13 +138,14 @@ class SentenceEmbedder(Embedder):
         self._counter.no_truncation()
 
     def encode(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=batch_size,
-            show_progress_bar=progress,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        )
+        with precision.compute(self.dtype, self.model.device):
+            vectors = self.model.encode(
+                list(texts),
+                batch_size=batch_size,
+                show_progress_bar=progress,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+            )
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -186,7 +190,7 @@ class ModelEmbedder(Embedder):
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
         size = batch_size or self.batch_size
         device = model.tok_emb.weight.device
-        with torch.inference_mode(), eval_mode(model):
+        with torch.inference_mode(), eval_mode(model), precision.compute(self.dtype, device):
             for start in tqdm(range(0, len(order), size), disable=not progress, unit="batch"):
                 batch = order[start : start + size]
                 lengths = torch.tensor([len(rows[i]) for i in batch])  # [B]
@@ -205,11 +209,19 @@ class ModelEmbedder(Embedder):
         return [len(self.lm.tokenizer.encode(t)) for t in texts]
 
 
-def load_embedder(spec: str = DEFAULT, device: str | None = None) -> Embedder:
+def load_embedder(
+    spec: str = DEFAULT, device: str | None = None, dtype: str = "float32"
+) -> Embedder:
     """ "minilm" (the default), a sentence-transformers directory, or anything gptkit.load
-    takes (a checkpoint, a Hugging Face directory, a GGUF file, a named model)."""
-    if spec == DEFAULT or (Path(spec) / "modules.json").is_file():
-        return SentenceEmbedder(spec, device)
-    from .loading import load_pretrained
+    takes (a checkpoint, a Hugging Face directory, a GGUF file, a named model); dtype: what it
+    computes in (precision.py)."""
+    from .loading import load_pretrained, resolve_device
 
-    return ModelEmbedder(load_pretrained(spec, device), name=spec)
+    precision.check(dtype, resolve_device(device))
+    embedder: Embedder
+    if spec == DEFAULT or (Path(spec) / "modules.json").is_file():
+        embedder = SentenceEmbedder(spec, device)
+    else:
+        embedder = ModelEmbedder(load_pretrained(spec, device), name=spec)
+    embedder.dtype = dtype
+    return embedder

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import precision
 from .config import ConfigError
 from .examples import IGNORE, Example, classification_example, collate, tagging_example
 from .generation import eval_mode
@@ -216,13 +217,16 @@ def tag(
 
 
 def label_function(
-    lm: Pretrained, batch_size: int = 32
+    lm: Pretrained, batch_size: int = 32, dtype: str = "float32"
 ) -> Callable[[list[str]], list[dict[str, str]]]:
-    """texts -> per text {field: label}: a classifier reduced to its answers (gptkit monitor)."""
+    """texts -> per text {field: label}: a classifier reduced to its answers (gptkit monitor).
+    dtype: what the matmuls compute in (precision.py), in whichever thread calls it."""
     needs_head(lm.model, "classify", "a label function")
+    device = lm.model.tok_emb.weight.device
 
     def labels(texts: list[str]) -> list[dict[str, str]]:
-        fields = predict_labels(lm.model, lm.tokenizer, texts, batch_size)
+        with precision.compute(dtype, device):
+            fields = predict_labels(lm.model, lm.tokenizer, texts, batch_size)
         return [{f: fields[f][i] for f in fields} for i in range(len(texts))]
 
     return labels

@@ -444,6 +444,8 @@ RUNS: dict[str, Run] = {
     ),
     "gptkit predict --model runs/finetune/checkpoint --data news.jsonl --out labelled.jsonl "
     "--top-k 2": Run(setup=classifier, check=file_made("labelled.jsonl")),
+    "gptkit predict --model runs/finetune/checkpoint --data news.jsonl --out fast.jsonl "
+    "--dtype bfloat16": Run(setup=classifier, check=file_made("fast.jsonl")),
     "gptkit serve --model runs/finetune/checkpoint": Run(elsewhere="test_a_classifier_is_served"),
     "gptkit monitor --model runs/finetune/checkpoint --source posts.jsonl --db posts.db "
     "--window 1d": Run(setup=classifier, check=out_has("posts.db holds 14 items")),
@@ -517,7 +519,7 @@ RUNS: dict[str, Run] = {
         add=("--smoke",),
         shared_data=True,
         repo_root=True,
-        check=out_has("gptkit overhead", "32 in flight"),
+        check=out_has("bfloat16: gptkit index", "gptkit overhead", "32 in flight"),
     ),
     ".venv/bin/python bench/predict.py": Run(
         add=("--smoke",),

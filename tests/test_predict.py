@@ -22,7 +22,7 @@ from gptkit.config import ConfigError, preset
 from gptkit.evaltasks import eval_classify
 from gptkit.finetune import finetune
 from gptkit.model import GPT
-from gptkit.predict import entities, predict_labels
+from gptkit.predict import entities, label_function, predict_labels
 from gptkit.surgery import set_head
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train_config import FinetuneConfig
@@ -229,6 +229,49 @@ def test_predict_reads_stdin_lines_and_refuses_bad_input_in_one_line(models, tmp
         assert message in done.stderr
     done = gptkit_cli("predict", "--model", str(models["dir"] / "base"), "--data", str(bad))
     assert done.returncode == 2 and "predict needs a classifier or tagger" in done.stderr
+
+
+def test_predict_and_eval_in_bfloat16_stay_close_to_float32(models, tmp_path):
+    rng = random.Random(2)
+    rows = [example(rng) for _ in range(24)]
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    model = str(models["single"])
+    probs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.jsonl"
+        args = ["--data", str(data), "--out", str(out), "--dtype", dtype]
+        done = gptkit_cli("predict", "--model", model, *args)
+        assert done.returncode == 0, done.stderr
+        written = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+        probs[dtype] = torch.tensor([w["probs"]["positive"] for w in written])  # [N]
+    assert not torch.equal(probs["float32"], probs["bfloat16"])  # bfloat16 really ran
+    torch.testing.assert_close(probs["bfloat16"], probs["float32"], atol=0.03, rtol=0)
+    args = ["--data", str(data), "--label-field", "sentiment", "--dtype", "bfloat16"]
+    done = gptkit_cli("eval", "classify", "--model", model, *args)
+    assert done.returncode == 0 and "accuracy" in done.stdout, done.stderr
+    refused = {
+        ("predict", "--model", model, "--data", str(data), "--dtype", "bfloat16",
+         "--quantize", "int8"): "--dtype bfloat16 with --quantize int8: pick one of them",
+        ("eval", "retrieval", "--index", str(tmp_path), "--data", str(data), "--dtype",
+         "bfloat16"): "--dtype is for eval of a model's scores, not eval retrieval",
+    }  # fmt: skip
+    for argv, message in refused.items():
+        done = gptkit_cli(*argv)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr
+
+
+def test_the_monitors_label_function_computes_in_the_dtype_asked(models):
+    lm = gptkit.load(models["single"], device="cpu")
+    seen = []
+    lm.model.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    for dtype in ("float32", "bfloat16"):
+        assert label_function(lm, dtype=dtype)(["the film was good"]) in (
+            [{"sentiment": "positive"}],
+            [{"sentiment": "negative"}],
+        )
+    assert seen == [torch.float32, torch.bfloat16]
 
 
 def test_predict_with_a_tagger_writes_entities(models, tmp_path):

@@ -225,6 +225,16 @@ def test_index_cli_builds_adds_deletes(tmp_path, capsys):
     assert "5 documents" in capsys.readouterr().out
     assert main(["index", "--out", str(out), "--delete", "wire", "hours"]) == 0
     assert "3 documents, 3 chunks" in capsys.readouterr().out
+    # --dtype bfloat16 embeds in bfloat16 (building and adding); float32 queries still find
+    half = tmp_path / "half"
+    assert main(["index", str(docs), "--out", str(half), "--dtype", "bfloat16"]) == 0
+    assert main(["index", str(more), "--out", str(half), "--add", "--dtype", "bfloat16"]) == 0
+    assert "5 documents" in capsys.readouterr().out
+    from gptkit.rag_index import Index
+
+    index = Index.open(half)
+    for query, doc in QUERIES.items():
+        assert index.search(query, k=1, mode="dense")[0].doc_id == doc
 
 
 # --- damage and mismatches -----------------------------------------------------------------
