@@ -10,7 +10,9 @@ checkpoint; the peer loads that checkpoint exported by `gptkit convert CKPT OUT 
 printed). gptkit runs as `gptkit predict` loads it: fp32, length-sorted batches, no
 attention mask (causal attention keeps right padding from reaching the text).
 
-`gptkit predict --quantize int8` (int8 weights) runs too, its labels compared the same way.
+`gptkit predict --quantize int8` (int8 weights) and `--dtype bfloat16` (bfloat16 matmuls under
+autocast) run too, their labels compared the same way; so does the pipeline under the same
+autocast, the same-precision peer of the bfloat16 run.
 Medians of --rounds, the peers interleaved after a warm-up; target: gptkit >= 1.5x the
 pipeline's texts/s. The output starts with the machine (CPU, SIMD flags, cores; load).
 
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gptkit  # noqa: E402
-from gptkit import machine  # noqa: E402
+from gptkit import machine, precision  # noqa: E402
 from gptkit.checkpoint import save_checkpoint  # noqa: E402
 from gptkit.loading import load_pretrained  # noqa: E402
 from gptkit.peft import apply_peft, merge_peft  # noqa: E402
@@ -58,6 +60,14 @@ def make_classifier(out: Path) -> Path:
                 p.normal_(0, 0.02)
     save_checkpoint(out, merge_peft(lm.model).eval(), lm.tokenizer)
     return out
+
+
+def as_ours(entries: list[dict]) -> dict:
+    """A pipeline answer ([{label, score}] for every label) as lm.classify gives it."""
+    return {
+        "label": max(entries, key=lambda e: e["score"])["label"],
+        "probs": {e["label"]: e["score"] for e in entries},
+    }
 
 
 def main() -> None:
@@ -97,16 +107,28 @@ def main() -> None:
         def run_int8():
             return int8.classify(texts, batch_size=BATCH)
 
-        def run_theirs():
-            with torch.inference_mode():
+        def run_bf16():
+            with precision.compute("bfloat16", "cpu"):  # predict --dtype bfloat16
+                return ours.classify(texts, batch_size=BATCH)
+
+        def run_theirs(dtype: torch.dtype = torch.float32):
+            with torch.inference_mode(), torch.autocast("cpu", dtype, dtype != torch.float32):
                 return theirs(with_eos, batch_size=BATCH)
 
-        runs = {"gptkit": run_ours, "gptkit int8": run_int8, "transformers": run_theirs}
+        runs = {
+            "gptkit": run_ours,
+            "gptkit int8": run_int8,
+            "gptkit bf16": run_bf16,
+            "transformers": run_theirs,
+            "transformers bf16": lambda: run_theirs(torch.bfloat16),
+        }
         found = {name: run() for name, run in runs.items()}  # warm-up, and the agreement check
         peer = [{e["label"]: e["score"] for e in p} for p in found["transformers"]]
         agree, diff = {}, {}
-        for name in ("gptkit", "gptkit int8"):
+        for name in ("gptkit", "gptkit int8", "gptkit bf16", "transformers bf16"):
             pairs = list(zip(found[name], peer, strict=True))
+            if name == "transformers bf16":  # the pipeline's shape: as gptkit's answers
+                pairs = [(as_ours(m), p) for m, p in pairs]
             agree[name] = sum(m["label"] == max(p, key=p.get) for m, p in pairs)
             diff[name] = max(abs(m["probs"][k] - v) for m, p in pairs for k, v in p.items())
         times: dict[str, list[float]] = {name: [] for name in runs}
@@ -124,6 +146,8 @@ def main() -> None:
         same = f"{agree[name]}/{len(texts)} | {diff[name]:.1e}" if name in agree else "- | -"
         print(f"| {name} | {r:.1f} | {ratio[name]:.2f}x | {same} |")
     print(f"gptkit fp32 / transformers: {ratio['gptkit']:.2f}x (target >= 1.5x)")
+    bf16 = rate["gptkit bf16"] / rate["transformers bf16"]
+    print(f"gptkit bf16 / transformers bf16: {bf16:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"texts_per_s": rate, "ratio": ratio, "agree": agree}))
 

@@ -22,7 +22,7 @@ from gptkit.config import ConfigError, preset
 from gptkit.evaltasks import eval_classify
 from gptkit.finetune import finetune
 from gptkit.model import GPT
-from gptkit.predict import entities, label_function, predict_labels
+from gptkit.predict import FLOOR, SLACK, entities, label_function, length_batches, predict_labels
 from gptkit.surgery import set_head
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train_config import FinetuneConfig
@@ -160,6 +160,18 @@ def test_entities_merge_tags_as_the_simple_strategy_does():
         ("LOC", 25, 32),
         ("PER", 33, 35),
     ]
+
+
+def test_length_batches_cover_every_row_once_and_pad_little():
+    rng = random.Random(0)
+    lengths = [rng.choice([3, 5, 8, 12, 20, 30]) for _ in range(200)] + [300, 736, 41, 90]
+    batches = length_batches(lengths, batch_size=32)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 32 for b in batches)
+    for b in batches:  # each pads within SLACK of its real tokens, or is small
+        real = [lengths[i] for i in b]
+        assert len(b) * max(real) <= max(SLACK * sum(real), FLOOR)
+    assert [lengths[i] for i in batches[-1]] == [736]  # 300 and 90 would pad it far more
 
 
 def test_a_classifier_refuses_to_generate_in_one_line(models):
