@@ -110,7 +110,9 @@ def main() -> None:
             texts = [c.embedded_text() for c in index.chunks()]
             start = time.perf_counter()
             with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
-                vectors = embedder.model.encode(texts, batch_size=32, normalize_embeddings=True)
+                vectors = embedder.model.encode(
+                    texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False
+                )
             flat = faiss.IndexFlatIP(vectors.shape[1])
             flat.add(np.asarray(vectors, dtype=np.float32))
             theirs[dtype].append(time.perf_counter() - start)

@@ -515,7 +515,7 @@ RUNS: dict[str, Run] = {
     ".venv/bin/python bench/rag_sft.py": bench_smoke(
         "rag-sft", "| retrieved |", "| closed-book |", "retrieved F1 - closed-book F1"
     ),
-    ".venv/bin/python bench/rag_index.py": Run(
+    ".venv/bin/python bench/rag_index.py --rounds 2": Run(
         add=("--smoke",),
         shared_data=True,
         repo_root=True,
@@ -534,7 +534,7 @@ RUNS: dict[str, Run] = {
     ".venv/bin/python bench/decode_smollm2.py": Run(
         add=SMALL_DECODE, smollm2=True, repo_root=True, check=out_has("gptkit fp32", "tok/s")
     ),
-    f".venv/bin/gptkit generate --model {SMOLLM2} --temperature 0 --prompt-lookup 2 "
+    f".venv/bin/gptkit generate --model {SMOLLM2} --temperature 0 --prompt-lookup 3 "
     '--prompt "Copy the list: red, green, blue, yellow. The list: red,"': Run(
         add=("--max-new-tokens", "12"),
         smollm2=True,

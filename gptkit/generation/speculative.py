@@ -5,8 +5,8 @@ newest token plus the k guesses, through its KV cache), keeps the guesses it agr
 the first it does not, and adds one token of its own. A pass so yields between 1 and k + 1
 tokens. Decoding one sequence is mostly bound by reading the weights, so a pass over k + 1
 tokens can cost little more than a pass over one, and then every accepted guess is nearly free.
-(Not everywhere: on the 2-core AMD EPYC of docs/GENERATION.md a pass over 9 tokens costs about
-3 passes over one, and only short drafts pay.)
+(Not everywhere: on the 2-core AMD EPYC of docs/GENERATION.md a pass over 4 tokens costs
+1.1-1.4 passes over one, but 5 cost 1.5-2 and 9 about 2.5, so k = 3 pays and k >= 4 loses.)
 
 Two drafters:
 - `PromptLookup` copies from the text so far (prompt lookup decoding, Saxena 2023): it finds
