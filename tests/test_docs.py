@@ -701,6 +701,10 @@ RUNS: dict[str, Run] = {
     ".venv/bin/python bench/recommend.py --popular --out runs/recommend-popular": bench_smoke(
         "recommend-popular", "| gptkit SmolLM2 LoRA |", "the text model ranked"
     ),  # bench_smoke's --out comes after the documented one, so it is the one used
+    ".venv/bin/python bench/recommend.py --popular --dtype bfloat16 --steps 400 "
+    "--out runs/recommend-bf16": bench_smoke(
+        "recommend-bf16", "| gptkit SmolLM2 LoRA |", "the text model ranked"
+    ),  # --smoke overrides --steps
     ".venv/bin/python bench/preference.py": bench_smoke(
         "preference", "| en (2) | dpo: implicit reward |", "untouched:", extra=("--lang", "en")
     ),
