@@ -155,8 +155,8 @@ def main() -> None:
             text.append(score_candidates(lm.model, lm.tokenizer, context, texts).tolist())
     seconds = time.perf_counter() - start
     timed = sample[:3]  # scored again as whole texts, for the shared history's speed-up
-    with precision.compute(args.dtype, "cpu"):  # smoke: no timing
-        whole = 0.0 if args.smoke else whole_text_seconds(lm, data, timed, seen)
+    with precision.compute(args.dtype, "cpu"):
+        whole = 0.0 if args.smoke else whole_text_seconds(lm, data, timed, seen)  # smoke: no timing
     shared = seconds / len(sample) * len(timed)
     scorers = {
         "most-popular": lambda qs: [[counts[i] for i in q.candidates] for q in qs],

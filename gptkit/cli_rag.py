@@ -27,14 +27,7 @@ def cmd_index(args: argparse.Namespace) -> None:
     elif not args.docs:
         raise ConfigError("name the documents to index: gptkit index DOCS... --out INDEX")
     elif args.add:
-        embedder = None  # the one the index records, loaded when it is needed
-        if args.dtype != "float32":
-            from .embed import load_embedder
-            from .rag_index import Index
-
-            name = Index.open(args.out).identity["name"]
-            embedder = load_embedder(name, device=args.device, dtype=args.dtype)
-        index = add_documents(args.out, args.docs, text_field=args.text_field, embedder=embedder)
+        index = add_documents(args.out, args.docs, text_field=args.text_field, dtype=args.dtype)
     else:
         missing = [str(p) for p in args.docs if not p.exists()]
         if missing:  # before the embedder takes its seconds to load

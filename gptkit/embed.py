@@ -45,8 +45,9 @@ class Embedder:
     name: str  # what load_embedder() takes to load it again
     dim: int
     max_tokens: int  # longer texts are cut by the model: chunk below this
-    dtype: str = "float32"  # what encode's matmuls compute in (precision.py); not identity:
-    # bfloat16 vectors are the float32 ones to a cosine of ~0.99997, in the same space
+    # What encode's matmuls compute in (precision.py). Not part of the identity: bfloat16
+    # vectors are the float32 ones to a cosine of ~0.99997, in the same space.
+    dtype: str = "float32"
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -215,13 +216,16 @@ def load_embedder(
     """ "minilm" (the default), a sentence-transformers directory, or anything gptkit.load
     takes (a checkpoint, a Hugging Face directory, a GGUF file, a named model); dtype: what it
     computes in (precision.py)."""
-    from .loading import load_pretrained, resolve_device
+    from .loading import load_pretrained
 
-    precision.check(dtype, resolve_device(device))
+    precision.known(dtype)  # before the seconds a model takes to load
     embedder: Embedder
     if spec == DEFAULT or (Path(spec) / "modules.json").is_file():
         embedder = SentenceEmbedder(spec, device)
+        where = embedder.model.device
     else:
         embedder = ModelEmbedder(load_pretrained(spec, device), name=spec)
+        where = embedder.lm.model.tok_emb.weight.device
+    precision.check(dtype, where)  # on the device it runs on (a sentence model: cpu unless told)
     embedder.dtype = dtype
     return embedder

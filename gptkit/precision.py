@@ -27,9 +27,7 @@ from .config import DTYPES, ConfigError
 def check(dtype: str, device: torch.device | str, quantize: str | None = None) -> None:
     """ConfigError for a dtype we do not compute in (or bfloat16 over int8 weights); a warning
     on stderr when this CPU's bfloat16 matmuls are slower than its float32 ones."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if dtype == "float32":
+    if known(dtype) == "float32":
         return
     if quantize is not None:
         raise ConfigError(f"--dtype bfloat16 with --quantize {quantize}: pick one of them")
@@ -47,9 +45,16 @@ def check(dtype: str, device: torch.device | str, quantize: str | None = None) -
         )
 
 
+def known(dtype: str) -> str:
+    """dtype, if it is one we compute in; else ConfigError."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return dtype
+
+
 def compute(dtype: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """The context that runs a batch in `dtype`: autocast for bfloat16, nothing for float32.
     Autocast is per thread: enter it in the thread that runs the model."""
-    if dtype == "float32":
+    if known(dtype) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

@@ -190,10 +190,15 @@ def build_index(
 
 
 def add_documents(
-    path: Path, sources: list[Path], text_field: str | None = None, embedder: Embedder | None = None
+    path: Path,
+    sources: list[Path],
+    text_field: str | None = None,
+    embedder: Embedder | None = None,
+    dtype: str = "float32",
 ) -> Index:
-    """The index at `path` with the documents under `sources` added (only they are embedded)."""
-    index = Index.open(path, embedder)
+    """The index at `path` with the documents under `sources` added (only they are embedded;
+    dtype: what the recorded embedder computes in, when `embedder` is not given)."""
+    index = Index.open(path, embedder, dtype=dtype)
     settings = index.manifest
     documents, skipped = read_documents(sources, text_field or settings.get("text_field"))
     clash = sorted({d.id for d in documents} & set(index.document_ids()))
@@ -240,9 +245,17 @@ def delete_documents(path: Path, doc_ids: list[str]) -> Index:
 class Index:
     """An index directory opened for search; its files are checked against the manifest."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], embedder: Embedder | None, device):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        embedder: Embedder | None,
+        device,
+        dtype: str = "float32",
+    ):
         faiss, bm25s, _ = _imports()
         self.path, self.manifest, self._embedder, self._device = path, manifest, embedder, device
+        self._dtype = dtype  # what the recorded embedder computes in, once it is loaded
         self._shared = SharedEncoder(embedder) if embedder is not None else None
         self.identity: dict[str, Any] = manifest["embedder"]
         self._vectors = faiss.read_index(str(path / VECTORS))
@@ -268,10 +281,14 @@ class Index:
 
     @classmethod
     def open(
-        cls, path: str | Path, embedder: Embedder | None = None, device: str | None = None
+        cls,
+        path: str | Path,
+        embedder: Embedder | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
     ) -> Index:
         """The index at `path`, checked whole. `embedder` (else the recorded one, loaded at the
-        first dense query) must be the one the index was built with."""
+        first dense query, computing in `dtype`) must be the one the index was built with."""
         given = Path(path)
         path = resolve_directory(given)  # a crash between swap_in's renames left a backup
         if path is None:
@@ -282,7 +299,7 @@ class Index:
                 f"{given} was built with the embedder {manifest['embedder']}, not "
                 f"{embedder.identity}: vectors of different models cannot be compared"
             )
-        return cls(path, manifest, embedder, device)
+        return cls(path, manifest, embedder, device, dtype)
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -298,7 +315,7 @@ class Index:
         if self._embedder is None:
             with self._lock:
                 if self._embedder is None:
-                    loaded = load_embedder(self.identity["name"], self._device)
+                    loaded = load_embedder(self.identity["name"], self._device, self._dtype)
                     self._shared = SharedEncoder(loaded)  # before other threads see it
                     self._embedder = loaded
             if self._embedder.identity != self.identity:

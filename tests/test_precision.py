@@ -24,6 +24,8 @@ def test_check_refuses_what_it_cannot_compute_in_one_line():
     with pytest.raises(ConfigError, match="--dtype bfloat16 with --quantize int8: pick one"):
         precision.check("bfloat16", "cpu", quantize="int8")
     precision.check("float32", "cpu", quantize="int8")  # int8 weights compute as they do
+    with pytest.raises(ConfigError, match="dtype 'float16'"):  # never silently bfloat16
+        precision.compute("float16", "cpu")
 
 
 def test_check_warns_where_this_cpu_runs_bfloat16_slower(monkeypatch, capsys):
