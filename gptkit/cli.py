@@ -18,6 +18,7 @@ from .cli_predict import add_predict_parser
 from .cli_rag import add_rag_parsers
 from .cli_rank import add_recommend_parser
 from .config import QUANTIZE_CHOICES, ConfigError, first_line
+from .rag_index import DENSE_WEIGHT
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
 # ContextLengthError, ChatTemplateError, PrepareError, ...) is a ValueError; OSError covers
@@ -401,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=Path, help="retrieval, rag: the index (from gptkit index)")
     p.add_argument("--mode", help="retrieval: dense,bm25,hybrid; rag: closed-book|retrieved|oracle")
     p.add_argument("-k", type=int, help="rag: sources in the prompt (default 3); rank: HR@k")
+    p.add_argument("--dense-weight", type=float, default=DENSE_WEIGHT,
+                   help=f"retrieval: hybrid's weight on dense scores ({DENSE_WEIGHT})")  # fmt: skip
     p.add_argument("--users", type=int, help="rank: a seeded sample of this many users (0: all)")
     p.add_argument("--negatives", type=int, help="rank: sampled candidates per user (99)")
     p.add_argument("--full", action="store_true", help="rank: against every unseen item")

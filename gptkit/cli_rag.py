@@ -13,8 +13,7 @@ from pathlib import Path
 
 from .cli_flags import dtype_flag
 from .config import ConfigError
-
-MODES = ("hybrid", "dense", "bm25")
+from .rag_index import DENSE_WEIGHT, MODES
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -57,7 +56,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.k < 1:
         raise ConfigError(f"-k must be at least 1, got {args.k}")
     index = Index.open(args.index, device=args.device)
-    hits = index.search(args.query, k=args.k, mode=args.mode)
+    hits = index.search(args.query, k=args.k, mode=args.mode, dense_weight=args.dense_weight)
     if args.json:
         for hit in hits:
             print(json.dumps(hit.to_dict(), ensure_ascii=False))
@@ -90,7 +89,9 @@ def add_rag_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", type=Path)
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5, help="how many chunks")
-    p.add_argument("--mode", choices=MODES, default="hybrid", help="hybrid: rank fusion of both")
+    p.add_argument("--mode", choices=MODES, default="hybrid", help="hybrid: both, scores fused")
+    p.add_argument("--dense-weight", type=float, default=DENSE_WEIGHT,
+                   help=f"hybrid: the dense scores' weight ({DENSE_WEIGHT})")  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_search)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .config import ConfigError
 from .evaluate import format_table, normalize_answer, save_results, squad_scores
 from .rag import grounded_messages
-from .rag_index import MODES, Hit, Index
+from .rag_index import DENSE_WEIGHT, MODES, Hit, Index
 from .taskdata import located_records
 
 KS = (1, 5, 10)
@@ -97,11 +97,14 @@ def read_queries(path: str) -> list[tuple[str, set[str]]]:
     return rows
 
 
-def eval_retrieval(index: Index, queries: list[tuple[str, set[str]]], mode: str) -> dict:
+def eval_retrieval(
+    index: Index, queries: list[tuple[str, set[str]]], mode: str, dense_weight: float = DENSE_WEIGHT
+) -> dict:
     """The metrics of one search mode, and how many relevant ids the index lacks."""
     known = set(index.document_ids())
     missing = sum(len(gold - known) for _, gold in queries)
-    hits = index.search_many([q for q, _ in queries], k=min(DEPTH, len(index)), mode=mode)
+    k = min(DEPTH, len(index))
+    hits = index.search_many([q for q, _ in queries], k, mode, dense_weight)
     ranked = [ranked_documents(h) for h in hits]
     metrics = retrieval_metrics(ranked, [gold for _, gold in queries])
     return {**metrics, "n": len(queries), "unknown_relevant_ids": missing}
@@ -259,7 +262,7 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
             raise ConfigError("eval retrieval scores recall@1/5/10 and MRR over the top 50: no -k")
         queries = read_queries(data)[: args.limit or None]
         index = Index.open(args.index, device=args.device)
-        results = {mode: eval_retrieval(index, queries, mode) for mode in modes}
+        results = {m: eval_retrieval(index, queries, m, args.dense_weight) for m in modes}
         names = [n for n in results[modes[0]] if n != "n"]
         print(f"retrieval: {data} ({len(queries)} queries, {index.summary()})")
         print(f"{'mode':8s} " + " ".join(f"{n:>10s}" for n in names))

@@ -165,13 +165,32 @@ def test_bm25_matches_words_and_ignores_unknown_ones(index):
     assert index.search("the of and", k=3, mode="bm25") == []  # stop words only
 
 
-def test_hybrid_fuses_both_rankings(index):
-    """A fused score is the sum of 1/(60 + rank) over the two rankings that hold the chunk."""
-    dense = {h.id: h.rank for h in index.search("SWIFT fee", k=5, mode="dense")}
-    bm25 = {h.id: h.rank for h in index.search("SWIFT fee", k=5, mode="bm25")}
-    for hit in index.search("SWIFT fee", k=5, mode="hybrid"):
-        expected = sum(1 / (60 + r[hit.id]) for r in (dense, bm25) if hit.id in r)
-        assert hit.score == pytest.approx(expected)
+def test_hybrid_fuses_both_scores(index):
+    """A fused score is w * dense + (1 - w) * bm25, each list's scores scaled to [0, 1] over
+    the chunks it returned; w = 1 is dense search's order, w = 0 BM25's."""
+    from gptkit.rag_index import DENSE_WEIGHT, FUSION_DEPTH
+
+    depth = min(FUSION_DEPTH, len(index))
+    dense = {h.id: h.score for h in index.search("SWIFT fee", k=depth, mode="dense")}
+    bm25 = {h.id: h.score for h in index.search("SWIFT fee", k=depth, mode="bm25")}
+    assert len(dense) > len(bm25) > 1  # BM25 returns only chunks holding a query word
+
+    def scaled(scores, chunk):
+        low, high = min(scores.values()), max(scores.values())
+        return (scores[chunk] - low) / (high - low) if chunk in scores else 0.0
+
+    hybrid = index.search("SWIFT fee", k=depth, mode="hybrid")
+    assert len(hybrid) == len(dense)
+    for hit in hybrid:
+        expected = DENSE_WEIGHT * scaled(dense, hit.id) + (1 - DENSE_WEIGHT) * scaled(bm25, hit.id)
+        assert hit.score == pytest.approx(expected) and 0 <= hit.score <= 1
+    assert [h.score for h in hybrid] == sorted((h.score for h in hybrid), reverse=True)
+    for weight, alone in ((1.0, dense), (0.0, bm25)):
+        hits = index.search("SWIFT fee", k=depth, mode="hybrid", dense_weight=weight)
+        scored = [h.id for h in hits if h.score > 0]  # a list's last chunk is scaled to 0
+        assert scored == list(alone)[: len(scored)] and len(scored) == len(alone) - 1
+    with pytest.raises(ValueError, match="dense weight is between 0 and 1"):
+        index.search("SWIFT fee", dense_weight=1.5)
 
 
 def test_search_cli_prints_ranked_chunks_and_json(index, capsys):
