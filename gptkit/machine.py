@@ -308,6 +308,12 @@ class Tuning:
     busy: bool = False  # measured while other work held the cores: measure again when quiet
 
 
+# Row counts tried for the split, in order, up to the first where one call is faster. Every
+# count up to 6 is tried: speculative decoding checks k + 1 rows a pass, and when 4 rows was
+# the last count below 8, a 5-row pass (k = 4) fell back to one call, 1.5-2x dearer.
+SPLIT_ROWS = (2, 3, 4, 5, 6, 8, 12, 16, 32)
+
+
 def decode_plan() -> DecodePlan:
     """The plan for this machine and thread count (measured on first use, then cached)."""
     return decode_tuning().plan
@@ -330,7 +336,8 @@ def decode_tuning(refresh: bool = False) -> Tuning:
     tuning = _tuning_from_json(cached) if cached else None
     if tuning is None or (tuning.busy and not busy()):
         tuning = measure_decode()
-        _write(name, {**dataclasses.asdict(tuning), "cpu": cpu().describe()})
+        record = {**dataclasses.asdict(tuning), "split_rows": list(SPLIT_ROWS)}
+        _write(name, {**record, "cpu": cpu().describe()})
     _tunings[key] = tuning
     return tuning
 
@@ -339,6 +346,8 @@ def _tuning_from_json(data: dict) -> Tuning | None:
     try:
         if set(data["candidates"]) != {p.name for p in CANDIDATES}:
             return None  # measured before today's candidates existed: measure them all
+        if data.get("split_rows") != list(SPLIT_ROWS):
+            return None  # split rows searched differently: search again
         return Tuning(
             DecodePlan(**data["plan"]),
             float(data["gemv_bytes_per_s"]),
@@ -378,7 +387,7 @@ def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 3.0) -
     # the winner's split still beat one call?
     split_rows = 1
     one_call = DecodePlan(best.column_major, 0)
-    for rows in (2, 4, 8, 16, 32) if best.splits_per_thread else ():
+    for rows in SPLIT_ROWS if best.splits_per_thread else ():
         wide = dataclasses.replace(best, max_split_rows=rows)
         times = _time_plans(weights, rows, [wide, one_call], 3, deadline)
         if times[wide] > times[one_call]:

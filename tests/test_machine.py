@@ -123,7 +123,7 @@ def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     tuning = machine.decode_tuning()
     plan = tuning.plan
     assert DecodePlan(plan.column_major, plan.splits_per_thread) in CANDIDATES
-    assert plan.max_split_rows in (1, 2, 4, 8, 16, 32)
+    assert plan.max_split_rows in (1, *machine.SPLIT_ROWS)
     assert tuning.gemv_bytes_per_s == max(tuning.candidates.values()) > 0
     assert set(tuning.candidates) == {p.name for p in CANDIDATES}
     monkeypatch.setattr(machine, "_tunings", {})  # a new process reads the file
@@ -146,6 +146,12 @@ def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     monkeypatch.setattr(machine, "_tunings", {})
     machine.decode_plan()
     assert len(measured) == 4  # a plan chosen without today's candidates is measured again
+    data["candidates"][CANDIDATES[-1].name] = 1e9
+    data["split_rows"] = [2, 4, 8, 16, 32]  # split rows searched without 3, 5 and 6
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(machine, "_tunings", {})
+    machine.decode_plan()
+    assert len(measured) == 5
 
 
 def test_mfu_never_shows_above_100_percent_and_raises_the_peak(tmp_path, monkeypatch):
