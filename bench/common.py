@@ -30,8 +30,20 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="generated tokens")
     parser.add_argument("--rounds", type=int, default=3)
+    add_smoke(parser)
     parser.add_argument("--json", type=Path, help="also write the results here (python -m bench)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.smoke:
+        args.rounds = 1
+    return args
+
+
+def add_smoke(parser: argparse.ArgumentParser) -> None:
+    """--smoke: a check that every peer runs, not a measurement: one round, no warm-up round
+    before it, the machine's limits measured once (tests; with a small --prompt and --new)."""
+    parser.add_argument(
+        "--smoke", action="store_true", help="one round, no warm-up, limits measured once"
+    )
 
 
 def write_json(args: argparse.Namespace, results: dict) -> None:
@@ -171,8 +183,9 @@ def race(title: str, peers: dict[str, Peer], args: argparse.Namespace) -> dict[s
     The first peer is gptkit.
     """
     times = {name: {"prompt": [], "decode": []} for name in peers}
-    for prefill, decode in peers.values():
-        prefill(), decode()
+    if not getattr(args, "smoke", False):  # a smoke's one round runs every peer anyway
+        for prefill, decode in peers.values():
+            prefill(), decode()
     for _ in range(args.rounds):
         for name, (prefill, decode) in peers.items():
             pre = seconds(prefill)

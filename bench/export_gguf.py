@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Machine, gptkit_peer, race, write_json
+from common import Machine, add_smoke, gptkit_peer, race, write_json
 from decode_smollm2 import NAME, llama_cpp_peer
 
 import gptkit
@@ -35,8 +35,11 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128, help="generated tokens")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="keep the exported files here")
+    add_smoke(parser)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds = 1
     print(Machine.measure().header(), flush=True)
     out = args.out or Path(tempfile.mkdtemp(prefix="gptkit-export-"))
 

@@ -82,9 +82,12 @@ def answers(model: str, prompts: list[list[dict[str, str]]], tokens: int) -> lis
 def run(lang: str, args: argparse.Namespace) -> dict[str, dict]:
     out = args.out / lang
     train, val = split(lang, out, args.smoke)
-    steps, length = ("1", "64") if args.smoke else (str(args.steps), str(args.max_length))
+    # smoke: 1 step of 2 pairs (a batch still pads), 64 tokens
+    steps, batch, length = (
+        ("1", "2", "64") if args.smoke else (str(args.steps), "4", str(args.max_length))
+    )
     common = ["--model", MODEL, "--data", str(train), f"val_data={val}", "peft.method=lora"]
-    common += ["peft.r=16", "peft.alpha=32", "batch_size=4", f"max_steps={steps}"]
+    common += ["peft.r=16", "peft.alpha=32", f"batch_size={batch}", f"max_steps={steps}"]
     common += [f"max_length={length}", "eval_every=0", "progress=false"]
     held_out = read_pairs(str(val))
     longer = [len(p.chosen) > len(p.rejected) for p in held_out]  # the baseline to beat
@@ -101,7 +104,9 @@ def run(lang: str, args: argparse.Namespace) -> dict[str, dict]:
     )
     policy = str(out / "dpo" / "checkpoint")
     results["dpo"] = score(policy, val, out / "dpo.json", "--ref", MODEL, "--max-length", length)
-    results["dpo, own log-prob"] = score(policy, val, out / "dpo-own.json", "--max-length", length)
+    if not args.smoke:  # the smoke's "before" runs this scoring (and "dpo" loads this policy)
+        own = score(policy, val, out / "dpo-own.json", "--max-length", length)
+        results["dpo, own log-prob"] = own
     prompts = [p.prompt for p in held_out[: 1 if args.smoke else 3]]
     tokens = 8 if args.smoke else 64
     before, after = answers(MODEL, prompts, tokens), answers(policy, prompts, tokens)
@@ -116,7 +121,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="training steps of 4 pairs")
     parser.add_argument("--max-length", type=int, default=256, help="prompt + reply tokens")
     parser.add_argument("--lang", default="en,zh", help="en, zh or both")
-    parser.add_argument("--smoke", action="store_true", help="a few pairs, 1 step (tests)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few pairs, 1 step of 2, one DPO scoring (tests)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "preference")
     args = parser.parse_args()
     args.out = args.out.resolve()

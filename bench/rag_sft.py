@@ -61,23 +61,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps of 4 chats")
     parser.add_argument("--chats", type=int, default=400, help="training questions")
     parser.add_argument("--questions", type=int, default=200, help="evaluated questions")
-    parser.add_argument("--smoke", action="store_true", help="a few rows, 1 step (tests)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few rows, 1 step of 2, 8 tokens (tests)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "rag-sft")
     args = parser.parse_args()
     out = args.out.resolve()
     docs, train, qa = data(out, args.chats, args.questions, args.smoke)
     index, run = out / "squad-idx", out / "sft"
     gptkit("index", str(docs), "--out", str(index), "--overwrite")
+    # smoke: 1 step of 2 chats (each holds 3 retrieved paragraphs, ~500 tokens: the step is
+    # the smoke's most costly pass; 2 still pads a batch) and 8-token answers, as rag_eval's
     steps = "1" if args.smoke else str(args.steps)
+    batch, tokens = ("2", "8") if args.smoke else ("4", "24")
     gptkit("finetune", "sft", "--model", "smollm2-135m-instruct", "--data", str(train),
            f"retrieval={index}", "peft.method=lora", "peft.r=16", "peft.alpha=32", "lr=1e-3",
-           "batch_size=4", f"max_steps={steps}", "eval_every=0", "progress=false",
+           f"batch_size={batch}", f"max_steps={steps}", "eval_every=0", "progress=false",
            f"out_dir={run}", "--overwrite")  # fmt: skip
     scores = {}
     for mode in ("retrieved", "closed-book"):
         saved = out / f"{mode}.json"
         gptkit("eval", "rag", "--model", str(run / "checkpoint"), "--index", str(index),
-               "--data", str(qa), "--mode", mode, "-k", "3", "--max-new-tokens", "24",
+               "--data", str(qa), "--mode", mode, "-k", "3", "--max-new-tokens", tokens,
                "--out", str(saved))  # fmt: skip
         scores[mode] = json.loads(saved.read_text())
     print(f"SmolLM2-135M-Instruct after {steps} steps of retrieval-augmented SFT, SQuAD dev")

@@ -130,7 +130,9 @@ def main() -> None:
         "--popular", action="store_true", help="candidates say how many users had them"
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="train and score in")
-    parser.add_argument("--smoke", action="store_true", help="1 step, 1 user, no timing (tests)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="1 step, 1 user of 40 candidates, no timing (tests)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "recommend")
     args = parser.parse_args()
     steps, batch, per_user, users, val_batches = (
@@ -143,7 +145,10 @@ def main() -> None:
     out = args.out.resolve() / "model"
     checkpoint = finetune(out, steps, batch, per_user, val_batches, args.popular, args.dtype)
     lm = load(str(checkpoint), device="cpu")
-    every, sample = cases(data, "test"), cases(data, "test", users=users)
+    # smoke: the sampled user's target among 39 negatives, not 99 (the text model scores each
+    # candidate; 40 are still two batches of score_candidates)
+    negatives = 39 if args.smoke else 99
+    every, sample = cases(data, "test"), cases(data, "test", negatives, users=users)
     counts = popularity(data, "test")
     seen = counts if args.popular else None
     start = time.perf_counter()

@@ -309,7 +309,7 @@ def smollm2_code(chat: bool) -> Run:
 MODEL = {"PATH": "model", "M": "model", "BASE": "model"}
 HUMANEVAL = "../shared/data/humaneval/HumanEval.jsonl.gz"
 SHORT_FINETUNE = ("max_steps=1", "batch_size=2", "progress=false", "--overwrite")
-SMALL_DECODE = ("--prompt", "8", "--new", "4", "--rounds", "1")
+SMALL_DECODE = ("--prompt", "8", "--new", "4", "--smoke")  # --smoke: 1 round, no warm-up
 
 RUNS: dict[str, Run] = {
     "make demo": Run(

@@ -110,6 +110,39 @@ def test_every_decode_plan_computes_what_f_linear_computes(plan, threads):
         torch.set_num_threads(before)
 
 
+def test_busy_counts_what_other_work_does_on_our_cores_now(tmp_path, monkeypatch):
+    """Busy = other work held more than a quarter of this process's cores while it looked;
+    cores it may not run on do not count."""
+    monkeypatch.setattr(machine, "_own_cores", lambda: {0, 1})
+
+    def stat(cpu0, cpu1, cpu7):  # (busy, idle) ticks per core; cpu7 is not ours
+        lines = ["cpu  999 0 0 999 0 0 0 0 0 0"]  # the all-core line is never read
+        for n, (b, i) in ((0, cpu0), (1, cpu1), (7, cpu7)):
+            lines.append(f"cpu{n} {b - 5} 0 5 {i - 3} 3 0 0 0 0 0")  # user+system, idle+iowait
+        return "\n".join(lines) + "\nintr 1 2 3\n"
+
+    real = machine._core_ticks
+    snapshots = iter([])
+    monkeypatch.setattr(machine, "_core_ticks", lambda: real(str(next(snapshots))))
+
+    def looks(first, then):
+        nonlocal snapshots
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.write_text(stat(*first)), b.write_text(stat(*then))
+        snapshots = iter([a, b])
+        return machine.busy(look_s=0)
+
+    # one core of two fully busy: busy; a tenth of one: quiet; another core's load: not ours
+    assert looks(((100, 100), (100, 100), (0, 0)), ((200, 100), (100, 200), (0, 0)))
+    assert not looks(((100, 100), (100, 100), (0, 0)), ((110, 190), (100, 200), (0, 0)))
+    assert not looks(((100, 100), (100, 100), (0, 0)), ((100, 200), (100, 200), (900, 0)))
+    monkeypatch.setattr(machine, "_core_ticks", lambda: None)  # no /proc/stat: load average
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert not machine.busy(look_s=0)
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert machine.busy(look_s=0)
+
+
 def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     measured = []
     real = machine.measure_decode
