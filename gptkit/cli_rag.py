@@ -26,7 +26,9 @@ def cmd_index(args: argparse.Namespace) -> None:
     elif not args.docs:
         raise ConfigError("name the documents to index: gptkit index DOCS... --out INDEX")
     elif args.add:
-        index = add_documents(args.out, args.docs, text_field=args.text_field, dtype=args.dtype)
+        index = add_documents(
+            args.out, args.docs, args.text_field, dtype=args.dtype, device=args.device
+        )
     else:
         missing = [str(p) for p in args.docs if not p.exists()]
         if missing:  # before the embedder takes its seconds to load

@@ -204,10 +204,12 @@ def add_documents(
     text_field: str | None = None,
     embedder: Embedder | None = None,
     dtype: str = "float32",
+    device: str | None = None,
 ) -> Index:
     """The index at `path` with the documents under `sources` added (only they are embedded;
-    dtype: what the recorded embedder computes in, when `embedder` is not given)."""
-    index = Index.open(path, embedder, dtype=dtype)
+    device and dtype: where and in what the recorded embedder computes, when `embedder` is
+    not given)."""
+    index = Index.open(path, embedder, device=device, dtype=dtype)
     settings = index.manifest
     documents, skipped = read_documents(sources, text_field or settings.get("text_field"))
     clash = sorted({d.id for d in documents} & set(index.document_ids()))

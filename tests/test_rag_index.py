@@ -232,7 +232,7 @@ def test_add_embeds_only_new_chunks_and_delete_removes(index, tmp_path, monkeypa
         delete_documents(index.path, ["nope"])
 
 
-def test_index_cli_builds_adds_deletes(tmp_path, capsys):
+def test_index_cli_builds_adds_deletes(tmp_path, capsys, monkeypatch):
     docs = write_docs(tmp_path / "docs", DOCS[:3])
     more = write_docs(tmp_path / "more", DOCS[3:])
     out = tmp_path / "idx"
@@ -240,8 +240,18 @@ def test_index_cli_builds_adds_deletes(tmp_path, capsys):
     assert "3 documents, 3 chunks, exact vectors of 384 (minilm)" in capsys.readouterr().out
     assert main(["index", str(docs), "--out", str(out)]) == 2  # exists: never overwritten
     assert "pass --overwrite" in capsys.readouterr().err
-    assert main(["index", str(more), "--out", str(out), "--add"]) == 0
-    assert "5 documents" in capsys.readouterr().out
+    import gptkit.rag_index
+
+    devices = []  # --add loads the recorded embedder on --device, as a build does
+    real = gptkit.rag_index.load_embedder
+
+    def load(spec, device, dtype):
+        devices.append(device)
+        return real(spec, device, dtype)
+
+    monkeypatch.setattr(gptkit.rag_index, "load_embedder", load)
+    assert main(["index", str(more), "--out", str(out), "--add", "--device", "cpu"]) == 0
+    assert "5 documents" in capsys.readouterr().out and devices == ["cpu"]
     assert main(["index", "--out", str(out), "--delete", "wire", "hours"]) == 0
     assert "3 documents, 3 chunks" in capsys.readouterr().out
     # --dtype bfloat16 embeds in bfloat16 (building and adding); float32 queries still find
