@@ -40,9 +40,10 @@ def parse_args(doc: str) -> argparse.Namespace:
 
 def add_smoke(parser: argparse.ArgumentParser) -> None:
     """--smoke: a check that every peer runs, not a measurement: one round, no warm-up round
-    before it, the machine's limits measured once (tests; with a small --prompt and --new)."""
+    before it, the machine's limits sampled once (Machine.measure; tests, with a small --prompt
+    and --new)."""
     parser.add_argument(
-        "--smoke", action="store_true", help="one round, no warm-up, limits measured once"
+        "--smoke", action="store_true", help="one round, no warm-up, limits sampled once"
     )
 
 
@@ -64,12 +65,14 @@ class Machine:
     plan: str  # the decode plan that reached it
 
     @classmethod
-    def measure(cls) -> Machine:
+    def measure(cls, smoke: bool = False) -> Machine:
         """Fresh samples (a bench re-measures rather than trust a cache taken on a busy
-        moment); the decode plan they find is cached for gptkit to use."""
+        moment); the decode plan they find is cached for gptkit to use. A smoke (a check that
+        the bench runs) takes one matmul sample and the cached decode plan: re-measuring it
+        there costs seconds, and would cache a plan measured while the tests load the cores."""
         cpu = torch.device("cpu")
-        peak = max(machine.measure_matmul_flops(cpu) for _ in range(3))
-        tuning = machine.decode_tuning(refresh=True)
+        peak = max(machine.measure_matmul_flops(cpu) for _ in range(1 if smoke else 3))
+        tuning = machine.decode_tuning(refresh=not smoke)
         return cls(
             machine.cpu(),
             machine.raise_peak(cpu, torch.float32, peak),

@@ -29,7 +29,7 @@ import gptkit
 
 def main() -> None:
     args = parse_args(__doc__)
-    limits = Machine.measure()  # first: gptkit.load takes the decode plan it finds
+    limits = Machine.measure(args.smoke)  # first: gptkit.load takes the decode plan it finds
     print(limits.header(), flush=True)
     torch.manual_seed(0)
     ref = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()

@@ -38,12 +38,15 @@ from gptkit.loading import named_model_path
 NAME = "smollm2-135m-instruct"
 
 
-def llama_cpp_peer(prompt: list[int], new: int, path: Path | None = None):
-    """llama.cpp on a GGUF file (default: SmolLM2's own Q4_1 file)."""
+def llama_cpp_peer(prompt: list[int], new: int, path: Path | None = None, smoke: bool = False):
+    """llama.cpp on a GGUF file (default: SmolLM2's own Q4_1 file), 2 threads; a smoke's as
+    many as torch's (`make test` gives each test worker its share of the cores: llama.cpp's
+    spinning threads on another worker's core slow both several-fold)."""
     import llama_cpp
 
     path = path or named_model_path(NAME)
-    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
+    threads = torch.get_num_threads() if smoke else 2
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
 
     def prefill():
         llm.reset()
@@ -63,7 +66,8 @@ def llama_cpp_peer(prompt: list[int], new: int, path: Path | None = None):
 
 def main() -> None:
     args = parse_args(__doc__)
-    limits = Machine.measure()  # first: the gptkit models below take the decode plan it finds
+    # first: the gptkit models below take the decode plan it finds
+    limits = Machine.measure(args.smoke)
     print(limits.header(), flush=True)
     torch.manual_seed(0)
     prompt = torch.randint(100, 49000, (args.prompt,)).tolist()
@@ -79,7 +83,7 @@ def main() -> None:
         "transformers fp32": transformers_peer(ref, prompt, args.new),
     }
     try:
-        peers["llama.cpp Q4_1"] = llama_cpp_peer(prompt, args.new)
+        peers["llama.cpp Q4_1"] = llama_cpp_peer(prompt, args.new, smoke=args.smoke)
     except ImportError:  # `make test` builds it; a bench without it still races the others
         print("llama.cpp Q4_1: left out (llama-cpp-python is not installed)")
     rate = race("SmolLM2-135M-Instruct", peers, args)

@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.rounds = 1
-    print(Machine.measure().header(), flush=True)
+    print(Machine.measure(args.smoke).header(), flush=True)
     out = args.out or Path(tempfile.mkdtemp(prefix="gptkit-export-"))
 
     lm = gptkit.load(NAME, device="cpu", decode_layout=False)
@@ -64,9 +64,9 @@ def main() -> None:
     }
     for kind in TYPES:
         peers[f"llama.cpp {kind} (ours)"] = llama_cpp_peer(
-            prompt, args.new, out / f"smollm2-{kind}.gguf"
+            prompt, args.new, out / f"smollm2-{kind}.gguf", args.smoke
         )
-    peers["llama.cpp Q4_1 (orig)"] = llama_cpp_peer(prompt, args.new)
+    peers["llama.cpp Q4_1 (orig)"] = llama_cpp_peer(prompt, args.new, smoke=args.smoke)
     rate = race("SmolLM2-135M-Instruct, exported", peers, args)
     write_json(args, {"export": exports, "rate": rate})
     if args.out is None:

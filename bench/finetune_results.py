@@ -40,8 +40,11 @@ MODELS = {
     "smollm2": "smollm2-135m-instruct",
     "smollm2-zero-shot": "smollm2-135m-instruct",  # generation tasks, no fine-tuning: a reference
 }
-# A smoke run (--max-steps, --test-limit; tests/test_docs.py runs every documented command so)
-SMOKE: dict = {"settings": {}, "test_limit": 0}
+# A smoke run (--max-steps, --test-limit; tests/test_docs.py runs every documented command so).
+# A results run takes both cores; a smoke keeps torch's thread count, which `make test` sets to
+# each test worker's share of them (two threads where two workers share two cores spin in
+# OpenMP's barriers against the other worker).
+SMOKE: dict = {"settings": {}, "test_limit": 0, "threads": 2}
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -247,7 +250,7 @@ def run_task(model: str, name: str) -> dict:
         val_data=str(val),
         out_dir=str(out),
         eval_every=0,
-        threads=2,
+        threads=SMOKE["threads"],
         tensorboard=False,
         progress=False,
         **settings,
@@ -347,6 +350,8 @@ def main() -> None:
             "eval_batches": 1,
         }
     SMOKE["test_limit"] = args.test_limit or 0
+    if args.max_steps or args.test_limit:
+        SMOKE["threads"] = torch.get_num_threads()
     if args.table:
         print(table())
         return
@@ -354,7 +359,7 @@ def main() -> None:
         parser.error("--model is required (or --table)")
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is missing: these results need the shared data sets")
-    torch.set_num_threads(2)
+    torch.set_num_threads(SMOKE["threads"])
     for name in args.only or TASKS:
         try:
             run_task(args.model, name)

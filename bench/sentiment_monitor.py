@@ -134,7 +134,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--per-speech", type=int, default=40, help="sentences per address")
     parser.add_argument(
-        "--smoke", action="store_true", help="1 step of 4, few rows and items (tests)"
+        "--smoke",
+        action="store_true",
+        help="1 step of 4, few rows and items, no bfloat16 runs (tests)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sentiment-monitor")
     args = parser.parse_args()
@@ -152,7 +154,9 @@ def main() -> None:
         "peft.alpha=32", "lr=1e-3", f"max_steps={steps}", f"batch_size={batch}", "warmup_steps=10",
         "eval_every=0", f"out_dir={model}", "--overwrite",
     )  # fmt: skip
-    for dtype in ("float32", "bfloat16"):
+    # The smoke leaves out the bfloat16 runs (eval, monitor): the same loops with one flag
+    # more, which tests/test_predict.py and tests/test_monitor.py run end to end.
+    for dtype in ("float32",) if args.smoke else ("float32", "bfloat16"):
         print(gptkit("eval", "classify", "--model", str(model / "checkpoint"), "--data", str(test),
                      "--label-field", "topic,sentiment", "--dtype", dtype))  # fmt: skip
     print("majority class:", {k: round(100 * v, 1) for k, v in majority(test).items()})
@@ -160,6 +164,8 @@ def main() -> None:
     gptkit("merge", "--model", str(model / "checkpoint"), str(merged))
     stream, db = sotu_stream(out, per_speech, every), out / "sotu.db"
     variants = {"fp32": [], "int8": ["--quantize", "int8"], "bf16": ["--dtype", "bfloat16"]}
+    if args.smoke:
+        del variants["bf16"]
     for name, flags in variants.items():  # the summary line of each gives its items/s
         where = db if name == "fp32" else db.with_name(f"sotu-{name}.db")
         for stale in (where, where.with_name(where.name + ".alerts.jsonl")):

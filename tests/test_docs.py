@@ -193,10 +193,8 @@ def hf_export(ws: Path) -> None:
 BANK_DOC = "doc_bank_accounts_bank_accounts_(general)_001"  # the id docs/RETRIEVAL.md deletes
 
 
-def bank_index(ws: Path) -> None:
-    """runs/bank-idx: a small knowledge base (bank.jsonl, the real one's fields) indexed."""
-    if (ws / "runs" / "bank-idx").is_dir():
-        return
+def bank_docs(ws: Path) -> None:
+    """bank.jsonl: a small knowledge base with the real one's fields."""
     docs = [
         {"id": BANK_DOC, "title": "Opening a checking account",
          "content": "Bring an ID and a first deposit of 25 dollars to open a checking account."},
@@ -206,12 +204,18 @@ def bank_index(ws: Path) -> None:
          "content": "A domestic wire transfer costs 15 dollars; an international one 25."},
     ]  # fmt: skip
     _jsonl(ws / "bank.jsonl", docs)
-    gptkit_run(ws, "index", "bank.jsonl", "--out", "runs/bank-idx", "--text-field", "content")
+
+
+def bank_index(ws: Path) -> None:
+    """runs/bank-idx: bank.jsonl indexed."""
+    if not (ws / "runs" / "bank-idx").is_dir():
+        bank_docs(ws)
+        gptkit_run(ws, "index", "bank.jsonl", "--out", "runs/bank-idx", "--text-field", "content")
 
 
 def kb_folder(ws: Path) -> None:
     """kb/: a knowledge-base folder as banking-kb's is laid out (documents, tasks, notes)."""
-    bank_index(ws)
+    bank_docs(ws)  # its documents; not the bank's index (a `gptkit index` run of its own)
     (ws / "kb").mkdir(exist_ok=True)
     (ws / "kb" / "documents.jsonl").write_text((ws / "bank.jsonl").read_text())
     _jsonl(ws / "kb" / "tasks.json", [{"id": "task_1", "required_documents": ["wire"]}])
@@ -462,7 +466,8 @@ RUNS: dict[str, Run] = {
         setup=classifier, check=file_made("hf-classifier/config.json")
     ),
     "gptkit eval classify --model runs/finetune/checkpoint --data test.jsonl": Run(
-        setup=lambda ws: finetuned(ws, "classify", "train.jsonl"), check=out_has("accuracy")
+        setup=classifier,  # the same 2-step classify run, unless runs/finetune holds it
+        check=out_has("accuracy"),
     ),
     "gptkit eval tag --model BASE --adapter runs/finetune/adapter --data test.conll": Run(
         swap=MODEL,
@@ -503,7 +508,7 @@ RUNS: dict[str, Run] = {
     ),
     "gptkit merge --model BASE --adapter runs/finetune/adapter merged/": Run(
         swap=MODEL,
-        setup=lambda ws: finetuned(ws, "classify", "train.jsonl"),
+        setup=classifier,  # the same 2-step classify run, unless runs/finetune holds it
         check=file_made("merged/model.safetensors"),
     ),
     ".venv/bin/python bench/sentiment_monitor.py": bench_smoke(
@@ -721,8 +726,8 @@ RUNS: dict[str, Run] = {
     "gptkit index ../shared/data/banking-kb/documents.json.gz --out runs/bank-idx "
     "--text-field content": Run(
         swap={"../shared/data/banking-kb/documents.json.gz": "bank.jsonl"},
-        setup=bank_index,
-        add=("--overwrite",),  # bank_index made it already
+        setup=bank_docs,  # the command itself makes runs/bank-idx (another test may have)
+        add=("--overwrite",),
         check=out_has("runs/bank-idx: 3 documents, 3 chunks"),
     ),
     "gptkit index new-policies/ --out runs/bank-idx --add": Run(
