@@ -12,7 +12,7 @@ convex combination of scores, each list's scaled to [0, 1] over the chunks it re
 (min-max; Weaviate's "relative score fusion"): score = w * dense + (1 - w) * bm25, w =
 DENSE_WEIGHT unless the caller gives one. Bruch et al. (2023, "An Analysis of Fusion Functions
 for Hybrid Retrieval") found it beats reciprocal-rank fusion, which throws the score gaps away;
-on SQuAD it did here too (docs/RESULTS.md: recall@1 0.790 against RRF's 0.728).
+on SQuAD it did here too (docs/RESULTS.md: recall@1 0.786 against RRF's 0.728).
 
 The directory (every file written to a temporary directory and renamed into place, as
 checkpoints are, so a crash leaves the previous index whole):
