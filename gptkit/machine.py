@@ -107,11 +107,11 @@ def busy(look_s: float = 0.2) -> bool:
     then are kept only until a quieter moment can take them again.
 
     Where /proc/stat exists, this looks at the cores for `look_s` while this process sleeps,
-    so all the time they spent busy is other work's (hypervisor steal included). The 1-minute
-    load average, used elsewhere, lags: a command that ended a minute ago still counted, and a
-    plan measured under real contention (2 cores, one held by another job: the split plans
-    streamed 1.1 GB/s, one call 14, against 32 quiet) was then kept as if the machine stayed
-    that busy."""
+    so all the time they spent busy is other work's (hypervisor steal included); elsewhere it
+    falls back to the 1-minute load average. That average lags: a command that ended a minute
+    ago still counts, and on a 2-core AMD EPYC (AVX-512) a plan measured while another job
+    held one core (the split plans streamed 1.1 GB/s, one call 14, against 32 quiet) was kept
+    for as long as the average stayed high."""
     before = _core_ticks()
     if before is None:
         try:
@@ -120,13 +120,9 @@ def busy(look_s: float = 0.2) -> bool:
             return False
     time.sleep(look_s)
     after = _core_ticks()
-    if after is None:
+    if after is None or after[1] <= before[1]:
         return False
-    (busy0, total0), (busy1, total1) = before, after
-    if total1 <= total0:
-        return False
-    busy_cores = (busy1 - busy0) / (total1 - total0) * len(_own_cores())
-    return busy_cores > 0.25 * len(_own_cores())
+    return (after[0] - before[0]) / (after[1] - before[1]) > 0.25  # a share of our cores' time
 
 
 def _own_cores() -> set[int]:
@@ -353,7 +349,8 @@ class Tuning:
 
 # Row counts tried for the split, in order, up to the first where one call is faster. Every
 # count up to 6 is tried: speculative decoding checks k + 1 rows a pass, and when 4 rows was
-# the last count below 8, a 5-row pass (k = 4) fell back to one call, 1.5-2x dearer.
+# the last count below 8, a 5-row pass (k = 4) fell back to one call, 1.5-2x dearer than a
+# 1-row pass on a 2-core AMD EPYC (AVX-512).
 SPLIT_ROWS = (2, 3, 4, 5, 6, 8, 12, 16, 32)
 
 
