@@ -143,9 +143,12 @@ def add_monitor_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_monitor)
 
     commands = p.add_subparsers(title="subcommand", metavar="report")
+    # prog named outright: argparse would build it from `monitor`'s two-line usage
     r = commands.add_parser(
-        "report", help="an HTML page of a monitor database: trends, volumes, alerts"
+        "report",
+        prog="gptkit monitor report",
+        help="an HTML page of a monitor database: trends, volumes, alerts",
     )
     r.add_argument("--db", required=True, help="the monitor's SQLite database")
-    r.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    r.add_argument("--out", type=Path, required=True, metavar="FILE", help="the HTML file to write")
     r.set_defaults(func=cmd_report)

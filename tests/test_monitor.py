@@ -492,6 +492,23 @@ def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert (status, err) == (2, expected + "\n")
 
 
+def test_the_report_subcommand_names_itself_in_its_usage(capsys):
+    """`monitor report --help` and a missing flag print report's own usage line, not one
+    built from `monitor`'s two-line usage."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["monitor", "report", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "usage: gptkit monitor report [-h] --db DB --out FILE"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["monitor", "report", "--db", "x.db"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: gptkit monitor report [-h] --db DB --out FILE",
+        "gptkit monitor report: error: the following arguments are required: --out",
+    ]
+
+
 # -- alert outputs ---------------------------------------------------------------------------
 
 
