@@ -240,6 +240,39 @@ def test_out_of_order_items_give_the_same_verdicts_and_late_ones_count(monitored
     assert alerts_of(copy) == EXPECTED
 
 
+def test_items_without_a_topic_are_grouped_by_the_classifiers_topic(monitored, stream, tmp_path):
+    """The stream with its topics taken out, and a classifier that gives each text's party
+    as its `topic` field: the same windows and alerts as with the items' own topics. An
+    item's own topic still wins over the classifier's."""
+    db, _ = monitored
+    items, labels = stream
+    party = {r["text"]: r["topic"] for r in items}
+    bare = [{k: v for k, v in r.items() if k != "topic"} for r in items]
+    # in date order, one item of its own topic, whose text the classifier calls Democratic
+    at = next(i for i, r in enumerate(items) if r["date"] > "1950-06-01")
+    text = next(r["text"] for r in items if r["topic"] == "Democratic")
+    own = {"id": "own-1", "date": "1950-06-01", "topic": "Independent", "text": text}
+    write_jsonl(tmp_path / "bare.jsonl", [*bare[:at], own, *bare[at:]])
+
+    def classify(texts: list[str]) -> list[dict[str, str]]:
+        return [{"topic": party[t], "sentiment": labels[t]} for t in texts]
+
+    run_monitor(config_for(tmp_path / "bare.db", tmp_path / "bare.jsonl"), classify, echo=Lines())
+    assert alerts_of(tmp_path / "bare.db") == EXPECTED
+    counts = "SELECT topic, window_start, n, negatives, hit FROM windows ORDER BY 1, 2"
+    grouped = query(tmp_path / "bare.db", counts)
+    negative = int(labels[text] == "negative")
+    assert [w for w in grouped if w[0] == "Independent"] == [
+        ("Independent", "1949-03-01T00:00:00", 1, negative, 0)
+    ]
+    assert [w for w in grouped if w[0] != "Independent"] == query(db, counts)
+    stored = query(tmp_path / "bare.db", "SELECT item_id, topic, labels FROM items")
+    assert {i: t for i, t, _ in stored} == {r["id"]: r["topic"] for r in items} | {
+        "own-1": "Independent"
+    }
+    assert json.loads(next(j for i, _, j in stored if i == "own-1"))["topic"] == "Democratic"
+
+
 def config_for(db: Path, source: Path, **settings) -> MonitorConfig:
     return MonitorConfig(source=str(source), db=str(db), rule=RULE, **{**TERMS, **settings})
 
