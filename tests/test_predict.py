@@ -10,6 +10,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,29 @@ def test_predict_reads_stdin_lines_and_refuses_bad_input_in_one_line(models, tmp
     assert done.returncode == 2 and "predict needs a classifier or tagger" in done.stderr
 
 
+def test_predict_reads_tsv_and_shows_progress_for_files_only(models, tmp_path):
+    """A TSV file in (texts holding commas, which only a tab-separated reader keeps whole),
+    TSV out, the same labels as lm.classify; a progress bar on stderr for a
+    file, whose length is known, and none for stdin."""
+    texts = ["the film, it was great", "the soup, sadly, was awful", "the cake was fine"]
+    data = tmp_path / "in.tsv"
+    data.write_text("id\tbody\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)))
+    out = tmp_path / "out.tsv"
+    model = str(models["single"])
+    args = ["--data", str(data), "--text-field", "body", "--out", str(out)]
+    done = gptkit_cli("predict", "--model", model, *args)
+    assert done.returncode == 0, done.stderr
+    table = list(csv.DictReader(out.open(newline=""), dialect="excel-tab"))
+    assert [(r["id"], r["body"]) for r in table] == [(str(i), t) for i, t in enumerate(texts)]
+    expected = gptkit.load(models["single"]).classify(texts)
+    assert [r["sentiment_label"] for r in table] == [e["label"] for e in expected]
+    assert out.read_text().splitlines()[0].split("\t")[:3] == ["id", "body", "sentiment_label"]
+    assert "predict: 100%" in done.stderr and "3/3" in done.stderr, done.stderr
+    done = gptkit_cli("predict", "--model", model, "--data", "-", stdin="\n".join(texts))
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 3, done.stderr
+    assert "predict" not in done.stderr and "%|" not in done.stderr, done.stderr
+
+
 def test_predict_and_eval_in_bfloat16_stay_close_to_float32(models, tmp_path):
     rng = random.Random(2)
     rows = [example(rng) for _ in range(24)]
@@ -380,6 +404,54 @@ def test_a_served_classifier_answers_v1_classify_in_vllms_shape(models):
             assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
         assert client.post("/v1/classify", json={"model": "news", "input": "x"}).status_code == 401
         assert client.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_v1_classify_keeps_the_body_and_queue_limits(models, monkeypatch):
+    """413 for a body over max_body_bytes (by Content-Length, and counted when chunked), 503
+    with Retry-After while max_queue requests wait for the classifier, 200 again once it is
+    free: the limits the generating and embedding routes keep."""
+    from fastapi.testclient import TestClient
+
+    from gptkit import classify_api
+    from gptkit.serve import ServeConfig, create_app
+
+    go, started = threading.Event(), threading.Event()
+    real = classify_api.class_probs
+
+    def held(*args, **kwargs):  # the worker waits here until the test lets it go
+        started.set()
+        assert go.wait(30)
+        return real(*args, **kwargs)
+
+    config = ServeConfig(max_queue=1, max_body_bytes=2048, allowed_hosts=("testserver",))
+    ok = {"model": "news", "input": ["the film was great"]}
+    with TestClient(create_app(gptkit.load(models["multi"]), "news", config)) as client:
+        big = {"model": "news", "input": ["the film was great"] * 200}  # over 2048 bytes
+        for reply in (
+            client.post("/v1/classify", json=big),
+            client.post(
+                "/v1/classify",
+                content=iter([json.dumps(big).encode()]),  # no Content-Length
+                headers={"content-type": "application/json"},
+            ),
+        ):
+            assert reply.status_code == 413, reply.text
+            assert reply.json()["error"]["code"] == "too_large"
+        monkeypatch.setattr(classify_api, "class_probs", held)
+        first: list = []
+        worker = threading.Thread(target=lambda: first.append(client.post("/v1/classify", json=ok)))
+        worker.start()
+        try:
+            assert started.wait(30)  # the first request holds the one worker
+            busy = client.post("/v1/classify", json=ok)
+            assert busy.status_code == 503, busy.text
+            assert busy.json()["error"]["code"] == "overloaded"
+            assert busy.headers["retry-after"] == "1"
+        finally:
+            go.set()
+            worker.join(30)
+        assert first[0].status_code == 200 and len(first[0].json()["data"]) == 1
+        assert client.post("/v1/classify", json=ok).status_code == 200  # the queue drained
 
 
 def test_serve_refuses_classify_on_a_language_model_and_any_tagger(models):
