@@ -868,6 +868,14 @@ def test_documented_command(command, ws):
         assert run.check(done, ws) is not False, f"{shlex.join(argv)}\n{done.stdout[-3000:]}"
 
 
+def test_the_readme_quotes_each_pipeline_prompt_as_the_code_has_it():
+    from gptkit.pipelines import PROMPTS
+
+    blocks = re.findall(r"```text\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    missing = [task for task, prompt in PROMPTS.items() if prompt not in blocks]
+    assert not missing, f"README.md's prompts of {missing} differ from gptkit.pipelines.PROMPTS"
+
+
 def test_reliability_command_names_test_files():
     command = next(c for c in documented_commands() if c.startswith(".venv/bin/python -m pytest"))
     for path in shlex.split(command)[3:]:
