@@ -811,7 +811,11 @@ RUNS: dict[str, Run] = {
     ".venv/bin/python -m pytest tests/faults tests/fuzz tests/test_hostile_files.py "
     "tests/test_resources.py": Run(
         skip="these files are part of this suite (`make test` runs them); "
-        "test_reliability_command_names_test_files checks the paths"
+        "test_documented_pytest_commands_name_real_tests checks the paths"
+    ),
+    '.venv/bin/python -m pytest tests/test_monitor.py -k "burst or sigkill"': Run(
+        skip="these tests are part of this suite (`make test` runs them); "
+        "test_documented_pytest_commands_name_real_tests checks that they exist"
     ),
 }
 
@@ -876,10 +880,23 @@ def test_the_readme_quotes_each_pipeline_prompt_as_the_code_has_it():
     assert not missing, f"README.md's prompts of {missing} differ from gptkit.pipelines.PROMPTS"
 
 
-def test_reliability_command_names_test_files():
-    command = next(c for c in documented_commands() if c.startswith(".venv/bin/python -m pytest"))
-    for path in shlex.split(command)[3:]:
-        assert (ROOT / path).exists(), f"docs/RELIABILITY.md runs {path}, which does not exist"
+def test_documented_pytest_commands_name_real_tests():
+    """The docs' pytest commands (RELIABILITY's files, RESULTS' monitor tests) name test files
+    that exist, and each word of a -k expression is in one of their test names."""
+    commands = [c for c in documented_commands() if c.startswith(".venv/bin/python -m pytest")]
+    assert len(commands) >= 2, commands
+    for command in commands:
+        args, words = shlex.split(command)[3:], []
+        if "-k" in args:
+            at = args.index("-k")
+            words = [w for w in args[at + 1].split() if w not in ("and", "or", "not")]
+            del args[at : at + 2]
+        for path in args:
+            assert (ROOT / path).exists(), f"{command} runs {path}, which does not exist"
+        files = [f for a in args for f in ([ROOT / a] if a.endswith(".py") else [])]
+        names = [n for f in files for n in re.findall(r"def (test_\w+)", f.read_text())]
+        for word in words:
+            assert any(word in name for name in names), f"{command}: no test named *{word}*"
 
 
 # -- servers and Python snippets -------------------------------------------------------------
