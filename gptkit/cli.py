@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", help="retrieval: dense,bm25,hybrid; rag: closed-book|retrieved|oracle")
     p.add_argument("-k", type=int, help="rag: sources in the prompt (default 3); rank: HR@k")
     p.add_argument("--dense-weight", type=float, default=DENSE_WEIGHT,
-                   help=f"retrieval: hybrid's weight on dense scores ({DENSE_WEIGHT})")  # fmt: skip
+                   help=f"retrieval, rag: hybrid's weight on dense ({DENSE_WEIGHT})")  # fmt: skip
     p.add_argument("--users", type=int, help="rank: a seeded sample of this many users (0: all)")
     p.add_argument("--negatives", type=int, help="rank: sampled candidates per user (99)")
     p.add_argument("--full", action="store_true", help="rank: against every unseen item")

@@ -143,6 +143,12 @@ def retrieval_flags(p: argparse.ArgumentParser, serve: bool = False) -> None:
         "has it, the reply says the documents do not cover the question",
     )
     p.add_argument(
+        "--dense-weight",
+        type=float,
+        metavar="W",
+        help="--retrieval: hybrid search's weight on dense scores, 1 - W on BM25's (default 0.5)",
+    )
+    p.add_argument(
         "--no-answer",
         metavar="TEXT",
         help="--retrieval: that reply (default: I could not find that in the documents.)",
@@ -159,11 +165,13 @@ def retrieval_flags(p: argparse.ArgumentParser, serve: bool = False) -> None:
 
 def _retrieval_config(args: argparse.Namespace) -> RetrievalConfig | None:
     """rag.RetrievalConfig from the flags (checked before any model loads), or None."""
-    given = {"k": args.sources, "min_score": args.min_score, "no_answer": args.no_answer}
+    given = {"k": args.sources, "min_score": args.min_score, "no_answer": args.no_answer,
+             "dense_weight": args.dense_weight}  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}
     if args.retrieval is None:
         if given:
-            raise ConfigError("--sources, --min-score and --no-answer set up retrieval: give "
+            raise ConfigError("--sources, --min-score, --dense-weight and --no-answer set up "
+                              "retrieval: give "
                               "--retrieval INDEX too")  # fmt: skip
         return None
     if args.no_answer is not None and not args.no_answer.strip():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .rag_index import MODES, Hit, Index
+from .rag_index import DENSE_WEIGHT, MODES, Hit, Index
 
 INSTRUCTION = (
     "Answer the user's question using only the numbered sources below. Cite the sources you "
@@ -32,6 +32,7 @@ INSTRUCTION = (
 class RetrievalConfig:
     k: int = 3  # sources put in the prompt
     mode: str = "hybrid"  # dense | bm25 | hybrid (rag_index.py)
+    dense_weight: float = DENSE_WEIGHT  # hybrid's weight on dense scores (1 - it on BM25's)
     # The least cosine similarity (query to chunk) that counts as relevant. all-MiniLM-L6-v2
     # scores unrelated text around 0.0-0.2 and a passage that answers a question 0.4-0.8.
     min_score: float = 0.3
@@ -43,6 +44,8 @@ class RetrievalConfig:
             raise ConfigError(f"the number of sources must be at least 1, got {self.k}")
         if self.mode not in MODES:
             raise ConfigError(f"unknown retrieval mode {self.mode!r}; use {', '.join(MODES)}")
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise ConfigError(f"the dense weight is between 0 and 1, got {self.dense_weight}")
         if not -1.0 <= self.min_score <= 1.0:
             raise ConfigError(f"min_score is a cosine similarity in [-1, 1], got {self.min_score}")
         if self.history < 0:
@@ -72,7 +75,8 @@ class Retriever:
         if not query.strip():
             return []
         least = self.config.min_score
-        hits = self.index.search(query, k=self.config.k, mode=self.config.mode)
+        c = self.config
+        hits = self.index.search(query, k=c.k, mode=c.mode, dense_weight=c.dense_weight)
         # BM25-only search has no cosine to judge by: its hits all count.
         hits = [h for h in hits if h.dense is None or h.dense >= least]
         last = _text(next(m for m in reversed(messages) if m.get("role") == "user"))

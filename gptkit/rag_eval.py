@@ -170,7 +170,13 @@ def gold_passages(rows: list[Question], index: Index | None) -> list[Hit]:
     return out
 
 
-def rag_sources(rows: list[Question], mode: str, index: Index | None, k: int) -> list[list[Hit]]:
+def rag_sources(
+    rows: list[Question],
+    mode: str,
+    index: Index | None,
+    k: int,
+    dense_weight: float = DENSE_WEIGHT,
+) -> list[list[Hit]]:
     """Each question's sources in `mode`: none (closed-book), its k best chunks (retrieved) or
     its gold passage (oracle)."""
     if mode not in RAG_MODES:
@@ -183,15 +189,19 @@ def rag_sources(rows: list[Question], mode: str, index: Index | None, k: int) ->
         raise ConfigError("--mode retrieved needs --index")
     # Every question gets its k best chunks (hybrid search, as serving does), with no
     # threshold: that is a server's choice of when to refuse, and would hide what is found.
-    return index.search_many([r.question for r in rows], k=k, mode="hybrid")
+    return index.search_many([r.question for r in rows], k, "hybrid", dense_weight)
 
 
 def rag_messages(
-    rows: list[Question], mode: str, index: Index | None, k: int
+    rows: list[Question],
+    mode: str,
+    index: Index | None,
+    k: int,
+    dense_weight: float = DENSE_WEIGHT,
 ) -> tuple[list[list[dict[str, str]]], list[list[Hit]]]:
     """Each question's chat messages in `mode` (the prompt `chat/serve --retrieval` build,
     the question alone in closed-book mode), and its sources."""
-    sources = rag_sources(rows, mode, index, k)
+    sources = rag_sources(rows, mode, index, k, dense_weight)
     asks = [[{"role": "user", "content": QUESTION.format(question=r.question)}] for r in rows]
     if mode == "closed-book":
         return asks, sources
@@ -199,14 +209,20 @@ def rag_messages(
 
 
 def eval_rag(
-    lm, rows: list[Question], mode: str, index: Index | None, k: int, max_new_tokens: int
+    lm,
+    rows: list[Question],
+    mode: str,
+    index: Index | None,
+    k: int,
+    max_new_tokens: int,
+    dense_weight: float = DENSE_WEIGHT,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(EM and F1 on a 0-100 scale, n, and in retrieved mode the share of questions whose
     gold document is among the sources), and each question's answer and sources."""
     from .chat_template import chat_prompt, turn_stops
 
     tok = lm.tokenizer
-    messages, sources = rag_messages(rows, mode, index, k)
+    messages, sources = rag_messages(rows, mode, index, k, dense_weight)
     prompts = [chat_prompt(tok, m) for m in messages]
     # Batches of similar length pad little: generate shortest first, answer in row order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -283,6 +299,8 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
     k = 3 if args.k is None else args.k
     if k < 1:
         raise ConfigError(f"-k (sources per question) must be at least 1, got {k}")
+    if not 0.0 <= args.dense_weight <= 1.0:
+        raise ConfigError(f"the dense weight is between 0 and 1, got {args.dense_weight}")
     rows = read_questions(data, args.limit)
     # The index serves retrieved mode, and oracle rows that name their gold document by id.
     wanted = mode == "retrieved" or (mode == "oracle" and any(r.context is None for r in rows))
@@ -290,7 +308,8 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
     if mode == "oracle":
         gold_passages(rows, index)  # a gold passage missing fails here, not after loading
     lm = load(args.model, device=args.device, adapter=args.adapter, quantize=args.quantize)
-    results, answers = eval_rag(lm, rows, mode, index, k, args.max_new_tokens or 64)
+    new_tokens = args.max_new_tokens or 64
+    results, answers = eval_rag(lm, rows, mode, index, k, new_tokens, args.dense_weight)
     shown = f", k={k}" if mode == "retrieved" else ""
     print(format_table(results, title=f"rag ({mode}{shown}): {data}"))
     if args.out:

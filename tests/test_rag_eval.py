@@ -191,6 +191,18 @@ def test_eval_rag_cli_scores_every_mode(small_index, capsys):
             assert saved["gold_in_top2"] == 100.0  # the SWIFT question finds the wire page
         else:
             assert sources == [["wire"], ["gold"]]
+    from gptkit.rag_index import Index
+
+    # --dense-weight 0 retrieves in BM25's order
+    bm25 = Index.open(small_index / "idx")
+    retrieved = [*argv[:-2], "--mode", "retrieved", "--dense-weight", "0", "--out", str(out)]
+    assert main(retrieved) == 0
+    capsys.readouterr()
+    answers = [json.loads(line) for line in out.with_suffix(".answers.jsonl").open()]
+    for row, answer in zip(rows, answers, strict=True):
+        assert answer["sources"][0] == bm25.search(row["question"], k=1, mode="bm25")[0].doc_id
+    assert main([*retrieved[:-2], "--dense-weight", "2"]) == 2
+    assert "the dense weight is between 0 and 1, got 2.0" in capsys.readouterr().err
     assert main([*argv[:-2], "--mode", "open-book"]) == 2
     assert "closed-book, retrieved, oracle" in capsys.readouterr().err
     qa.write_text(json.dumps({"question": "q", "answers": ["a"], "doc_id": "nope"}) + "\n")

@@ -425,6 +425,10 @@ def test_retrieval_flags_are_checked_before_any_model_loads(capsys, tmp_path, in
     idx = str(index.path)
     assert "at least 1" in _cli_error(capsys, [*serve, "--retrieval", idx, "--sources", "0"])
     assert "[-1, 1]" in _cli_error(capsys, [*chat, "--retrieval", idx, "--min-score", "2"])
+    assert "between 0 and 1, got 1.5" in _cli_error(
+        capsys, [*chat, "--retrieval", idx, "--dense-weight", "1.5"]
+    )
+    assert "give --retrieval INDEX too" in _cli_error(capsys, [*serve, "--dense-weight", "0.3"])
     assert "--no-answer is empty" in _cli_error(
         capsys, [*chat, "--retrieval", idx, "--no-answer", " "]
     )
@@ -468,8 +472,11 @@ def test_gptkit_serve_retrieval_serves_the_index_with_the_flags_settings(
 
     argv = ["serve", "--model", str(checkpoint), "--retrieval", str(index.path), "--device", "cpu"]
     argv += ["--sources", "4", "--min-score", "0.5", "--no-answer", "Not in the manual."]
+    argv += ["--dense-weight", "0.3"]
     assert main(argv) == 0
     lm, name, config, adapters, retriever, embedder = seen["args"]
     assert name == "tiny" and embedder is None  # /v1/embeddings: the index's
     assert retriever.index.path == index.path
-    assert retriever.config == RetrievalConfig(k=4, min_score=0.5, no_answer="Not in the manual.")
+    assert retriever.config == RetrievalConfig(
+        k=4, min_score=0.5, no_answer="Not in the manual.", dense_weight=0.3
+    )
