@@ -171,8 +171,7 @@ def _retrieval_config(args: argparse.Namespace) -> RetrievalConfig | None:
     if args.retrieval is None:
         if given:
             raise ConfigError("--sources, --min-score, --dense-weight and --no-answer set up "
-                              "retrieval: give "
-                              "--retrieval INDEX too")  # fmt: skip
+                              "retrieval: give --retrieval INDEX too")  # fmt: skip
         return None
     if args.no_answer is not None and not args.no_answer.strip():
         raise ConfigError("--no-answer is empty; give the reply to send when nothing matches")

@@ -74,8 +74,8 @@ class Retriever:
         query = self.query(messages)
         if not query.strip():
             return []
-        least = self.config.min_score
         c = self.config
+        least = c.min_score
         hits = self.index.search(query, k=c.k, mode=c.mode, dense_weight=c.dense_weight)
         # BM25-only search has no cosine to judge by: its hits all count.
         hits = [h for h in hits if h.dense is None or h.dense >= least]
