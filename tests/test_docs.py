@@ -586,6 +586,12 @@ RUNS: dict[str, Run] = {
         repo_root=True,
         check=out_has("plain decode", "token-identical: yes"),
     ),
+    ".venv/bin/python bench/verify_pass.py": Run(
+        add=("--smoke",),
+        smollm2=True,
+        repo_root=True,
+        check=out_has("MLP out", "all, one pass", "4 tokens"),
+    ),
     ".venv/bin/python bench/decode_gpt2.py": Run(
         add=SMALL_DECODE, repo_root=True, check=out_has("gptkit fp32", "tok/s")
     ),
