@@ -8,19 +8,12 @@ and the chunk text with its metadata in SQLite.
 Modes: "dense" ranks by cosine similarity of embeddings (FAISS, exact below HNSW_FROM chunks,
 HNSW above); "bm25" by BM25 over stemmed words (bm25s); "hybrid" (the default) fuses the two:
 dense finds paraphrases, BM25 finds rare exact words (names, codes, amounts). The fusion is a
-convex combination of scores (Bruch et al. 2023, "An Analysis of Fusion Functions for Hybrid
-Retrieval": it beats reciprocal-rank fusion, which throws the score gaps away), made per
-document:
-
-- each list's scores are divided by its best (their "theoretical min-max": BM25's least score
-  is 0, and a cosine below 0 counts as 0), so the scale does not hang on where a list was cut;
-- a document takes, from each list, its best chunk's scaled score (0 where the list did not
-  return it): a document whose one chunk matches the query's meaning and another its rare
-  words gets both (the "MaxP" of passage ranking);
-- document score = w * dense + (1 - w) * bm25, w = DENSE_WEIGHT unless the caller gives one.
-  Chunks rank by their document's score, then by their own, computed the same way.
-
-docs/RESULTS.md has the measurements (bank and SQuAD; the fusions tried before this one).
+convex combination of scores (Bruch et al. 2023: it beats reciprocal-rank fusion, which throws
+the score gaps away), per document: each list is divided by its best score (a cosine below 0
+counts 0), a document takes each list's best chunk score (0 where a list lacks it: one chunk
+may match the meaning, another the rare words), and scores w * dense + (1 - w) * bm25, w =
+DENSE_WEIGHT unless the caller gives one. Chunks rank by their document's score, then their
+own. docs/RESULTS.md has the measurements and the fusions tried before.
 
 The directory (every file written to a temporary directory and renamed into place, as
 checkpoints are, so a crash leaves the previous index whole):
