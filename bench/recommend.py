@@ -15,7 +15,10 @@ standardised and averaged with equal weights (fixed beforehand, not tuned on the
 under autocast: several times the steps in the same time on a CPU with AVX-512-BF16 or AMX.
 
     .venv/bin/python bench/recommend.py [--steps 150] [--users 200] [--popular]
-        [--dtype float32|bfloat16] [--smoke]
+        [--dtype float32|bfloat16] [--checkpoint DIR] [--smoke]
+
+--checkpoint scores a ranker this bench trained before (its --popular must match) instead of
+training one; --users 0 scores every user.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptkit import load, machine, precision  # noqa: E402
+from gptkit.cli_rank import trained_settings  # noqa: E402
 from gptkit.config import DTYPES  # noqa: E402
 from gptkit.predict import batched_logits  # noqa: E402
 from gptkit.recommend import rank_example, score_candidates  # noqa: E402
@@ -133,6 +137,9 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="1 step, 1 user of 40 candidates, no timing (tests)"
     )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="score this trained ranker instead of training one"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "recommend")
     args = parser.parse_args()
     steps, batch, per_user, users, val_batches = (
@@ -143,7 +150,12 @@ def main() -> None:
     data = read_interactions(DATA)
     print(f"MovieLens-100K: {len(data.histories)} users, {len(data.items)} items")
     out = args.out.resolve() / "model"
-    checkpoint = finetune(out, steps, batch, per_user, val_batches, args.popular, args.dtype)
+    if args.checkpoint and trained_settings(str(args.checkpoint))[1] != args.popular:
+        raise SystemExit(f"{args.checkpoint} was trained {'without' if args.popular else 'with'} "
+                         "rank_popular: match --popular to it")  # fmt: skip
+    checkpoint = args.checkpoint or finetune(
+        out, steps, batch, per_user, val_batches, args.popular, args.dtype
+    )
     lm = load(str(checkpoint), device="cpu")
     # smoke: the sampled user's target among 39 negatives, not 99 (the text model scores each
     # candidate; 40 are still two batches of score_candidates)
@@ -190,6 +202,7 @@ def main() -> None:
         n = len(every) if which == "all" else len(sample)
         print(f"| {name} | {n} | {100 * m['hr@10']:.1f} | {100 * m['ndcg@10']:.1f} |")
     summary = {name + f" ({which})": m for name, which, m in rows}
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

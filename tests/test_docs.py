@@ -315,6 +315,28 @@ def sentiment_chain(done: subprocess.CompletedProcess, ws: Path) -> None:
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
 
 
+def rescored(done: subprocess.CompletedProcess, ws: Path) -> None:
+    """The recommend bench's smoke, then the bench again on the ranker it trained
+    (--checkpoint): no training, the same text-model row; and a ranker trained with
+    rank_popular scored without --popular is refused."""
+    out_has("| gptkit SmolLM2 LoRA |", "the text model ranked")(done, ws)
+    checkpoint = ws / "recommend-popular" / "model" / "checkpoint"
+    again = [sys.executable, "bench/recommend.py", "--smoke", "--checkpoint", str(checkpoint)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    redo = subprocess.run([*again, "--popular", "--out", str(ws / "recommend-again")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert redo.returncode == 0, redo.stderr[-2000:]
+    assert "gptkit finetune" not in redo.stdout
+
+    def row(out: str) -> str:
+        return next(line for line in out.splitlines() if line.startswith("| gptkit SmolLM2 LoRA"))
+
+    assert row(redo.stdout) == row(done.stdout)
+    refused = subprocess.run([*again, "--out", str(ws / "recommend-again")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert refused.returncode != 0 and "match --popular to it" in refused.stderr
+
+
 def file_made(*paths: str) -> Callable[[subprocess.CompletedProcess, Path], None]:
     def check(done: subprocess.CompletedProcess, ws: Path) -> None:
         for path in paths:
@@ -741,9 +763,13 @@ RUNS: dict[str, Run] = {
             len(done.stdout.strip().splitlines()) == 10 and "Toy Story" not in done.stdout
         ),
     ),
-    ".venv/bin/python bench/recommend.py --popular --out runs/recommend-popular": bench_smoke(
-        "recommend-popular", "| gptkit SmolLM2 LoRA |", "the text model ranked"
-    ),  # bench_smoke's --out comes after the documented one, so it is the one used
+    ".venv/bin/python bench/recommend.py --popular --out runs/recommend-popular": Run(
+        add=("--smoke", "--out", "{ws}/recommend-popular"),
+        smollm2=True,
+        shared_data=True,
+        repo_root=True,
+        check=rescored,
+    ),  # the added --out comes after the documented one, so it is the one used
     ".venv/bin/python bench/recommend.py --popular --dtype bfloat16 --steps 400 "
     "--out runs/recommend-bf16": bench_smoke(
         "recommend-bf16", "| gptkit SmolLM2 LoRA |", "the text model ranked"
