@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptkit import load, machine, precision  # noqa: E402
+from gptkit.checkpoint import is_checkpoint  # noqa: E402
 from gptkit.cli_rank import trained_settings  # noqa: E402
 from gptkit.config import DTYPES  # noqa: E402
 from gptkit.predict import batched_logits  # noqa: E402
@@ -150,6 +151,9 @@ def main() -> None:
     data = read_interactions(DATA)
     print(f"MovieLens-100K: {len(data.histories)} users, {len(data.items)} items")
     out = args.out.resolve() / "model"
+    if args.checkpoint and not is_checkpoint(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint} is not a gptkit checkpoint: give a ranker's "
+                         "out_dir/checkpoint (from gptkit finetune rank)")  # fmt: skip
     if args.checkpoint and trained_settings(str(args.checkpoint))[1] != args.popular:
         raise SystemExit(f"{args.checkpoint} was trained {'without' if args.popular else 'with'} "
                          "rank_popular: match --popular to it")  # fmt: skip

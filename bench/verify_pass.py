@@ -44,19 +44,21 @@ def time_shapes(
 ) -> dict[str, dict[int, float]]:
     """{shape: {rows: median µs per plan_linear call}}, cycling through copies of each matrix
     that fill `footprint` bytes: past the caches, every call streams its weights from memory,
-    as a pass does."""
+    as a pass does. Each timed block follows untimed calls of its row count, as passes are
+    timed (time_passes)."""
     plan, out = machine.decode_plan(), {}
     for name, (n, k, _) in shapes(config).items():
         weights = [torch.randn(n, k) for _ in range(max(2, footprint // (n * k * 4)))]
         xs = {r: torch.randn(r, k) for r in rows}
         times: dict[int, list[float]] = {r: [] for r in rows}
-        for round in range(rounds + 1):  # the first round warms up
+        for _ in range(rounds):
             for r in rows:
-                start = time.perf_counter()
-                for i in range(calls):
-                    machine.plan_linear(xs[r], weights[i % len(weights)], None, plan)
-                if round:
-                    times[r].append((time.perf_counter() - start) / calls * 1e6)
+                for timed in (False, True):
+                    start = time.perf_counter()
+                    for i in range(calls):
+                        machine.plan_linear(xs[r], weights[i % len(weights)], None, plan)
+                    if timed:
+                        times[r].append((time.perf_counter() - start) / calls * 1e6)
         out[name] = {r: statistics.median(t) for r, t in times.items()}
     return out
 

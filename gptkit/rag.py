@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .rag_index import DENSE_WEIGHT, MODES, Hit, Index
+from .rag_index import DENSE_WEIGHT, MODES, Hit, Index, check_dense_weight
 
 INSTRUCTION = (
     "Answer the user's question using only the numbered sources below. Cite the sources you "
@@ -44,8 +44,7 @@ class RetrievalConfig:
             raise ConfigError(f"the number of sources must be at least 1, got {self.k}")
         if self.mode not in MODES:
             raise ConfigError(f"unknown retrieval mode {self.mode!r}; use {', '.join(MODES)}")
-        if not 0.0 <= self.dense_weight <= 1.0:
-            raise ConfigError(f"the dense weight is between 0 and 1, got {self.dense_weight}")
+        check_dense_weight(self.dense_weight)
         if not -1.0 <= self.min_score <= 1.0:
             raise ConfigError(f"min_score is a cosine similarity in [-1, 1], got {self.min_score}")
         if self.history < 0:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from .config import ConfigError
 from .evaluate import format_table, normalize_answer, save_results, squad_scores
 from .rag import grounded_messages
-from .rag_index import DENSE_WEIGHT, MODES, Hit, Index
+from .rag_index import DENSE_WEIGHT, MODES, Hit, Index, check_dense_weight
 from .taskdata import located_records
 
 KS = (1, 5, 10)
@@ -299,8 +299,7 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
     k = 3 if args.k is None else args.k
     if k < 1:
         raise ConfigError(f"-k (sources per question) must be at least 1, got {k}")
-    if not 0.0 <= args.dense_weight <= 1.0:
-        raise ConfigError(f"the dense weight is between 0 and 1, got {args.dense_weight}")
+    check_dense_weight(args.dense_weight)
     rows = read_questions(data, args.limit)
     # The index serves retrieved mode, and oracle rows that name their gold document by id.
     wanted = mode == "retrieved" or (mode == "oracle" and any(r.context is None for r in rows))

@@ -56,6 +56,15 @@ FUSION_DEPTH = 50  # hybrid search fuses each list's best max(k, FUSION_DEPTH) c
 # `gptkit eval retrieval --dense-weight W` (RETRIEVAL.md).
 DENSE_WEIGHT = 0.5
 MODES = ("hybrid", "dense", "bm25")
+
+
+def check_dense_weight(weight: float) -> float:
+    """`weight` if it is a hybrid weight (0 to 1), else a one-line ConfigError."""
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"the dense weight is between 0 and 1, got {weight}")
+    return weight
+
+
 SETTINGS = ("embedder", "chunk_tokens", "overlap", "text_field")  # what --add reuses
 
 
@@ -387,8 +396,7 @@ class Index:
         dense scores (1 - it on BM25's)."""
         if mode not in MODES:
             raise ConfigError(f"unknown search mode {mode!r}; use one of {', '.join(MODES)}")
-        if not 0.0 <= dense_weight <= 1.0:
-            raise ConfigError(f"the dense weight is between 0 and 1, got {dense_weight}")
+        check_dense_weight(dense_weight)
         if not all(q.strip() for q in queries):
             raise ConfigError("a search query is empty; give some words to search for")
         n = len(self._chunks)
