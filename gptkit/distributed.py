@@ -99,7 +99,13 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group at the end of a run that succeeded on this rank: all ranks
+        meet first, so none tears down its side while another still talks to it. After an
+        error do not call this (a rank that died never comes to the barrier, and destroying
+        a group mid-collective can wait forever): the process exits and torchrun ends the job.
+        """
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -331,23 +331,21 @@ def finetune(
         steps = math.ceil(config.epochs * task.epoch_size() / per_step)
         config = dataclasses.replace(config, max_steps=steps)
     trainer = Trainer(config, resume=resume, overwrite=overwrite, task=task)
-    try:
-        result = trainer.fit()
-        metrics, adapter = {}, None
-        scored = config.task in ("classify", "tag", "rank", "reward", "dpo")
-        if trainer.dist.is_main and (scored or config.peft.enabled):
-            # the saved checkpoint, whole on one device whatever DDP/FSDP did in training
-            model, _, _ = load_checkpoint(result.checkpoint, device=trainer.dist.device)
-            if scored:
-                inner = task.inner if isinstance(task, Distill) else task
-                metrics = inner.val_metrics(model)
-                save_results(metrics, Path(config.out_dir) / "val_metrics.json")
-            if config.peft.enabled:
-                out = Path(config.out_dir) / "adapter"
-                adapter = save_adapter(model, out, config.init_from, task.tokenizer)
-        return FinetuneResult(result, metrics, adapter)
-    finally:
-        trainer.dist.close()
+    result = trainer.fit()
+    trainer.dist.close()  # only after success (see Distributed.close); what follows is local
+    metrics, adapter = {}, None
+    scored = config.task in ("classify", "tag", "rank", "reward", "dpo")
+    if trainer.dist.is_main and (scored or config.peft.enabled):
+        # the saved checkpoint, whole on one device whatever DDP/FSDP did in training
+        model, _, _ = load_checkpoint(result.checkpoint, device=trainer.dist.device)
+        if scored:
+            inner = task.inner if isinstance(task, Distill) else task
+            metrics = inner.val_metrics(model)
+            save_results(metrics, Path(config.out_dir) / "val_metrics.json")
+        if config.peft.enabled:
+            out = Path(config.out_dir) / "adapter"
+            adapter = save_adapter(model, out, config.init_from, task.tokenizer)
+    return FinetuneResult(result, metrics, adapter)
 
 
 def describe(result: FinetuneResult) -> str:

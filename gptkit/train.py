@@ -511,10 +511,9 @@ class Trainer:
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Pretrain as `config` says (under torchrun: on every rank); returns rank-local numbers."""
     trainer = Trainer(config, resume=resume, overwrite=overwrite)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.dist.close()
+    result = trainer.fit()
+    trainer.dist.close()  # only after success: see Distributed.close
+    return result
 
 
 def _check_machine(config: TrainConfig) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from conftest import chromium_page, corpus_text, tiny_chat_lm
@@ -888,12 +889,10 @@ def test_documented_command(command, ws):
     if run.setup:
         run.setup(ws)
     argv = _argv(command, run, ws)
-    done = subprocess.run(
+    done = processes.run(
         argv,
         cwd=ROOT if run.repo_root else ws,
         input=run.stdin,
-        capture_output=True,
-        text=True,
         timeout=900,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 import torch.nn.functional as F
@@ -480,7 +481,7 @@ def test_torchrun_two_processes_fine_tune_like_one(data, tmp_path, method):
     one = gptkit("finetune", *args, f"out_dir={json.dumps(str(tmp_path / 'one'))}")
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = subprocess.run(
+    two = processes.run(
         [
             *torchrun,
             "-m",
@@ -489,8 +490,7 @@ def test_torchrun_two_processes_fine_tune_like_one(data, tmp_path, method):
             *args,
             f"out_dir={json.dumps(str(tmp_path / 'two'))}",
         ],
-        capture_output=True,
-        text=True,
+        timeout=600,
     )
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("fine-tuned: 4 steps") == 1

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from conftest import save_finetune_base, tiny_chat_lm
@@ -434,9 +435,7 @@ def test_torchrun_two_processes_train_dpo_like_one(data, tmp_path):
     assert one.returncode == 0, one.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = f"out_dir={json.dumps(str(tmp_path / 'two'))}"
-    two = subprocess.run(
-        [*torchrun, "-m", "gptkit", "finetune", *args, out], capture_output=True, text=True
-    )
+    two = processes.run([*torchrun, "-m", "gptkit", "finetune", *args, out], timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("fine-tuned: 3 steps") == 1
     a = load_checkpoint(tmp_path / "one" / "checkpoint")[0].state_dict()

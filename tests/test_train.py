@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -225,11 +226,10 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, fsdp):
     single = gptkit("pretrain", f"out_dir={tmp_path / 'one'}", *args)
     assert single.returncode == 0, single.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    two = subprocess.run(
+    two = processes.run(
         [*torchrun, "--nproc_per_node=2", "-m", "gptkit", "pretrain"]
         + [f"out_dir={tmp_path / 'two'}", *args],
-        capture_output=True,
-        text=True,
+        timeout=600,
     )
     assert two.returncode == 0, two.stderr[-2000:]
     one_curve, two_curve = losses(tmp_path / "one"), losses(tmp_path / "two")
