@@ -18,13 +18,16 @@ under autocast: several times the steps in the same time on a CPU with AVX-512-B
         [--dtype float32|bfloat16] [--checkpoint DIR] [--smoke]
 
 --checkpoint scores a ranker this bench trained before (its --popular must match) instead of
-training one; --users 0 scores every user.
+training one; --users 0 scores every user. Besides the table it prints paired tests over the
+sampled users (the text ranker against most-popular and ALS, the combination against ALS) and
+writes each user's target rank per scorer, and the text model's scores, to OUT/ranks.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -36,6 +39,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit's advice for its 
 
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
+from scipy.stats import binomtest, wilcoxon  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,6 +129,24 @@ def standardised(scores: list[float]) -> np.ndarray:
     return (x - x.mean()) / (x.std() or 1.0)
 
 
+def paired(a: list[int], b: list[int], k: int = 10) -> str:
+    """How sure it is that scorer a ranks the targets differently from scorer b, on the same
+    users and candidates: the users only one of them hits at k (McNemar's exact test, a
+    two-sided binomial test on those users) and each user's NDCG@k difference (Wilcoxon's
+    signed-rank test; users with none left out)."""
+    won = sum(x < k <= y for x, y in zip(a, b, strict=True))
+    lost = sum(y < k <= x for x, y in zip(a, b, strict=True))
+    p_hits = binomtest(won, won + lost).pvalue if won + lost else 1.0
+    gain = [[1 / math.log2(r + 2) if r < k else 0.0 for r in ranks] for ranks in (a, b)]
+    diffs = [x - y for x, y in zip(*gain, strict=True)]
+    p_gain = wilcoxon(diffs).pvalue if any(diffs) else 1.0
+    return (
+        f"HR@{k} won on {won} users, lost on {lost} (McNemar exact p = {p_hits:.2g}); "
+        f"NDCG@{k} higher for {sum(d > 0 for d in diffs)}, lower for "
+        f"{sum(d < 0 for d in diffs)} (Wilcoxon p = {p_gain:.2g})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
@@ -188,13 +210,16 @@ def main() -> None:
         rows.append((name, "all", ranking_metrics([rank_of_target(s) for s in scorer(every)])))
     mf = scorers["ALS (implicit)"](sample)
     combined = [(standardised(t) + standardised(m)).tolist() for t, m in zip(text, mf, strict=True)]
-    for name, scores in (
-        ("most-popular", scorers["most-popular"](sample)),
-        ("ALS (implicit)", mf),
-        ("gptkit SmolLM2 LoRA", text),
-        ("gptkit + ALS", combined),
-    ):
-        rows.append((name, "sample", ranking_metrics([rank_of_target(s) for s in scores])))
+    ranks = {  # each sampled user's target rank, per scorer
+        name: [rank_of_target(s) for s in scores]
+        for name, scores in (
+            ("most-popular", scorers["most-popular"](sample)),
+            ("ALS (implicit)", mf),
+            ("gptkit SmolLM2 LoRA", text),
+            ("gptkit + ALS", combined),
+        )
+    }
+    rows += [(name, "sample", ranking_metrics(r)) for name, r in ranks.items()]
     print(f"\nthe text model ranked {len(sample)} users' candidates in {seconds:.0f} s")
     if whole:
         print(
@@ -205,9 +230,20 @@ def main() -> None:
     for name, which, m in rows:
         n = len(every) if which == "all" else len(sample)
         print(f"| {name} | {n} | {100 * m['hr@10']:.1f} | {100 * m['ndcg@10']:.1f} |")
+    print(f"\npaired over the {len(sample)} users:")
+    for a, b in (
+        ("gptkit SmolLM2 LoRA", "most-popular"),
+        ("gptkit SmolLM2 LoRA", "ALS (implicit)"),
+        ("gptkit + ALS", "ALS (implicit)"),
+    ):
+        print(f"  {a} vs {b}: {paired(ranks[a], ranks[b])}")
     summary = {name + f" ({which})": m for name, which, m in rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(args.out / "ranks.jsonl", "w") as f:  # per user, for other comparisons later
+        for i, q in enumerate(sample):
+            row = {"user": q.user, "ranks": {n: r[i] for n, r in ranks.items()}, "text": text[i]}
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

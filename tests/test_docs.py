@@ -326,7 +326,12 @@ def rescored(done: subprocess.CompletedProcess, ws: Path) -> None:
     """The recommend bench's smoke, then the bench again on the ranker it trained
     (--checkpoint): no training, the same text-model row; and a ranker trained with
     rank_popular scored without --popular is refused."""
-    out_has("| gptkit SmolLM2 LoRA |", "the text model ranked")(done, ws)
+    out_has("| gptkit SmolLM2 LoRA |", "the text model ranked", "paired over the 1 users")(done, ws)
+    (user,) = [json.loads(line) for line in (ws / "recommend-popular" / "ranks.jsonl").open()]
+    assert len(user["text"]) == 40  # the smoke's target and 39 negatives
+    assert user["ranks"]["gptkit SmolLM2 LoRA"] == sum(
+        s >= user["text"][0] for s in user["text"][1:]
+    )
     checkpoint = ws / "recommend-popular" / "model" / "checkpoint"
     again = [sys.executable, "bench/recommend.py", "--smoke", "--checkpoint", str(checkpoint)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
