@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import format_table, save_results
     from .loading import resolve_device
 
-    if args.dtype != "float32" and args.task in ("retrieval", "rag", "code", "rank"):
+    if args.dtype != "float32" and args.task in ("retrieval", "rag", "code"):
         raise ConfigError(f"--dtype is for eval of a model's scores, not eval {args.task}")
     if args.task in ("retrieval", "rag"):
         from .rag_eval import cmd_eval_rag

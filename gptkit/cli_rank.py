@@ -6,10 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from . import precision
 from .api import load
 from .checkpoint import is_checkpoint, read_meta
-from .cli_flags import quantize_flag
+from .cli_flags import dtype_flag, quantize_flag
 from .config import ConfigError
+from .loading import resolve_device
 from .recommend import evaluate_rank, score_candidates
 from .recsys import (
     Interactions,
@@ -37,16 +39,19 @@ def cmd_eval_rank(args: argparse.Namespace) -> None:
         if value is not None and value < (0 if name == "users" else 1):
             raise ConfigError(f"--{name} must be at least {0 if name == 'users' else 1}")
     data = read_interactions(args.data[0])
-    lm = load(args.model, adapter=args.adapter, device=args.device, quantize=args.quantize)
+    device = resolve_device(args.device)
+    precision.check(args.dtype, device, args.quantize)
+    lm = load(args.model, adapter=args.adapter, device=device, quantize=args.quantize)
     k = args.k or 10
     if args.full and args.negatives:
         raise ConfigError("--full ranks against every unseen item: leave out --negatives")
     negatives = None if args.full else args.negatives or 99
     history, popular = trained_settings(args.model)
-    result = evaluate_rank(
-        lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0,
-        args.history or history, k, popular=popular,
-    )  # fmt: skip
+    with precision.compute(args.dtype, device):
+        result = evaluate_rank(
+            lm.model, lm.tokenizer, data, args.split, negatives, args.users or 0,
+            args.history or history, k, popular=popular,
+        )  # fmt: skip
     print(f"rank: {args.data[0]} ({result['split']}, {result['users']} users, "
           f"{result['candidates']} candidates each)")  # fmt: skip
     print(f"{'scorer':<14}{f'HR@{k}':>8}{f'NDCG@{k}':>10}")
@@ -76,9 +81,12 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     data = Interactions(items, {})
     named = {t.lower() for t in history}
     ids = [i for i in items if args.keep_history or data.history_text(i).lower() not in named]
-    lm = load(args.model, device=args.device, quantize=args.quantize)
+    device = resolve_device(args.device)
+    precision.check(args.dtype, device, args.quantize)
+    lm = load(args.model, device=device, quantize=args.quantize)
     texts = [candidate_text(data.candidate_text(i, seen)) for i in ids]
-    scores = score_candidates(lm.model, lm.tokenizer, context_text(history), texts)
+    with precision.compute(args.dtype, device):
+        scores = score_candidates(lm.model, lm.tokenizer, context_text(history), texts)
     best = scores.argsort(descending=True)[: args.k].tolist()
     rows = [
         {"item": ids[b], "text": data.candidate_text(ids[b]), "score": float(scores[b])}
@@ -101,5 +109,6 @@ def add_recommend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-history", action="store_true", help="also rank the history's items")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.add_argument("--device", default=None)
+    dtype_flag(p)
     quantize_flag(p, classifier=True)
     p.set_defaults(func=cmd_recommend)

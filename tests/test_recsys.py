@@ -196,6 +196,21 @@ def test_finetune_rank_then_eval_rank_and_recommend(tmp_path):
     picks = json.loads(done.stdout)
     assert len(picks) == 4 and not {"1", "2"} & {p["item"] for p in picks}
     assert [p["score"] for p in picks] == sorted((p["score"] for p in picks), reverse=True)
+    # bfloat16 matmuls (--dtype), as the bench scores: the same scores to bfloat16's precision
+    done = gptkit(
+        "recommend", "--model", str(out / "checkpoint"), "--items", str(folder / "toy.item"),
+        "--history", "Film 1; Film 2", "-k", "4", "--json", "--keep-history", "--dtype", "bfloat16",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    fp32 = {p["item"]: p["score"] for p in picks}
+    bf16 = {p["item"]: p["score"] for p in json.loads(done.stdout) if p["item"] in fp32}
+    assert bf16 and bf16 != {i: fp32[i] for i in bf16}  # bfloat16 really ran
+    assert all(abs(bf16[i] - fp32[i]) < 0.03 for i in bf16)
+    done = gptkit(
+        "eval", "rank", "--model", str(out / "checkpoint"), "--data", str(folder),
+        "--negatives", "9", "--users", "5", "--dtype", "bfloat16",
+    )  # fmt: skip
+    assert done.returncode == 0 and "HR@10" in done.stdout, done.stderr
 
 
 @pytest.mark.parametrize(
