@@ -9,10 +9,13 @@ results, faster decoding. Training never uses this (api.load applies it, loading
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
-from .machine import DecodePlan, decode_plan, lay_out, plan_linear
+from .machine import DecodePlan, decode_plan, lay_out, pack, plan_linear
+from .resources import available_bytes
 
 
 class DecodeLinear(nn.Linear):
@@ -28,9 +31,31 @@ class DecodeLinear(nn.Linear):
     """
 
     plan: DecodePlan = DecodePlan()  # use_decode_layout sets the machine's
+    _packed: torch.Tensor | None = None  # pack(weight), made on the first call that uses it
+    _packed_of: tuple[int, int] | None = None  # the weight's (address, version) it was made of
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plan_linear(x, self.weight, self.bias, self.plan)
+        rows = x.numel() // self.in_features
+        packed = self._packed_weight(x) if 0 < self.plan.packed_from <= rows else None
+        return plan_linear(x, self.weight, self.bias, self.plan, packed)
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The packed copy of the weight, packed again if the weight changed in place; None
+        where the dense weight must serve: under autocast (its bfloat16 matmul), for another
+        dtype, or when a gradient is wanted (the copy is not part of autograd's graph)."""
+        w = self.weight
+        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        if (
+            grad
+            or torch.is_autocast_enabled("cpu")
+            or x.dtype != w.dtype
+            or w.dtype != torch.float32
+        ):
+            return None
+        key = (w.data_ptr(), w._version)
+        if self._packed_of != key:
+            self._packed, self._packed_of = pack(w.detach()), key
+        return self._packed
 
 
 def use_decode_layout(model: nn.Module, plan: DecodePlan | None = None) -> nn.Module:
@@ -38,6 +63,8 @@ def use_decode_layout(model: nn.Module, plan: DecodePlan | None = None) -> nn.Mo
     (default: this machine's, measured on first use) wants: same shapes, names and
     results, faster CPU decoding. Checkpoints are still written row-major."""
     plan = plan or decode_plan()
+    if plan.packed_from and not _second_copy_fits(model):
+        plan = dataclasses.replace(plan, packed_from=0)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
@@ -48,3 +75,11 @@ def use_decode_layout(model: nn.Module, plan: DecodePlan | None = None) -> nn.Mo
                 module.__class__ = DecodeLinear
                 module.plan = plan
     return model
+
+
+def _second_copy_fits(model: nn.Module) -> bool:
+    """Whether the packed copies of the linear weights take at most half the free memory."""
+    linear = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    need = sum(w.numel() * w.element_size() for w in linear.values())
+    free = available_bytes("cpu")
+    return free is None or 2 * need <= free

@@ -266,35 +266,67 @@ class DecodePlan:
         does: on an AMD EPYC (2 cores) SmolLM2's matrices streamed at 31 GB/s this way against
         27 for the column-major split, and two or three rows (speculative decoding's
         verification) cost little more than one.
+    packed_from: from this many rows on (0: never), a copy of W reordered into oneDNN's
+        blocked layout (`pack`) multiplies them in one oneDNN call. On that AMD EPYC its kernel
+        took 4 rows for 1.0-1.2x the time of one where BLAS took 1.4-1.9x (speculative
+        decoding's checks), and a 256-token prompt in a third of F.linear's time; one row it
+        streamed a little slower than the split. The price is that second copy.
     """
 
     column_major: bool = True
     splits_per_thread: int = 1
     max_split_rows: int = 8
     weight_first: bool = False
+    packed_from: int = 0
 
     @property
     def name(self) -> str:
+        if self.packed_from == 1:
+            return "oneDNN packed"
         layout = "column-major" if self.column_major else "row-major"
         if not self.splits_per_thread:
             return f"{layout}, one call"
         axis = "K" if self.column_major else "N"
         order = ", W @ x" if self.weight_first else ""
-        return f"{layout}, split {axis} {self.splits_per_thread}x threads{order}"
+        packed = f", oneDNN packed from {self.packed_from} rows" if self.packed_from else ""
+        return f"{layout}, split {axis} {self.splits_per_thread}x threads{order}{packed}"
+
+
+def can_pack() -> bool:
+    """Whether this torch has oneDNN's linear kernel for prepacked weights."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+# oneDNN picks its blocked layout for a row count; 4 (a speculative check of 3 guesses) served
+# 1 to 256 rows as well as any other hint on that AMD EPYC, and better than 1.
+PACK_ROWS = 4
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [N, K] float32 as a packed plan multiplies it: an opaque oneDNN tensor."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
 
 
 CANDIDATES = [
     DecodePlan(column_major, splits, 8) for column_major in (True, False) for splits in (0, 1, 2)
 ] + [DecodePlan(False, splits, 8, weight_first=True) for splits in (1, 2)]
+PACKED = DecodePlan(False, 0, packed_from=1)  # every row count through the packed copy
 
 
 def plan_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: DecodePlan
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: DecodePlan,
+    packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) computed as `plan` says (the same numbers, up to float
-    rounding of a split sum). x [..., K], weight [N, K] -> [..., N]."""
+    rounding of a split sum). x [..., K], weight [N, K], packed: `pack(weight)` or None
+    -> [..., N]."""
     N, K = weight.shape
     rows = x.numel() // K
+    if packed is not None and plan.packed_from and rows >= plan.packed_from:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     splits = plan.splits_per_thread * torch.get_num_threads()
     if splits < 2 or rows > plan.max_split_rows or rows == 0:
         return F.linear(x, weight, bias)
@@ -352,6 +384,8 @@ class Tuning:
 # the last count below 8, a 5-row pass (k = 4) fell back to one call, 1.5-2x dearer than a
 # 1-row pass on a 2-core AMD EPYC (AVX-512).
 SPLIT_ROWS = (2, 3, 4, 5, 6, 8, 12, 16, 32)
+# Row counts tried for the packed copy, from the most down: a prompt, then speculative checks.
+PACKED_ROWS = (2, 3, 4, 5, 8, 64)
 
 
 def decode_plan() -> DecodePlan:
@@ -386,8 +420,8 @@ def _tuning_from_json(data: dict) -> Tuning | None:
     try:
         if set(data["candidates"]) != {p.name for p in CANDIDATES}:
             return None  # measured before today's candidates existed: measure them all
-        if data.get("split_rows") != list(SPLIT_ROWS):
-            return None  # split rows searched differently: search again
+        if data.get("split_rows") != list(SPLIT_ROWS) or "packed_from" not in data["plan"]:
+            return None  # split rows searched differently, or before packing: search again
         return Tuning(
             DecodePlan(**data["plan"]),
             float(data["gemv_bytes_per_s"]),
@@ -404,21 +438,23 @@ def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 3.0) -
     (qkv [3d, d], MLP up [4d, d] and down [d, 4d]), repeated until they outgrow the last-level
     cache four times over (decoding streams every weight from memory once per token). Then find
     up to how many rows the winner's split still beats one call. About two seconds; never much
-    more than `budget_s` (a busy machine gets fewer rounds). Holds the matrices in both layouts
-    (256-512 MB), so every round times every candidate: a busy moment slows one timing, not
-    one layout's."""
+    more than `budget_s` (a busy machine gets fewer rounds). Holds the matrices in every form
+    a candidate multiplies (row-major, column-major, packed: 384-768 MB), so every round times
+    every candidate: a busy moment slows one timing, not one layout's."""
     start, was_busy = time.perf_counter(), busy()
     deadline = start + budget_s
     target = min(max(4 * cpu().l3_bytes, 128 << 20), 256 << 20)
     shapes = [(3 * d_model, d_model), (4 * d_model, d_model), (d_model, 4 * d_model)]
     copies = max(1, math.ceil(target / sum(n * k * 4 for n, k in shapes)))
-    weights: dict[bool, list[torch.Tensor]] = {False: [], True: []}  # by column_major
+    forms = ["row", "column", *(["packed"] if can_pack() else [])]
+    weights: dict[str, list[torch.Tensor]] = {form: [] for form in forms}
     for _ in range(copies):
         for n, k in shapes:
             w = torch.empty(n, k).uniform_(-0.05, 0.05)
-            weights[False].append(w)
-            weights[True].append(lay_out(w, DecodePlan(column_major=True)))
-    total = sum(w.numel() * 4 for w in weights[False])
+            for form, held in weights.items():
+                column = DecodePlan(column_major=form == "column")
+                held.append(pack(w) if form == "packed" else lay_out(w, column))
+    total = sum(n * k * 4 for n, k in shapes) * copies
     # half the budget for every candidate at one row, the rest for more rows
     times = _time_plans(weights, 1, CANDIDATES, rounds, start + budget_s / 2)
     rates = {plan: total / seconds for plan, seconds in times.items()}  # bytes/s at one row
@@ -435,8 +471,17 @@ def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 3.0) -
         split_rows = rows
         if time.perf_counter() > deadline:
             break
+    chosen = dataclasses.replace(best, max_split_rows=split_rows)
+    # Then from how many rows a packed copy pays: the fewest from which it wins at every
+    # count tried (one row is left to the winner above, which streams it faster).
+    packed_from = 0
+    for rows in reversed(PACKED_ROWS if "packed" in weights else ()):
+        times = _time_plans(weights, rows, [chosen, PACKED], 3, deadline)
+        if times[PACKED] >= times[chosen]:
+            break
+        packed_from = rows
     return Tuning(
-        dataclasses.replace(best, max_split_rows=split_rows),
+        dataclasses.replace(chosen, packed_from=packed_from),
         rates[best],
         time.perf_counter() - start,
         {p.name: r for p, r in rates.items()},
@@ -444,24 +489,29 @@ def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 3.0) -
     )
 
 
+def _form(plan: DecodePlan) -> str:
+    """How `plan` wants a weight held: "packed", "column" (column-major) or "row"."""
+    return "packed" if plan.packed_from == 1 else "column" if plan.column_major else "row"
+
+
 def _time_plans(
-    weights: dict[bool, list[torch.Tensor]],
+    weights: dict[str, list[torch.Tensor]],
     rows: int,
     plans: list[DecodePlan],
     rounds: int,
     stop: float,
 ) -> dict[DecodePlan, float]:
-    """Each plan's best seconds for one pass over every weight (in its layout: weights by
-    column_major) with `rows` input rows. Each round times every plan in turn; past the `stop`
+    """Each plan's best seconds for one pass over every weight (in its form: weights by
+    `_form`) with `rows` input rows. Each round times every plan in turn; past the `stop`
     time (perf_counter) no new round starts after the first timed one."""
-    widths = {w.shape[1] for w in weights[False]}
+    widths = {w.shape[1] for w in weights["row"]}
     inputs = {k: torch.randn(rows, k) for k in widths}
     best = dict.fromkeys(plans, math.inf)
     for round in range(rounds + 1):
         for plan in plans:
             t0 = time.perf_counter()
-            for w in weights[plan.column_major]:
-                plan_linear(inputs[w.shape[1]], w, None, plan)
+            for w in weights[_form(plan)]:
+                plan_linear(inputs[w.shape[1]], w, None, plan, w if plan is PACKED else None)
             if round:  # round 0 warms up caches and thread pools
                 best[plan] = min(best[plan], time.perf_counter() - t0)
         if round and time.perf_counter() > stop:

@@ -110,6 +110,27 @@ def test_every_decode_plan_computes_what_f_linear_computes(plan, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.skipif(not machine.can_pack(), reason="this torch has no oneDNN packed linear")
+@pytest.mark.parametrize("split", [0, 2])
+def test_a_packed_copy_computes_what_f_linear_computes_from_its_row_count_on(split):
+    """From packed_from rows on the packed copy multiplies; below it the split plan does."""
+    plan = DecodePlan(False, split, 8, weight_first=True, packed_from=3)
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((96, 64), (50, 35)):
+        weight = torch.randn(n, k, generator=gen)
+        packed = machine.pack(weight)
+        bias = torch.randn(n, generator=gen)
+        for shape in ((1, 1, k), (2, k), (3, k), (1, 4, k), (2, 20, k)):
+            x = torch.randn(*shape, generator=gen)
+            for b in (None, bias):
+                got = plan_linear(x, weight, b, plan, packed)
+                torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+    # the packed copy is what the rows from packed_from on are multiplied by
+    wrong = machine.pack(torch.zeros(50, 35))
+    assert plan_linear(torch.ones(2, 35), weight, None, plan, wrong).abs().sum() > 0
+    assert plan_linear(torch.ones(3, 35), weight, None, plan, wrong).abs().sum() == 0
+
+
 def test_busy_counts_what_other_work_does_on_our_cores_now(tmp_path, monkeypatch):
     """Busy = other work held more than a quarter of this process's cores while it looked;
     cores it may not run on do not count."""
@@ -157,6 +178,7 @@ def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     plan = tuning.plan
     assert DecodePlan(plan.column_major, plan.splits_per_thread) in CANDIDATES
     assert plan.max_split_rows in (1, *machine.SPLIT_ROWS)
+    assert plan.packed_from in (0, *machine.PACKED_ROWS)
     assert tuning.gemv_bytes_per_s == max(tuning.candidates.values()) > 0
     assert set(tuning.candidates) == {p.name for p in CANDIDATES}
     monkeypatch.setattr(machine, "_tunings", {})  # a new process reads the file
@@ -185,6 +207,12 @@ def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     monkeypatch.setattr(machine, "_tunings", {})
     machine.decode_plan()
     assert len(measured) == 5
+    data["split_rows"] = list(machine.SPLIT_ROWS)
+    del data["plan"]["packed_from"]  # chosen before the packed copy was tried
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(machine, "_tunings", {})
+    machine.decode_plan()
+    assert len(measured) == 6
 
 
 def test_mfu_never_shows_above_100_percent_and_raises_the_peak(tmp_path, monkeypatch):

@@ -1,11 +1,13 @@
 """The GPT module: presets, every architecture knob, causality, sparse attention, GQA, KV cache."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from gptkit import cpu, machine
 from gptkit.config import PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
 from gptkit.cpu import DecodeLinear, use_decode_layout
 from gptkit.machine import CANDIDATES
@@ -191,10 +193,16 @@ def test_left_padded_rows_compute_what_they_would_alone():
     torch.testing.assert_close(batched[1], model(long)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("plan", [None, *CANDIDATES], ids=lambda p: p.name if p else "measured")
+PLANS = [None, *CANDIDATES]
+if machine.can_pack():  # the split for one row, the packed copy from two rows on
+    PLANS.append(dataclasses.replace(CANDIDATES[-1], packed_from=2))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name if p else "measured")
 @pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
 def test_decode_layout_changes_strides_not_results(variant, plan, tmp_path, monkeypatch):
-    """Every decode plan (and the one this machine measures) gives the model's results."""
+    """Every decode plan (and the one this machine measures) gives the model's results, with
+    gradients (the dense weights) and without (a packed copy where the plan has one)."""
     from gptkit import machine
     from gptkit.checkpoint import load_checkpoint, save_checkpoint
 
@@ -210,6 +218,9 @@ def test_decode_layout_changes_strides_not_results(variant, plan, tmp_path, monk
     assert model.lm_head.weight is model.tok_emb.weight
     assert type(model.blocks[0].mlp.fc) is DecodeLinear and model.blocks[0].mlp.fc.plan == plan
     torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+    assert (model.blocks[0].mlp.fc._packed is not None) == bool(plan.packed_from)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # few rows are split across threads: 1 row, then 2
     try:
@@ -221,6 +232,21 @@ def test_decode_layout_changes_strides_not_results(variant, plan, tmp_path, monk
     torch.testing.assert_close(
         load_checkpoint(tmp_path / "ckpt")[0](idx), before, atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.skipif(not machine.can_pack(), reason="this torch has no oneDNN packed linear")
+def test_a_packed_copy_follows_its_weight_and_is_not_made_without_room(monkeypatch):
+    """A weight changed in place (a merged adapter) is packed again; a model whose second
+    copy would take more than half the free memory decodes without one."""
+    plan = dataclasses.replace(CANDIDATES[-1], packed_from=2)
+    model = use_decode_layout(tiny().requires_grad_(False), plan)
+    fc, x = model.blocks[0].mlp.fc, torch.randn(4, model.config.n_embd)
+    torch.testing.assert_close(fc(x), F.linear(x, fc.weight, fc.bias))
+    with torch.no_grad():
+        fc.weight.mul_(2)
+    torch.testing.assert_close(fc(x), F.linear(x, fc.weight, fc.bias))
+    monkeypatch.setattr(cpu, "available_bytes", lambda device: 1000)
+    assert use_decode_layout(tiny(), plan).blocks[0].mlp.fc.plan.packed_from == 0
 
 
 @pytest.mark.parametrize("attention", ["dense", "alternating"])
