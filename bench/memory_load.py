@@ -34,6 +34,9 @@ fp32 = sum(p.numel() * 4 for p in lm.model.parameters()) / 2**20 if not sys.argv
 # the weights as held: an int8 layer's saved tensors are its int8 rows and their scales
 tensors = {t.data_ptr(): t for t in lm.model.state_dict().values()}.values()  # tied: once
 own = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+# and the copies packed for oneDNN that decoding made (cpu.DecodeLinear), held beside them
+own += sum(m.weight.numel() * 4 for m in lm.model.modules()
+           if getattr(m, "_packed", None) is not None) / 2**20
 print(json.dumps({"start": start, "load_peak": loaded, "peak": peak, "fp32_mb": fp32,
                   "own_mb": own}))
 """

@@ -49,6 +49,7 @@ def time_shapes(
     plan, out = machine.decode_plan(), {}
     for name, (n, k, _) in shapes(config).items():
         weights = [torch.randn(n, k) for _ in range(max(2, footprint // (n * k * 4)))]
+        packed = [machine.pack(w) if plan.packed_from else None for w in weights]  # as decoding
         xs = {r: torch.randn(r, k) for r in rows}
         times: dict[int, list[float]] = {r: [] for r in rows}
         for _ in range(rounds):
@@ -56,7 +57,8 @@ def time_shapes(
                 for timed in (False, True):
                     start = time.perf_counter()
                     for i in range(calls):
-                        machine.plan_linear(xs[r], weights[i % len(weights)], None, plan)
+                        j = i % len(weights)
+                        machine.plan_linear(xs[r], weights[j], None, plan, packed[j])
                     if timed:
                         times[r].append((time.perf_counter() - start) / calls * 1e6)
         out[name] = {r: statistics.median(t) for r, t in times.items()}

@@ -270,7 +270,9 @@ class DecodePlan:
         blocked layout (`pack`) multiplies them in one oneDNN call. On that AMD EPYC its kernel
         took 4 rows for 1.0-1.2x the time of one where BLAS took 1.4-1.9x (speculative
         decoding's checks), and a 256-token prompt in a third of F.linear's time; one row it
-        streamed a little slower than the split. The price is that second copy.
+        streamed a little slower than the split. The price is that second copy, so
+        `use_decode_layout` makes it only for a model whose copy fits in an eighth of the free
+        memory.
     """
 
     column_major: bool = True
