@@ -285,12 +285,12 @@ class DecodePlan:
     def name(self) -> str:
         if self.packed_from == 1:
             return "oneDNN packed"
+        packed = f", oneDNN packed from {self.packed_from} rows" if self.packed_from else ""
         layout = "column-major" if self.column_major else "row-major"
         if not self.splits_per_thread:
-            return f"{layout}, one call"
+            return f"{layout}, one call{packed}"
         axis = "K" if self.column_major else "N"
         order = ", W @ x" if self.weight_first else ""
-        packed = f", oneDNN packed from {self.packed_from} rows" if self.packed_from else ""
         return f"{layout}, split {axis} {self.splits_per_thread}x threads{order}{packed}"
 
 
