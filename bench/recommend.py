@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -54,6 +53,7 @@ from gptkit.recsys import (  # noqa: E402
     candidate_text,
     cases,
     context_text,
+    ndcg_gain,
     popularity,
     rank_of_target,
     ranking_metrics,
@@ -137,8 +137,7 @@ def paired(a: list[int], b: list[int], k: int = 10) -> str:
     won = sum(x < k <= y for x, y in zip(a, b, strict=True))
     lost = sum(y < k <= x for x, y in zip(a, b, strict=True))
     p_hits = binomtest(won, won + lost).pvalue if won + lost else 1.0
-    gain = [[1 / math.log2(r + 2) if r < k else 0.0 for r in ranks] for ranks in (a, b)]
-    diffs = [x - y for x, y in zip(*gain, strict=True)]
+    diffs = [ndcg_gain(x, k) - ndcg_gain(y, k) for x, y in zip(a, b, strict=True)]
     p_gain = wilcoxon(diffs).pvalue if any(diffs) else 1.0
     return (
         f"HR@{k} won on {won} users, lost on {lost} (McNemar exact p = {p_hits:.2g}); "

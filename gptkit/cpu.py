@@ -4,7 +4,9 @@ A decoding step multiplies one row per sequence by every weight matrix, so it is
 fast the weights stream from memory, and how to stream them fastest depends on the CPU
 (machine.py measures it once and caches the plan). `use_decode_layout` lays a loaded model's
 weights out for that plan and makes its linear layers `DecodeLinear`s: same parameters, same
-results, faster decoding. Training never uses this (api.load applies it, loading.py does not).
+results, faster decoding. Where the plan says so, a layer also keeps a copy of its weight packed
+for oneDNN to multiply several rows at once (a prompt, a speculative check, a batch): faster,
+for a second copy's memory. Training never uses this (api.load applies it, loading.py does not).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class DecodeLinear(nn.Linear):
     _packed_of: tuple[int, int] | None = None  # the weight's (address, version) it was made of
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        packed = self._packed_weight(x) if 0 < self.plan.packed_from <= rows else None
+        packed = None  # below packed_from rows (a decode step's one), the plan's split serves
+        if self.plan.packed_from and x.numel() >= self.plan.packed_from * self.in_features:
+            packed = self._packed_weight(x)
         return plan_linear(x, self.weight, self.bias, self.plan, packed)
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:

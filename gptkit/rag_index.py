@@ -58,11 +58,10 @@ DENSE_WEIGHT = 0.5
 MODES = ("hybrid", "dense", "bm25")
 
 
-def check_dense_weight(weight: float) -> float:
-    """`weight` if it is a hybrid weight (0 to 1), else a one-line ConfigError."""
+def check_dense_weight(weight: float) -> None:
+    """A one-line ConfigError unless `weight` is a hybrid weight (0 to 1)."""
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"the dense weight is between 0 and 1, got {weight}")
-    return weight
 
 
 SETTINGS = ("embedder", "chunk_tokens", "overlap", "text_field")  # what --add reuses

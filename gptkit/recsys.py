@@ -232,12 +232,17 @@ def rank_of_target(scores: Sequence[float]) -> int:
     return sum(1 for s in scores[1:] if s >= scores[0])
 
 
+def ndcg_gain(rank: int, k: int = 10) -> float:
+    """One case's NDCG@k: 1 / log2(rank + 2) when the target is among the first k, else 0."""
+    return 1 / math.log2(rank + 2) if rank < k else 0.0
+
+
 def ranking_metrics(ranks: Sequence[int], k: int = 10) -> dict[str, float]:
-    """HR@k (the target among the first k) and NDCG@k (1 / log2(rank + 2) when it is)."""
+    """HR@k (the target among the first k) and NDCG@k (the mean of `ndcg_gain`)."""
     if not ranks:
         raise ConfigError("no ranking cases to score")
     hits = [r < k for r in ranks]
-    gains = [1 / math.log2(r + 2) if r < k else 0.0 for r in ranks]
+    gains = [ndcg_gain(r, k) for r in ranks]
     return {f"hr@{k}": sum(hits) / len(ranks), f"ndcg@{k}": sum(gains) / len(ranks)}
 
 

@@ -334,9 +334,8 @@ def rescored(done: subprocess.CompletedProcess, ws: Path) -> None:
     )
     checkpoint = ws / "recommend-popular" / "model" / "checkpoint"
     again = [sys.executable, "bench/recommend.py", "--smoke", "--checkpoint", str(checkpoint)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    redo = subprocess.run([*again, "--popular", "--out", str(ws / "recommend-again")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    redo = processes.run([*again, "--popular", "--out", str(ws / "recommend-again")], cwd=ROOT,
+                          timeout=600)  # fmt: skip
     assert redo.returncode == 0, redo.stderr[-2000:]
     assert "gptkit finetune" not in redo.stdout
 
@@ -344,8 +343,7 @@ def rescored(done: subprocess.CompletedProcess, ws: Path) -> None:
         return next(line for line in out.splitlines() if line.startswith("| gptkit SmolLM2 LoRA"))
 
     assert row(redo.stdout) == row(done.stdout)
-    refused = subprocess.run([*again, "--out", str(ws / "recommend-again")], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    refused = processes.run([*again, "--out", str(ws / "recommend-again")], cwd=ROOT, timeout=600)
     assert refused.returncode != 0 and "match --popular to it" in refused.stderr
 
 
