@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .cli_flags import allow_pickle_flag, dtype_flag, quantize_flag
@@ -18,6 +19,7 @@ from .cli_predict import add_predict_parser
 from .cli_rag import add_rag_parsers
 from .cli_rank import add_recommend_parser
 from .config import QUANTIZE_CHOICES, ConfigError, first_line
+from .distributed import end_worker, torchrun_worker
 from .rag_index import DENSE_WEIGHT
 
 # Every gptkit user-facing error (ConfigError, CheckpointError, ConversionError, TokenizerError,
@@ -473,6 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not torchrun_worker():
+        return run(argv)
+    # A torchrun worker ends with os._exit, its process group left standing (see
+    # distributed.end_worker); a traceback is printed first, as Python would.
+    try:
+        code = run(argv)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    end_worker(code)
+
+
+def run(argv: list[str] | None) -> int:
+    """Parse `argv` and run its subcommand; the exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE settings may follow flags (`finetune sft --model M lr=1e-4`), which argparse

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -41,19 +43,19 @@ class Distributed:
     def setup(cls, device: str) -> Distributed:
         """Join torchrun's process group (if launched by torchrun) and pick this rank's device:
         `device` = "auto" takes cuda:LOCAL_RANK when CUDA is there, else the CPU."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        size = world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "auto":
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and world_size > 1:
+        elif device == "cuda" and size > 1:
             device = f"cuda:{local_rank}"
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        if world_size > 1 and not dist.is_initialized():
+        if size > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        rank = dist.get_rank() if world_size > 1 else 0
-        return cls(rank, world_size, dev)
+        rank = dist.get_rank() if size > 1 else 0
+        return cls(rank, size, dev)
 
     def wrap(self, model: nn.Module, fsdp: bool) -> nn.Module:
         """DDP (replicated) or FSDP2 (each block, then the root, sharded) under torchrun."""
@@ -98,15 +100,38 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group at the end of a run that succeeded on this rank: all ranks
-        meet first, so none tears down its side while another still talks to it. After an
-        error do not call this (a rank that died never comes to the barrier, and destroying
-        a group mid-collective can wait forever): the process exits and torchrun ends the job.
+    def finish(self) -> None:
+        """Meet the other ranks at the end of a run that succeeded on this rank, so none leaves
+        while another still talks to it. After an error do not call this (a rank that died
+        never comes): the process exits and torchrun ends the job.
+
+        The group is not destroyed here. PyTorch 2.13's gloo group joins its worker threads
+        in its destructor while the caller holds the GIL, and a worker may at that moment be
+        freeing the last collectives' tensors, which needs the GIL: a deadlock (gdb showed
+        `~ProcessGroupGloo` in `thread.join` against a gloo thread in `gil_scoped_acquire`).
+        The group lives until the process ends; `end_worker` ends the CLI's processes
+        without tearing it down (a script calling `train` under torchrun can end so too).
         """
-        if self.enabled and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        self.barrier()
+
+
+def world_size() -> int:
+    """How many processes torchrun started for this job (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def torchrun_worker() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return world_size() > 1
+
+
+def end_worker(code: int) -> NoReturn:
+    """End a torchrun worker now, with `code`: flush what it printed and skip the interpreter's
+    teardown, which would destroy the process group (see Distributed.finish). Its files are
+    closed by then (checkpoints are written to a temporary folder and renamed, logs closed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -332,7 +332,7 @@ def finetune(
         config = dataclasses.replace(config, max_steps=steps)
     trainer = Trainer(config, resume=resume, overwrite=overwrite, task=task)
     result = trainer.fit()
-    trainer.dist.close()  # only after success (see Distributed.close); what follows is local
+    trainer.dist.finish()  # only after success (see Distributed.finish); what follows is local
     metrics, adapter = {}, None
     scored = config.task in ("classify", "tag", "rank", "reward", "dpo")
     if trainer.dist.is_main and (scored or config.peft.enabled):

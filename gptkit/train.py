@@ -48,7 +48,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, GPTConfig
 from .data import TokenData, batch_rng
-from .distributed import Distributed, full_state, load_full_state
+from .distributed import Distributed, full_state, load_full_state, world_size
 from .loading import load_trainable, resolve_device
 from .metrics import MetricsLogger
 from .model import GPT
@@ -135,7 +135,7 @@ def check_training_memory(
     resources.py for what is counted). seq_len: the longest row a batch holds (None: the
     model's block_size, as pretraining windows are); rows_per_example: rows a batch holds per
     example (2 for a preference pair)."""
-    shards = int(os.environ.get("WORLD_SIZE", "1")) if config.fsdp else 1
+    shards = world_size() if config.fsdp else 1
     # CPU ranks on one machine share its memory; each GPU rank has a device of its own.
     copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     need = resources.training_need(
@@ -233,7 +233,6 @@ class Trainer:
         _check_machine(config)  # before torch acts on it: threads=100000 crashed libgomp
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.dist = Distributed.setup(config.device)
         self.out = Path(config.out_dir)
         self.checkpoint_dir = self.out / CHECKPOINT
         if resume and not is_checkpoint(self.checkpoint_dir):
@@ -247,11 +246,14 @@ class Trainer:
             )
         self.task = task or PretrainTask(config)
         self.tokenizer = self.task.tokenizer
-        if config.grad_accum % self.dist.world_size:
+        if config.grad_accum % world_size():
             raise ConfigError(
                 f"grad_accum={config.grad_accum} must be a multiple of the "
-                f"{self.dist.world_size} processes, so each takes the same share of a step"
+                f"{world_size()} processes, so each takes the same share of a step"
             )
+        # Only now join the other processes: a bad setting or missing data above ends every
+        # rank with its one line (a rank still joining when another left got gloo's traceback).
+        self.dist = Distributed.setup(config.device)
 
         device = self.dist.device
         torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -512,7 +514,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     """Pretrain as `config` says (under torchrun: on every rank); returns rank-local numbers."""
     trainer = Trainer(config, resume=resume, overwrite=overwrite)
     result = trainer.fit()
-    trainer.dist.close()  # only after success: see Distributed.close
+    trainer.dist.finish()  # only after success: see Distributed.finish
     return result
 
 

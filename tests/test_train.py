@@ -243,6 +243,22 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, fsdp):
     assert two.stdout.count("trained to step 6") == 1
 
 
+def test_torchrun_bad_input_is_each_ranks_one_line(tmp_path):
+    """Missing data under torchrun: every rank says so in one line before joining the others
+    (none is left joining a group another has left) and ends through end_worker; the job
+    fails."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    bad = processes.run(
+        [*torchrun, "--nproc_per_node=2", "-m", "gptkit", "pretrain"]
+        + [f"out_dir={tmp_path / 'out'}", f"data_dir={tmp_path / 'missing'}", *TINY],
+        timeout=600,
+    )
+    assert bad.returncode != 0
+    assert bad.stderr.count("gptkit: error: ") == 2, bad.stderr[-2000:]
+    assert bad.stderr.count("meta.json is missing") == 2
+    assert "Gloo" not in bad.stderr and "exitcode: 2" in bad.stderr
+
+
 def test_flops_per_token_counts_matmul_weights_and_spares_frozen_gradients():
     from gptkit.config import preset
     from gptkit.model import GPT
