@@ -243,10 +243,11 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path, fsdp):
     assert two.stdout.count("trained to step 6") == 1
 
 
-def test_torchrun_bad_input_is_each_ranks_one_line(tmp_path):
-    """Missing data under torchrun: every rank says so in one line before joining the others
-    (none is left joining a group another has left) and ends through end_worker; the job
-    fails."""
+def test_torchrun_bad_input_is_one_line_before_joining(tmp_path):
+    """Missing data under torchrun: a rank says so in one line before joining the others, so
+    none is left joining a group another has left (gloo's traceback), and ends with status 2
+    through end_worker; torchrun then stops the job (the other rank may be stopped before it
+    prints its own line)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     bad = processes.run(
         [*torchrun, "--nproc_per_node=2", "-m", "gptkit", "pretrain"]
@@ -254,9 +255,8 @@ def test_torchrun_bad_input_is_each_ranks_one_line(tmp_path):
         timeout=600,
     )
     assert bad.returncode != 0
-    assert bad.stderr.count("gptkit: error: ") == 2, bad.stderr[-2000:]
-    assert bad.stderr.count("meta.json is missing") == 2
-    assert "Gloo" not in bad.stderr and "exitcode: 2" in bad.stderr
+    assert "gptkit: error: " in bad.stderr and "meta.json is missing" in bad.stderr
+    assert "Gloo" not in bad.stderr and "exitcode: 2" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_flops_per_token_counts_matmul_weights_and_spares_frozen_gradients():
