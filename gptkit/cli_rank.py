@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from . import precision
@@ -79,8 +80,19 @@ def cmd_recommend(args: argparse.Namespace) -> None:
             )
         seen = popularity(read_interactions(args.data), "all")
     data = Interactions(items, {})
-    named = {t.lower() for t in history}
-    ids = [i for i in items if args.keep_history or data.history_text(i).lower() not in named]
+    # An item the catalogue has is read as training showed it (its title) and left out of
+    # the ranking; any other text is read as it is.
+    names = data.names()
+    watched = {names[h.lower()] for h in history if h.lower() in names}
+    unknown = [h for h in history if h.lower() not in names]
+    if unknown:
+        print(
+            f"gptkit: note: --history {', '.join(map(repr, unknown))} names no item of "
+            f"{args.items}: read as text, nothing left out for it",
+            file=sys.stderr,
+        )
+    history = [data.history_text(names[h.lower()]) if h.lower() in names else h for h in history]
+    ids = [i for i in items if args.keep_history or i not in watched]
     device = resolve_device(args.device)
     precision.check(args.dtype, device, args.quantize)
     lm = load(args.model, device=device, quantize=args.quantize)

@@ -50,6 +50,17 @@ class Interactions:
         """An item as the history shows it: its first field (the title), to keep it short."""
         return self.items[item][0]
 
+    def names(self) -> dict[str, str]:
+        """{a name, lowercased: the item's id} for every way a user may name an item: its
+        title, its title with the next field in brackets ('Star Wars (1977)', as MovieLens
+        writes titles) and its id; a title wins over another item's id."""
+        named = {item.lower(): item for item in self.items}
+        for item, fields in reversed(self.items.items()):  # the first item keeps a shared title
+            named[fields[0].lower()] = item
+            if len(fields) > 1 and fields[1]:
+                named[f"{fields[0]} ({fields[1]})".lower()] = item
+        return named
+
 
 def context_text(history: Sequence[str]) -> str:
     """The text a candidate is judged after: the history's items, oldest first."""
