@@ -83,16 +83,17 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     # An item the catalogue has is read as training showed it (its title) and left out of
     # the ranking; any other text is read as it is.
     names = data.names()
-    watched = {names[h.lower()] for h in history if h.lower() in names}
-    unknown = [h for h in history if h.lower() not in names]
+    pairs = [(h, names.get(h.lower())) for h in history]  # (text, its item id or None)
+    found = {item for _, item in pairs if item is not None}
+    unknown = [h for h, item in pairs if item is None]
     if unknown:
         print(
             f"gptkit: note: --history {', '.join(map(repr, unknown))} names no item of "
             f"{args.items}: read as text, nothing left out for it",
             file=sys.stderr,
         )
-    history = [data.history_text(names[h.lower()]) if h.lower() in names else h for h in history]
-    ids = [i for i in items if args.keep_history or i not in watched]
+    history = [h if item is None else data.history_text(item) for h, item in pairs]
+    ids = [i for i in items if args.keep_history or i not in found]
     device = resolve_device(args.device)
     precision.check(args.dtype, device, args.quantize)
     lm = load(args.model, device=device, quantize=args.quantize)
