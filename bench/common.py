@@ -179,11 +179,17 @@ def transformers_peer(model, prompt: list[int], new: int) -> Peer:
     return prefill, decode
 
 
-def race(title: str, peers: dict[str, Peer], args: argparse.Namespace) -> dict[str, dict]:
+def race(
+    title: str,
+    peers: dict[str, Peer],
+    args: argparse.Namespace,
+    between: Callable[[], object] | None = None,
+) -> dict[str, dict]:
     """Warm every peer up, time them round-robin, print medians and gptkit/peer ratios, and
     return {peer: {"prompt": tok/s, "decode": tok/s}}.
 
-    The first peer is gptkit.
+    The first peer is gptkit. `between` is called after each round (a bound sampled under
+    the same load as the peers).
     """
     times = {name: {"prompt": [], "decode": []} for name in peers}
     if not getattr(args, "smoke", False):  # a smoke's one round runs every peer anyway
@@ -197,6 +203,8 @@ def race(title: str, peers: dict[str, Peer], args: argparse.Namespace) -> dict[s
             total = time.perf_counter() - start
             times[name]["prompt"].append(pre)
             times[name]["decode"].append(measured if measured is not None else total - pre)
+        if between is not None:
+            between()
     rate = {
         name: {
             "prompt": args.prompt / statistics.median(t["prompt"]),

@@ -164,6 +164,23 @@ def test_busy_counts_what_other_work_does_on_our_cores_now(tmp_path, monkeypatch
     assert machine.busy(look_s=0)
 
 
+@pytest.mark.parametrize("plan", [*CANDIDATES, machine.PACKED], ids=lambda p: p.name)
+def test_gemv_sampler_streams_the_block_matrices_as_the_plan_does(plan, monkeypatch):
+    if plan is machine.PACKED and not machine.can_pack():
+        pytest.skip("this torch has no oneDNN packed linear")
+    calls = []
+    real = machine.plan_linear
+    monkeypatch.setattr(machine, "plan_linear", lambda *a: calls.append(a) or real(*a))
+    sample = machine.gemv_sampler(plan, d_model=128)
+    rate = sample()
+    assert 0 < rate < float("inf")
+    matrices = machine._block_matrices(128)
+    assert len(calls) == 4 * len(matrices)  # a warm-up pass, then the best of 3
+    x, w, bias, used, packed = calls[-1]
+    assert used is plan and x.shape[0] == 1 and bias is None
+    assert (packed is w) == (plan is machine.PACKED)
+
+
 def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     measured = []
     real = machine.measure_decode
