@@ -71,6 +71,21 @@ def test_peak_is_measured_once_then_read_and_only_ever_raised(monkeypatch):
     assert machine.peak_flops(CPU) == 3 * peak and len(runs) == 3
 
 
+def test_the_cpu_fp32_peak_times_the_packed_product_too(monkeypatch):
+    """Prompts multiply through oneDNN's packed weights, which can outrun `a @ b` (MKL) by 2x
+    on an AMD EPYC: the fp32 peak must time that product too, or prompt processing would
+    read as more than 100% of it."""
+    if not machine.can_pack():
+        pytest.skip("this torch has no oneDNN packed linear")
+    packed = []
+    real = machine.pack
+    monkeypatch.setattr(machine, "pack", lambda w: packed.append(w.shape) or real(w))
+    assert machine.measure_matmul_flops(CPU, runs=1) > 0
+    assert packed == [(1024, 1024)]
+    assert machine.measure_matmul_flops(CPU, torch.bfloat16, runs=1) > 0
+    assert packed == [(1024, 1024)]  # bfloat16 is timed as a @ b alone
+
+
 def test_a_peak_measured_busy_or_a_damaged_cache_is_measured_again(monkeypatch):
     monkeypatch.setattr(machine, "measure_matmul_flops", lambda d, t=torch.float32: 5e10)
     monkeypatch.setattr(machine, "busy", lambda: True)
