@@ -98,9 +98,10 @@ def main() -> None:
     print(limits.header())
     bounds = decode_bounds(fp32, args.prompt, limits)
     print_bounds("gptkit fp32", rate["gptkit fp32"], bounds, limits)
-    between = statistics.median(gemv) / bounds["weight_bytes"]  # tok/s
+    median = statistics.median(gemv)
+    between = median / bounds["weight_bytes"]  # tok/s
     print(
-        f"GEMV sampled after each round: median {statistics.median(gemv) / 1e9:.1f} GB/s "
+        f"GEMV sampled after each round: median {median / 1e9:.1f} GB/s "
         f"({min(gemv) / 1e9:.1f}-{max(gemv) / 1e9:.1f}), decode bound {between:.0f} tok/s; "
         f"gptkit fp32 decode reaches {rate['gptkit fp32']['decode'] / between:.0%} of it"
     )

@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .cli_flags import allow_pickle_flag, dtype_flag, quantize_flag
+from .cli_flags import allow_pickle_flag, checked_device, dtype_flag, quantize_flag
 from .cli_generate import add_generation_parsers
 from .cli_monitor import add_monitor_parser
 from .cli_predict import add_predict_parser
@@ -153,7 +153,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .api import load
     from .evaltasks import run_eval
     from .evaluate import format_table, save_results
-    from .loading import resolve_device
 
     if args.dtype != "float32" and args.task in ("retrieval", "rag", "code"):
         raise ConfigError(f"--dtype is for eval of a model's scores, not eval {args.task}")
@@ -189,8 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         beta=args.beta,
         max_length=args.max_length,
     )
-    device = resolve_device(args.device)
-    precision.check(args.dtype, device, args.quantize)
+    device = checked_device(args)
     lm = load(args.model, device=device, adapter=args.adapter, quantize=args.quantize)
     with precision.compute(args.dtype, device):
         results = run_eval(args.task, lm, args.data, **options)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from .config import DTYPES, QUANTIZE_CHOICES
+
+if TYPE_CHECKING:  # torch is imported where a command needs it, not to parse flags
+    import torch
 
 
 def allow_pickle_flag(p: argparse.ArgumentParser) -> None:
@@ -26,6 +30,17 @@ def dtype_flag(p: argparse.ArgumentParser) -> None:
         "(2-3x faster on a 2-core AMD EPYC with AVX-512-BF16; slower without them, and it "
         "warns); results move slightly",
     )
+
+
+def checked_device(args: argparse.Namespace) -> torch.device:
+    """--device resolved, with --dtype and --quantize checked against it: each a one-line
+    error before any model loads."""
+    from .loading import resolve_device
+    from .precision import check
+
+    device = resolve_device(args.device)
+    check(args.dtype, device, args.quantize)
+    return device
 
 
 def quantize_flag(p: argparse.ArgumentParser, classifier: bool = False) -> None:

@@ -15,7 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .cli_flags import dtype_flag, quantize_flag
+from .cli_flags import checked_device, dtype_flag, quantize_flag
 from .monitor_rules import MonitorError
 
 REPORT_USAGE = "gptkit monitor report --db DB --out FILE"
@@ -57,11 +57,9 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     import torch
 
     from .api import load
-    from .loading import resolve_device
-    from .precision import check as check_dtype
     from .predict import label_function
 
-    check_dtype(args.dtype, resolve_device(args.device), args.quantize)
+    checked_device(args)
     lm = load(args.model, device=args.device, quantize=args.quantize)
     classify = label_function(lm, batch_size=args.batch_size, dtype=args.dtype)
     known = dict(lm.model.config.label_groups())  # {field: labels}, to check --negative

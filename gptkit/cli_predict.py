@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from .cli_flags import dtype_flag, quantize_flag
+from .cli_flags import checked_device, dtype_flag, quantize_flag
 from .config import ConfigError
 from .taskdata import read_texts
 
@@ -92,14 +92,12 @@ class Writer:
 def cmd_predict(args: argparse.Namespace) -> None:
     from . import precision
     from .api import load
-    from .loading import resolve_device
 
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = resolve_device(args.device)
-    precision.check(args.dtype, device, args.quantize)
+    device = checked_device(args)
     lm = load(args.model, device=device, quantize=args.quantize)
     head = lm.config.head
     if head == "lm":

@@ -10,9 +10,8 @@ from pathlib import Path
 from . import precision
 from .api import load
 from .checkpoint import is_checkpoint, read_meta
-from .cli_flags import dtype_flag, quantize_flag
+from .cli_flags import checked_device, dtype_flag, quantize_flag
 from .config import ConfigError
-from .loading import resolve_device
 from .recommend import evaluate_rank, score_candidates
 from .recsys import (
     Interactions,
@@ -39,13 +38,12 @@ def cmd_eval_rank(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "users" else 1):
             raise ConfigError(f"--{name} must be at least {0 if name == 'users' else 1}")
-    data = read_interactions(args.data[0])
-    device = resolve_device(args.device)
-    precision.check(args.dtype, device, args.quantize)
-    lm = load(args.model, adapter=args.adapter, device=device, quantize=args.quantize)
-    k = args.k or 10
     if args.full and args.negatives:
         raise ConfigError("--full ranks against every unseen item: leave out --negatives")
+    data = read_interactions(args.data[0])
+    device = checked_device(args)
+    lm = load(args.model, adapter=args.adapter, device=device, quantize=args.quantize)
+    k = args.k or 10
     negatives = None if args.full else args.negatives or 99
     history, popular = trained_settings(args.model)
     with precision.compute(args.dtype, device):
@@ -94,8 +92,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         )
     history = [h if item is None else data.history_text(item) for h, item in pairs]
     ids = [i for i in items if args.keep_history or i not in found]
-    device = resolve_device(args.device)
-    precision.check(args.dtype, device, args.quantize)
+    device = checked_device(args)
     lm = load(args.model, device=device, quantize=args.quantize)
     texts = [candidate_text(data.candidate_text(i, seen)) for i in ids]
     with precision.compute(args.dtype, device):
