@@ -111,11 +111,11 @@ class KVCache:
         columns; return the layer's keys and values so far [B, Hkv, S, D]. The last layer's
         write completes the pass and advances every row by T."""
         T, lengths = k.shape[2], self.lengths
+        start = min(lengths)
         end = max(lengths) + T
         if end > self.max_len:
             raise ValueError(f"{end} positions do not fit a cache of {self.max_len}")
-        if not self._ragged():
-            start = lengths[0]
+        if start + T == end:  # every row has one length (the lists are read once per layer)
             self.k[layer, :, :, start:end] = k
             self.v[layer, :, :, start:end] = v
         else:
