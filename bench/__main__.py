@@ -72,6 +72,11 @@ BENCHES = [
         "Serving: 4 LoRA adapters in one batch vs the merged model, SmolLM2-135M",
         ["--rounds", "3"],
     ),
+    Bench(
+        "train_linear",
+        "train_linear.py",
+        "CPU training: linear layers through oneDNN vs F.linear (MKL)",
+    ),
     Bench("quality", "quantize_quality.py", "What int8 costs: perplexity on held-out text"),
     Bench("memory", "memory_load.py", "Memory: loading and running SmolLM2-135M"),
     Bench("prepare", "prepare_memory.py", "Memory: `gptkit prepare` as the corpus grows 10x"),

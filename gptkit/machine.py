@@ -12,6 +12,9 @@ and what is fast on one is not on the other. So nothing here is a constant of on
                    candidate on matrices larger than the last-level cache, with the GEMV
                    bandwidth that best one streams
 
+(train_linear.py caches one more fact here: which library multiplies training's fp32
+matrices faster.)
+
 Measurements are cached as JSON in cache_dir(): $XDG_CACHE_HOME/gptkit/machine/<cpu>/<torch>
 (~/.cache when XDG_CACHE_HOME is unset), one file per fact and thread count, so a new CPU, a
 new torch or another thread count measures afresh, like FFTW's wisdom or oneDNN's tuning.
@@ -164,7 +167,9 @@ def cache_dir() -> Path:
     return Path(base) / "gptkit" / "machine" / name / f"torch-{torch.__version__}"
 
 
-def _read(name: str) -> dict | None:
+def read_fact(name: str) -> dict | None:
+    """The cached measurement `name` (a JSON object in cache_dir()), or None when absent or
+    damaged."""
     try:
         data = json.loads((cache_dir() / name).read_text())
     except (OSError, ValueError):  # absent or damaged: measure again
@@ -172,9 +177,9 @@ def _read(name: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _write(name: str, data: dict) -> None:
-    """Atomically (two processes measuring at once each write a whole file); a read-only cache
-    costs a re-measurement next time, never an error."""
+def write_fact(name: str, data: dict) -> None:
+    """Cache the measurement `name` atomically (two processes measuring at once each write a
+    whole file); a read-only cache costs a re-measurement next time, never an error."""
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -236,14 +241,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
     measurements (cached). A single measurement on a busy machine comes out low, and an MFU
     against it comes out over 100%."""
     name = _device_key(device, dtype)
-    cached = _read(name) or {}
+    cached = read_fact(name) or {}
     old = cached.get("flops") if isinstance(cached.get("flops"), int | float) else 0.0
     if old > 0 and not (cached.get("busy") and not busy()):
         return float(old)
     was_busy = busy()
     flops = max(old, *(measure_matmul_flops(device, dtype) for _ in range(3)))
     was_busy = was_busy or busy()  # other work that started meanwhile counts too
-    _write(name, {"flops": flops, "source": "measured", "busy": was_busy, "when": time.time()})
+    write_fact(name, {"flops": flops, "source": "measured", "busy": was_busy, "when": time.time()})
     return flops
 
 
@@ -251,11 +256,11 @@ def raise_peak(device: torch.device, dtype: torch.dtype, flops: float) -> float:
     """Record that `device` did `flops` FLOP/s (a training step measured it doing so), if that
     beats the cached peak; returns the peak now in force."""
     name = _device_key(device, dtype)
-    cached = _read(name) or {}
+    cached = read_fact(name) or {}
     old = cached.get("flops") if isinstance(cached.get("flops"), int | float) else 0.0
     if flops > old:
         record = {"flops": flops, "source": "a training step", "busy": cached.get("busy", False)}
-        _write(name, {**record, "when": time.time()})
+        write_fact(name, {**record, "when": time.time()})
         return flops
     return float(old)
 
@@ -427,12 +432,12 @@ def decode_tuning(refresh: bool = False) -> Tuning:
     key = cache_dir() / name
     if not refresh and key in _tunings:
         return _tunings[key]
-    cached = None if refresh else _read(name)
+    cached = None if refresh else read_fact(name)
     tuning = _tuning_from_json(cached) if cached else None
     if tuning is None or (tuning.busy and not busy()):
         tuning = measure_decode()
         record = {**dataclasses.asdict(tuning), "split_rows": list(SPLIT_ROWS)}
-        _write(name, {**record, "cpu": cpu().describe()})
+        write_fact(name, {**record, "cpu": cpu().describe()})
     _tunings[key] = tuning
     return tuning
 

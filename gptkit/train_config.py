@@ -67,6 +67,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32, bfloat16
     compile: bool = False  # torch.compile the model
+    # CPU fp32 linear layers: auto (the library this machine runs faster, measured once:
+    # train_linear.py), onednn, or torch (F.linear, MKL)
+    cpu_matmul: str = "auto"
     fsdp: bool = False  # under torchrun: shard parameters (FSDP2) instead of replicating (DDP)
     threads: int = 0  # CPU threads for torch (0: torch's default)
     tensorboard: bool = True
@@ -104,6 +107,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32 or bfloat16")
+        if self.cpu_matmul not in ("auto", "onednn", "torch"):
+            raise ConfigError(f"cpu_matmul={self.cpu_matmul!r}: use auto, onednn or torch")
 
     @staticmethod
     def objectives() -> tuple[str, ...]:

@@ -623,6 +623,9 @@ RUNS: dict[str, Run] = {
     ".venv/bin/python bench/decode_gpt2.py": Run(
         add=SMALL_DECODE, repo_root=True, check=out_has("gptkit fp32", "tok/s")
     ),
+    ".venv/bin/python bench/train_linear.py": Run(
+        add=("--smoke",), repo_root=True, check=out_has("oneDNN/F.linear", "cached choice")
+    ),
     ".venv/bin/python bench/quant_kernels.py": Run(
         add=("--smoke",), repo_root=True, check=out_has("int4 ms", "1024")
     ),

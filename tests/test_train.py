@@ -14,13 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gptkit import machine, train_linear
 from gptkit.checkpoint import load_checkpoint, load_train_state
 from gptkit.config import ConfigError
 from gptkit.metrics import read_metrics
 from gptkit.prepare import prepare
 from gptkit.tokenizer import char_tokenizer
-from gptkit.train import lr_at, train
+from gptkit.train import Trainer, lr_at, train
 from gptkit.train_config import TrainConfig, load_train_config
+from gptkit.train_linear import OneDNNLinear
 
 TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(400))
 # A tiny model and a short run, one thread so every run takes the same arithmetic path.
@@ -87,6 +89,7 @@ def test_toml_config_with_overrides(tmp_path):
         (["data_dir=d", "decay_steps=soon"], "decay_steps must be an integer"),
         (["data_dir=d", "model.n_layer=many"], "a model config value has the wrong type"),
         (["data_dir=d", "model.rope_theta=0"], "rope_theta must be > 0"),
+        (["data_dir=d", "cpu_matmul=mkl"], "cpu_matmul='mkl': use auto, onednn or torch"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, message):
@@ -134,6 +137,31 @@ def test_bfloat16_autocast_trains_on_a_cpu_with_float32_weights(data_dir, tmp_pa
     result = train(config)
     assert result.val_loss < 3.0  # from ~ln(29) = 3.37 untrained, as in float32
     assert {w.dtype for w in weights(out).values()} == {torch.float32}
+
+
+@pytest.mark.skipif(not machine.can_pack(), reason="this torch has no oneDNN linear")
+def test_oneDNN_products_train_as_f_linear_does(data_dir, tmp_path, monkeypatch):
+    # Where this machine measured oneDNN faster (cpu_matmul=auto), the Trainer multiplies
+    # through it; the losses then match a run through F.linear up to float rounding.
+    results = {}
+    for faster in (True, False):
+        monkeypatch.setattr(train_linear, "onednn_trains_faster", lambda f=faster: f)
+        out = tmp_path / f"onednn-{faster}"
+        config = load_train_config(None, [f"data_dir={data_dir}", f"out_dir={out}", *TINY])
+        trainer = Trainer(config)
+        linears = {type(m) for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)}
+        assert linears == ({OneDNNLinear} if faster else {torch.nn.Linear})
+        trainer.fit()
+        results[faster] = [loss for _, loss in losses(out)]
+    assert len(results[True]) == len(results[False]) == 12
+    assert results[True] == pytest.approx(results[False], rel=1e-4)
+    assert results[True][-1] < results[True][0] - 0.5  # it learned
+    # cpu_matmul=torch keeps F.linear whatever was measured; onednn asks for oneDNN
+    for choice, kind in (("torch", torch.nn.Linear), ("onednn", OneDNNLinear)):
+        out = tmp_path / choice
+        overrides = [f"data_dir={data_dir}", f"out_dir={out}", *TINY, f"cpu_matmul={choice}"]
+        model = Trainer(load_train_config(None, overrides)).model
+        assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)} == {kind}
 
 
 def test_sigkill_at_any_step_then_resume_is_bit_identical(data_dir, tmp_path):
