@@ -221,7 +221,7 @@ def measure_matmul_flops(
     products = [lambda: a @ b]
     if device.type == "cpu" and dtype == torch.float32 and can_pack():
         packed = pack(b)
-        products.append(lambda: packed_linear(a, packed))
+        products.append(lambda: onednn_linear(a, packed))
     best = math.inf
     for _ in range(runs):
         for product in products:
@@ -326,11 +326,13 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
 
 
-def packed_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) through `pack(weight)`: x [..., K] -> [..., N]."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """F.linear(x, weight, bias) through oneDNN's linear kernel: x [..., K] -> [..., N].
+    `weight` is `pack(W)` (prompts, speculative checks) or W [N, K] itself, any strides
+    (training's products, train_linear.py: W.t() there costs no copy)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 CANDIDATES = [
@@ -352,7 +354,7 @@ def plan_linear(
     N, K = weight.shape
     rows = x.numel() // K
     if packed is not None and plan.packed_from and rows >= plan.packed_from:
-        return packed_linear(x, packed, bias)
+        return onednn_linear(x, packed, bias)
     splits = plan.splits_per_thread * torch.get_num_threads()
     if splits < 2 or rows > plan.max_split_rows or rows == 0:
         return F.linear(x, weight, bias)

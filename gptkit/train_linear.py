@@ -2,7 +2,7 @@
 
 PyTorch multiplies fp32 matrices on a CPU with MKL. On the 2-core AMD EPYC these sessions run
 on, MKL reached 200-234 GFLOP/s on a training step's products where oneDNN, PyTorch's other
-CPU library (prompts are already multiplied through it: machine.packed_linear), reached
+CPU library (prompts are already multiplied through it: machine.onednn_linear), reached
 360-550 on the same products, and a Llama-style model of width 512 trained 1.5x as fast (see
 bench/train_linear.py). On an Intel CPU MKL is at home and may win. So nothing here assumes
 either: `onednn_trains_faster` times both libraries on a step's three products once per
@@ -25,12 +25,7 @@ import torch.nn.functional as F
 
 from . import machine
 from .config import ConfigError
-
-
-def _product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ w.T for w [N, K] -> [..., N] through oneDNN (strided operands are fine:
-    oneDNN reads the strides, so a transposed operand costs no copy)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+from .machine import onednn_linear
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -41,18 +36,18 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _product(grad, weight.t())  # [..., K]
+            grad_x = onednn_linear(grad, weight.t())  # [..., K]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g = grad.reshape(-1, grad.shape[-1])  # [M, N]
             if ctx.needs_input_grad[1]:
-                grad_w = _product(g.t(), x.reshape(-1, x.shape[-1]).t())  # [N, K]
+                grad_w = onednn_linear(g.t(), x.reshape(-1, x.shape[-1]).t())  # [N, K]
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
@@ -123,7 +118,11 @@ def measure(rounds: int = 3) -> dict[str, float]:
         operands.append((x, w, g))
     libraries = {
         "mkl": lambda x, w, g: (F.linear(x, w), g @ w, g.t() @ x),
-        "onednn": lambda x, w, g: (_product(x, w), _product(g, w.t()), _product(g.t(), x.t())),
+        "onednn": lambda x, w, g: (
+            onednn_linear(x, w),
+            onednn_linear(g, w.t()),
+            onednn_linear(g.t(), x.t()),
+        ),
     }
     best = dict.fromkeys(libraries, float("inf"))
     for round in range(rounds + 1):
