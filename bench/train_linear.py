@@ -4,7 +4,7 @@ F.linear (MKL: what nanoGPT and transformers run), the same model and batch, in 
 Each round times a few full steps (forward, backward, fused AdamW) of each variant in turn;
 medians over the rounds, the step-time ratio and tokens/s. Three Llama-style shapes: the
 `make demo` model (width 192), width 512 and GPT-2's width 768. The machine's own choice
-(`onednn_trains_faster`, what `gptkit pretrain` and `finetune` use) is printed with the
+(`onednn_is_faster`, what `gptkit pretrain` and `finetune` use) is printed with the
 two libraries' timings it came from.
 
     .venv/bin/python bench/train_linear.py [--rounds 3] [--steps 4]
@@ -24,7 +24,7 @@ from common import add_smoke, write_json
 from gptkit import machine
 from gptkit.config import GPTConfig
 from gptkit.model import GPT
-from gptkit.train_linear import measure, onednn_trains_faster, use_onednn_linears
+from gptkit.onednn import measure, onednn_is_faster, use_onednn_linears
 
 LLAMA = dict(norm="rmsnorm", positions="rope", activation="swiglu", bias=False)
 # name: (config, batch, tokens per row)
@@ -88,9 +88,9 @@ def main() -> None:
 
     print(f"machine: {machine.cpu().describe()}; torch {torch.__version__}")
     seconds = measure()
-    choice = "oneDNN" if onednn_trains_faster() else "F.linear"
+    choice = "oneDNN" if onednn_is_faster() else "F.linear"
     print(
-        f"a step's products (train_linear.SHAPES): F.linear {seconds['mkl'] * 1e3:.1f} ms, "
+        f"a step's products (onednn.SHAPES): F.linear {seconds['mkl'] * 1e3:.1f} ms, "
         f"oneDNN {seconds['onednn'] * 1e3:.1f} ms now; this machine's cached choice: {choice}"
     )
     print(

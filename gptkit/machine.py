@@ -12,7 +12,7 @@ and what is fast on one is not on the other. So nothing here is a constant of on
                    candidate on matrices larger than the last-level cache, with the GEMV
                    bandwidth that best one streams
 
-(train_linear.py caches one more fact here: which library multiplies training's fp32
+(onednn.py caches one more fact here: which library multiplies training's fp32
 matrices faster.)
 
 Measurements are cached as JSON in cache_dir(): $XDG_CACHE_HOME/gptkit/machine/<cpu>/<torch>
@@ -331,7 +331,7 @@ def onednn_linear(
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) through oneDNN's linear kernel: x [..., K] -> [..., N].
     `weight` is `pack(W)` (prompts, speculative checks) or W [N, K] itself, any strides
-    (training's products, train_linear.py: W.t() there costs no copy)."""
+    (training's products, onednn.py: W.t() there costs no copy)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

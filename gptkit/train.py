@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import adalora, machine, resources, train_linear
+from . import adalora, machine, onednn, resources
 from .checkpoint import (
     CheckpointError,
     check_tokenizer_fits,
@@ -273,10 +273,10 @@ class Trainer:
         check_tokenizer_fits(self.tokenizer, self.model.config)
         self.autocast = uses_autocast(config, device)
         # fp32 products through oneDNN where this machine measured it the faster library
-        # (train_linear.py); torch.compile picks its own kernels
+        # (onednn.py); torch.compile picks its own kernels
         cpu_fp32 = device.type == "cpu" and not self.autocast and not config.compile
-        if cpu_fp32 and train_linear.wanted(config.cpu_matmul):
-            train_linear.use_onednn_linears(self.model)
+        if cpu_fp32 and onednn.wanted(config.cpu_matmul):
+            onednn.use_onednn_linears(self.model)
         if config.compile:
             self.model.compile()  # in place: parameter names stay those of the plain model
         self.wrapped = self.dist.wrap(self.model, config.fsdp)

@@ -68,7 +68,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU; or float32, bfloat16
     compile: bool = False  # torch.compile the model
     # CPU fp32 linear layers: auto (the library this machine runs faster, measured once:
-    # train_linear.py), onednn, or torch (F.linear, MKL)
+    # onednn.py), onednn, or torch (F.linear, MKL)
     cpu_matmul: str = "auto"
     fsdp: bool = False  # under torchrun: shard parameters (FSDP2) instead of replicating (DDP)
     threads: int = 0  # CPU threads for torch (0: torch's default)

@@ -53,6 +53,26 @@ def embedder():
     return load_embedder("minilm")
 
 
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_sentence_embedder_multiplies_through_onednn_where_it_is_faster(faster, monkeypatch):
+    # where this machine measured oneDNN faster, BERT's linear layers go through it, and the
+    # vectors are sentence-transformers' own up to float rounding
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from gptkit import embed
+    from gptkit.onednn import OneDNNLinear
+
+    monkeypatch.setattr(embed, "onednn_is_faster", lambda: faster)
+    ours = embed.SentenceEmbedder()
+    kinds = {type(m) for m in ours.model.modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == ({OneDNNLinear} if faster else {torch.nn.Linear})
+    texts = list(QUERIES)
+    plain = SentenceTransformer(str(embed.model_dir(embed.DEFAULT)), device="cpu")
+    expected = plain.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(ours.encode(texts), expected, atol=1e-5)
+
+
 def write_docs(folder: Path, docs=DOCS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "docs.jsonl"

@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptkit import machine, train_linear
+from gptkit import machine, onednn
 from gptkit.checkpoint import load_checkpoint, load_train_state
 from gptkit.config import ConfigError
 from gptkit.metrics import read_metrics
+from gptkit.onednn import OneDNNLinear
 from gptkit.prepare import prepare
 from gptkit.tokenizer import char_tokenizer
 from gptkit.train import Trainer, lr_at, train
 from gptkit.train_config import TrainConfig, load_train_config
-from gptkit.train_linear import OneDNNLinear
 
 TEXT = "".join(f"{i % 7} the quick brown fox jumps over the lazy dog; " for i in range(400))
 # A tiny model and a short run, one thread so every run takes the same arithmetic path.
@@ -145,7 +145,7 @@ def test_oneDNN_products_train_as_f_linear_does(data_dir, tmp_path, monkeypatch)
     # through it; the losses then match a run through F.linear up to float rounding.
     results = {}
     for faster in (True, False):
-        monkeypatch.setattr(train_linear, "onednn_trains_faster", lambda f=faster: f)
+        monkeypatch.setattr(onednn, "onednn_is_faster", lambda f=faster: f)
         out = tmp_path / f"onednn-{faster}"
         config = load_train_config(None, [f"data_dir={data_dir}", f"out_dir={out}", *TINY])
         trainer = Trainer(config)

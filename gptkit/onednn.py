@@ -1,14 +1,15 @@
-"""Training's linear layers through oneDNN, on machines where it multiplies faster than MKL.
+"""Linear layers through oneDNN, on machines where it multiplies fp32 faster than MKL.
 
 PyTorch multiplies fp32 matrices on a CPU with MKL. On the 2-core AMD EPYC these sessions run
 on, MKL reached 200-234 GFLOP/s on a training step's products where oneDNN, PyTorch's other
 CPU library (prompts are already multiplied through it: machine.onednn_linear), reached
-360-550 on the same products, and a Llama-style model of width 512 trained 1.5x as fast (see
-bench/train_linear.py). On an Intel CPU MKL is at home and may win. So nothing here assumes
-either: `onednn_trains_faster` times both libraries on a step's three products once per
-machine and thread count (cached beside the decode plan), and the Trainer makes a model's linear
-layers `OneDNNLinear`s only where oneDNN won (TrainConfig.cpu_matmul = "auto"; "onednn" or
-"torch" decide instead).
+360-550 on the same products: a Llama-style model of width 512 trained 1.5x as fast
+(bench/train_linear.py), and the sentence embedder indexed SQuAD 1.5x as fast. On an Intel
+CPU MKL is at home and may win. So nothing here assumes either: `onednn_is_faster` times both
+libraries on a training step's three products once per machine and thread count (cached
+beside the decode plan). Where oneDNN won, the Trainer (TrainConfig.cpu_matmul = "auto";
+"onednn" or "torch" decide instead) and the sentence embedder (embed.py) make their models'
+linear layers `OneDNNLinear`s.
 
 An `OneDNNLinear` is an nn.Linear (same parameters, names, hooks and checkpoints) whose
 forward and backward products run through oneDNN: the same results up to float rounding, as
@@ -90,17 +91,17 @@ def wanted(choice: str) -> bool:
     """Whether TrainConfig.cpu_matmul = `choice` (auto, onednn, torch) trains through oneDNN."""
     if choice == "onednn" and not machine.can_pack():
         raise ConfigError("cpu_matmul=onednn: this torch has no oneDNN linear; use auto or torch")
-    return choice == "onednn" or (choice == "auto" and onednn_trains_faster())
+    return choice == "onednn" or (choice == "auto" and onednn_is_faster())
 
 
-def onednn_trains_faster() -> bool:
-    """Whether this machine (at this thread count) runs a training step's fp32 products faster
-    through oneDNN than through F.linear: measured once (about a second), then cached for good,
-    so a resumed run multiplies as the killed one did (both libraries are timed in every
-    round, so a busy machine slows both, not one)."""
+def onednn_is_faster() -> bool:
+    """Whether this machine (at this thread count) runs a training step's fp32 products (the
+    forward one among them) faster through oneDNN than through F.linear: measured once (about
+    a second), then cached for good, so a resumed run multiplies as the killed one did (both
+    libraries are timed in every round, so a busy machine slows both, not one)."""
     if not machine.can_pack():  # a torch built without oneDNN's linear kernel
         return False
-    name = f"train-linear-t{torch.get_num_threads()}.json"
+    name = f"onednn-linear-t{torch.get_num_threads()}.json"
     seconds = (machine.read_fact(name) or {}).get("seconds")
     if not (isinstance(seconds, dict) and set(seconds) == {"mkl", "onednn"}):
         seconds = measure()

@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptkit import machine, train_linear
+from gptkit import machine, onednn
 from gptkit.config import GPTConfig
 from gptkit.model import GPT
-from gptkit.train_linear import OneDNNLinear, onednn_trains_faster, use_onednn_linears
+from gptkit.onednn import OneDNNLinear, onednn_is_faster, use_onednn_linears
 
 pytestmark = pytest.mark.skipif(not machine.can_pack(), reason="this torch has no oneDNN linear")
 
@@ -77,18 +77,18 @@ def test_the_choice_is_measured_once_and_follows_the_timings(tmp_path, monkeypat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     timings = {"mkl": 1.0, "onednn": 0.5}
     calls = []
-    monkeypatch.setattr(train_linear, "measure", lambda: calls.append(1) or dict(timings))
-    assert onednn_trains_faster() is True
+    monkeypatch.setattr(onednn, "measure", lambda: calls.append(1) or dict(timings))
+    assert onednn_is_faster() is True
     timings["onednn"] = 2.0  # a later measurement would say otherwise: the cache is kept
-    assert onednn_trains_faster() is True
+    assert onednn_is_faster() is True
     assert len(calls) == 1
     (tmp_path / "gptkit").rename(tmp_path / "old")  # a new machine: measured afresh
     timings["onednn"] = 0.95  # within the margin: PyTorch's default stays
-    assert onednn_trains_faster() is False
+    assert onednn_is_faster() is False
     assert len(calls) == 2
 
 
 def test_a_real_measurement_times_both_libraries():
-    seconds = train_linear.measure(rounds=1)
+    seconds = onednn.measure(rounds=1)
     assert set(seconds) == {"mkl", "onednn"}
     assert all(0 < s < 60 for s in seconds.values())
