@@ -103,7 +103,8 @@ def onednn_is_faster() -> bool:
         return False
     name = f"onednn-linear-t{torch.get_num_threads()}.json"
     seconds = (machine.read_fact(name) or {}).get("seconds")
-    if not (isinstance(seconds, dict) and set(seconds) == {"mkl", "onednn"}):
+    readable = isinstance(seconds, dict) and set(seconds) == {"mkl", "onednn"}
+    if not (readable and all(isinstance(s, int | float) for s in seconds.values())):
         seconds = measure()
         machine.write_fact(name, {"seconds": seconds, "cpu": machine.cpu().describe()})
     return seconds["onednn"] <= MARGIN * seconds["mkl"]
