@@ -8,8 +8,10 @@ SentenceTransformer of the same files, as a user loads it.
 
 - Indexing. gptkit: rag_index.build_index (read the JSONL, chunk by tokens, embed, write
   FAISS + BM25 + SQLite, check the files by reading them back). Peer: model.encode() of the
-  very strings gptkit embedded (its chunks, each with its title) + faiss.IndexFlatIP.add, so
-  the difference is gptkit's own overhead. Target: <= 60 s on 2 cores, overhead <= 10%.
+  very strings gptkit embedded (its chunks, each with its title) + faiss.IndexFlatIP.add.
+  Target: <= 60 s on 2 cores, overhead <= 10%. Where gptkit's embedder multiplies through
+  oneDNN and the peer's through MKL, the "overhead" is negative and no longer gptkit's pipeline
+  cost alone (docs/RESULTS.md has that cost measured with both on oneDNN).
   Each --dtype in turn: float32, and bfloat16 (gptkit index --dtype bfloat16; the peer's
   encode under the same torch.autocast), which pays on CPUs with AVX-512-BF16 or AMX.
 - Search latency, p50 and p99 over --queries SQuAD questions, one at a time and 32 in flight

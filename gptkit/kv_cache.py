@@ -115,7 +115,7 @@ class KVCache:
         end = max(lengths) + T
         if end > self.max_len:
             raise ValueError(f"{end} positions do not fit a cache of {self.max_len}")
-        if start + T == end:  # every row has one length (the lists are read once per layer)
+        if start + T == end:  # min == max: every row has one length
             self.k[layer, :, :, start:end] = k
             self.v[layer, :, :, start:end] = v
         else:

@@ -35,7 +35,8 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # x only where dW is wanted: a frozen layer keeps no activation, as F.linear's doesn't
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
         return onednn_linear(x, weight, bias)
 
@@ -62,6 +63,7 @@ class OneDNNLinear(nn.Linear):
         w = self.weight
         if (
             x.device.type == "cpu"
+            and x.numel()  # oneDNN has no primitive for zero rows
             and x.dtype == w.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
         ):
@@ -96,8 +98,8 @@ def wanted(choice: str) -> bool:
 
 def onednn_is_faster() -> bool:
     """Whether this machine (at this thread count) runs a training step's fp32 products (the
-    forward one among them) faster through oneDNN than through F.linear: measured once (about
-    a second), then cached for good, so a resumed run multiplies as the killed one did (both
+    forward one among them) faster through oneDNN than through F.linear: measured once (under a
+    second), then cached for good, so a resumed run multiplies as the killed one did (both
     libraries are timed in every round, so a busy machine slows both, not one)."""
     if not machine.can_pack():  # a torch built without oneDNN's linear kernel
         return False
@@ -127,11 +129,11 @@ def measure(rounds: int = 3) -> dict[str, float]:
         ),
     }
     best = dict.fromkeys(libraries, float("inf"))
-    for round in range(rounds + 1):
+    for i in range(rounds + 1):
         for name, products in libraries.items():
             start = time.perf_counter()
             for x, w, g in operands:
                 products(x, w, g)
-            if round:  # round 0 warms up both
+            if i:  # round 0 warms up both
                 best[name] = min(best[name], time.perf_counter() - start)
     return best

@@ -97,3 +97,15 @@ def test_a_real_measurement_times_both_libraries():
     seconds = onednn.measure(rounds=1)
     assert set(seconds) == {"mkl", "onednn"}
     assert all(0 < s < 60 for s in seconds.values())
+
+
+def test_a_frozen_layer_keeps_no_activation_and_zero_rows_work():
+    _, ours = _pair(bias=True, freeze=True)
+    saved = []
+    x = torch.randn(5, 48, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        ours(x).sum().backward()
+    assert torch.Size([5, 48]) not in saved  # only the weight: no dW is wanted
+    assert ours(torch.randn(0, 48)).shape == (0, 40)  # F.linear's answer, not oneDNN's error
