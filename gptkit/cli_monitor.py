@@ -59,8 +59,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     from .api import load
     from .predict import label_function
 
-    checked_device(args)
-    lm = load(args.model, device=args.device, quantize=args.quantize)
+    lm = load(args.model, device=checked_device(args), quantize=args.quantize)
     classify = label_function(lm, batch_size=args.batch_size, dtype=args.dtype)
     known = dict(lm.model.config.label_groups())  # {field: labels}, to check --negative
 

@@ -525,7 +525,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
 
 def _check_machine(config: TrainConfig) -> None:
     """ConfigError for settings this machine cannot honour: more threads than CPU cores (torch
-    would start them all; 100000 crashed OpenMP), or a device it does not have."""
+    would start them all; 100000 crashed OpenMP), a device it does not have, or oneDNN's
+    products from a torch built without them."""
     cores = os.cpu_count() or 1
     if config.threads > cores:
         raise ConfigError(
@@ -534,6 +535,8 @@ def _check_machine(config: TrainConfig) -> None:
         )
     if config.device != "auto":
         resolve_device(config.device)  # an unknown name, or a GPU that is not there
+    if config.cpu_matmul == "onednn" and not machine.can_pack():
+        raise ConfigError("cpu_matmul=onednn: this torch has no oneDNN linear; use auto or torch")
 
 
 def _rng_state() -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -109,6 +109,12 @@ class TrainConfig:
             raise ConfigError(f"dtype={self.dtype!r}: use auto, float32 or bfloat16")
         if self.cpu_matmul not in ("auto", "onednn", "torch"):
             raise ConfigError(f"cpu_matmul={self.cpu_matmul!r}: use auto, onednn or torch")
+        clash = "compile=true" if self.compile else "dtype=bfloat16"
+        if self.cpu_matmul == "onednn" and (self.compile or self.dtype == "bfloat16"):
+            raise ConfigError(
+                f"cpu_matmul=onednn is for fp32 eager training, not {clash}; drop one of them "
+                "or use cpu_matmul=auto"
+            )
 
     @staticmethod
     def objectives() -> tuple[str, ...]:

@@ -90,6 +90,8 @@ def test_toml_config_with_overrides(tmp_path):
         (["data_dir=d", "model.n_layer=many"], "a model config value has the wrong type"),
         (["data_dir=d", "model.rope_theta=0"], "rope_theta must be > 0"),
         (["data_dir=d", "cpu_matmul=mkl"], "cpu_matmul='mkl': use auto, onednn or torch"),
+        (["data_dir=d", "cpu_matmul=onednn", "compile=true"], "eager training, not compile=true"),
+        (["data_dir=d", "cpu_matmul=onednn", "dtype=bfloat16"], "not dtype=bfloat16; drop one"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, message):
