@@ -16,7 +16,9 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from . import cpu_step
 from .machine import DecodePlan, decode_plan, lay_out, pack, plan_linear
+from .model import GPT
 from .resources import available_bytes
 
 
@@ -77,6 +79,9 @@ def use_decode_layout(model: nn.Module, plan: DecodePlan | None = None) -> nn.Mo
                 # Same parameters, hooks and ties; only forward changes.
                 module.__class__ = DecodeLinear
                 module.plan = plan
+    native = isinstance(model, GPT) and cpu_step.enabled() and not cpu_step.unsupported(model)
+    if native and cpu_step.library() is not None:  # built for this CPU on first use (~1 s)
+        model.native_step = cpu_step.NativeStep(model)
     return model
 
 

@@ -127,10 +127,20 @@ class KVCache:
             self.k[layer][rows, :, self._columns] = k[:, :, 0]  # [B, Hkv, D] at per-row columns
             self.v[layer][rows, :, self._columns] = v[:, :, 0]
         if layer == self.k.shape[0] - 1:
-            for r in range(self._first, self._first + self.batch):
-                self._lengths[r] += T
+            self.advance(T)
             self._columns = None
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def next_column(self) -> tuple[int, int]:
+        """(column, position id) of a single row's next token."""
+        column = self._lengths[self._first]
+        return column, column - self._pad[self._first]
+
+    def advance(self, T: int) -> None:
+        """Count T more columns filled in every row, by a pass that wrote its keys and values
+        into k and v itself instead of through `update` (the native step, cpu_step.py)."""
+        for r in range(self._first, self._first + self.batch):
+            self._lengths[r] += T
 
     def truncate(self, length: int) -> None:
         """Forget every column from `length` on in every row (speculative decoding drops the keys

@@ -214,6 +214,11 @@ def _embedding(rows: int, dim: int) -> nn.Embedding:
 
 
 class GPT(nn.Module):
+    # A native single-token decoding step (cpu_step.NativeStep, set by cpu.use_decode_layout):
+    # forward asks it first for a pass through a KV cache; it returns None for one it does not
+    # serve, which then runs here as always.
+    native_step = None
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -438,6 +443,11 @@ class GPT(nn.Module):
         computes them only where it is True, [N, V] in row-major order: DPO scores a reply's
         tokens, not the prompt's or the padding's (the head is a fifth of SmolLM2's FLOPs).
         """
+        plain = targets is None and keep is None and positions is None and key_mask is None
+        if self.native_step is not None and cache is not None and plain:
+            logits = self.native_step(idx, cache)
+            if logits is not None:
+                return logits
         x = self.features(idx, cache=cache, positions=positions, key_mask=key_mask, causal=causal)
         if last_only:
             x = x[:, -1:]

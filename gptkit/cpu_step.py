@@ -1,0 +1,256 @@
+"""A native decoding step: one call into C (cpu_step.c) per generated token, fp32 on the CPU.
+
+Batch-1 decoding reads every weight once per token, so its floor is the time to stream the
+weights. Eager PyTorch adds a few microseconds for each of ~56 operator calls per layer, which
+for SmolLM2-135M's 30 layers was ~4 ms beside ~10 ms of streaming. cpu_step.c does the whole
+step in one call: on a 2-core AMD EPYC a SmolLM2 step took 9.2 ms against 14.6 ms for the eager
+step in the same process, the same logits within 1e-4.
+
+The C file is compiled on first use with the machine's C compiler, for this CPU
+(-march=native: the library is cached under a name that includes the CPU's flags, so one built
+on another CPU is never loaded), and loaded with ctypes; it links to the OpenMP runtime torch
+has already loaded, so its threads are torch's. Where there is no compiler, or
+GPTKIT_NATIVE_STEP=0, or the model is not one it serves (see `unsupported`), decoding stays on
+PyTorch, which computes the same numbers up to float rounding.
+
+`NativeStep` is what cpu.use_decode_layout sets as `model.native_step`; GPT.forward asks it
+first for a single-token pass through a KV cache, and it answers None for one it does not
+serve (a batch, a prompt, gradients wanted, a model changed since: an adapter wrapped a
+layer, weights moved), which then runs in PyTorch as always.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .kv_cache import KVCache
+from .machine import _cpuinfo, cache_dir
+from .model import GPT, RMSNorm
+
+SOURCE = Path(__file__).with_name("cpu_step.c")
+# -ffast-math lets the compiler vectorise the dot products' sums (reassociation) and call
+# glibc's vector expf; nothing here relies on infinities or NaNs.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+
+_P = ctypes.c_void_p
+
+
+def _fields(ctype, names: str) -> list[tuple[str, type]]:
+    return [(name, ctype) for name in names.split(" ")]
+
+
+class _Layer(ctypes.Structure):  # cpu_step.c's Layer
+    _fields_ = _fields(_P, "norm1 qkv_w qkv_b proj_w proj_b norm2 fc_w fc_b down_w down_b")
+
+
+class _Model(ctypes.Structure):  # cpu_step.c's Model
+    _fields_ = _fields(ctypes.c_int, "n_layer C H Hkv D I V") + _fields(ctypes.c_float, "eps")
+    _fields_ += _fields(_P, "emb norm_f head cos sin layers x xn qkv att h scores")
+
+
+class _Cache(ctypes.Structure):  # cpu_step.c's Cache
+    _fields_ = _fields(_P, "k v") + _fields(ctypes.c_long, "layer_stride head_stride")
+
+
+def enabled() -> bool:
+    return os.environ.get("GPTKIT_NATIVE_STEP", "1") != "0"
+
+
+def library_path(compiler: str) -> Path:
+    """Where the library built from SOURCE by `compiler` for this CPU lives: named by a hash of
+    the source, the flags, the compiler's version and every CPU flag -march=native reads."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpuinfo().get("flags", "")])
+    return cache_dir() / f"cpu_step-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """cpu_step.c compiled for this CPU and loaded (built on the first call, then cached on
+    disk), or None where it cannot be: no C compiler, a failed build. Never raises."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    try:
+        path = library_path(compiler)
+        if not path.exists():
+            _build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    lib.gk_step.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P]
+    lib.gk_step.restype = None
+    lib.gk_gemv.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.gk_gemv.restype = None
+    return lib
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile to a temporary name and rename: a process loading the library while another
+    builds it sees a whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".cpu_step-", suffix=".so")
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out = weight @ x through the native product (weight [N, K] row-major fp32): what the
+    GEMV bound of a native step is measured with (bench/common.py)."""
+    lib = library()
+    assert lib is not None and weight.is_contiguous()
+    N, K = weight.shape
+    lib.gk_gemv(weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads())
+
+
+_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+def unsupported(model: GPT) -> str | None:
+    """Why the native step cannot serve `model` as it is now, or None if it can."""
+    c = model.config
+    if (c.positions, c.norm, c.activation, c.attention, c.head) != (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        "dense",
+        "lm",
+    ) or not c.prenorm:
+        return "only Llama-style models (rope, pre-norm RMSNorm, SwiGLU, dense attention, LM head)"
+    if model.prompt is not None:
+        return "a soft prompt is attached"
+    from .cpu import DecodeLinear  # (cpu.py imports this module)
+
+    for block in model.blocks:
+        if block.attn.prefix is not None or block.attn.probe is not None:
+            return "a prefix or a probe is attached"
+        linears = [block.get_submodule(name) for name in _LINEARS]
+        if any(type(m) not in (nn.Linear, DecodeLinear) for m in [*linears, model.lm_head]):
+            return "a linear layer is wrapped or replaced (an adapter, int8)"
+        if type(block.norm1) is not RMSNorm or type(block.norm2) is not RMSNorm:
+            return "a norm is replaced"
+    if model.lm_head.bias is not None:
+        return "the LM head has a bias"
+    for tensor in _tensors(model):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            return "weights are not fp32 on the CPU"
+        if not tensor.is_contiguous():
+            return "weights are not row-major (this machine's decode plan is column-major)"
+    return None
+
+
+def _tensors(model: GPT) -> list[torch.Tensor]:
+    """Every tensor the step reads, in a fixed order (biases may be None: skipped)."""
+    out = [model.tok_emb.weight, model.norm_f.weight, model.lm_head.weight]
+    out += [model.rope_cos, model.rope_sin]
+    for block in model.blocks:
+        out += [block.norm1.weight, block.norm2.weight]
+        for name in _LINEARS:
+            linear = block.get_submodule(name)
+            out += [linear.weight] + ([linear.bias] if linear.bias is not None else [])
+    return out
+
+
+class NativeStep:
+    """The native decoding step bound to one model: its weights' addresses, held in ctypes
+    structures, and the scratch buffers. Call it with a single-token pass; it returns the
+    logits [1, 1, V], or None for a pass it does not serve (see the module docstring)."""
+
+    def __init__(self, model: GPT):
+        self._model = weakref.ref(model)  # the model holds this object; no cycle
+        self._lock = threading.Lock()  # one step at a time: the scratch buffers are shared
+        self._scores = torch.empty(0)
+        # The model is checked, and the structures pointed at its tensors, once per cache,
+        # i.e. per generation: the check reads every module and tensor (~0.7 ms for SmolLM2).
+        # A model changed in the middle of a generation is not seen.
+        self._checked: weakref.ref | None = None  # the cache it was last checked for
+        self._served = False
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied model has its own weights: it decodes in PyTorch
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        model = self._model()
+        lib = library()
+        if model is None or lib is None or idx.shape != (1, 1) or cache.batch != 1:
+            return None
+        if idx.device.type != "cpu" or torch.is_grad_enabled():
+            return None  # (a gradient wanted: the step computes none)
+        if model.training and model.config.dropout > 0:
+            return None
+        column, position = cache.next_column()
+        if column >= cache.max_len or position >= model.config.block_size:
+            return None  # PyTorch's pass raises the error that explains it
+        k, v = cache.k, cache.v  # [L, 1, Hkv, M, D]
+        if k.dtype != torch.float32 or k.stride(3) != k.shape[4] or k.stride(4) != 1:
+            return None
+        with self._lock:
+            if self._checked is None or self._checked() is not cache:  # a new generation
+                self._served = unsupported(model) is None
+                if self._served:
+                    self._bind(model)
+                self._checked = weakref.ref(cache)
+            if not self._served:
+                return None
+            if self._scores.numel() < model.config.n_head * (position + 1):
+                self._scores = torch.empty(model.config.n_head * max(2 * position, 256))
+                self._struct.scores = self._scores.data_ptr()
+            layout = _Cache(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(2))
+            logits = torch.empty(1, 1, model.config.vocab_size)
+            lib.gk_step(
+                ctypes.byref(self._struct),
+                ctypes.byref(layout),
+                int(idx),
+                position,
+                torch.get_num_threads(),
+                logits.data_ptr(),
+            )
+        cache.advance(1)
+        return logits
+
+    def _bind(self, model: GPT) -> None:
+        """Point the structures at the model's tensors (a model `unsupported` passed)."""
+        c = model.config
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        layers = (_Layer * c.n_layer)()
+        for i, b in enumerate(model.blocks):
+            qkv, proj, fc, down = (b.get_submodule(name) for name in _LINEARS)
+            layers[i] = _Layer(
+                ptr(b.norm1.weight), ptr(qkv.weight), ptr(qkv.bias), ptr(proj.weight),
+                ptr(proj.bias), ptr(b.norm2.weight), ptr(fc.weight), ptr(fc.bias),
+                ptr(down.weight), ptr(down.bias),
+            )  # fmt: skip
+        qkv_rows = (c.n_head + 2 * c.n_kv_head) * c.head_dim
+        self._buffers = {
+            "x": torch.empty(c.n_embd),
+            "xn": torch.empty(c.n_embd),
+            "qkv": torch.empty(qkv_rows),
+            "att": torch.empty(c.n_head * c.head_dim),
+            "h": torch.empty(2 * c.intermediate_size),
+        }
+        self._layers = layers  # the structure points into it: keep it alive
+        self._struct = _Model(
+            c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size,
+            c.vocab_size, model.blocks[0].norm1.eps or torch.finfo(torch.float32).eps,
+            ptr(model.tok_emb.weight), ptr(model.norm_f.weight), ptr(model.lm_head.weight),
+            ptr(model.rope_cos), ptr(model.rope_sin), ctypes.cast(layers, _P),
+            *(ptr(t) for t in self._buffers.values()), ptr(self._scores),
+        )  # fmt: skip
