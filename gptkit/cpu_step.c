@@ -1,20 +1,21 @@
-/* One decoding step of a Llama-style GPT on the CPU, in fp32: a token in, its logits out, the
- * keys and values written into the KV cache. cpu_step.py compiles this file for the CPU it runs
- * on (-march=native) and calls gk_step once per generated token.
+/* One decoding step of a Llama-style GPT on the CPU, in fp32: a token (or the few tokens of a
+ * speculative check) in, logits out, the keys and values written into the KV cache.
+ * cpu_step.py compiles this file for the CPU it runs on (-march=native) and calls gk_step once
+ * per step.
  *
  * Why C: a batch-1 decoding step reads every weight once, so its floor is the time to stream
  * the weights from memory. PyTorch's eager step makes ~56 operator calls per layer, and at a
  * few microseconds each the 30 layers of SmolLM2-135M spent ~4 ms a step beside ~10 ms of
  * matrix-vector products; Inductor's CPU lowering turns one-row products into loops slower
  * than BLAS. Here the whole step is one call: norms, rope, attention and the SwiGLU are plain
- * loops over a few thousand floats, and the products are a GEMV that streams each weight row
- * once, the threads splitting the rows.
+ * loops over a few thousand floats, and the products stream each weight row once, the
+ * threads splitting the rows.
  *
  * The model it serves (cpu_step.py checks): pre-norm RMSNorm blocks, rotary positions (the
  * tables come from the model, so any rope variant it builds is served), grouped-query
  * attention, a SwiGLU MLP, optional biases on the linear layers, row-major fp32 weights.
  * Shapes: C = n_embd, H = query heads, Hkv = key/value heads, D = head_dim, I = the MLP's
- * hidden width, V = vocabulary, S = positions attended (pos + 1).
+ * hidden width, V = vocabulary, T = tokens in this call, S = positions attended (pos + T).
  */
 #include <math.h>
 #include <stddef.h>
@@ -36,13 +37,13 @@ typedef struct {
     const float *head;           /* [V, C] the LM head (the embeddings when tied) */
     const float *cos, *sin;      /* [block_size, D] rope tables, half-split (model.rope_tables) */
     const Layer *layers;         /* [n_layer] */
-    /* scratch, owned by the caller */
-    float *x;                    /* [C] the residual stream */
-    float *xn;                   /* [C] a normed copy, or a layer's output before the residual */
-    float *qkv;                  /* [(H + 2 Hkv) D] */
-    float *att;                  /* [H D] */
-    float *h;                    /* [2 I] */
-    float *scores;               /* [H, max_len] */
+    /* scratch, owned by the caller, for up to T_max tokens a call */
+    float *x;                    /* [T_max, C] the residual stream */
+    float *xn;                   /* [T_max, C] a normed copy, or a layer's output */
+    float *qkv;                  /* [T_max, (H + 2 Hkv) D] */
+    float *att;                  /* [T_max, H D] */
+    float *h;                    /* [T_max, 2 I] */
+    float *scores;               /* [T_max H, S] S = positions attended, at most */
 } Model;
 
 /* The KV cache of one sequence: keys and values of layer l, head g, position t at
@@ -52,33 +53,58 @@ typedef struct {
     long layer_stride, head_stride;
 } Cache;
 
-/* y = W x (+ b), W [N, K] row-major, inside a parallel region: the threads split the rows.
- * Four rows at a time share each load of x; the implicit barrier at the end of the second loop
- * makes y complete for every thread on return. */
-static void gemv(const float *restrict W, const float *restrict b, const float *restrict x,
-                 float *restrict y, int N, int K) {
+/* Y = X W^T (+ b) for T rows X [T, K] (row stride ldx), W [N, K] row-major, Y [T, N], inside
+ * a parallel region:
+ * the threads split W's rows. A block of four rows (at most 4 K floats, in L1) is read from
+ * memory once and multiplied by every row of X, so a few rows cost about what one does: the
+ * weights' streaming bounds both. The implicit barrier at the end of the second loop makes Y
+ * complete for every thread on return. */
+static void gemm(const float *restrict W, const float *restrict b, const float *restrict X,
+                 int ldx, float *restrict Y, int T, int N, int K) {
     const int blocks = N / 4;
 #pragma omp for schedule(static) nowait
     for (int blk = 0; blk < blocks; blk++) {
         const float *w0 = W + (size_t)4 * blk * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        for (int k = 0; k < K; k++) {
-            s0 += w0[k] * x[k];
-            s1 += w1[k] * x[k];
-            s2 += w2[k] * x[k];
-            s3 += w3[k] * x[k];
+        if (blk + 1 < blocks)  /* the next block, while this one computes */
+            for (int k = 0; k < 4 * K; k += 16) __builtin_prefetch(w0 + 4 * K + k);
+        int t = 0;
+        for (; t + 2 <= T; t += 2) {  /* two rows of X at once: 8 sums, 6 loads per k */
+            const float *x = X + (size_t)t * ldx, *z = x + ldx;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0, r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+            for (int k = 0; k < K; k++) {
+                s0 += w0[k] * x[k], r0 += w0[k] * z[k];
+                s1 += w1[k] * x[k], r1 += w1[k] * z[k];
+                s2 += w2[k] * x[k], r2 += w2[k] * z[k];
+                s3 += w3[k] * x[k], r3 += w3[k] * z[k];
+            }
+            float *y = Y + (size_t)t * N + 4 * blk, *u = y + N;
+            y[0] = s0, y[1] = s1, y[2] = s2, y[3] = s3;
+            u[0] = r0, u[1] = r1, u[2] = r2, u[3] = r3;
+            if (b)
+                for (int i = 0; i < 4; i++) y[i] += b[4 * blk + i], u[i] += b[4 * blk + i];
         }
-        float *o = y + 4 * blk;
-        o[0] = s0, o[1] = s1, o[2] = s2, o[3] = s3;
-        if (b)
-            for (int i = 0; i < 4; i++) o[i] += b[4 * blk + i];
+        for (; t < T; t++) {
+            const float *x = X + (size_t)t * ldx;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            for (int k = 0; k < K; k++) {
+                s0 += w0[k] * x[k];
+                s1 += w1[k] * x[k];
+                s2 += w2[k] * x[k];
+                s3 += w3[k] * x[k];
+            }
+            float *y = Y + (size_t)t * N + 4 * blk;
+            y[0] = s0, y[1] = s1, y[2] = s2, y[3] = s3;
+            if (b)
+                for (int i = 0; i < 4; i++) y[i] += b[4 * blk + i];
+        }
     }
 #pragma omp for schedule(static)
-    for (int n = 4 * blocks; n < N; n++) {
-        float s = b ? b[n] : 0.0f;
-        for (int k = 0; k < K; k++) s += W[(size_t)n * K + k] * x[k];
-        y[n] = s;
-    }
+    for (int n = 4 * blocks; n < N; n++)
+        for (int t = 0; t < T; t++) {
+            float s = b ? b[n] : 0.0f;
+            for (int k = 0; k < K; k++) s += W[(size_t)n * K + k] * X[(size_t)t * ldx + k];
+            Y[(size_t)t * N + n] = s;
+        }
 }
 
 static void rmsnorm(const float *restrict x, const float *restrict w, float *restrict out, int C,
@@ -118,60 +144,73 @@ static void attend(const float *restrict q, const float *restrict K, const float
     }
 }
 
-/* The logits [V] of `token` at position `pos`, whose keys and values go to column `pos` of
- * `cache`; columns 0..pos-1 must hold the sequence so far. One parallel region for the whole
- * step: the threads meet at barriers, not at a fork per operation. */
-void gk_step(const Model *m, const Cache *cache, int token, int pos, int threads,
-             float *logits) {
+/* The logits of T tokens at positions pos..pos+T-1 (only the last one's when last_only):
+ * logits [T or 1, V]. Their keys and values go to those columns of `cache`, whose columns
+ * 0..pos-1 must hold the sequence so far; each token attends to the columns up to its own. One
+ * parallel region for the whole call: the threads meet at barriers, not at a fork per
+ * operation. */
+void gk_step(const Model *m, const Cache *cache, const long long *tokens, int T, int pos,
+             int last_only, int threads, float *logits) {
     const int C = m->C, H = m->H, Hkv = m->Hkv, D = m->D, I = m->I;
-    const int qkv_rows = (H + 2 * Hkv) * D, group = H / Hkv;
+    const int qkv_rows = (H + 2 * Hkv) * D, group = H / Hkv, S = pos + T;
     float *x = m->x, *xn = m->xn, *qkv = m->qkv, *h = m->h;
-    for (int i = 0; i < C; i++) x[i] = m->emb[(size_t)token * C + i];
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < C; i++) x[t * C + i] = m->emb[(size_t)tokens[t] * C + i];
 #pragma omp parallel num_threads(threads)
     {
         for (int l = 0; l < m->n_layer; l++) {
             const Layer *L = &m->layers[l];
             float *k = cache->k + l * cache->layer_stride, *v = cache->v + l * cache->layer_stride;
-#pragma omp single
-            rmsnorm(x, L->norm1, xn, C, m->eps);
-            gemv(L->qkv_w, L->qkv_b, xn, qkv, qkv_rows, C);
-#pragma omp single
-            {   /* rotate q and k (the first H + Hkv heads), then write k and v to the cache */
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) rmsnorm(x + t * C, L->norm1, xn + t * C, C, m->eps);
+            gemm(L->qkv_w, L->qkv_b, xn, C, qkv, T, qkv_rows, C);
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) {
+                /* rotate q and k (the first H + Hkv heads), then write k and v to the cache */
+                float *row = qkv + (size_t)t * qkv_rows;
+                const size_t at = (size_t)(pos + t) * D;
                 for (int head = 0; head < H + Hkv; head++)
-                    rope(qkv + head * D, m->cos + (size_t)pos * D, m->sin + (size_t)pos * D, D);
+                    rope(row + head * D, m->cos + at, m->sin + at, D);
                 for (int g = 0; g < Hkv; g++)
                     for (int i = 0; i < D; i++) {
-                        k[g * cache->head_stride + (size_t)pos * D + i] = qkv[(H + g) * D + i];
-                        v[g * cache->head_stride + (size_t)pos * D + i] = qkv[(H + Hkv + g) * D + i];
+                        k[g * cache->head_stride + at + i] = row[(H + g) * D + i];
+                        v[g * cache->head_stride + at + i] = row[(H + Hkv + g) * D + i];
                     }
             }
 #pragma omp for schedule(static)
-            for (int head = 0; head < H; head++) {
+            for (int th = 0; th < T * H; th++) {
+                const int t = th / H, head = th % H;
                 const long kv = (head / group) * cache->head_stride;
-                attend(qkv + head * D, k + kv, v + kv, m->scores + (size_t)head * (pos + 1),
-                       m->att + head * D, pos + 1, D);
+                attend(qkv + (size_t)t * qkv_rows + head * D, k + kv, v + kv,
+                       m->scores + (size_t)th * S, m->att + ((size_t)t * H + head) * D,
+                       pos + t + 1, D);
             }
-            gemv(L->proj_w, L->proj_b, m->att, xn, C, H * D);
-#pragma omp single
-            {
-                for (int i = 0; i < C; i++) x[i] += xn[i];
-                rmsnorm(x, L->norm2, xn, C, m->eps);
-            }
-            gemv(L->fc_w, L->fc_b, xn, h, 2 * I, C);
+            gemm(L->proj_w, L->proj_b, m->att, H * D, xn, T, C, H * D);
 #pragma omp for schedule(static)
-            for (int i = 0; i < I; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h[I + i];  /* silu(gate) * up */
-            gemv(L->down_w, L->down_b, h, xn, C, I);
-#pragma omp single
-            for (int i = 0; i < C; i++) x[i] += xn[i];
+            for (int t = 0; t < T; t++) {
+                for (int i = 0; i < C; i++) x[t * C + i] += xn[t * C + i];
+                rmsnorm(x + t * C, L->norm2, xn + t * C, C, m->eps);
+            }
+            gemm(L->fc_w, L->fc_b, xn, C, h, T, 2 * I, C);
+#pragma omp for schedule(static)
+            for (int ti = 0; ti < T * I; ti++) {  /* silu(gate) * up */
+                float *row = h + (size_t)(ti / I) * 2 * I;
+                const int i = ti % I;
+                row[i] = row[i] / (1.0f + expf(-row[i])) * row[I + i];
+            }
+            gemm(L->down_w, L->down_b, h, 2 * I, xn, T, C, I);  /* the silu rows */
+#pragma omp for schedule(static)
+            for (int ti = 0; ti < T * C; ti++) x[ti] += xn[ti];
         }
-#pragma omp single
-        rmsnorm(x, m->norm_f, xn, C, m->eps);
-        gemv(m->head, NULL, xn, logits, m->V, C);
+        const int first = last_only ? T - 1 : 0;
+#pragma omp for schedule(static)
+        for (int t = first; t < T; t++) rmsnorm(x + t * C, m->norm_f, xn + t * C, C, m->eps);
+        gemm(m->head, NULL, xn + (size_t)first * C, C, logits, T - first, m->V, C);
     }
 }
 
-/* y = W x for W [N, K] row-major, the step's product alone: what the GEMV bound measures. */
-void gk_gemv(const float *W, const float *x, float *y, int N, int K, int threads) {
+/* Y = X W^T for X [T, K], W [N, K] row-major: the step's product alone (the GEMV bound). */
+void gk_gemm(const float *W, const float *X, float *Y, int T, int N, int K, int threads) {
 #pragma omp parallel num_threads(threads)
-    gemv(W, NULL, x, y, N, K);
+    gemm(W, NULL, X, K, Y, T, N, K);
 }

@@ -90,10 +90,11 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError):
         return None
-    lib.gk_step.argtypes = [_P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P]
+    i32 = ctypes.c_int
+    lib.gk_step.argtypes = [_P, _P, _P, i32, i32, i32, i32, _P]
     lib.gk_step.restype = None
-    lib.gk_gemv.argtypes = [_P, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.gk_gemv.restype = None
+    lib.gk_gemm.argtypes = [_P, _P, _P, i32, i32, i32, i32]
+    lib.gk_gemm.restype = None
     return lib
 
 
@@ -112,16 +113,22 @@ def _build(compiler: str, path: Path) -> None:
             os.remove(tmp)
 
 
-def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out = weight @ x through the native product (weight [N, K] row-major fp32): what the
-    GEMV bound of a native step is measured with (bench/common.py)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = x @ weight.T through the native step's product: x [T, K], weight [N, K], out
+    [T, N], all contiguous fp32 (the GEMV bound of a native step is measured with it)."""
     lib = library()
-    assert lib is not None and weight.is_contiguous()
-    N, K = weight.shape
-    lib.gk_gemv(weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads())
+    assert lib is not None and x.is_contiguous() and weight.is_contiguous()
+    (T, K), N = x.shape, weight.shape[0]
+    threads = torch.get_num_threads()
+    lib.gk_gemm(weight.data_ptr(), x.data_ptr(), out.data_ptr(), T, N, K, threads)
 
 
 _LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+# Tokens a call serves at most: one decoding step, or a speculative check of k guesses and the
+# token before them. More (a prompt) go to PyTorch, whose oneDNN kernels compute faster: on a
+# 2-core AMD EPYC, SmolLM2's native pass over 8 tokens took as long as PyTorch's (20.4 ms
+# against 20.5), over 12 1.17x as long.
+MAX_TOKENS = 8
 
 
 def unsupported(model: GPT) -> str | None:
@@ -187,21 +194,25 @@ class NativeStep:
     def __deepcopy__(self, memo) -> None:
         return None  # a copied model has its own weights: it decodes in PyTorch
 
-    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+    def __call__(self, idx: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor | None:
+        """Logits [1, T, V] ([1, 1, V] when last_only) for tokens idx [1, T] after the cache's
+        filled columns, which the call fills; None for a pass this step does not serve."""
         model = self._model()
         lib = library()
-        if model is None or lib is None or idx.shape != (1, 1) or cache.batch != 1:
+        if model is None or lib is None or cache.batch != 1 or idx.device.type != "cpu":
             return None
-        if idx.device.type != "cpu" or torch.is_grad_enabled():
-            return None  # (a gradient wanted: the step computes none)
+        T = idx.shape[1]
+        if idx.shape[0] != 1 or not 1 <= T <= MAX_TOKENS or torch.is_grad_enabled():
+            return None  # a batch or a prompt (PyTorch's kernels), or a gradient wanted
         if model.training and model.config.dropout > 0:
             return None
-        column, position = cache.next_column()
-        if column >= cache.max_len or position >= model.config.block_size:
-            return None  # PyTorch's pass raises the error that explains it
+        pos, position = cache.next_column()
+        if pos != position or pos + T > min(cache.max_len, model.config.block_size):
+            return None  # left padding; or PyTorch's pass raises the error that explains it
         k, v = cache.k, cache.v  # [L, 1, Hkv, M, D]
         if k.dtype != torch.float32 or k.stride(3) != k.shape[4] or k.stride(4) != 1:
             return None
+        tokens = idx.to(torch.int64).contiguous()
         with self._lock:
             if self._checked is None or self._checked() is not cache:  # a new generation
                 self._served = unsupported(model) is None
@@ -210,20 +221,23 @@ class NativeStep:
                 self._checked = weakref.ref(cache)
             if not self._served:
                 return None
-            if self._scores.numel() < model.config.n_head * (position + 1):
-                self._scores = torch.empty(model.config.n_head * max(2 * position, 256))
+            scores = MAX_TOKENS * model.config.n_head * (pos + T)  # [T_max H, S] at most
+            if self._scores.numel() < scores:
+                self._scores = torch.empty(max(2 * scores, 1 << 16))
                 self._struct.scores = self._scores.data_ptr()
             layout = _Cache(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(2))
-            logits = torch.empty(1, 1, model.config.vocab_size)
+            logits = torch.empty(1, 1 if last_only else T, model.config.vocab_size)
             lib.gk_step(
                 ctypes.byref(self._struct),
                 ctypes.byref(layout),
-                int(idx),
-                position,
+                tokens.data_ptr(),
+                T,
+                pos,
+                int(last_only),
                 torch.get_num_threads(),
                 logits.data_ptr(),
             )
-        cache.advance(1)
+        cache.advance(T)
         return logits
 
     def _bind(self, model: GPT) -> None:
@@ -239,13 +253,14 @@ class NativeStep:
                 ptr(down.weight), ptr(down.bias),
             )  # fmt: skip
         qkv_rows = (c.n_head + 2 * c.n_kv_head) * c.head_dim
-        self._buffers = {
-            "x": torch.empty(c.n_embd),
-            "xn": torch.empty(c.n_embd),
-            "qkv": torch.empty(qkv_rows),
-            "att": torch.empty(c.n_head * c.head_dim),
-            "h": torch.empty(2 * c.intermediate_size),
+        width = {
+            "x": c.n_embd,
+            "xn": c.n_embd,
+            "qkv": qkv_rows,
+            "att": c.n_head * c.head_dim,
+            "h": 2 * c.intermediate_size,
         }
+        self._buffers = {name: torch.empty(MAX_TOKENS, n) for name, n in width.items()}
         self._layers = layers  # the structure points into it: keep it alive
         self._struct = _Model(
             c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.intermediate_size,

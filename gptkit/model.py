@@ -445,7 +445,7 @@ class GPT(nn.Module):
         """
         plain = targets is None and keep is None and positions is None and key_mask is None
         if self.native_step is not None and cache is not None and plain:
-            logits = self.native_step(idx, cache)
+            logits = self.native_step(idx, cache, last_only)
             if logits is not None:
                 return logits
         x = self.features(idx, cache=cache, positions=positions, key_mask=key_mask, causal=causal)

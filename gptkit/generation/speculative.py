@@ -235,9 +235,11 @@ def speculative_steps(
             draft = drafter.propose(prompt + out, room, sampler) if room > 0 else Draft()
             guesses = len(draft.tokens)
             x = torch.tensor([feed + draft.tokens], device=device)  # [1, T]
-            # The states after the feed and after each guess: the only ones a pass needs.
-            hidden = model.features(x, cache=cache)[:, -guesses - 1 :]  # [1, guesses + 1, C]
-            picks = verify(hidden, model.head, draft, sampler)
+            if len(feed) == 1:  # a check: every row's logits (cpu_step's native pass on a CPU)
+                logits = model(x, cache=cache)[0]  # [guesses + 1, V]
+            else:  # the prompt: the logits after its last token and after each guess only
+                logits = model.head(model.features(x, cache=cache)[0, -guesses - 1 :])
+            picks = verify(logits, draft, sampler)
             stats.passes += 1
             stats.drafted += guesses
             stats.accepted += len(picks) - 1
@@ -248,17 +250,14 @@ def speculative_steps(
             feed = out[-1:]
 
 
-def verify(
-    hidden: torch.Tensor, head: torch.nn.Module, draft: Draft, sampler: Sampler
-) -> list[Picked]:
+def verify(logits: torch.Tensor, draft: Draft, sampler: Sampler) -> list[Picked]:
     """The tokens one pass settles, recorded in `sampler`: the guesses the model accepts, then
     one of its own (the replacement of the first refused guess, or one after them all).
 
-    hidden [1, k + 1, C]: the model's final states after the first j guesses, j = 0..k; head
-    makes them logits, all in one call: the head is a large matrix (28M of SmolLM2-135M's
-    weights), and a product with a few rows streams it once, as one row does.
+    logits [k + 1, V]: the model's after the first j guesses, j = 0..k, from one product with
+    the head: it is a large matrix (28M of SmolLM2-135M's weights), and a product with a few
+    rows streams it once, as one row does.
     """
-    logits = head(hidden)[0]  # [k + 1, V]
     picks = []
     for j in range(len(draft.tokens) + 1):
         row = logits[j : j + 1]  # [1, V]
