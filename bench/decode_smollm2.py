@@ -10,7 +10,8 @@ Each round times a 256-token prompt (one forward pass, no sampling) and a 128-to
 generation after it; `common.race` prints medians, tokens/s and ratios. The bounds come from
 this machine's fp32 matmul peak and GEMV bandwidth, measured before and after the race (the
 better sample of each), and the output starts with the machine they were measured on. The
-GEMV bandwidth is also sampled after every round (`machine.gemv_sampler`), so the decode
+GEMV bandwidth is also sampled after every round (`common.gemv_sampler`: the better of the
+decode plan's products and the native step's), so the decode
 bound's median saw the same load as the decode's median: the fairer of the two ratios on a
 shared machine.
 
@@ -28,6 +29,7 @@ import transformers
 from common import (
     Machine,
     decode_bounds,
+    gemv_sampler,
     gptkit_peer,
     parse_args,
     print_bounds,
@@ -37,7 +39,6 @@ from common import (
 )
 
 import gptkit
-from gptkit import machine
 from gptkit.loading import named_model_path
 
 NAME = "smollm2-135m-instruct"
@@ -91,7 +92,7 @@ def main() -> None:
         peers["llama.cpp Q4_1"] = llama_cpp_peer(prompt, args.new, smoke=args.smoke)
     except ImportError:  # `make test` builds it; a bench without it still races the others
         print("llama.cpp Q4_1: left out (llama-cpp-python is not installed)")
-    sample, gemv = machine.gemv_sampler(), []
+    sample, gemv = gemv_sampler(), []
     rate = race("SmolLM2-135M-Instruct", peers, args, between=lambda: gemv.append(sample()))
     if not args.smoke:  # the better of two samples; a smoke's one is enough
         limits = limits.best(Machine.measure())

@@ -57,7 +57,9 @@ class DecodeLinear(nn.Linear):
             or w.dtype != torch.float32
         ):
             return None
-        key = (w.data_ptr(), w._version)
+        # An inference tensor (a model loaded under torch.inference_mode) has no version
+        # counter: only a new tensor is seen there, not one changed in place.
+        key = (w.data_ptr(), -1 if w.is_inference() else w._version)
         if self._packed_of != key:
             self._packed, self._packed_of = pack(w.detach()), key
         return self._packed

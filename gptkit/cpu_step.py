@@ -24,19 +24,22 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .kv_cache import KVCache
-from .machine import _cpuinfo, cache_dir
+from .machine import _cpuinfo, block_matrices, cache_dir
 from .model import GPT, RMSNorm
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
@@ -111,6 +114,30 @@ def _build(compiler: str, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def gemv_sampler(d_model: int = 768) -> Callable[[], float] | None:
+    """machine.gemv_sampler's twin for the native step's product: a function that streams
+    machine.block_matrices once at one row and returns the bytes/s (best of 3), or None
+    without the library. A GEMV bound for native decoding is the better of the two."""
+    if library() is None:
+        return None
+    weights = block_matrices(d_model)
+    total = sum(w.numel() * w.element_size() for w in weights)
+    xs = {k: torch.randn(1, k) for k in {w.shape[1] for w in weights}}
+    ys = {n: torch.empty(1, n) for n in {w.shape[0] for w in weights}}
+
+    def sample() -> float:
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            for w in weights:
+                linear(xs[w.shape[1]], w, ys[w.shape[0]])
+            best = min(best, time.perf_counter() - start)
+        return total / best
+
+    sample()  # warm up the threads and the pages
+    return sample
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:

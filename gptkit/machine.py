@@ -461,7 +461,7 @@ def _tuning_from_json(data: dict) -> Tuning | None:
         return None
 
 
-def _block_matrices(d_model: int) -> list[torch.Tensor]:
+def block_matrices(d_model: int) -> list[torch.Tensor]:
     """The matrices of a transformer block of width `d_model` (qkv [3d, d], MLP up [4d, d] and
     down [d, 4d]), row-major, repeated until they outgrow the last-level cache four times over:
     decoding streams every weight from memory once per token."""
@@ -479,26 +479,26 @@ def _held(matrices: list[torch.Tensor], form: str) -> list[torch.Tensor]:
 
 
 def gemv_sampler(plan: DecodePlan | None = None, d_model: int = 768) -> Callable[[], float]:
-    """A function that streams `_block_matrices` once at one row as `plan` (default: this
+    """A function that streams `block_matrices` once at one row as `plan` (default: this
     machine's) multiplies them, best of 3 passes, and returns the bytes/s: the GEMV bound
     sampled whenever a benchmark wants, e.g. between its rounds, so that the bound and what
     it bounds see the same load. Holds the matrices (~256 MB) while it lives."""
     plan = plan or decode_plan()
-    rows = _block_matrices(d_model)
+    rows = block_matrices(d_model)
     weights = {"row": rows, _form(plan): _held(rows, _form(plan))}
     total = sum(w.numel() * w.element_size() for w in rows)
     return lambda: total / _time_plans(weights, 1, [plan], 3, math.inf)[plan]
 
 
 def measure_decode(d_model: int = 768, rounds: int = 5, budget_s: float = 3.0) -> Tuning:
-    """Time every candidate plan on `_block_matrices(d_model)`. Then find up to how many rows
+    """Time every candidate plan on `block_matrices(d_model)`. Then find up to how many rows
     the winner's split still beats one call. About two seconds; never much more than
     `budget_s` (a busy machine gets fewer rounds). Holds the matrices in every form a
     candidate multiplies (row-major, column-major, packed: 384-768 MB), so every round times
     every candidate: a busy moment slows one timing, not one layout's."""
     start, was_busy = time.perf_counter(), busy()
     deadline = start + budget_s
-    rows = _block_matrices(d_model)
+    rows = block_matrices(d_model)
     forms = ["row", "column", *(["packed"] if can_pack() else [])]
     weights = {form: _held(rows, form) for form in forms}
     total = sum(w.numel() * w.element_size() for w in rows)

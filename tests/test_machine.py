@@ -189,7 +189,7 @@ def test_gemv_sampler_streams_the_block_matrices_as_the_plan_does(plan, monkeypa
     sample = machine.gemv_sampler(plan, d_model=128)
     rate = sample()
     assert 0 < rate < float("inf")
-    matrices = machine._block_matrices(128)
+    matrices = machine.block_matrices(128)
     assert len(calls) == 4 * len(matrices)  # a warm-up pass, then the best of 3
     x, w, bias, used, packed = calls[-1]
     assert used is plan and x.shape[0] == 1 and bias is None

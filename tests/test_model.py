@@ -235,6 +235,20 @@ def test_decode_layout_changes_strides_not_results(variant, plan, tmp_path, monk
 
 
 @pytest.mark.skipif(not machine.can_pack(), reason="this torch has no oneDNN packed linear")
+def test_a_model_made_under_inference_mode_takes_its_packed_copy():
+    """Weights created under torch.inference_mode have no version counter; the packed copy
+    is keyed without one there (it raised "Inference tensors do not track version counter")."""
+    idx = torch.randint(0, 97, (1, 5))
+    before = tiny(**VARIANTS["llama-gqa"])(idx)
+    plan = dataclasses.replace(CANDIDATES[-1], packed_from=2)
+    with torch.inference_mode():
+        model = use_decode_layout(tiny(**VARIANTS["llama-gqa"]), plan)
+        assert model.blocks[0].mlp.fc.weight.is_inference()
+        torch.testing.assert_close(model(idx), before, atol=1e-5, rtol=1e-5)
+    assert model.blocks[0].mlp.fc._packed is not None
+
+
+@pytest.mark.skipif(not machine.can_pack(), reason="this torch has no oneDNN packed linear")
 def test_a_packed_copy_follows_its_weight_and_is_not_made_without_room(monkeypatch):
     """A weight changed in place (a merged adapter) is packed again; a model whose second
     copy would take more than half the free memory decodes without one."""
