@@ -153,9 +153,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
 _LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 # Tokens a call serves at most: one decoding step, or a speculative check of k guesses and the
 # token before them. More (a prompt) go to PyTorch, whose oneDNN kernels compute faster: on a
-# 2-core AMD EPYC, SmolLM2's native pass over 8 tokens took as long as PyTorch's (20.4 ms
-# against 20.5), over 12 1.17x as long.
-MAX_TOKENS = 8
+# 2-core AMD EPYC (AVX-512), SmolLM2's native pass over 8 tokens took 16.2 ms against
+# PyTorch's 19.9, over 12 as long (21.2 against 21.3), over 16 1.07x as long.
+MAX_TOKENS = 12
 
 
 def unsupported(model: GPT) -> str | None:
