@@ -182,15 +182,28 @@ static void attend(const float *restrict q, const float *restrict K, const float
                    float *restrict scores, float *restrict out, int S, int D) {
     const float scale = 1.0f / sqrtf((float)D);
     float top = -INFINITY, sum = 0;
-    for (int t = 0; t < S; t++) {
+    int t = 0;
+    for (; t + 4 <= S; t += 4) {  /* four keys at a time: four independent sums, not one chain */
+        const float *k0 = K + (size_t)t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int i = 0; i < D; i++) {
+            s0 += q[i] * k0[i];
+            s1 += q[i] * k1[i];
+            s2 += q[i] * k2[i];
+            s3 += q[i] * k3[i];
+        }
+        scores[t] = s0 * scale, scores[t + 1] = s1 * scale;
+        scores[t + 2] = s2 * scale, scores[t + 3] = s3 * scale;
+    }
+    for (; t < S; t++) {
         float s = 0;
         for (int i = 0; i < D; i++) s += q[i] * K[(size_t)t * D + i];
         scores[t] = s * scale;
-        top = scores[t] > top ? scores[t] : top;
     }
-    for (int t = 0; t < S; t++) sum += scores[t] = expf(scores[t] - top);
+    for (t = 0; t < S; t++) top = scores[t] > top ? scores[t] : top;
+    for (t = 0; t < S; t++) sum += scores[t] = expf(scores[t] - top);
     for (int i = 0; i < D; i++) out[i] = 0;
-    for (int t = 0; t < S; t++) {
+    for (t = 0; t < S; t++) {
         const float p = scores[t] / sum;
         for (int i = 0; i < D; i++) out[i] += p * V[(size_t)t * D + i];
     }

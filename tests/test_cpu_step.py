@@ -37,13 +37,24 @@ def block_calls(model) -> list[int]:
     return calls
 
 
+@pytest.fixture(params=["native", "no-avx512"])
+def build(request, monkeypatch):
+    """The library as built for this CPU, and built without AVX-512 (the plain C kernels that
+    an AVX2 CPU runs), each under its own name."""
+    if request.param == "no-avx512":
+        monkeypatch.setattr(cpu_step, "FLAGS", [*cpu_step.FLAGS, "-mno-avx512f"])
+    cpu_step.library.cache_clear()
+    yield request.param
+    cpu_step.library.cache_clear()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"bias": True, "tie_embeddings": False}, {"n_kv_head": 1}, {"n_kv_head": 4}],
     ids=["gqa-tied", "bias-untied", "mqa", "mha"],
 )
 @torch.inference_mode()
-def test_native_passes_equal_pytorch_passes(overrides):
+def test_native_passes_equal_pytorch_passes(overrides, build):
     """Single tokens and speculative checks (several tokens, every row's logits or the last's)
     give PyTorch's logits and write PyTorch's keys and values, at every cache length."""
     model = native(**overrides)

@@ -614,6 +614,12 @@ RUNS: dict[str, Run] = {
         repo_root=True,
         check=out_has("plain decode", "token-identical: yes"),
     ),
+    ".venv/bin/python bench/decode_ops.py": Run(
+        add=("--steps", "4"),
+        smollm2=True,
+        repo_root=True,
+        check=out_has("operator calls per layer", "native: median decode step"),
+    ),
     ".venv/bin/python bench/verify_pass.py": Run(
         add=("--smoke",),
         smollm2=True,
