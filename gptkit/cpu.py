@@ -7,6 +7,9 @@ weights out for that plan and makes its linear layers `DecodeLinear`s: same para
 results, faster decoding. Where the plan says so, a layer also keeps a copy of its weight packed
 for oneDNN to multiply several rows at once (a prompt, a speculative check, a batch): faster,
 for a second copy's memory. Training never uses this (api.load applies it, loading.py does not).
+
+For a Llama-style fp32 model it also sets `model.native_step` (cpu_step.py): the whole pass of
+a decoding step, or of a speculative check, in one call into C, which GPT.forward tries first.
 """
 
 from __future__ import annotations
