@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gptkit import cpu_step, machine
+from gptkit import cpu_plan, cpu_step, machine
 
 Peer = tuple[Callable[[], object], Callable[[], float | None]]
 
@@ -72,7 +72,7 @@ class Machine:
         there costs seconds, and would cache a plan measured while the tests load the cores."""
         cpu = torch.device("cpu")
         peak = max(machine.measure_matmul_flops(cpu) for _ in range(1 if smoke else 3))
-        tuning = machine.decode_tuning(refresh=not smoke)
+        tuning = cpu_plan.decode_tuning(refresh=not smoke)
         gemv, plan = tuning.gemv_bytes_per_s, tuning.plan.name
         native = cpu_step.gemv_sampler()  # native decoding's product: the bound is the better
         if native is not None and (rate := native()) > gemv:
@@ -108,8 +108,8 @@ class Machine:
 
 def gemv_sampler() -> Callable[[], float]:
     """The GEMV bound sampled whenever a benchmark wants (between rounds, say): the better of
-    the decode plan's rate (machine.gemv_sampler) and the native step's (cpu_step)."""
-    samplers = [machine.gemv_sampler(), cpu_step.gemv_sampler()]
+    the decode plan's rate (cpu_plan.gemv_sampler) and the native step's (cpu_step)."""
+    samplers = [cpu_plan.gemv_sampler(), cpu_step.gemv_sampler()]
     return lambda: max(sample() for sample in samplers if sample is not None)
 
 

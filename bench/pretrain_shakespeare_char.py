@@ -323,7 +323,7 @@ def nanogpt_flops_per_token(flags: dict[str, Any], n_params_m: float | None) -> 
     characters; FLOPs are counted on that model, the same way as for gptkit."""
     from gptkit.config import GPTConfig
     from gptkit.model import GPT
-    from gptkit.train import flops_per_token
+    from gptkit.train_needs import flops_per_token
 
     shape = dict(n_layer=flags["n_layer"], n_head=flags["n_head"], n_embd=flags["n_embd"])
     config = GPTConfig(vocab_size=65, block_size=flags["block_size"], bias=False, **shape)
@@ -364,7 +364,7 @@ def gptkit_recipe(name: str, iters: int | None) -> dict[str, Any]:
 
 def gptkit_flops_per_token(config, vocab_size: int) -> float:
     from gptkit.model import GPT
-    from gptkit.train import flops_per_token
+    from gptkit.train_needs import flops_per_token
 
     return flops_per_token(GPT(config.model_config(vocab_size)))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import gptkit
-from gptkit import machine
+from gptkit import cpu_plan, machine
 from gptkit.chat_template import chat_prompt
 
 NAME = "smollm2-135m-instruct"
@@ -71,7 +71,7 @@ def header() -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     names = [line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line]
     load = os.getloadavg()[0]
-    plan = machine.decode_plan()
+    plan = cpu_plan.decode_plan()
     return (
         f"machine: {machine.cpu().describe()}; lscpu model name: {names[0] if names else '?'}; "
         f"load average {load:.1f} (other work on the machine shares the cores); decode plan "

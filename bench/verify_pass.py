@@ -3,7 +3,7 @@ tokens through a KV cache, and where the extra cost of several rows goes, matrix
 
 Speculative decoding pays when a pass over k + 1 tokens costs little more than a pass over one
 (generation/speculative.py). This times, round-robin and as medians:
-- each of the model's weight shapes multiplied as decoding multiplies it (machine.plan_linear
+- each of the model's weight shapes multiplied as decoding multiplies it (cpu_plan.plan_linear
   under this machine's decode plan), at 1 to 5 rows, over enough copies of the matrix that
   every call streams it from memory as a decode step does;
 - the whole pass (features and head) over 1 to 9 tokens after a 400-token prompt.
@@ -21,7 +21,7 @@ import time
 import torch
 
 import gptkit
-from gptkit import machine
+from gptkit import cpu_plan, machine
 
 PROMPT = 400  # cached tokens before the timed pass
 
@@ -46,7 +46,7 @@ def time_shapes(
     that fill `footprint` bytes: past the caches, every call streams its weights from memory,
     as a pass does. Each timed block follows untimed calls of its row count, as passes are
     timed (time_passes)."""
-    plan, out = machine.decode_plan(), {}
+    plan, out = cpu_plan.decode_plan(), {}
     for name, (n, k, _) in shapes(config).items():
         weights = [torch.randn(n, k) for _ in range(max(2, footprint // (n * k * 4)))]
         packed = [machine.pack(w) if plan.packed_from else None for w in weights]  # as decoding
@@ -58,7 +58,7 @@ def time_shapes(
                     start = time.perf_counter()
                     for i in range(calls):
                         j = i % len(weights)
-                        machine.plan_linear(xs[r], weights[j], None, plan, packed[j])
+                        cpu_plan.plan_linear(xs[r], weights[j], None, plan, packed[j])
                     if timed:
                         times[r].append((time.perf_counter() - start) / calls * 1e6)
         out[name] = {r: statistics.median(t) for r, t in times.items()}
@@ -94,7 +94,7 @@ def main() -> None:
     rows, pass_rows = ([1, 4], [1, 4]) if args.smoke else ([1, 2, 3, 4, 5], list(range(1, 10)))
     rounds, calls, footprint = (1, 2, 8 << 20) if args.smoke else (args.rounds, 40, 256 << 20)
     lm = gptkit.load("smollm2-135m-instruct", device="cpu")
-    tuning = machine.decode_tuning()
+    tuning = cpu_plan.decode_tuning()
     print(
         f"machine: {machine.cpu().describe()}; decode plan {tuning.plan.name}, split up to "
         f"{tuning.plan.max_split_rows} rows; load average {os.getloadavg()[0]:.1f}"

@@ -21,12 +21,12 @@ import torch
 from . import predict
 from .config import ConfigError, GPTConfig
 from .cpu import use_decode_layout
+from .cpu_plan import decode_plan
 from .generation import Completion, SampleConfig, TextStream, complete, eval_mode, stream
 from .generation.decode import reply_stream
 from .generation.speculative import speculates, speculative_complete, speculative_stream
 from .generation.stopping import skippable
 from .loading import Pretrained, load_pretrained, resolve_device
-from .machine import decode_plan
 from .model import GPT
 from .peft import load_adapter
 from .peft_format import is_peft_dir, merge_peft_lora

@@ -235,7 +235,7 @@ def _serve_adapters(specs: list[str]) -> tuple[str | None, dict[str, str]]:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .api import load
-    from .machine import decode_plan
+    from .cpu_plan import decode_plan
     from .serve import ServeConfig, serve
     from .serve_guard import read_api_key
 

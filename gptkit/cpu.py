@@ -2,7 +2,7 @@
 
 A decoding step multiplies one row per sequence by every weight matrix, so it is bound by how
 fast the weights stream from memory, and how to stream them fastest depends on the CPU
-(machine.py measures it once and caches the plan). `use_decode_layout` lays a loaded model's
+(cpu_plan.py measures it once and caches the plan). `use_decode_layout` lays a loaded model's
 weights out for that plan and makes its linear layers `DecodeLinear`s: same parameters, same
 results, faster decoding. Where the plan says so, a layer also keeps a copy of its weight packed
 for oneDNN to multiply several rows at once (a prompt, a speculative check, a batch): faster,
@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from . import cpu_step
-from .machine import DecodePlan, decode_plan, lay_out, pack, plan_linear
+from .cpu_plan import DecodePlan, decode_plan, lay_out, plan_linear
+from .machine import pack
 from .model import GPT
 from .resources import available_bytes
 

@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .cpu_plan import block_matrices
 from .kv_cache import KVCache
-from .machine import _cpuinfo, block_matrices, cache_dir
+from .machine import _cpuinfo, cache_dir
 from .model import GPT, RMSNorm
 
 SOURCE = Path(__file__).with_name("cpu_step.c")
@@ -117,8 +118,8 @@ def _build(compiler: str, path: Path) -> None:
 
 
 def gemv_sampler(d_model: int = 768) -> Callable[[], float] | None:
-    """machine.gemv_sampler's twin for the native step's product: a function that streams
-    machine.block_matrices once at one row and returns the bytes/s (best of 3), or None
+    """cpu_plan.gemv_sampler's twin for the native step's product: a function that streams
+    cpu_plan.block_matrices once at one row and returns the bytes/s (best of 3), or None
     without the library. A GEMV bound for native decoding is the better of the two."""
     if library() is None:
         return None

@@ -75,7 +75,7 @@ def load_pretrained(
     name, a GGUF file, or a named model (`NAMED_MODELS`, e.g. "smollm2-135m-instruct").
 
     column_major: converters lay matrices out column-major as they copy them (what a CPU
-    decode plan may want; see machine.py), so no second copy is made later. Pickled weights
+    decode plan may want; see cpu_plan.py), so no second copy is made later. Pickled weights
     (a Hugging Face pytorch_model.bin) are read only with allow_pickle=True, and then
     weights-only; None follows `convert.allowing_pickle` (default: refused). A model that
     cannot fit in memory raises resources.ResourceError before any weight is read."""

@@ -174,7 +174,7 @@ class PreferenceTask:
                 else self.order.rows(0, c.max_steps * c.grad_accum * c.batch_size)
             )
             scored = range(min(len(self.val), c.eval_batches * c.batch_size or len(self.val)))
-            from .train import uses_autocast  # (the Trainer's module: torch.distributed, ~1 s)
+            from .train_needs import uses_autocast
 
             autocast = uses_autocast(c, device)
             self.ref = {

@@ -12,7 +12,7 @@ from test_model import VARIANTS, tiny
 
 from gptkit import cpu_step
 from gptkit.cpu import use_decode_layout
-from gptkit.machine import DecodePlan
+from gptkit.cpu_plan import DecodePlan
 from gptkit.model import ContextLengthError
 
 pytestmark = pytest.mark.skipif(

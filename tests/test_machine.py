@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import corpus_text, prepare_corpus
 
-from gptkit import machine
-from gptkit.machine import CANDIDATES, DecodePlan, plan_linear
+from gptkit import cpu_plan, machine
+from gptkit.cpu_plan import CANDIDATES, DecodePlan, plan_linear
 from gptkit.metrics import read_metrics
 from gptkit.train import train
 from gptkit.train_config import load_train_config
@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 def cache_home(tmp_path, monkeypatch) -> Path:
     """Every test measures into a cache of its own, never the user's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(machine, "_tunings", {})
+    monkeypatch.setattr(cpu_plan, "_tunings", {})
     return tmp_path / "cache"
 
 
@@ -111,7 +111,7 @@ def test_every_decode_plan_computes_what_f_linear_computes(plan, threads):
     try:
         gen = torch.Generator().manual_seed(0)
         for n, k in ((96, 64), (60, 48), (50, 35)):
-            weight = machine.lay_out(torch.randn(n, k, generator=gen), plan)
+            weight = cpu_plan.lay_out(torch.randn(n, k, generator=gen), plan)
             assert weight.t().is_contiguous() == plan.column_major
             bias = torch.randn(n, generator=gen)
             for shape in ((1, 1, k), (2, 1, k), (3, k), (1, 9, k), (2, 20, k)):
@@ -179,71 +179,71 @@ def test_busy_counts_what_other_work_does_on_our_cores_now(tmp_path, monkeypatch
     assert machine.busy(look_s=0)
 
 
-@pytest.mark.parametrize("plan", [*CANDIDATES, machine.PACKED], ids=lambda p: p.name)
+@pytest.mark.parametrize("plan", [*CANDIDATES, cpu_plan.PACKED], ids=lambda p: p.name)
 def test_gemv_sampler_streams_the_block_matrices_as_the_plan_does(plan, monkeypatch):
-    if plan is machine.PACKED and not machine.can_pack():
+    if plan is cpu_plan.PACKED and not machine.can_pack():
         pytest.skip("this torch has no oneDNN packed linear")
     calls = []
-    real = machine.plan_linear
-    monkeypatch.setattr(machine, "plan_linear", lambda *a: calls.append(a) or real(*a))
-    sample = machine.gemv_sampler(plan, d_model=128)
+    real = cpu_plan.plan_linear
+    monkeypatch.setattr(cpu_plan, "plan_linear", lambda *a: calls.append(a) or real(*a))
+    sample = cpu_plan.gemv_sampler(plan, d_model=128)
     rate = sample()
     assert 0 < rate < float("inf")
-    matrices = machine.block_matrices(128)
+    matrices = cpu_plan.block_matrices(128)
     assert len(calls) == 4 * len(matrices)  # a warm-up pass, then the best of 3
     x, w, bias, used, packed = calls[-1]
     assert used is plan and x.shape[0] == 1 and bias is None
-    assert (packed is w) == (plan is machine.PACKED)
+    assert (packed is w) == (plan is cpu_plan.PACKED)
 
 
 def test_decode_tuning_picks_a_candidate_and_caches_it(monkeypatch):
     measured = []
-    real = machine.measure_decode
+    real = cpu_plan.measure_decode
 
     def small(d_model=768, rounds=5):
         measured.append(1)
         return real(d_model=128, rounds=1)  # the same code, fewer and smaller timings
 
-    monkeypatch.setattr(machine, "measure_decode", small)
+    monkeypatch.setattr(cpu_plan, "measure_decode", small)
     monkeypatch.setattr(machine, "busy", lambda: False)
-    tuning = machine.decode_tuning()
+    tuning = cpu_plan.decode_tuning()
     plan = tuning.plan
     assert DecodePlan(plan.column_major, plan.splits_per_thread) in CANDIDATES
-    assert plan.max_split_rows in (1, *machine.SPLIT_ROWS)
-    assert plan.packed_from in (0, *machine.PACKED_ROWS)
+    assert plan.max_split_rows in (1, *cpu_plan.SPLIT_ROWS)
+    assert plan.packed_from in (0, *cpu_plan.PACKED_ROWS)
     assert tuning.gemv_bytes_per_s == max(tuning.candidates.values()) > 0
     assert set(tuning.candidates) == {p.name for p in CANDIDATES}
-    monkeypatch.setattr(machine, "_tunings", {})  # a new process reads the file
-    assert machine.decode_plan() == plan and machine.gemv_bandwidth() == tuning.gemv_bytes_per_s
+    monkeypatch.setattr(cpu_plan, "_tunings", {})  # a new process reads the file
+    assert cpu_plan.decode_plan() == plan and cpu_plan.gemv_bandwidth() == tuning.gemv_bytes_per_s
     assert len(measured) == 1
     path = machine.cache_dir() / f"decode-t{torch.get_num_threads()}.json"
     data = json.loads(path.read_text())
     data["busy"] = True  # as if measured while other work held the cores
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(machine, "_tunings", {})
-    machine.decode_plan()
+    monkeypatch.setattr(cpu_plan, "_tunings", {})
+    cpu_plan.decode_plan()
     assert len(measured) == 2  # quiet now: measured again
     path.write_text('{"plan": {"column_major": "sideways"}}')
-    monkeypatch.setattr(machine, "_tunings", {})
-    machine.decode_plan()
+    monkeypatch.setattr(cpu_plan, "_tunings", {})
+    cpu_plan.decode_plan()
     assert len(measured) == 3  # a damaged file is measured again, not an error
     data["busy"] = False
     del data["candidates"][CANDIDATES[-1].name]  # written before that candidate existed
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(machine, "_tunings", {})
-    machine.decode_plan()
+    monkeypatch.setattr(cpu_plan, "_tunings", {})
+    cpu_plan.decode_plan()
     assert len(measured) == 4  # a plan chosen without today's candidates is measured again
     data["candidates"][CANDIDATES[-1].name] = 1e9
     data["split_rows"] = [2, 4, 8, 16, 32]  # split rows searched without 3, 5 and 6
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(machine, "_tunings", {})
-    machine.decode_plan()
+    monkeypatch.setattr(cpu_plan, "_tunings", {})
+    cpu_plan.decode_plan()
     assert len(measured) == 5
-    data["split_rows"] = list(machine.SPLIT_ROWS)
+    data["split_rows"] = list(cpu_plan.SPLIT_ROWS)
     del data["plan"]["packed_from"]  # chosen before the packed copy was tried
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(machine, "_tunings", {})
-    machine.decode_plan()
+    monkeypatch.setattr(cpu_plan, "_tunings", {})
+    cpu_plan.decode_plan()
     assert len(measured) == 6
 
 
@@ -283,7 +283,7 @@ def test_training_flops_count_attention_at_the_batch_length_not_the_context():
     positions; counting them made MFU 4x too high for SmolLM2 classify runs."""
     from gptkit.config import preset
     from gptkit.model import GPT
-    from gptkit.train import flops_per_token
+    from gptkit.train_needs import flops_per_token
 
     with torch.device("meta"):
         model = GPT(preset("smollm2-135m"))

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptkit import cpu, machine
+from gptkit import cpu, cpu_plan, machine
 from gptkit.config import PUBLISHED_PARAMS, ConfigError, GPTConfig, preset
 from gptkit.cpu import DecodeLinear, use_decode_layout
-from gptkit.machine import CANDIDATES
+from gptkit.cpu_plan import CANDIDATES
 from gptkit.model import GPT, ContextLengthError
 
 # The GPT-3 paper's size column names models to two significant figures ("350M"), and its
@@ -203,16 +203,15 @@ if machine.can_pack():  # the split for one row, the packed copy from two rows o
 def test_decode_layout_changes_strides_not_results(variant, plan, tmp_path, monkeypatch):
     """Every decode plan (and the one this machine measures) gives the model's results, with
     gradients (the dense weights) and without (a packed copy where the plan has one)."""
-    from gptkit import machine
     from gptkit.checkpoint import load_checkpoint, save_checkpoint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # measured here, not cached
-    monkeypatch.setattr(machine, "_tunings", {})
+    monkeypatch.setattr(cpu_plan, "_tunings", {})
     model = tiny(**VARIANTS[variant])
     idx = torch.randint(0, 97, (2, 9))
     before = model(idx)
     use_decode_layout(model, plan)
-    plan = plan or machine.decode_plan()
+    plan = plan or cpu_plan.decode_plan()
     w = model.blocks[0].attn.qkv.weight
     assert w.t().is_contiguous() == plan.column_major and w.is_contiguous() != plan.column_major
     assert model.lm_head.weight is model.tok_emb.weight

@@ -293,8 +293,8 @@ def test_flops_per_token_counts_matmul_weights_and_spares_frozen_gradients():
     from gptkit.config import preset
     from gptkit.model import GPT
     from gptkit.peft import apply_peft
-    from gptkit.train import flops_per_token
     from gptkit.train_config import PeftConfig
+    from gptkit.train_needs import flops_per_token
 
     with torch.device("meta"):
         gpt2 = GPT(preset("gpt2"))
