@@ -172,13 +172,13 @@ def unsupported(model: GPT) -> str | None:
         return "only Llama-style models (rope, pre-norm RMSNorm, SwiGLU, dense attention, LM head)"
     if model.prompt is not None:
         return "a soft prompt is attached"
-    from .cpu import DecodeLinear  # (cpu.py imports this module)
-
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "a module has forward hooks (PyTorch's pass runs them)"
     for block in model.blocks:
         if block.attn.prefix is not None or block.attn.probe is not None:
             return "a prefix or a probe is attached"
         linears = [block.get_submodule(name) for name in _LINEARS]
-        if any(type(m) not in (nn.Linear, DecodeLinear) for m in [*linears, model.lm_head]):
+        if not all(map(_plain_linear, [*linears, model.lm_head])):
             return "a linear layer is wrapped or replaced (an adapter, int8)"
         if type(block.norm1) is not RMSNorm or type(block.norm2) is not RMSNorm:
             return "a norm is replaced"
@@ -190,6 +190,18 @@ def unsupported(model: GPT) -> str | None:
         if not tensor.is_contiguous():
             return "weights are not row-major (this machine's decode plan is column-major)"
     return None
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes F.linear with its weight and bias and nothing else: an
+    nn.Linear, or a subclass that only computes it another way (cpu.DecodeLinear,
+    onednn.OneDNNLinear), with no parameter or submodule of its own. Adapters (LoRA and its
+    kin) and int8 layers are modules of their own, not linear layers."""
+    return (
+        isinstance(module, nn.Linear)
+        and set(module._parameters) <= {"weight", "bias"}
+        and not module._modules
+    )
 
 
 def _tensors(model: GPT) -> list[torch.Tensor]:

@@ -31,9 +31,14 @@ def native(**overrides):
 
 def block_calls(model) -> list[int]:
     """A counter of the first block's forward calls: PyTorch's pass makes them, the native
-    step does not."""
-    calls = [0]
-    model.blocks[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    step does not. (Not a hook: a model with hooks decodes in PyTorch, so that they run.)"""
+    calls, forward = [0], model.blocks[0].forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    model.blocks[0].forward = counted
     return calls
 
 
@@ -130,6 +135,18 @@ def test_a_wrapped_layer_is_seen_at_the_next_generation():
     cache = model.new_cache(1, 8)
     model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
     torch.testing.assert_close(ours, model(torch.ones(1, 1, dtype=torch.long), cache=cache))
+
+
+@torch.inference_mode()
+def test_a_forward_hook_runs():
+    model = native()
+    seen = []
+    model.blocks[1].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert "hooks" in cpu_step.unsupported(model)
+    cache = model.new_cache(1, 8)
+    model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    model(torch.ones(1, 1, dtype=torch.long), cache=cache)
+    assert seen == [(1, 2, 32), (1, 1, 32)]
 
 
 def test_models_it_does_not_serve_get_no_native_step(monkeypatch):
