@@ -53,6 +53,21 @@ typedef struct {
     long layer_stride, head_stride;
 } Cache;
 
+/* out[r] = w_r . x for the four rows w_r = w + r * ld: four independent sums (the compiler
+ * vectorises each), where one sum at a time would wait on its own latency chain. */
+static inline void dot4(const float *restrict w, size_t ld, const float *restrict x, int K,
+                        float *restrict out) {
+    const float *w0 = w, *w1 = w + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int k = 0; k < K; k++) {
+        s0 += w0[k] * x[k];
+        s1 += w1[k] * x[k];
+        s2 += w2[k] * x[k];
+        s3 += w3[k] * x[k];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 
@@ -136,16 +151,8 @@ static void gemm(const float *restrict W, const float *restrict b, const float *
                 for (int i = 0; i < 4; i++) y[i] += b[4 * blk + i], u[i] += b[4 * blk + i];
         }
         for (; t < T; t++) {
-            const float *x = X + (size_t)t * ldx;
-            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-            for (int k = 0; k < K; k++) {
-                s0 += w0[k] * x[k];
-                s1 += w1[k] * x[k];
-                s2 += w2[k] * x[k];
-                s3 += w3[k] * x[k];
-            }
             float *y = Y + (size_t)t * N + 4 * blk;
-            y[0] = s0, y[1] = s1, y[2] = s2, y[3] = s3;
+            dot4(w0, K, X + (size_t)t * ldx, K, y);
             if (b)
                 for (int i = 0; i < 4; i++) y[i] += b[4 * blk + i];
         }
@@ -183,17 +190,9 @@ static void attend(const float *restrict q, const float *restrict K, const float
     const float scale = 1.0f / sqrtf((float)D);
     float top = -INFINITY, sum = 0;
     int t = 0;
-    for (; t + 4 <= S; t += 4) {  /* four keys at a time: four independent sums, not one chain */
-        const float *k0 = K + (size_t)t * D, *k1 = k0 + D, *k2 = k1 + D, *k3 = k2 + D;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        for (int i = 0; i < D; i++) {
-            s0 += q[i] * k0[i];
-            s1 += q[i] * k1[i];
-            s2 += q[i] * k2[i];
-            s3 += q[i] * k3[i];
-        }
-        scores[t] = s0 * scale, scores[t + 1] = s1 * scale;
-        scores[t + 2] = s2 * scale, scores[t + 3] = s3 * scale;
+    for (; t + 4 <= S; t += 4) {  /* four keys at a time */
+        dot4(K + (size_t)t * D, D, q, D, scores + t);
+        for (int j = t; j < t + 4; j++) scores[j] *= scale;
     }
     for (; t < S; t++) {
         float s = 0;
