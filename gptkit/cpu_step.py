@@ -1,10 +1,10 @@
-"""A native decoding step: one call into C (cpu_step.c) per generated token, fp32 on the CPU.
+"""A native decoding step: one call into C (cpu_step.c) per pass of a few tokens, fp32 on the CPU.
 
 Batch-1 decoding reads every weight once per token, so its floor is the time to stream the
 weights. Eager PyTorch adds a few microseconds for each of ~56 operator calls per layer, which
 for SmolLM2-135M's 30 layers was ~4 ms beside ~10 ms of streaming. cpu_step.c does the whole
-step in one call: on a 2-core AMD EPYC a SmolLM2 step took 9.2 ms against 14.6 ms for the eager
-step in the same process, the same logits within 1e-4.
+pass in one call: on a 2-core AMD EPYC a SmolLM2 step took 9.5 ms against 15.6 ms for the
+eager step in the same process (bench/decode_ops.py), the same logits within 1e-4.
 
 The C file is compiled on first use with the machine's C compiler, for this CPU
 (-march=native: the library is cached under a name that includes the CPU's flags, so one built
@@ -14,10 +14,9 @@ GPTKIT_NATIVE_STEP=0, or the model is not one it serves (see `unsupported`), dec
 PyTorch, which computes the same numbers up to float rounding.
 
 `NativeStep` is what cpu.use_decode_layout sets as `model.native_step`; GPT.forward asks it
-first for a single-token pass through a KV cache, and it answers None for one it does not
-serve (a batch, a prompt, gradients wanted, a model changed since: an adapter wrapped a
-layer, weights moved), which then runs in PyTorch as always.
-"""
+first for a pass through a KV cache, and it answers None for one it does not serve (a batch, a
+prompt of more than MAX_TOKENS, gradients wanted, a model changed since: an adapter wrapped a
+layer, weights moved), which then runs in PyTorch as always."""
 
 from __future__ import annotations
 
@@ -154,8 +153,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
 _LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 # Tokens a call serves at most: one decoding step, or a speculative check of k guesses and the
 # token before them. More (a prompt) go to PyTorch, whose oneDNN kernels compute faster: on a
-# 2-core AMD EPYC (AVX-512), SmolLM2's native pass over 8 tokens took 16.2 ms against
-# PyTorch's 19.9, over 12 as long (21.2 against 21.3), over 16 1.07x as long.
+# 2-core AMD EPYC (AVX-512), SmolLM2's native pass over 8 tokens took 16.3 ms against
+# PyTorch's 19.4, over 12 0.96x as long, over 16 1.05x.
 MAX_TOKENS = 12
 
 
@@ -218,8 +217,9 @@ def _tensors(model: GPT) -> list[torch.Tensor]:
 
 class NativeStep:
     """The native decoding step bound to one model: its weights' addresses, held in ctypes
-    structures, and the scratch buffers. Call it with a single-token pass; it returns the
-    logits [1, 1, V], or None for a pass it does not serve (see the module docstring)."""
+    structures, and the scratch buffers. Call it with a pass of up to MAX_TOKENS tokens of one
+    sequence; it returns their logits, or None for a pass it does not serve (see the module
+    docstring)."""
 
     def __init__(self, model: GPT):
         self._model = weakref.ref(model)  # the model holds this object; no cycle
@@ -253,6 +253,8 @@ class NativeStep:
         if k.dtype != torch.float32 or k.stride(3) != k.shape[4] or k.stride(4) != 1:
             return None
         tokens = idx.to(torch.int64).contiguous()
+        if int(tokens.min()) < 0 or int(tokens.max()) >= model.config.vocab_size:
+            return None  # PyTorch's embedding raises the error (C would read past the table)
         with self._lock:
             if self._checked is None or self._checked() is not cache:  # a new generation
                 self._served = unsupported(model) is None

@@ -95,6 +95,8 @@ def test_passes_it_does_not_serve_run_in_pytorch():
     model(torch.zeros(1, 3, dtype=torch.long), cache=padded)
     model(torch.zeros(1, 1, dtype=torch.long), cache=padded)
     assert calls[0] == 3
+    with pytest.raises(IndexError):  # a token past the vocabulary: PyTorch's embedding says so
+        model(torch.tensor([[97]]), cache=model.new_cache(1, 4))
     full = model.new_cache(1, 32)  # the context's end: PyTorch's pass explains it
     model(torch.zeros(1, 31, dtype=torch.long), cache=full)
     with pytest.raises(ContextLengthError, match="33 tokens do not fit"):
