@@ -109,7 +109,8 @@ class Machine:
 def gemv_sampler() -> Callable[[], float]:
     """The GEMV bound sampled whenever a benchmark wants (between rounds, say): the better of
     the decode plan's rate (cpu_plan.gemv_sampler) and the native step's (cpu_step)."""
-    samplers = [cpu_plan.gemv_sampler(), cpu_step.gemv_sampler()]
+    rows = cpu_plan.block_matrices(768)  # one copy (~256 MB) for both samplers
+    samplers = [cpu_plan.gemv_sampler(rows=rows), cpu_step.gemv_sampler(weights=rows)]
     return lambda: max(sample() for sample in samplers if sample is not None)
 
 

@@ -86,7 +86,7 @@ def use_decode_layout(model: nn.Module, plan: DecodePlan | None = None) -> nn.Mo
                 module.__class__ = DecodeLinear
                 module.plan = plan
     native = isinstance(model, GPT) and cpu_step.enabled() and not cpu_step.unsupported(model)
-    if native and cpu_step.library() is not None:  # built for this CPU on first use (~1 s)
+    if native and cpu_step.library() is not None:  # built for this CPU on first use
         model.native_step = cpu_step.NativeStep(model)
     return model
 

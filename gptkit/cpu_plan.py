@@ -210,13 +210,16 @@ def _held(matrices: list[torch.Tensor], form: str) -> list[torch.Tensor]:
     return [lay_out(w, DecodePlan(column_major=form == "column")) for w in matrices]
 
 
-def gemv_sampler(plan: DecodePlan | None = None, d_model: int = 768) -> Callable[[], float]:
+def gemv_sampler(
+    plan: DecodePlan | None = None, d_model: int = 768, rows: list[torch.Tensor] | None = None
+) -> Callable[[], float]:
     """A function that streams `block_matrices` once at one row as `plan` (default: this
     machine's) multiplies them, best of 3 passes, and returns the bytes/s: the GEMV bound
     sampled whenever a benchmark wants, e.g. between its rounds, so that the bound and what
-    it bounds see the same load. Holds the matrices (~256 MB) while it lives."""
+    it bounds see the same load. Holds the matrices (~256 MB) while it lives; `rows`: those
+    matrices already made (row-major), to share them with another sampler."""
     plan = plan or decode_plan()
-    rows = block_matrices(d_model)
+    rows = rows if rows is not None else block_matrices(d_model)
     weights = {"row": rows, _form(plan): _held(rows, _form(plan))}
     total = sum(w.numel() * w.element_size() for w in rows)
     return lambda: total / _time_plans(weights, 1, [plan], 3, math.inf)[plan]

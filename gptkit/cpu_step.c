@@ -6,7 +6,7 @@
  * Why C: a batch-1 decoding step reads every weight once, so its floor is the time to stream
  * the weights from memory. PyTorch's eager step makes ~56 operator calls per layer, and at a
  * few microseconds each the 30 layers of SmolLM2-135M spent ~4 ms a step beside ~10 ms of
- * matrix-vector products; Inductor's CPU lowering turns one-row products into loops slower
+ * matrix-vector products on a 2-core AMD EPYC (AVX-512); Inductor's CPU lowering turns one-row products into loops slower
  * than BLAS. Here the whole step is one call: norms, rope, attention and the SwiGLU are plain
  * loops over a few thousand floats, and the products stream each weight row once, the
  * threads splitting the rows.
@@ -212,12 +212,14 @@ static void attend(const float *restrict q, const float *restrict K, const float
  * logits [T or 1, V]. Their keys and values go to those columns of `cache`, whose columns
  * 0..pos-1 must hold the sequence so far; each token attends to the columns up to its own. One
  * parallel region for the whole call: the threads meet at barriers, not at a fork per
- * operation. */
-void gk_step(const Model *m, const Cache *cache, const long long *tokens, int T, int pos,
-             int last_only, int threads, float *logits) {
+ * operation. Returns 0, or -1 with nothing written when a token is outside the vocabulary. */
+int gk_step(const Model *m, const Cache *cache, const long long *tokens, int T, int pos,
+            int last_only, int threads, float *logits) {
     const int C = m->C, H = m->H, Hkv = m->Hkv, D = m->D, I = m->I;
     const int qkv_rows = (H + 2 * Hkv) * D, group = H / Hkv, S = pos + T;
     float *x = m->x, *xn = m->xn, *qkv = m->qkv, *h = m->h;
+    for (int t = 0; t < T; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->V) return -1;
     for (int t = 0; t < T; t++)
         for (int i = 0; i < C; i++) x[t * C + i] = m->emb[(size_t)tokens[t] * C + i];
 #pragma omp parallel num_threads(threads)
@@ -271,6 +273,7 @@ void gk_step(const Model *m, const Cache *cache, const long long *tokens, int T,
         for (int t = first; t < T; t++) rmsnorm(x + t * C, m->norm_f, xn + t * C, C, m->eps);
         gemm(m->head, NULL, xn + (size_t)first * C, C, logits, T - first, m->V, C);
     }
+    return 0;
 }
 
 /* Y = X W^T for X [T, K], W [N, K] row-major: the step's product alone (the GEMV bound). */

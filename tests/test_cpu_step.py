@@ -159,8 +159,9 @@ def test_models_it_does_not_serve_get_no_native_step(monkeypatch):
     column_major = use_decode_layout(tiny(**LLAMA), DecodePlan(column_major=True))
     assert "not row-major" in cpu_step.unsupported(column_major)
     assert column_major.native_step is None
-    monkeypatch.setenv("GPTKIT_NATIVE_STEP", "0")
-    assert use_decode_layout(tiny(**LLAMA), ROW_MAJOR).native_step is None
+    for no in ("0", "off", "False"):
+        monkeypatch.setenv("GPTKIT_NATIVE_STEP", no)
+        assert use_decode_layout(tiny(**LLAMA), ROW_MAJOR).native_step is None
 
 
 @torch.inference_mode()
