@@ -6,7 +6,9 @@ Speculative decoding pays when a pass over k + 1 tokens costs little more than a
 - each of the model's weight shapes multiplied as decoding multiplies it (cpu_plan.plan_linear
   under this machine's decode plan), at 1 to 5 rows, over enough copies of the matrix that
   every call streams it from memory as a decode step does;
-- the whole pass (features and head) over 1 to 9 tokens after a 400-token prompt.
+- the whole pass over 1 to 9 tokens after a 400-token prompt, as a check runs it
+  (`model(x, cache=...)`: the native step, cpu_step.py, where it serves the model), and in
+  PyTorch alone (the native step set aside), whose products the matrix table times.
 
     .venv/bin/python bench/verify_pass.py [--rounds 9] [--smoke]
 """
@@ -66,23 +68,27 @@ def time_shapes(
 
 
 @torch.inference_mode()
-def time_passes(lm, rows: list[int], rounds: int) -> dict[int, float]:
-    """{tokens in the pass: median ms of features + head through a 400-token cache}. Each
-    timed pass follows an untimed one of its size: a pass right after one of another size
-    (another split, other buffers) pays for the switch, which is not its own cost."""
+def time_passes(lm, rows: list[int], rounds: int, native: bool) -> dict[int, float]:
+    """{tokens in the pass: median ms of a pass through a 400-token cache, every row's
+    logits}, with the model's native step or without it. Each timed pass follows an untimed
+    one of its size: a pass right after one of another size (another split, other buffers)
+    pays for the switch, which is not its own cost."""
     model = lm.model
+    step = model.native_step
+    model.native_step = step if native else None
     cache = model.new_cache(1, PROMPT + max(rows))
-    model.features(torch.randint(100, 40000, (1, PROMPT)), cache=cache)
+    model(torch.randint(100, 40000, (1, PROMPT)), cache=cache, last_only=True)
     xs = {r: torch.randint(100, 40000, (1, r)) for r in rows}
     times: dict[int, list[float]] = {r: [] for r in rows}
     for _ in range(rounds):
         for r in rows:
             for timed in (False, True):
                 start = time.perf_counter()
-                model.head(model.features(xs[r], cache=cache))
+                model(xs[r], cache=cache)
                 if timed:
                     times[r].append((time.perf_counter() - start) * 1e3)
                 cache.truncate(PROMPT)
+    model.native_step = step
     return {r: statistics.median(t) for r, t in times.items()}
 
 
@@ -111,9 +117,12 @@ def main() -> None:
             total[r] += count * t[r] / 1e3
     cells = " ".join(f"{total[r]:>6.1f}ms {total[r] / total[1]:>4.2f}x" for r in rows)
     print(f"{'all, one pass':<18} {'':>12} {cells}")
-    passes = time_passes(lm, pass_rows, rounds)
     print(f"\nthe whole pass after a {PROMPT}-token prompt, ms (medians of {rounds}):")
-    print("  " + ", ".join(f"{r} tokens {t:.1f} ({t / passes[1]:.2f}x)" for r, t in passes.items()))
+    ways = {"as a check runs it": True, "PyTorch alone": False} if lm.model.native_step else {}
+    for way, native in (ways or {"PyTorch": False}).items():
+        passes = time_passes(lm, pass_rows, rounds, native)
+        cells = ", ".join(f"{r} tokens {t:.1f} ({t / passes[1]:.2f}x)" for r, t in passes.items())
+        print(f"  {way}: {cells}")
 
 
 if __name__ == "__main__":
