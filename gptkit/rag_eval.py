@@ -8,7 +8,9 @@ needs, and how much the found text helps a model answer.
 Retrieval is scored on documents, not chunks: a query's ranked chunks become its ranked
 documents (each at its best chunk's rank). recall@k = the share of the query's relevant
 documents in its top k; MRR = 1 / the rank of the first relevant one (0 if none in the top
-DEPTH chunks); nDCG@10 with binary gains. Each is the mean over queries.
+DEPTH chunks); nDCG@10 with binary gains. Each is the mean over queries. The first mode
+scored (hybrid by default) is then compared with each other one query by query
+(paired_comparison): is its lead larger than the queries' own spread?
 
 `eval rag` asks for a short answer, greedily, through the model's chat template:
 closed-book (the question alone), retrieved (the top k chunks as numbered sources, the prompt
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from .config import ConfigError
@@ -61,25 +64,67 @@ def ranked_documents(hits: list[Hit]) -> list[str]:
     return list(dict.fromkeys(h.doc_id for h in hits))
 
 
+def query_metrics(docs: list[str], gold: set[str], ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """recall@k for each of `ks`, reciprocal rank and nDCG@10 of one query's ranked document
+    ids (best first, each once). A relevant id the ranking never reaches counts as missed, so
+    recall@k cannot exceed min(k, |gold|) / |gold|."""
+    scores = {f"recall@{k}": len(gold.intersection(docs[:k])) / len(gold) for k in ks}
+    first = next((i for i, d in enumerate(docs, 1) if d in gold), None)
+    scores["mrr"] = 1 / first if first else 0.0
+    dcg = sum(1 / math.log2(i + 1) for i, d in enumerate(docs[:10], 1) if d in gold)
+    ideal = sum(1 / math.log2(i + 1) for i in range(1, min(len(gold), 10) + 1))
+    scores["ndcg@10"] = dcg / ideal
+    return scores
+
+
+def per_query_metrics(
+    ranked: list[list[str]], relevant: list[set[str]], ks: tuple[int, ...] = KS
+) -> list[dict[str, float]]:
+    """query_metrics of each query."""
+    if not ranked or len(ranked) != len(relevant):
+        raise ValueError(f"{len(ranked)} rankings for {len(relevant)} relevance sets")
+    return [query_metrics(docs, gold, ks) for docs, gold in zip(ranked, relevant, strict=True)]
+
+
+def mean_metrics(per_query: list[dict[str, float]]) -> dict[str, float]:
+    return {name: sum(q[name] for q in per_query) / len(per_query) for name in per_query[0]}
+
+
 def retrieval_metrics(
     ranked: list[list[str]], relevant: list[set[str]], ks: tuple[int, ...] = KS
 ) -> dict[str, float]:
-    """recall@k for each of `ks`, MRR and nDCG@10 of ranked document ids (each query's best
-    first, each id once), averaged over queries. A relevant id the ranking never reaches
-    counts as missed, so recall@k cannot exceed min(k, |relevant|) / |relevant|."""
-    if not ranked or len(ranked) != len(relevant):
-        raise ValueError(f"{len(ranked)} rankings for {len(relevant)} relevance sets")
-    n = len(ranked)
-    totals = dict.fromkeys([*(f"recall@{k}" for k in ks), "mrr", "ndcg@10"], 0.0)
-    for docs, gold in zip(ranked, relevant, strict=True):
-        for k in ks:
-            totals[f"recall@{k}"] += len(gold.intersection(docs[:k])) / len(gold)
-        first = next((i for i, d in enumerate(docs, 1) if d in gold), None)
-        totals["mrr"] += 1 / first if first else 0.0
-        dcg = sum(1 / math.log2(i + 1) for i, d in enumerate(docs[:10], 1) if d in gold)
-        ideal = sum(1 / math.log2(i + 1) for i in range(1, min(len(gold), 10) + 1))
-        totals["ndcg@10"] += dcg / ideal
-    return {name: value / n for name, value in totals.items()}
+    """query_metrics averaged over queries."""
+    return mean_metrics(per_query_metrics(ranked, relevant, ks))
+
+
+def paired_comparison(
+    a: list[dict[str, float]], b: list[dict[str, float]], resamples: int = 10_000
+) -> dict[str, dict[str, float]]:
+    """Whether ranking a beats ranking b on the same queries, for each metric: the difference
+    of the means (a - b), its 95% bootstrap interval (queries resampled), and the two-sided p
+    of a paired randomization test (each query's two scores swapped at random; the test
+    Smucker, Allan & Carterette (CIKM 2007) recommend for IR). With 97 queries a difference
+    of one document in two hundred is noise; this says which differences are not. Seeded:
+    the same inputs give the same numbers."""
+    from scipy import stats
+
+    out = {}
+    for name in a[0]:
+        x = np.array([q[name] for q in a])  # [Q]
+        y = np.array([q[name] for q in b])  # [Q]
+        if np.array_equal(x, y):  # nothing to test (and no interval: every resample is 0)
+            out[name] = {"difference": 0.0, "low": 0.0, "high": 0.0, "p": 1.0}
+            continue
+        test = stats.permutation_test(
+            (x, y), lambda u, v, axis: np.mean(u - v, axis=axis), vectorized=True,
+            permutation_type="samples", n_resamples=resamples, rng=0,
+        )  # fmt: skip
+        interval = stats.bootstrap(
+            (x - y,), np.mean, n_resamples=resamples, method="percentile", rng=0
+        ).confidence_interval
+        out[name] = {"difference": float(np.mean(x - y)), "low": float(interval.low),
+                     "high": float(interval.high), "p": float(test.pvalue)}  # fmt: skip
+    return out
 
 
 def read_queries(path: str) -> list[tuple[str, set[str]]]:
@@ -99,15 +144,29 @@ def read_queries(path: str) -> list[tuple[str, set[str]]]:
 
 def eval_retrieval(
     index: Index, queries: list[tuple[str, set[str]]], mode: str, dense_weight: float = DENSE_WEIGHT
-) -> dict:
-    """The metrics of one search mode, and how many relevant ids the index lacks."""
+) -> tuple[dict, list[dict[str, float]]]:
+    """The metrics of one search mode (means, and how many relevant ids the index lacks),
+    and each query's own (for paired_comparison)."""
     known = set(index.document_ids())
     missing = sum(len(gold - known) for _, gold in queries)
     k = min(DEPTH, len(index))
     hits = index.search_many([q for q, _ in queries], k, mode, dense_weight)
-    ranked = [ranked_documents(h) for h in hits]
-    metrics = retrieval_metrics(ranked, [gold for _, gold in queries])
-    return {**metrics, "n": len(queries), "unknown_relevant_ids": missing}
+    per_query = per_query_metrics(
+        [ranked_documents(h) for h in hits], [gold for _, gold in queries]
+    )
+    return {
+        **mean_metrics(per_query),
+        "n": len(queries),
+        "unknown_relevant_ids": missing,
+    }, per_query
+
+
+def print_comparison(first: str, other: str, comparison: dict[str, dict[str, float]], n: int):
+    print(f"{first} - {other}, paired over {n} queries "
+          "(difference of means [95% bootstrap interval], randomization test p):")  # fmt: skip
+    for name, c in comparison.items():
+        print(f"  {name:10s} {c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]  "
+              f"p={c['p']:.4f}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -278,14 +337,22 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
             raise ConfigError("eval retrieval scores recall@1/5/10 and MRR over the top 50: no -k")
         queries = read_queries(data)[: args.limit or None]
         index = Index.open(args.index, device=args.device)
-        results = {m: eval_retrieval(index, queries, m, args.dense_weight) for m in modes}
+        scored = {m: eval_retrieval(index, queries, m, args.dense_weight) for m in modes}
+        results = {m: summary for m, (summary, _) in scored.items()}
         names = [n for n in results[modes[0]] if n != "n"]
         print(f"retrieval: {data} ({len(queries)} queries, {index.summary()})")
         print(f"{'mode':8s} " + " ".join(f"{n:>10s}" for n in names))
         for mode, r in results.items():
             print(f"{mode:8s} " + " ".join(f"{r[n]:10.4f}" for n in names))
+        # The first mode (hybrid by default) against each other one, query by query.
+        first, comparisons = modes[0], {}
+        for other in modes[1:]:
+            comparison = paired_comparison(scored[first][1], scored[other][1])
+            comparisons[f"{first} - {other}"] = comparison
+            print_comparison(first, other, comparison, len(queries))
         if args.out:
-            save_results({"task": "retrieval", "index": str(args.index), **results}, args.out)
+            save_results({"task": "retrieval", "index": str(args.index), **results,
+                          "comparisons": comparisons}, args.out)  # fmt: skip
         return
     from .api import load
 

@@ -575,7 +575,12 @@ RUNS: dict[str, Run] = {
         "sentiment-monitor", check=sentiment_chain
     ),
     ".venv/bin/python bench/rag_eval.py": bench_smoke(
-        "rag", "recall@5", "rag (retrieved, k=3)", "rag (oracle)"
+        "rag",
+        "recall@5",
+        "rag (retrieved, k=3)",
+        "rag (oracle)",
+        "squad-tuning retrieval",
+        "hybrid - dense, paired",
     ),
     ".venv/bin/python bench/rag_sft.py": bench_smoke(
         "rag-sft", "| retrieved |", "| closed-book |", "retrieved F1 - closed-book F1"

@@ -16,6 +16,8 @@ from gptkit.rag_eval import (
     Question,
     contains_answer,
     gold_passages,
+    paired_comparison,
+    per_query_metrics,
     rag_messages,
     ranked_documents,
     retrieval_metrics,
@@ -52,6 +54,25 @@ def test_ranked_documents_keep_each_documents_best_rank():
     assert ranked_documents(hits) == ["a", "b", "c"]
     # a's second chunk does not take a rank: c is the 3rd document, not the 4th
     assert retrieval_metrics([ranked_documents(hits)], [{"c"}], ks=(3,))["recall@3"] == 1.0
+
+
+def test_paired_comparison_separates_a_real_gain_from_noise():
+    relevant = [{f"d{i}"} for i in range(60)]
+    # a ranks every query's document first; b ranks it second on 40 queries, first on 20
+    a = per_query_metrics([[f"d{i}", "x"] for i in range(60)], relevant)
+    b = per_query_metrics([["x", f"d{i}"] if i < 40 else [f"d{i}"] for i in range(60)], relevant)
+    better = paired_comparison(a, b, resamples=2000)
+    assert better["recall@1"]["difference"] == pytest.approx(40 / 60)
+    assert better["recall@1"]["p"] < 0.01 and better["recall@1"]["low"] > 0
+    assert better["recall@5"] == {"difference": 0.0, "low": 0.0, "high": 0.0, "p": 1.0}
+    assert paired_comparison(b, a, resamples=2000)["mrr"]["high"] < 0  # the sign follows a - b
+    # c wins on 10 queries and loses on 10: no difference to find
+    c = per_query_metrics([["x", f"d{i}"] if i >= 50 else [f"d{i}"] for i in range(60)], relevant)
+    d = per_query_metrics([["x", f"d{i}"] if i < 10 else [f"d{i}"] for i in range(60)], relevant)
+    tie = paired_comparison(c, d, resamples=2000)
+    assert tie["recall@1"]["difference"] == 0 and tie["recall@1"]["p"] > 0.5
+    assert tie["recall@1"]["low"] < 0 < tie["recall@1"]["high"]
+    assert paired_comparison(c, d, resamples=2000) == tie  # seeded
 
 
 @pytest.mark.parametrize(
@@ -148,6 +169,9 @@ def test_eval_retrieval_cli(small_index, capsys):
     saved = json.loads(out.read_text())
     assert saved["dense"]["recall@5"] == pytest.approx(0.75)  # "nope" is in no document
     assert saved["dense"]["unknown_relevant_ids"] == 1 and saved["dense"]["n"] == 2
+    assert "hybrid - dense, paired over 2 queries" in printed
+    assert set(saved["comparisons"]) == {"hybrid - dense", "hybrid - bm25"}
+    assert set(saved["comparisons"]["hybrid - bm25"]["mrr"]) == {"difference", "low", "high", "p"}
 
     queries.write_text('{"query": "x", "relevant": ["wire"]}\n\n{"query": "x"}\n')
     assert main(argv) == 2
