@@ -262,7 +262,9 @@ def load(
     if quantize is not None:
         quantize_model(lm.model, quantize)
     elif plan is not None and quantized(lm.model) is None:  # (an int8 checkpoint: no layout)
-        use_decode_layout(lm.model, plan)  # converted models are laid out so already
+        # The machine's plan, or row-major where the native step serves the model (then a
+        # converter's column-major copies are copied back: one matrix at a time).
+        use_decode_layout(lm.model)
     if draft is not None:
         drafter = load(
             draft,

@@ -153,6 +153,19 @@ def decode_plan() -> DecodePlan:
     return decode_tuning().plan
 
 
+def row_major_plan() -> DecodePlan:
+    """This machine's plan if it is row-major; else the row-major candidate that streamed
+    fastest at one row when the plan was measured, passes of more rows left to one call (or to
+    the packed copy, from where the plan takes it). For a model the native step serves: its
+    products read row-major weights (cpu.use_decode_layout)."""
+    tuning = decode_tuning()
+    if not tuning.plan.column_major:
+        return tuning.plan
+    rows = [p for p in CANDIDATES if not p.column_major]
+    best = max(rows, key=lambda p: tuning.candidates[p.name])
+    return dataclasses.replace(best, max_split_rows=1, packed_from=tuning.plan.packed_from)
+
+
 def gemv_bandwidth() -> float:
     """Bytes/s the best matrix-vector product streams weights at here (cached)."""
     return decode_tuning().gemv_bytes_per_s

@@ -344,9 +344,10 @@ def cmd_eval_rag(args: argparse.Namespace) -> None:
         print(f"{'mode':8s} " + " ".join(f"{n:>10s}" for n in names))
         for mode, r in results.items():
             print(f"{mode:8s} " + " ".join(f"{r[n]:10.4f}" for n in names))
-        # The first mode (hybrid by default) against each other one, query by query.
+        # The first mode (hybrid by default) against each other one, query by query (a
+        # bootstrap needs two queries at least).
         first, comparisons = modes[0], {}
-        for other in modes[1:]:
+        for other in modes[1:] if len(queries) > 1 else ():
             comparison = paired_comparison(scored[first][1], scored[other][1])
             comparisons[f"{first} - {other}"] = comparison
             print_comparison(first, other, comparison, len(queries))

@@ -164,6 +164,30 @@ def test_models_it_does_not_serve_get_no_native_step(monkeypatch):
         assert use_decode_layout(tiny(**LLAMA), ROW_MAJOR).native_step is None
 
 
+def test_a_column_major_machine_lays_out_row_major_what_the_native_step_serves(monkeypatch):
+    # A machine whose measured plan is column-major (as a 2-core AMD EPYC with AVX2's was):
+    # the models the native step serves are laid out row-major, with the row-major candidate
+    # that streamed fastest; the others keep the machine's plan.
+    from gptkit import cpu_plan
+
+    rates = {p.name: 1.0 for p in cpu_plan.CANDIDATES}
+    rates["row-major, split N 2x threads"] = 1.5  # the fastest row-major one
+    column = DecodePlan(column_major=True, splits_per_thread=2, max_split_rows=32, packed_from=2)
+    tuning = cpu_plan.Tuning(column, 2e10, 1.0, rates, False)
+    monkeypatch.setattr(cpu_plan, "decode_tuning", lambda refresh=False: tuning)
+    llama = use_decode_layout(tiny(**LLAMA))
+    assert isinstance(llama.native_step, cpu_step.NativeStep)
+    plan = llama.blocks[0].mlp.fc.plan
+    assert (plan.column_major, plan.splits_per_thread, plan.weight_first) == (False, 2, False)
+    assert (plan.max_split_rows, plan.packed_from) == (1, 2)
+    assert all(p.is_contiguous() for p in llama.parameters())
+    gpt2 = use_decode_layout(tiny(**VARIANTS["gpt2"]))
+    assert gpt2.native_step is None and gpt2.blocks[0].mlp.fc.plan == column
+    assert gpt2.blocks[0].mlp.fc.weight.t().is_contiguous()
+    monkeypatch.setenv("GPTKIT_NATIVE_STEP", "0")  # no native step: the machine's plan
+    assert use_decode_layout(tiny(**LLAMA)).blocks[0].mlp.fc.plan == column
+
+
 @torch.inference_mode()
 def test_a_copied_model_decodes_in_pytorch_with_its_own_weights():
     model = native()

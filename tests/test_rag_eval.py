@@ -172,6 +172,9 @@ def test_eval_retrieval_cli(small_index, capsys):
     assert "hybrid - dense, paired over 2 queries" in printed
     assert set(saved["comparisons"]) == {"hybrid - dense", "hybrid - bm25"}
     assert set(saved["comparisons"]["hybrid - bm25"]["mrr"]) == {"difference", "low", "high", "p"}
+    queries.write_text(json.dumps(rows[0]) + "\n")  # one query: scores, nothing to compare
+    assert main(argv) == 0
+    assert "recall@5" in (printed := capsys.readouterr().out) and "paired" not in printed
 
     queries.write_text('{"query": "x", "relevant": ["wire"]}\n\n{"query": "x"}\n')
     assert main(argv) == 2
