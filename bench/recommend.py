@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "recommend")
     args = parser.parse_args()
     steps, batch, per_user, users, val_batches = (
-        (1, 4, 1, 1, 1) if args.smoke else (args.steps, 16, args.per_user, args.users, 8)
+        (1, 1, 1, 1, 1) if args.smoke else (args.steps, 16, args.per_user, args.users, 8)
     )
     load1 = os.getloadavg()[0]
     print(f"machine: {machine.cpu().describe()}; load {load1:.1f}", flush=True)
