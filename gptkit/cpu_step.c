@@ -6,8 +6,8 @@
  * Why C: a batch-1 decoding step reads every weight once, so its floor is the time to stream
  * the weights from memory. PyTorch's eager step makes ~56 operator calls per layer, and at a
  * few microseconds each the 30 layers of SmolLM2-135M spent ~4 ms a step beside ~10 ms of
- * matrix-vector products on a 2-core AMD EPYC (AVX-512); Inductor's CPU lowering turns one-row products into loops slower
- * than BLAS. Here the whole step is one call: norms, rope, attention and the SwiGLU are plain
+ * matrix-vector products on a 2-core AMD EPYC (AVX-512; ~14 ms on the AVX2 one); Inductor's
+ * CPU lowering turns one-row products into loops slower than BLAS. Here the whole step is one call: norms, rope, attention and the SwiGLU are plain
  * loops over a few thousand floats, and the products stream each weight row once, the
  * threads splitting the rows.
  *

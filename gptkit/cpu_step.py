@@ -67,14 +67,11 @@ class _Cache(ctypes.Structure):  # cpu_step.c's Cache
     _fields_ = _fields(_P, "k v") + _fields(ctypes.c_long, "layer_stride head_stride")
 
 
+OFF = ("0", "false", "no", "off")  # GPTKIT_NATIVE_STEP values that turn the step off
+
+
 def enabled() -> bool:
-    """False when GPTKIT_NATIVE_STEP says no (0, false, no, off)."""
-    return os.environ.get("GPTKIT_NATIVE_STEP", "1").strip().lower() not in {
-        "0",
-        "false",
-        "no",
-        "off",
-    }
+    return os.environ.get("GPTKIT_NATIVE_STEP", "1").strip().lower() not in OFF
 
 
 def library_path(compiler: str) -> Path:

@@ -87,6 +87,7 @@ def per_query_metrics(
 
 
 def mean_metrics(per_query: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the queries."""
     return {name: sum(q[name] for q in per_query) / len(per_query) for name in per_query[0]}
 
 
@@ -108,6 +109,9 @@ def paired_comparison(
     the same inputs give the same numbers."""
     from scipy import stats
 
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a paired comparison needs two queries or more, each ranked both "
+                         f"ways; got {len(a)} and {len(b)}")  # fmt: skip
     out = {}
     for name in a[0]:
         x = np.array([q[name] for q in a])  # [Q]

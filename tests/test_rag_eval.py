@@ -73,6 +73,8 @@ def test_paired_comparison_separates_a_real_gain_from_noise():
     assert tie["recall@1"]["difference"] == 0 and tie["recall@1"]["p"] > 0.5
     assert tie["recall@1"]["low"] < 0 < tie["recall@1"]["high"]
     assert paired_comparison(c, d, resamples=2000) == tie  # seeded
+    with pytest.raises(ValueError, match="two queries or more"):
+        paired_comparison(a[:1], b[:1])
 
 
 @pytest.mark.parametrize(
